@@ -1,0 +1,146 @@
+"""Checkpoints: safetensors weights plus JSON metadata that rebuilds the model from the file.
+
+Metadata keys (JSON strings): ``format`` (``"bctool.checkpoint"``), ``format_version``,
+``model`` (:class:`ModelConfig`), ``preprocess`` (:class:`Preprocess`), ``class_names``,
+``train`` (the training config), ``bctool_version`` and ``extra`` (method-specific facts,
+e.g. which classes an old model was trained on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from bctool import __version__
+from bctool.data.transforms import Preprocess
+from bctool.errors import BctoolError, ModelError
+from bctool.io import atomic_path
+from bctool.models import EmbeddingModel, ModelConfig, create_model
+
+FORMAT = "bctool.checkpoint"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Checkpoint:
+    """A model rebuilt from a checkpoint file, with everything the file says about it."""
+
+    model: EmbeddingModel
+    preprocess: Preprocess
+    class_names: list[str]
+    train_config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    path: str = ""
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's structural config."""
+        return self.model.config
+
+    def identity(self) -> dict[str, Any]:
+        """What embeddings files record about the model that made them."""
+        return {
+            "sha256": self.sha256,
+            "arch": self.config.arch,
+            "embedding_dim": self.config.embedding_dim,
+            "path": self.path,
+        }
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: EmbeddingModel,
+    preprocess: Preprocess,
+    class_names: list[str],
+    train_config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the model's weights and metadata to ``path`` atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": json.dumps(model.config.to_dict()),
+        "preprocess": json.dumps(asdict(preprocess)),
+        "class_names": json.dumps(list(class_names)),
+        "train": json.dumps(train_config or {}),
+        "extra": json.dumps(extra or {}),
+        "bctool_version": __version__,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The raw metadata of a checkpoint, checked to be a bctool checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint {str(p)!r} does not exist; train one with `bctool train`")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"{str(p)!r} is not a readable safetensors checkpoint ({exc}); pass a file written "
+            "by `bctool train`"
+        ) from exc
+    if meta.get("format") != FORMAT:
+        found = meta.get("format", "no bctool metadata")
+        raise ModelError(
+            f"{str(p)!r} is not a bctool checkpoint (format: {found}); pass a model written by "
+            "`bctool train` (an embeddings file goes to --old-embeddings or evaluate)"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model of a checkpoint file, in eval mode, on ``device``."""
+    meta = read_checkpoint_metadata(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["model"]))
+        preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
+        class_names = [str(c) for c in json.loads(meta.get("class_names", "[]"))]
+        train_config = json.loads(meta.get("train", "{}"))
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"checkpoint {str(path)!r} has corrupt metadata ({exc}); re-train it") from exc
+    except BctoolError as exc:
+        raise ModelError(f"checkpoint {str(path)!r}: {exc}") from exc
+    model = create_model(config)
+    state = load_file(str(path))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"weights in {str(path)!r} do not fit a {config.arch} with embedding dimension "
+            f"{config.embedding_dim} ({str(exc).splitlines()[0]}); the file is damaged or was "
+            "edited: re-train it"
+        ) from exc
+    model.to(device).eval()
+    return Checkpoint(
+        model=model,
+        preprocess=preprocess,
+        class_names=class_names,
+        train_config=train_config,
+        extra=extra,
+        sha256=file_sha256(path),
+        path=str(path),
+    )

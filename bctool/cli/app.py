@@ -1,0 +1,203 @@
+"""Typer app: one thin command per library entry point.
+
+stdout carries exactly one JSON document per command; people read stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bctool import __version__
+from bctool.cli.errors import reports_errors
+from bctool.cli.output import RichProgress, emit_json, metrics_table, setup_logging, stderr
+
+app = typer.Typer(
+    name="bctool",
+    help=(
+        "Upgrade the embedding model of an image-retrieval system without re-embedding the "
+        "gallery: extract embeddings, train (compatible) models, evaluate self- and "
+        "cross-model retrieval. JSON results go to stdout, progress and tables to stderr."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dataset_app = typer.Typer(help="Write built-in datasets to disk.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each epoch and step to stderr.")]
+Device = Annotated[
+    str, typer.Option(help="Where to run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+]
+Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")]
+METRIC_KEYS = ["map", "map@100", "recall@1", "recall@5", "recall@10", "queries", "gallery"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bctool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """bctool: backward-compatible training for image retrieval."""
+
+
+@app.command()
+@reports_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
+    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34 or resnet50.")] = "resnet18",
+    embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
+    head: Annotated[str, typer.Option(help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
+    head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
+    head_margin: Annotated[float, typer.Option(help="Margin m of the arcface/cosface heads.")] = 0.3,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 30,
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate (linear warm-up, then cosine decay).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 1.0,
+    image_size: Annotated[int, typer.Option(min=8, help="Training and extraction image side in pixels.")] = 224,
+    augment: Annotated[bool, typer.Option(help="Random resized crops and colour jitter while training.")] = True,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Backbone weights (.safetensors) with timm or torchvision ResNet key names.")] = None,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train a model on labelled images; print a JSON summary."""
+    from bctool.data import load_image_set
+    from bctool.train import TrainConfig
+    from bctool.train import train as run_train
+
+    setup_logging(verbose)
+    config = TrainConfig(
+        arch=arch, embedding_dim=embedding_dim, head=head, head_scale=head_scale,
+        head_margin=head_margin, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
+        augment=augment, seed=seed, device=device, workers=workers,
+        pretrained=str(pretrained) if pretrained else None,
+    )
+    config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
+    images = load_image_set(data, require_labels=True)
+    result = run_train(images, config, out, RichProgress(not quiet))
+    emit_json(result.to_dict())
+
+
+@app.command()
+@reports_errors
+def extract(
+    data: Annotated[Path, typer.Argument(help="Images to embed: a list file (labels optional) or a class-folder tree.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the embeddings (.safetensors).")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    device: Device = "auto",
+    workers: Workers = 2,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Embed images with a model; write an embeddings file and print a JSON summary."""
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data import load_image_set
+    from bctool.device import resolve_device
+    from bctool.embeddings import save_embeddings
+    from bctool.extract import extract as run_extract
+
+    setup_logging(verbose)
+    checkpoint = load_checkpoint(model, device=resolve_device(device))
+    images = load_image_set(data, require_labels=False)
+    emb = run_extract(images, checkpoint, batch_size=batch_size, workers=workers,
+                      progress=RichProgress(not quiet))
+    save_embeddings(emb, out)
+    emit_json({
+        "out": str(out),
+        "images": len(emb),
+        "embedding_dim": emb.dim,
+        "labelled": int((emb.labels >= 0).sum()),
+        "model": emb.model,
+    })
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    query: Annotated[Path, typer.Option("--query", help="Query embeddings file (from `bctool extract`).")],
+    gallery: Annotated[Path, typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")],
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Retrieval mAP and recall of queries against a gallery; print one JSON object."""
+    from bctool.embeddings import load_embeddings
+    from bctool.evaluate import evaluate_retrieval
+
+    q, g = load_embeddings(query), load_embeddings(gallery)
+    metrics = evaluate_retrieval(q, g, top_k=top_k)
+    if not quiet:
+        stderr.print(metrics_table(f"{query.name} -> {gallery.name}", {"": metrics}, METRIC_KEYS))
+    emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
+
+
+@dataset_app.command("emoji")
+@reports_errors
+def dataset_emoji(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and the list files into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the class split.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Share of classes held out for query/gallery.")] = 0.3,
+    old_fraction: Annotated[float, typer.Option(help="Share of the training classes the old model sees.")] = 0.3,
+    limit: Annotated[Optional[int], typer.Option(min=3, help="Keep only the first N emoji (quick experiments).")] = None,
+) -> None:
+    """Write the embedded emoji set (Google and Twitter renderings) with extended-class lists."""
+    from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+
+    summary = write_emoji_dataset(
+        out_dir, EmojiSplit(seed=seed, test_fraction=test_fraction, old_fraction=old_fraction, limit=limit)
+    )
+    emit_json(summary)
+
+
+@app.command()
+@reports_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings.")] = Path("bctool-demo"),
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs of each model (default: 30 old, 30 new).")] = None,
+    arch: Annotated[str, typer.Option(help="Backbone of both models.")] = "small",
+    image_size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
+    limit: Annotated[Optional[int], typer.Option(min=10, help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Annotated[int, typer.Option(help="Random seed of the split and the training.")] = 0,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run a whole model upgrade on the embedded emoji set and print old/old, new/new, new/old mAP."""
+    from bctool.demo import DemoConfig, run_demo, with_overrides
+
+    setup_logging(verbose)
+    config = with_overrides(
+        DemoConfig(), arch=arch, image_size=image_size, limit=limit, device=device,
+        workers=workers, seed=seed, old_epochs=epochs, new_epochs=epochs,
+    )
+    summary = run_demo(workdir, config, RichProgress(not quiet))
+    if not quiet:
+        stderr.print(metrics_table("emoji upgrade (query model/gallery model)", summary["results"], METRIC_KEYS))
+        verdict = "yes" if summary["compatible"] else "no (the new model is trained independently)"
+        stderr.print(f"new/old beats old/old: {verdict}; {summary['seconds']} s")
+    emit_json(summary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,52 @@
+"""The one place that turns library errors into ``Error: ...`` lines and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from bctool.cli.output import stderr
+from bctool.errors import BctoolError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    """``BCTOOL_DEBUG=1`` shows tracebacks instead of one-line errors."""
+    return os.environ.get("BCTOOL_DEBUG", "") not in ("", "0")
+
+
+def reports_errors(func: F) -> F:
+    """Wrap a command: library errors exit 1 with one ``Error:`` line; Ctrl-C exits 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BctoolError as exc:
+            if debug_enabled():
+                raise
+            stderr.print(f"[bold red]Error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            stderr.print("Interrupted.")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - last resort: no traceback for users
+            if debug_enabled():
+                raise
+            stderr.print(
+                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {exc}. "
+                "Re-run with BCTOOL_DEBUG=1 for the traceback and report it.",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,89 @@
+"""Output for people (stderr: progress, tables, errors) and for pipelines (stdout: JSON)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgressBar
+from rich.table import Table
+
+stderr = Console(stderr=True)
+
+
+def emit_json(obj: Any) -> None:
+    """Write one JSON document to stdout (the only thing commands print there)."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def setup_logging(verbose: bool) -> None:
+    """Route library logs to stderr through rich."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+class RichProgress:
+    """The :class:`bctool.progress.Progress` protocol drawn as a rich bar on stderr.
+
+    Off when ``enabled`` is False (``--quiet``) or stderr is not a terminal.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and stderr.is_terminal
+        self._bar: RichProgressBar | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: int | None) -> None:  # noqa: D102
+        if not self.enabled:
+            return
+        self._bar = RichProgressBar(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=stderr,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total, status="")
+
+    def advance(self, steps: int = 1, status: str = "") -> None:  # noqa: D102
+        if self._bar is not None:
+            self._bar.update(self._task, advance=steps, status=status)
+
+    def stop(self) -> None:  # noqa: D102
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) -> Table:
+    """A table of metric rows (row name -> {metric: value}) for stderr."""
+    table = Table(title=title)
+    table.add_column("")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, values in rows.items():
+        cells = []
+        for key in keys:
+            v = values.get(key)
+            cells.append(f"{100 * v:.2f}" if isinstance(v, float) else str(v if v is not None else ""))
+        table.add_row(name, *cells)
+    return table

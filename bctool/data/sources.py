@@ -1,0 +1,161 @@
+"""Where images come from: a list file (``PATH LABEL`` per line) or an ImageFolder tree.
+
+Every image gets an ``id``: its path relative to the dataset root, POSIX style, without the
+extension. Labels are strings; they are mapped to integers by sorted name and the names travel
+with every artifact, so two files can be compared by label name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from bctool.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: where it is, its id, and its label index (-1 when unknown)."""
+
+    path: Path
+    id: str
+    label: int
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """An ordered set of images with string labels mapped to integers."""
+
+    root: Path
+    records: tuple[ImageRecord, ...]
+    label_names: tuple[str, ...]
+    source: str  # the list file or folder it was read from
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        """Label index of every record."""
+        return [r.label for r in self.records]
+
+    @property
+    def ids(self) -> list[str]:
+        """Id of every record."""
+        return [r.id for r in self.records]
+
+    def has_labels(self) -> bool:
+        """True when every record has a known label."""
+        return all(r.label >= 0 for r in self.records)
+
+    def class_counts(self) -> list[int]:
+        """Number of images per label index."""
+        counts = [0] * len(self.label_names)
+        for r in self.records:
+            if r.label >= 0:
+                counts[r.label] += 1
+        return counts
+
+
+def image_id(path: Path, root: Path) -> str:
+    """The id of ``path``: relative to ``root`` when inside it, POSIX style, no extension."""
+    try:
+        rel = PurePosixPath(path.resolve().relative_to(root.resolve()).as_posix())
+    except ValueError:
+        rel = PurePosixPath(path.as_posix())
+    return str(rel.with_suffix("")) if rel.suffix else str(rel)
+
+
+def _parse_line(line: str, lineno: int, source: Path) -> tuple[str, str | None] | None:
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    # A tab separates path and label when present, so paths may contain spaces.
+    fields = text.split("\t") if "\t" in text else text.split()
+    fields = [f.strip() for f in fields if f.strip()]
+    if len(fields) == 1:
+        return fields[0], None
+    if len(fields) == 2:
+        return fields[0], fields[1]
+    raise DataError(
+        f"{source}:{lineno}: expected `PATH LABEL` (2 fields), got {len(fields)} fields in "
+        f"{text!r}; separate path and label by a tab if the path contains spaces"
+    )
+
+
+def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
+    """Read a list file: one ``PATH [LABEL]`` per line, PATH relative to the file's folder."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"list file {str(path)!r} is not UTF-8 text; is it an image?") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read list file {str(path)!r}: {exc.strerror}") from exc
+    root = path.parent
+    entries: list[tuple[Path, str | None]] = []
+    for lineno, line in enumerate(lines, start=1):
+        parsed = _parse_line(line, lineno, path)
+        if parsed is None:
+            continue
+        rel, label = parsed
+        if require_labels and label is None:
+            raise DataError(
+                f"{path}:{lineno}: {rel!r} has no label; training needs `PATH LABEL` on every line"
+            )
+        image_path = Path(rel) if os.path.isabs(rel) else root / rel
+        entries.append((image_path, label))
+    return _make_set(entries, root, str(path))
+
+
+def read_image_folder(root: Path) -> ImageSet:
+    """Read an ImageFolder tree: one subfolder per class holding that class's images."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"folder {str(root)!r} has no class subfolders; use ROOT/CLASS/IMAGE.jpg or a list file"
+        )
+    entries: list[tuple[Path, str | None]] = []
+    for name in classes:
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if Path(fname).suffix.lower() in IMAGE_EXTENSIONS:
+                    entries.append((Path(dirpath) / fname, name))
+    return _make_set(entries, root, str(root))
+
+
+def _make_set(entries: list[tuple[Path, str | None]], root: Path, source: str) -> ImageSet:
+    if not entries:
+        raise DataError(f"{source!r} lists no images; add `PATH LABEL` lines or image files")
+    names = sorted({label for _, label in entries if label is not None})
+    index = {name: i for i, name in enumerate(names)}
+    records = []
+    seen: dict[str, Path] = {}
+    for path, label in entries:
+        rid = image_id(path, root)
+        if rid in seen:
+            raise DataError(
+                f"{source!r}: id {rid!r} appears twice ({seen[rid]} and {path}); ids are paths "
+                "without extension and must be unique: rename or drop one of the files"
+            )
+        seen[rid] = path
+        records.append(ImageRecord(path=path, id=rid, label=index[label] if label is not None else -1))
+    return ImageSet(root=root, records=tuple(records), label_names=tuple(names), source=source)
+
+
+def load_image_set(path: str | os.PathLike[str], require_labels: bool = True) -> ImageSet:
+    """Open DATA: a list file or an ImageFolder tree."""
+    p = Path(path)
+    if p.is_dir():
+        return read_image_folder(p)
+    if p.is_file():
+        return read_list_file(p, require_labels=require_labels)
+    raise DataError(
+        f"data {str(p)!r} does not exist; pass a list file (`PATH LABEL` lines) or a folder "
+        "with one subfolder per class"
+    )

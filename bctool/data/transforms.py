@@ -1,0 +1,98 @@
+"""Preprocessing in plain torch and PIL: resize, random resized crop, colour jitter, normalise."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its images: stored in every checkpoint, applied at extract time."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        """Rebuild from the JSON stored in a checkpoint."""
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+        )
+
+
+def _to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # H, W, 3
+    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class EvalTransform:
+    """Resize the shorter side to ``image_size`` and centre-crop a square."""
+
+    def __init__(self, pre: Preprocess) -> None:
+        self.pre = pre
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        size = self.pre.image_size
+        w, h = img.size
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return _to_tensor(img, self.pre)
+
+
+class TrainTransform:
+    """Random resized crop plus mild colour jitter; randomness from torch's global RNG.
+
+    No horizontal flip: in many retrieval sets (arrows, text, emoji) a mirror image is another
+    class. DataLoader workers seed torch per worker, so runs are reproducible for a given seed.
+    """
+
+    def __init__(
+        self,
+        pre: Preprocess,
+        scale: tuple[float, float] = (0.35, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        jitter: float = 0.2,
+    ) -> None:
+        self.pre, self.scale, self.ratio, self.jitter = pre, scale, ratio, jitter
+
+    def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        area = w * h
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            u = torch.rand(4).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+            cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
+            if cw <= w and ch <= h:
+                x0, y0 = u[2] * (w - cw), u[3] * (h - ch)
+                return (x0, y0, x0 + cw, y0 + ch)
+        side = min(w, h)
+        return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        size = self.pre.image_size
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=self._crop_box(*img.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.jitter > 0:
+            b, c, s = (1 + self.jitter * (2 * torch.rand(3) - 1)).tolist()
+            x = x * b
+            mean = x.mean()
+            x = (x - mean) * c + mean
+            gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+            x = ((x - gray) * s + gray).clamp_(0, 1)
+        mean_t = torch.tensor(self.pre.mean).view(3, 1, 1)
+        std_t = torch.tensor(self.pre.std).view(3, 1, 1)
+        return ((x - mean_t) / std_t).contiguous()

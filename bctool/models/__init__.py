@@ -1,0 +1,5 @@
+"""Models in plain torch: backbones, the embedding neck, classification heads."""
+
+from bctool.models.model import BACKBONES, EmbeddingModel, ModelConfig, create_model
+
+__all__ = ["BACKBONES", "EmbeddingModel", "ModelConfig", "create_model"]

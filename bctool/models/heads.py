@@ -1,0 +1,88 @@
+"""Classification heads used only during training: linear softmax, cosine, ArcFace, CosFace.
+
+Each head maps an (un-normalised) embedding to logits; margin heads apply their margin to the
+target class only when labels are given (training), so evaluation logits stay plain cosines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bctool.errors import ModelError
+
+
+class LinearHead(nn.Module):
+    """Plain linear softmax classifier on the raw embedding (the AdvBCT paper's default)."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, C)."""
+        return self.fc(embedding)
+
+
+class CosineHead(nn.Module):
+    """Scaled cosine classifier: s * cos(f, w_c); subclasses add a margin on the target."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale, self.margin = scale, margin
+
+    def cosine(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Cosine between each embedding and each class weight, (N, C)."""
+        return F.linear(F.normalize(embedding, dim=1), F.normalize(self.weight, dim=1))
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """The target-class cosine after the margin (none for the plain cosine head)."""
+        return cos_target
+
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled logits (N, C), with the margin on the target class when labels are given."""
+        cos = self.cosine(embedding)
+        if labels is not None and self.margin:
+            target = cos.gather(1, labels.view(-1, 1))
+            cos = cos.scatter(1, labels.view(-1, 1), self.target_logit(target))
+        return self.scale * cos
+
+
+class ArcFaceHead(CosineHead):
+    """Additive angular margin: s * cos(theta + m) on the target class."""
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        # Clamp away from +-1: acos has an infinite gradient there.
+        theta = torch.acos(cos_target.clamp(-1 + 1e-6, 1 - 1e-6))
+        # Past pi - m, cos(theta + m) would rise again; fall back to CosFace's penalty there.
+        fallback = cos_target - math.sin(math.pi - self.margin) * self.margin
+        return torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin), fallback)
+
+
+class CosFaceHead(CosineHead):
+    """Additive cosine margin: s * (cos(theta) - m) on the target class."""
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        return cos_target - self.margin
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    "linear": LinearHead,
+    "cosine": CosineHead,
+    "arcface": ArcFaceHead,
+    "cosface": CosFaceHead,
+}
+
+
+def create_head(name: str, dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:
+    """Build a head by name."""
+    if name not in HEADS:
+        raise ModelError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
+    if num_classes < 1:
+        raise ModelError(f"a {name} head needs at least one class, got {num_classes}")
+    return HEADS[name](dim, num_classes, scale=scale, margin=margin)

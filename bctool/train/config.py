@@ -1,0 +1,63 @@
+"""The training configuration: built once from CLI options, written into the checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from bctool.errors import ConfigError
+from bctool.models import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one model. Defaults follow the AdvBCT paper where it states them."""
+
+    arch: str = "resnet18"
+    embedding_dim: int = 256
+    head: str = "linear"
+    head_scale: float = 30.0
+    head_margin: float = 0.3
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    image_size: int = 224
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 2,
+            "lr": self.lr > 0,
+            "image_size": self.image_size >= 8,
+            "workers": self.workers >= 0,
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "weight_decay": self.weight_decay >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range "
+                    "(epochs >= 1, batch size >= 2, lr > 0, image size >= 8, workers >= 0)"
+                )
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        """The model structure this config trains, for ``num_classes`` classes."""
+        return ModelConfig(
+            arch=self.arch,
+            embedding_dim=self.embedding_dim,
+            num_classes=num_classes,
+            head=self.head,
+            head_scale=self.head_scale,
+            head_margin=self.head_margin,
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)

@@ -1,0 +1,143 @@
+"""The command line: help text everywhere, one end-to-end run, exit codes, stdout vs stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bctool.cli import app
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+
+runner = CliRunner()
+TINY = ["--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+        "--workers", "0", "--device", "cpu", "-q"]
+
+
+def _commands(group: object, prefix: str = "") -> list[tuple[str, object]]:
+    # Typer ships its own copy of click, so walk the tree by duck typing.
+    found = []
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        found.append((f"{prefix}{name}", cmd))
+        if hasattr(cmd, "commands"):
+            found += _commands(cmd, f"{prefix}{name} ")
+    return found
+
+
+def test_every_command_and_option_has_help() -> None:
+    root = typer.main.get_command(app)
+    assert hasattr(root, "commands")
+    commands = _commands(root)
+    assert {"train", "extract", "evaluate", "demo", "dataset", "dataset emoji"} <= {n for n, _ in commands}
+    for name, cmd in commands:
+        assert cmd.help, f"`bctool {name}` has no help text"
+        for param in cmd.params:
+            if param.name == "help":
+                continue
+            assert getattr(param, "help", None), f"`bctool {name}` parameter {param.name} has no help"
+        result = runner.invoke(app, [*name.split(), "--help"])
+        assert result.exit_code == 0, result.output
+
+
+def test_version_and_python_m() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("bctool ")
+    proc = subprocess.run([sys.executable, "-m", "bctool", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "extract" in proc.stdout
+
+
+def _run(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"{args}: {result.stderr}{result.exception!r}"
+    return json.loads(result.stdout)
+
+
+def test_end_to_end_train_extract_evaluate(emoji_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.safetensors"
+    summary = _run(["train", str(emoji_dir / "new_train.txt"), "--out", str(model), *TINY])
+    assert summary["epochs"] == 2 and summary["classes"] == 28 and model.is_file()
+    assert set(summary["final"]) == {"cls", "loss"}
+    for split in ("query", "gallery"):
+        out = _run(["extract", str(emoji_dir / f"{split}.txt"), "--model", str(model),
+                    "--out", str(tmp_path / f"{split}.safetensors"), "--workers", "0", "-q"])
+        assert out["images"] == 12 and out["embedding_dim"] == 256
+    emb = load_embeddings(tmp_path / "query.safetensors")
+    assert emb.ids[0].startswith("images/google/") and emb.model["arch"] == "small"
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "query.safetensors"),
+                                 "--gallery", str(tmp_path / "gallery.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)  # stdout holds only the JSON ...
+    assert "map" in result.stderr and "recall@1" in result.stderr  # ... the table is on stderr
+    for key in ("map", "map@100", "recall@1", "recall@5", "recall@10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["queries"] == 12 and metrics["gallery"] == 12
+
+
+def test_extract_is_deterministic_and_batch_independent(emoji_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    _run(["train", str(emoji_dir / "old_train.txt"), "--out", str(model), *TINY])
+    outs = []
+    for bs in ("3", "64"):
+        path = tmp_path / f"e{bs}.safetensors"
+        _run(["extract", str(emoji_dir / "query.txt"), "-m", str(model), "-o", str(path),
+              "--batch-size", bs, "--workers", "0", "-q"])
+        outs.append(load_embeddings(path).embeddings)
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_errors_exit_1_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("Error: data ") and "missing.txt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    def emb(d: int) -> Embeddings:
+        return Embeddings(np.ones((2, d), np.float32), np.zeros(2, np.int64), ["a", "b"], ["x"])
+
+    save_embeddings(emb(4), tmp_path / "q.safetensors")
+    save_embeddings(emb(8), tmp_path / "g.safetensors")
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "q.safetensors"),
+                                 "--gallery", str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 1 and "Error:" in result.stderr
+    assert "4" in result.stderr and "8" in result.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert runner.invoke(app, ["train"]).exit_code == 2
+    assert runner.invoke(app, ["evaluate", "--query"]).exit_code == 2
+    assert runner.invoke(app, ["nonsense"]).exit_code == 2
+
+
+def test_bad_option_value_is_a_clear_error(emoji_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out",
+                                 str(tmp_path / "m.safetensors"), "--arch", "vgg"])
+    assert result.exit_code in (1, 2)
+    assert "vgg" in result.stderr and "resnet18" in result.stderr
+
+
+def test_cuda_without_gpu_is_a_clear_error(emoji_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out",
+                                 str(tmp_path / "m.safetensors"), "--device", "cuda", *TINY[:-3]])
+    assert result.exit_code == 1 and "--device cpu" in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    summary = _run(["demo", "--workdir", str(tmp_path), "--limit", "30", "--epochs", "2",
+                    "--workers", "0", "--device", "cpu", "-q"])
+    assert set(summary["results"]) == {"old/old", "new/new", "new/old"}
+    for metrics in summary["results"].values():
+        assert 0.0 <= metrics["map"] <= 1.0 and metrics["queries"] == 9
+    assert (tmp_path / "new_query.safetensors").is_file()
+    assert isinstance(summary["compatible"], bool)
