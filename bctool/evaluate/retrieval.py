@@ -1,0 +1,148 @@
+"""Retrieval evaluation of query embeddings against a gallery: mAP, mAP@100, recall@k."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from bctool.embeddings import Embeddings
+from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate.metrics import average_precision, average_precision_at_k, recall_at_k
+from bctool.evaluate.search import iter_rankings
+
+logger = logging.getLogger(__name__)
+
+# Most (queries x ranks) entries of rankings held at once.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _describe_model(model: dict[str, Any]) -> str:
+    if not model:
+        return "unknown model"
+    parts = []
+    for key in sorted(model):
+        value = model[key]
+        if key == "sha256" and isinstance(value, str):
+            value = value[:12]
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _check_inputs(
+    query: Embeddings, gallery: Embeddings, top_k: int | None, ks: tuple[int, ...]
+) -> None:
+    if len(query) == 0:
+        raise EmbeddingsError("the query embeddings have 0 rows; extract at least one query image")
+    if len(gallery) == 0:
+        raise EmbeddingsError("the gallery embeddings have 0 rows; extract at least one gallery image")
+    if query.dim != gallery.dim:
+        raise EmbeddingsError(
+            f"query embeddings have dimension {query.dim} ({_describe_model(query.model)}) but gallery "
+            f"embeddings have dimension {gallery.dim} ({_describe_model(gallery.model)}); extract "
+            "query and gallery with models of the same embedding dimension"
+        )
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be at least 1 (or None for the whole gallery), got {top_k}")
+    if not ks or any(k < 1 for k in ks):
+        raise ConfigError(f"ks must be a non-empty list of ranks >= 1, got {tuple(ks)}")
+
+
+def _shared_labels(query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """Query and gallery labels as integers of one vocabulary (the gallery's label names).
+
+    The two files may number their labels differently, so labels are matched by name. A query
+    label absent from the gallery gets a fresh id (it has no positives); unknown stays -1.
+    """
+    vocab: dict[str, int] = {}
+    g_lab = np.array(
+        [-1 if name is None else vocab.setdefault(name, len(vocab)) for name in gallery.label_strings()],
+        dtype=np.int64,
+    )
+    q_lab = np.array(
+        [-1 if name is None else vocab.setdefault(name, len(vocab)) for name in query.label_strings()],
+        dtype=np.int64,
+    )
+    return q_lab, g_lab
+
+
+def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
+    """Per query, the gallery row with the same id (first one if ids repeat), or -1."""
+    row_of: dict[str, int] = {}
+    for i, image_id in enumerate(gallery.ids):
+        row_of.setdefault(image_id, i)
+    return np.array([row_of.get(image_id, -1) for image_id in query.ids], dtype=np.int64)
+
+
+def _count_positives(q_lab: np.ndarray, g_lab: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """Relevant gallery rows per query: same label, not unknown, not the query itself."""
+    n_labels = int(max(q_lab.max(initial=-1), g_lab.max(initial=-1))) + 1
+    counts = np.bincount(g_lab[g_lab >= 0], minlength=n_labels)
+    n_pos = np.where(q_lab >= 0, counts[np.maximum(q_lab, 0)] if n_labels else 0, 0)
+    has_self = exclude >= 0
+    self_label = np.where(has_self, g_lab[np.maximum(exclude, 0)], -1)
+    return n_pos - (has_self & (q_lab >= 0) & (self_label == q_lab))
+
+
+def evaluate_retrieval(
+    query: Embeddings,
+    gallery: Embeddings,
+    top_k: int | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, float | int]:
+    """Rank the gallery for every query and report mAP, mAP@100 and recall@k.
+
+    A gallery row is relevant to a query when both have the same label name. Queries with an
+    unknown label or without any relevant gallery row are skipped and counted in
+    ``queries_without_positives`` (so ``queries + queries_without_positives`` is the number of
+    query rows). A query never retrieves the gallery row with its own id. ``map`` is computed
+    over the top ``top_k`` items (default: the whole gallery); positives ranked lower count as
+    missed. Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
+    """
+    _check_inputs(query, gallery, top_k, ks)
+    q_lab, g_lab = _shared_labels(query, gallery)
+    exclude = _self_rows(query, gallery)
+    n_pos = _count_positives(q_lab, g_lab, exclude)
+    evaluated = np.flatnonzero(n_pos > 0)
+    skipped = len(query) - int(evaluated.size)
+    if evaluated.size == 0:
+        raise EmbeddingsError(
+            f"none of the {len(query)} queries has a relevant gallery row "
+            f"({int((q_lab < 0).sum())} queries have no label; relevance means the same label name); "
+            "check that query and gallery come from datasets with the same label names"
+        )
+
+    n_gallery = len(gallery)
+    map_depth = n_gallery if top_k is None else min(top_k, n_gallery)
+    depth = min(n_gallery, max(map_depth, 100, *ks))
+    q_emb = query.normalized_embeddings()
+    g_emb = gallery.normalized_embeddings()
+    block_size = max(1, min(4096, _BLOCK_ELEMENTS // depth))
+
+    sums = {"map": 0.0, "map@100": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
+    # Queries with a self row lose one gallery item to the exclusion, so they are ranked apart:
+    # the others keep the whole gallery.
+    with_self = exclude[evaluated] >= 0
+    groups = ((evaluated[with_self], exclude[evaluated[with_self]]), (evaluated[~with_self], None))
+    for rows, ex in groups:
+        if rows.size == 0:
+            continue
+        for start, _, indices in iter_rankings(q_emb[rows], g_emb, depth, ex, block_size):
+            block = rows[start : start + indices.shape[0]]
+            relevance = g_lab[indices] == q_lab[block, None]
+            sums["map"] += float(np.sum(average_precision(relevance[:, :map_depth], n_pos[block])))
+            sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
+            for k, hit in recall_at_k(relevance, ks).items():
+                sums[f"recall@{k}"] += float(np.sum(hit))
+
+    n_evaluated = int(evaluated.size)
+    result: dict[str, float | int] = {name: total / n_evaluated for name, total in sums.items()}
+    result.update(queries=n_evaluated, gallery=n_gallery, queries_without_positives=skipped)
+    logger.info(
+        "evaluated %d queries against %d gallery rows (%d queries skipped: no label or no positive)",
+        n_evaluated,
+        n_gallery,
+        skipped,
+    )
+    return result

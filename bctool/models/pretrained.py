@@ -1,0 +1,159 @@
+"""Load ImageNet ResNet weights (timm or torchvision key names) from a ``.safetensors`` file.
+
+torchvision's ``torchvision/models/resnet.py`` and timm's ``timm/models/resnet.py`` share one
+key layout for the plain 7x7-stem ResNets (``conv1``, ``bn1``, ``layerI.J.convK``/``bnK``,
+``layerI.0.downsample.0``/``.1``, head ``fc``); timm's activation and pooling modules carry no
+tensors. timm's ``save_for_hf`` writes ``model.state_dict()`` unprefixed, so hub files need no
+renaming; wrapper prefixes only come from training code (DataParallel, Lightning, compile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from bctool.errors import ModelError
+from bctool.models.resnet import ARCHS, BasicBlock, Bottleneck
+from bctool.models.small import SmallCNN
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "_orig_mod.")
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+SOURCE = "timm/torchvision"
+MAX_LISTED = 5
+
+# Depths of ResNets we cannot build, so a mismatch message can still name what a file holds.
+_OTHER_ARCHS = {
+    (Bottleneck, (3, 4, 23, 3)): "resnet101",
+    (Bottleneck, (3, 8, 36, 3)): "resnet152",
+}
+
+
+def load_backbone_weights(
+    backbone: torch.nn.Module, path: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Load a safetensors file of ResNet weights into ``backbone`` strictly.
+
+    Wrapper prefixes and the ``fc`` classifier are dropped; a missing ``num_batches_tracked``
+    keeps the backbone's own. Any other missing, unexpected or mis-shaped key raises
+    ``ModelError``. Returns ``{"loaded": int, "dropped": [keys], "source": "timm/torchvision"}``.
+    """
+    state = _read_safetensors(path)
+    state = _strip_wrapper_prefixes(state)
+    expected = backbone.state_dict()
+    dropped = [k for k in CLASSIFIER_KEYS if k in state and k not in expected]
+    # The BN step counter only matters for momentum=None BN; files often omit or add it.
+    dropped += [k for k in state if k.endswith("num_batches_tracked") and k not in expected]
+    for key in dropped:
+        del state[key]
+
+    problems = _mismatches(expected, state)
+    if problems:
+        raise ModelError(_mismatch_message(path, problems, backbone, state.keys()))
+
+    full = {k: state.get(k, v) for k, v in expected.items()}
+    backbone.load_state_dict(full, strict=True)
+    logger.info("loaded %d tensors from %s (dropped %s)", len(state), os.fspath(path), dropped)
+    return {"loaded": len(state), "dropped": dropped, "source": SOURCE}
+
+
+def _read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise ModelError(
+            f"weights file {name!r} does not exist; pass the path of a .safetensors file"
+        )
+    try:
+        return load_file(name, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"weights file {name!r} is not a safetensors file ({exc}); convert it with "
+            "safetensors.torch.save_file(state_dict, 'weights.safetensors')"
+        ) from exc
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Strip only a prefix that every key shares, so no key of the model itself gets renamed;
+    # loop because wrappers nest (``module.model.``).
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _mismatches(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for key, want in expected.items():
+        if key not in found:
+            if not key.endswith("num_batches_tracked"):
+                problems.append(f"{key} (expected {_shape(want)}, found: missing)")
+        elif found[key].shape != want.shape:
+            problems.append(f"{key} (expected {_shape(want)}, found {_shape(found[key])})")
+    problems += [
+        f"{key} (expected: not in model, found {_shape(t)})"
+        for key, t in found.items()
+        if key not in expected
+    ]
+    return problems
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _mismatch_message(
+    path: str | os.PathLike[str],
+    problems: list[str],
+    backbone: torch.nn.Module,
+    file_keys: Iterable[str],
+) -> str:
+    listed = "; ".join(problems[:MAX_LISTED])
+    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    model_arch = guess_resnet_arch(backbone.state_dict().keys()) or _display_name(backbone)
+    file_arch = guess_resnet_arch(file_keys)
+    if file_arch in ARCHS and file_arch != model_arch:
+        fix = f"pass weights of a {model_arch}, or choose --arch {file_arch}"
+    elif file_arch is not None and file_arch != model_arch:
+        fix = (
+            f"the file holds a {file_arch}, which bctool does not build; "
+            f"pass weights of a {model_arch}"
+        )
+    else:
+        fix = f"pass weights of a {model_arch} with timm/torchvision key names"
+    return (
+        f"weights file {os.fspath(path)!r} does not fit the {model_arch} backbone: "
+        f"{len(problems)} mismatched keys: {listed}{more}. Fix: {fix}"
+    )
+
+
+def _display_name(backbone: torch.nn.Module) -> str:
+    if isinstance(backbone, SmallCNN):
+        return "SmallCNN (--arch small)"
+    return type(backbone).__name__
+
+
+def guess_resnet_arch(keys: Iterable[str]) -> str | None:
+    """Name the ResNet (``resnet18``...) whose state-dict keys these are, or None if none fits."""
+    blocks: dict[int, set[int]] = {1: set(), 2: set(), 3: set(), 4: set()}
+    bottleneck = False
+    for key in keys:
+        m = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if m:
+            blocks[int(m.group(1))].add(int(m.group(2)))
+            bottleneck = bottleneck or key.startswith(f"{m.group(0)}conv3.")
+    depths = tuple(len(blocks[i]) for i in range(1, 5))
+    block = Bottleneck if bottleneck else BasicBlock
+    for name, (arch_block, arch_depths) in ARCHS.items():
+        if (arch_block, arch_depths) == (block, depths):
+            return name
+    return _OTHER_ARCHS.get((block, depths))
