@@ -73,7 +73,7 @@ def test_end_to_end_train_extract_evaluate(emoji_dir: Path, tmp_path: Path) -> N
                                  "--gallery", str(tmp_path / "gallery.safetensors")])
     assert result.exit_code == 0, result.stderr
     metrics = json.loads(result.stdout)  # stdout holds only the JSON ...
-    assert "map" in result.stderr and "recall@1" in result.stderr  # ... the table is on stderr
+    assert "mAP" in result.stderr and "R@1" in result.stderr  # ... the table is on stderr
     for key in ("map", "map@100", "recall@1", "recall@5", "recall@10"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["queries"] == 12 and metrics["gallery"] == 12

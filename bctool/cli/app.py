@@ -194,7 +194,7 @@ def demo(
     if not quiet:
         stderr.print(metrics_table("emoji upgrade (query model/gallery model)", summary["results"], METRIC_KEYS))
         verdict = "yes" if summary["compatible"] else "no (the new model is trained independently)"
-        stderr.print(f"new/old beats old/old: {verdict}; {summary['seconds']} s")
+        stderr.print(f"new/old beats old/old: {verdict}; {summary['seconds']} s", highlight=False)
     emit_json(summary)
 
 

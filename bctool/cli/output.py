@@ -74,12 +74,16 @@ class RichProgress:
             self._bar = None
 
 
+HEADERS = {"map": "mAP", "map@100": "mAP@100", "recall@1": "R@1", "recall@5": "R@5",
+           "recall@10": "R@10", "queries": "queries", "gallery": "gallery"}
+
+
 def metrics_table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) -> Table:
-    """A table of metric rows (row name -> {metric: value}) for stderr."""
+    """A table of metric rows (row name -> {metric: value}, fractions shown as %) for stderr."""
     table = Table(title=title)
     table.add_column("")
     for key in keys:
-        table.add_column(key, justify="right")
+        table.add_column(HEADERS.get(key, key), justify="right")
     for name, values in rows.items():
         cells = []
         for key in keys:
