@@ -48,12 +48,16 @@ class Checkpoint:
 
     def identity(self) -> dict[str, Any]:
         """What embeddings files record about the model that made them."""
-        return {
+        identity: dict[str, Any] = {
             "sha256": self.sha256,
             "arch": self.config.arch,
             "embedding_dim": self.config.embedding_dim,
             "path": self.path,
         }
+        # Compatible training reads which classes an old model knew from its embeddings file.
+        if "trained_classes" in self.extra:
+            identity["trained_classes"] = self.extra["trained_classes"]
+        return identity
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -75,10 +75,21 @@ def train(
     device: Device = "auto",
     workers: Workers = 2,
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
+    old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
+    old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every (augmented) batch instead of --old-embeddings.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Compatibility method: advbct (default with an old model), bct, l2, lce, unibct, hotrefresh or independent (default without).")] = None,
+    old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
+    boundary_threshold: Annotated[float, typer.Option(help="AdvBCT's elastic-boundary threshold T.")] = 1.0,
+    amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Train a model on labelled images; print a JSON summary."""
+    """Train a model on labelled images, alone or compatible with an old model; print a JSON summary.
+
+    With --old-embeddings (or --old-model) the new model is trained so that its embeddings can
+    be searched against the old model's gallery (AdvBCT by default).
+    """
     from bctool.data import load_image_set
     from bctool.train import TrainConfig
     from bctool.train import train as run_train
@@ -90,6 +101,11 @@ def train(
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
         augment=augment, seed=seed, device=device, workers=workers,
         pretrained=str(pretrained) if pretrained else None,
+        method=method or ("advbct" if (old_embeddings or old_model) else "independent"),
+        old_embeddings=str(old_embeddings) if old_embeddings else None,
+        old_model=str(old_model) if old_model else None,
+        old_classes=str(old_classes) if old_classes else None,
+        boundary_threshold=boundary_threshold, amp=amp, resume=resume,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)

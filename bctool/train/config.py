@@ -8,6 +8,9 @@ from bctool.errors import ConfigError
 from bctool.models import ModelConfig
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train one model. Defaults follow the AdvBCT paper where it states them."""
@@ -29,6 +32,13 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     pretrained: str | None = None
+    method: str = "independent"
+    old_embeddings: str | None = None
+    old_model: str | None = None
+    old_classes: str | None = None
+    boundary_threshold: float = 1.0
+    amp: str = "off"
+    resume: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -40,6 +50,20 @@ class TrainConfig:
             "warmup_epochs": self.warmup_epochs >= 0,
             "weight_decay": self.weight_decay >= 0,
         }
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")
+        from bctool.train.compat import COMPAT_LOSSES
+
+        if self.method not in COMPAT_LOSSES:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(COMPAT_LOSSES)}")
+        if self.old_embeddings and self.old_model:
+            raise ConfigError("pass only one of --old-embeddings and --old-model")
+        if self.method != "independent" and not (self.old_embeddings or self.old_model):
+            raise ConfigError(
+                f"method {self.method!r} trains against an old model: pass --old-embeddings "
+                "OLD_EMB.safetensors (from `bctool extract` with the old model over the training "
+                "list) or --old-model OLD.safetensors"
+            )
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(
@@ -57,6 +81,11 @@ class TrainConfig:
             head_scale=self.head_scale,
             head_margin=self.head_margin,
         )
+
+    @property
+    def compatible(self) -> bool:
+        """True when the run trains against an old side."""
+        return self.method != "independent"
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""

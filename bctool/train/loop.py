@@ -1,7 +1,8 @@
-"""The training loop: one function, no method-specific branches (those live in tasks)."""
+"""The training loop: one function, no method-specific branches (those live in the tasks)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from bctool.checkpoint import save_checkpoint
@@ -21,10 +23,11 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
 from bctool.device import resolve_device
 from bctool.errors import BctoolError, DataError
-from bctool.models import create_model
+from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
-from bctool.train.tasks import ClassificationTask
+from bctool.train.state import load_train_state, save_train_state, state_path
+from bctool.train.tasks import ClassificationTask, CompatibleTask
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +37,31 @@ class TrainResult:
     """What a finished run reports: final loss parts and throughput."""
 
     out: str
+    method: str
     epochs: int
     steps: int
     images: int
     classes: int
     device: str
     seconds: float
+    resumed_from_epoch: int = 0
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the per-epoch history)."""
+        trained_epochs = self.epochs - self.resumed_from_epoch
         return {
             "out": self.out,
+            "method": self.method,
             "epochs": self.epochs,
+            "resumed_from_epoch": self.resumed_from_epoch,
             "steps": self.steps,
             "images": self.images,
             "classes": self.classes,
             "device": self.device,
             "seconds": round(self.seconds, 2),
-            "images_per_second": round(self.epochs * self.images / max(self.seconds, 1e-9), 1),
+            "images_per_second": round(trained_epochs * self.images / max(self.seconds, 1e-9), 1),
             "final": {k: round(v, 6) for k, v in self.final.items()},
         }
 
@@ -75,6 +83,8 @@ def _check_trainable(images: ImageSet) -> None:
             f"{images.source!r} has {len(images.label_names)} class; classification training "
             "needs at least 2 classes"
         )
+    if len(images) < 2:
+        raise DataError(f"{images.source!r} has {len(images)} image; training needs at least 2")
 
 
 def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
@@ -88,7 +98,11 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
 def make_loader(
     images: ImageSet, config: TrainConfig, preprocess: Preprocess, generator: torch.Generator, pin: bool
 ) -> DataLoader:
-    """Shuffled, batch-complete loader (BatchNorm needs more than one sample per batch)."""
+    """Shuffled, batch-complete loader (BatchNorm needs more than one sample per batch).
+
+    Workers are re-created each epoch and seeded from ``generator``, so an epoch's data order and
+    augmentation depend only on the generator state saved with the training state.
+    """
     transform = TrainTransform(preprocess) if config.augment else EvalTransform(preprocess)
     batch_size = min(config.batch_size, len(images))
     return DataLoader(
@@ -99,8 +113,60 @@ def make_loader(
         num_workers=config.workers,
         generator=generator,
         pin_memory=pin,
-        persistent_workers=config.workers > 0,
     )
+
+
+def build_model(images: ImageSet, config: TrainConfig) -> EmbeddingModel:
+    """A fresh model for ``images``' classes, with pretrained backbone weights if asked."""
+    model = create_model(config.model_config(num_classes=len(images.label_names)))
+    if config.pretrained:
+        from bctool.models.pretrained import load_backbone_weights
+
+        report = load_backbone_weights(model.backbone, config.pretrained)
+        logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.pretrained)
+    return model
+
+
+def build_task(
+    images: ImageSet, config: TrainConfig, model: EmbeddingModel, preprocess: Preprocess,
+    device: torch.device,
+) -> tuple[ClassificationTask, dict[str, Any]]:
+    """The task of ``config.method`` and the facts the checkpoint records about it."""
+    if not config.compatible:
+        return ClassificationTask(model), {}
+    from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
+    from bctool.train.old_side import load_old_side
+
+    old = load_old_side(
+        images, config.embedding_dim, preprocess, device,
+        old_embeddings=config.old_embeddings, old_model=config.old_model,
+        old_classes=config.old_classes, need_old_head=config.method == "bct",
+    )
+    labels = torch.tensor(images.labels, dtype=torch.int64)
+    stats = compute_old_stats(old.embeddings, labels, len(images.label_names), old.old_classes)
+    model.to(device)
+    context = CompatContext(
+        stats=stats.to(device),
+        model=model,
+        old_head=old.old_head.to(device) if old.old_head is not None else None,
+        old_label_index=old.old_label_index.to(device) if old.old_label_index is not None else None,
+        boundary_threshold=config.boundary_threshold,
+    )
+    compat = create_compat_loss(config.method, context)
+    facts = {
+        "old": old.description,
+        "old_classes": int(old.old_classes.sum()),
+        "old_classifier": "old checkpoint head" if old.old_head is not None else "none",
+    }
+    logger.info("compatible training with %s against %s", config.method, old.description)
+    return CompatibleTask(model, old.module, compat), facts
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train(
@@ -109,79 +175,98 @@ def train(
     out: str | os.PathLike[str],
     progress: Progress = NULL_PROGRESS,
 ) -> TrainResult:
-    """Train a model on ``images`` with ``config``; write the checkpoint to ``out``."""
+    """Train a model on ``images`` with ``config``; write the checkpoint to ``out``.
+
+    The training state is saved after every epoch to ``OUT.state.safetensors``;
+    ``config.resume`` continues from it. It is removed once the checkpoint is written.
+    """
     _check_trainable(images)
-    if len(images) < 2:
-        raise DataError(f"{images.source!r} has {len(images)} image; training needs at least 2")
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
-    model = create_model(config.model_config(num_classes=len(images.label_names)))
-    if config.pretrained:
-        from bctool.models.pretrained import load_backbone_weights
-
-        report = load_backbone_weights(model.backbone, config.pretrained)
-        logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.pretrained)
-    task = ClassificationTask(model).to(device)
+    model = build_model(images, config)
+    task, facts = build_task(images, config, model, preprocess, device)
+    task.to(device)
     if device.type == "cuda":
-        task = task.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        task.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+        task.to(memory_format=torch.channels_last)
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" and device.type == "cuda" else None
     loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda")
     steps_per_epoch = len(loader)
     total = steps_per_epoch * config.epochs
     warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
+    resume_path = state_path(out)
+    config_dict = config.to_dict()
     history: list[dict[str, float]] = []
-    step = 0
+    step, start_epoch = 0, 0
+    if config.resume:
+        saved = load_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator, config_dict)
+        start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
+        logger.info("resuming after epoch %d (step %d)", start_epoch, step)
     start = time.perf_counter()
-    progress.start(f"train {config.arch}", total)
+    progress.start(f"train {config.method} {config.arch}", total)
+    progress.advance(step)
     try:
-        for epoch in range(config.epochs):
-            task.train()
-            sums: dict[str, float] = {}
-            for batch_images, labels, indices in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, warmup, config.lr)
-                batch_images = batch_images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    batch_images = batch_images.contiguous(memory_format=torch.channels_last)
-                parts = task(batch_images, labels.to(device), indices.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
-                values = {k: float(v.detach()) for k, v in parts.items()}
-                if not math.isfinite(values["loss"]):
-                    bad = [k for k, v in values.items() if not math.isfinite(v)]
-                    raise BctoolError(
-                        f"loss became non-finite at epoch {epoch + 1}, step {step + 1} "
-                        f"(parts {bad}); lower --lr (now {config.lr})"
-                    )
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                step += 1
-                progress.advance(1, f"epoch {epoch + 1}/{config.epochs} loss {values['loss']:.3f}")
-            history.append({k: v / max(1, steps_per_epoch) for k, v in sums.items()})
+        for epoch in range(start_epoch, config.epochs):
+            history.append(_train_epoch(task, loader, optimizer, scaler, config, device, epoch, step, total,
+                                        warmup, progress))
+            step += steps_per_epoch
             logger.info("epoch %d: %s", epoch + 1, history[-1])
+            save_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator,
+                             {"epoch": epoch + 1, "step": step, "history": history}, config_dict)
     finally:
         progress.stop()
     seconds = time.perf_counter() - start
     save_checkpoint(
-        out,
-        model,
-        preprocess,
-        list(images.label_names),
-        train_config={**config.to_dict(), "data": images.source},
-        extra={"trained_classes": list(images.label_names)},
+        out, model, preprocess, list(images.label_names),
+        train_config={**config_dict, "data": images.source},
+        extra={"trained_classes": list(images.label_names), "method": config.method, **facts},
     )
+    resume_path.unlink(missing_ok=True)
     return TrainResult(
-        out=str(Path(out)),
-        epochs=config.epochs,
-        steps=step,
-        images=len(images),
-        classes=len(images.label_names),
-        device=str(device),
-        seconds=seconds,
-        final=history[-1] if history else {},
-        history=history,
+        out=str(Path(out)), method=config.method, epochs=config.epochs, steps=step, images=len(images),
+        classes=len(images.label_names), device=str(device), seconds=seconds,
+        resumed_from_epoch=start_epoch, final=history[-1] if history else {}, history=history,
     )
+
+
+def _train_epoch(
+    task: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
+    step: int, total: int, warmup: int, progress: Progress,
+) -> dict[str, float]:
+    """One pass over the data; returns the mean of every loss part."""
+    task.train()
+    sums: dict[str, torch.Tensor] = {}
+    batches = 0
+    for images, labels, indices in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, warmup, config.lr)
+        task.set_progress(epoch, config.epochs, step, total)
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, config.amp):
+            parts = task(images, labels.to(device, non_blocking=True), indices.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(parts["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            parts["loss"].backward()
+            optimizer.step()
+        loss = float(parts["loss"].detach())  # one sync per step, for the progress line
+        if not math.isfinite(loss):
+            bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
+            raise BctoolError(
+                f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (parts {bad}); "
+                f"lower --lr (now {config.lr}) or check the old embeddings"
+            )
+        for k, v in parts.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+        batches += 1
+        step += 1
+        progress.advance(1, f"epoch {epoch + 1}/{config.epochs} loss {loss:.3f}")
+    return {k: float(v) / max(1, batches) for k, v in sums.items()}

@@ -1,8 +1,8 @@
 """Tasks: what one training step computes, returned as named loss parts plus ``loss``.
 
 A task is an ``nn.Module`` that owns every trainable parameter of the step (the model, and for
-compatible training its discriminator or boundary parameters), so the optimizer is built from
-``task.parameters()`` and the loop never branches on the method.
+compatible training the discriminator or boundary parameters of its loss), so the optimizer is
+built from the task's trainable parameters and the loop never branches on the method.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ class ClassificationTask(nn.Module):
         super().__init__()
         self.model = model
 
+    def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
+        """Schedules hook called by the loop before every step (nothing to schedule here)."""
+
+    def trainable_state(self) -> dict[str, nn.Module]:
+        """The modules whose state a resumable run must save."""
+        return {"model": self.model}
+
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -28,3 +35,36 @@ class ClassificationTask(nn.Module):
         embedding = self.model.embed(images)
         cls = F.cross_entropy(self.model.classify(embedding, labels), labels)
         return {"cls": cls, "loss": cls}
+
+
+class CompatibleTask(ClassificationTask):
+    """Train a new model compatible with a frozen old side.
+
+    ``loss = cls + sum(compat parts)``; ``old`` maps (images, row indices) to old embeddings
+    and never receives gradients.
+    """
+
+    def __init__(self, model: EmbeddingModel, old: nn.Module, compat: nn.Module) -> None:
+        super().__init__(model)
+        self.old = old
+        self.compat = compat
+
+    def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
+        """Forward the schedule position (AdvBCT's alpha and adversarial weight use it)."""
+        self.compat.set_progress(epoch, epochs, step, total_steps)
+
+    def trainable_state(self) -> dict[str, nn.Module]:
+        """The new model and the loss's own parameters (discriminator, boundary weights)."""
+        return {"model": self.model, "compat": self.compat}
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss parts for one batch: ``cls``, the method's parts, and the total ``loss``."""
+        embedding = self.model.embed(images)
+        cls = F.cross_entropy(self.model.classify(embedding, labels), labels)
+        with torch.no_grad():
+            old = self.old(images, indices)
+        parts = self.compat(embedding.float(), labels, old, labels)
+        total = cls + sum(parts.values()) if parts else cls
+        return {"cls": cls, **parts, "loss": total}

@@ -1,0 +1,203 @@
+"""The frozen old side of compatible training: old embeddings for each training batch.
+
+Either precomputed (an embeddings file written by ``bctool extract`` with the old model over
+the same training images, matched by id) or computed on the fly by the old checkpoint on the
+same augmented batch. Also gathers what the compatibility losses need from the old side: the
+old class statistics, the old classifier for BCT, and which classes count as old.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from bctool.data.sources import ImageSet
+from bctool.data.transforms import Preprocess
+from bctool.embeddings import Embeddings, load_embeddings
+from bctool.errors import ConfigError, DataError, EmbeddingsError
+
+logger = logging.getLogger(__name__)
+
+
+class PrecomputedOld(nn.Module):
+    """Old embeddings looked up by training-set row: ``table[indices]``, kept on the device."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("table", table.float(), persistent=False)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Old embeddings (B, D) of the batch rows."""
+        return self.table[indices]
+
+
+class OnTheFlyOld(nn.Module):
+    """The old model run on the same (augmented) batch, frozen and always in eval mode."""
+
+    def __init__(self, checkpoint: Checkpoint, new_preprocess: Preprocess) -> None:
+        super().__init__()
+        self.model = checkpoint.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        old, new = checkpoint.preprocess, new_preprocess
+        self.size = old.image_size if old.image_size != new.image_size else None
+        # Undo the new normalisation and apply the old one, as one affine map per channel.
+        scale = torch.tensor(new.std) / torch.tensor(old.std)
+        shift = (torch.tensor(new.mean) - torch.tensor(old.mean)) / torch.tensor(old.std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> OnTheFlyOld:
+        """Stay in eval mode: the old model's BatchNorm statistics are part of its identity."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Old embeddings (B, D) of the batch images."""
+        x = images * self.scale + self.shift
+        if self.size is not None:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model.embed(x).float()
+
+
+@dataclass
+class OldSide:
+    """Everything compatible training takes from the old model."""
+
+    module: nn.Module  # PrecomputedOld or OnTheFlyOld
+    embeddings: torch.Tensor  # (N_train, D) old embeddings of the training rows (for statistics)
+    old_classes: torch.Tensor  # (C,) bool over the new label space
+    old_head: nn.Module | None  # the old classifier (frozen), if known
+    old_label_index: torch.Tensor | None  # (C,) new label -> old head index, -1 if none
+    description: str  # for logs and the checkpoint
+
+
+def match_by_id(images: ImageSet, old: Embeddings, source: str) -> torch.Tensor:
+    """Rows of ``old`` in the order of ``images``; every training image needs one."""
+    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
+    rows = [row_of.get(image_id, -1) for image_id in images.ids]
+    missing = [image_id for image_id, r in zip(images.ids, rows) if r < 0]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise EmbeddingsError(
+            f"{len(missing)} of {len(images)} training images have no old embedding in "
+            f"{source!r} ({shown}{more}); extract the old embeddings over the same training "
+            f"list: bctool extract {images.source} --model OLD.safetensors --out {source}"
+        )
+    return torch.from_numpy(old.embeddings[rows].copy())
+
+
+def _read_class_list(path: Path) -> list[str]:
+    try:
+        names = [line.strip() for line in path.read_text().splitlines()]
+    except OSError as exc:
+        raise DataError(f"cannot read --old-classes file {str(path)!r}: {exc.strerror}") from exc
+    return [n for n in names if n and not n.startswith("#")]
+
+
+def old_class_mask(
+    label_names: tuple[str, ...], trained: list[str] | None, fallback: list[str], where: str
+) -> torch.Tensor:
+    """(C,) bool: which new labels the old model was trained on."""
+    names = set(trained if trained is not None else fallback)
+    mask = torch.tensor([name in names for name in label_names], dtype=torch.bool)
+    if not bool(mask.any()):
+        raise DataError(
+            f"none of the {len(label_names)} training classes is an old class ({where}); "
+            "the old model must share classes with the new training set (or pass --old-classes)"
+        )
+    return mask
+
+
+def _head_mapping(label_names: tuple[str, ...], old_names: list[str]) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(old_names)}
+    return torch.tensor([index.get(name, -1) for name in label_names], dtype=torch.int64)
+
+
+def _frozen_head(checkpoint: Checkpoint) -> nn.Module | None:
+    head = checkpoint.model.head
+    if head is None:
+        return None
+    head.eval()
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return head
+
+
+def _checkpoint_of(emb: Embeddings, device: torch.device) -> Checkpoint | None:
+    """The checkpoint that made ``emb``, when it is still where it was and unchanged."""
+    path, sha = emb.model.get("path"), emb.model.get("sha256")
+    if not path or not sha or not Path(path).is_file():
+        return None
+    try:
+        if file_sha256(path) != sha:
+            return None
+        return load_checkpoint(path, device=device)
+    except Exception:  # noqa: BLE001 - an optional convenience, never an error
+        return None
+
+
+def load_old_side(
+    images: ImageSet,
+    embedding_dim: int,
+    preprocess: Preprocess,
+    device: torch.device,
+    old_embeddings: str | None = None,
+    old_model: str | None = None,
+    old_classes: str | None = None,
+    need_old_head: bool = False,
+) -> OldSide:
+    """Build the old side from an embeddings file or an old checkpoint (exactly one)."""
+    if bool(old_embeddings) == bool(old_model):
+        raise ConfigError("pass exactly one of --old-embeddings OLD_EMB.safetensors or --old-model OLD.safetensors")
+    explicit = _read_class_list(Path(old_classes)) if old_classes else None
+    if old_model:
+        checkpoint = load_checkpoint(old_model, device=device)
+        dim = checkpoint.config.embedding_dim
+        _check_dim(dim, embedding_dim, old_model)
+        module: nn.Module = OnTheFlyOld(checkpoint, preprocess)
+        # Statistics come from the old model on un-augmented training images, as with a file.
+        from bctool.extract import extract
+
+        table = torch.from_numpy(extract(images, checkpoint, workers=0).embeddings)
+        trained = explicit if explicit is not None else checkpoint.extra.get("trained_classes")
+        mask = old_class_mask(images.label_names, trained, checkpoint.class_names, f"--old-model {old_model}")
+        head = _frozen_head(checkpoint)
+        mapping = _head_mapping(images.label_names, checkpoint.class_names) if head else None
+        return OldSide(module, table, mask, head, mapping, f"old model {old_model}")
+    assert old_embeddings is not None
+    emb = load_embeddings(old_embeddings)
+    _check_dim(emb.dim, embedding_dim, old_embeddings)
+    table = match_by_id(images, emb, old_embeddings)
+    if not torch.isfinite(table).all():
+        raise EmbeddingsError(
+            f"{old_embeddings!r} holds non-finite values (NaN or inf); re-extract the old embeddings"
+        )
+    trained = explicit if explicit is not None else emb.model.get("trained_classes")
+    present = sorted({n for n in emb.label_strings() if n is not None})
+    mask = old_class_mask(images.label_names, trained, present, f"--old-embeddings {old_embeddings}")
+    head, mapping = None, None
+    if need_old_head:
+        checkpoint = _checkpoint_of(emb, device)
+        if checkpoint is not None and checkpoint.model.head is not None:
+            head = _frozen_head(checkpoint)
+            mapping = _head_mapping(images.label_names, checkpoint.class_names)
+            logger.info("bct: using the classifier of %s", checkpoint.path)
+        else:
+            logger.info("bct: old classifier not available; using old class centers as prototypes")
+    return OldSide(PrecomputedOld(table), table, mask, head, mapping, f"old embeddings {old_embeddings}")
+
+
+def _check_dim(old_dim: int, new_dim: int, source: str) -> None:
+    if old_dim != new_dim:
+        raise EmbeddingsError(
+            f"old embeddings from {source!r} have dimension {old_dim} but the new model's is "
+            f"{new_dim}; compatible training needs the same dimension: pass --embedding-dim {old_dim}"
+        )
