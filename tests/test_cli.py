@@ -136,8 +136,12 @@ def test_cuda_without_gpu_is_a_clear_error(emoji_dir: Path, tmp_path: Path) -> N
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     summary = _run(["demo", "--workdir", str(tmp_path), "--limit", "30", "--epochs", "2",
                     "--workers", "0", "--device", "cpu", "-q"])
-    assert set(summary["results"]) == {"old/old", "new/new", "new/old"}
+    assert set(summary["results"]) == {"old/old", "new/new", "new/old", "ind/ind",
+                                       "ind/old"}
     for metrics in summary["results"].values():
         assert 0.0 <= metrics["map"] <= 1.0 and metrics["queries"] == 9
+    assert summary["models"]["new"]["method"] == "advbct"
+    assert summary["models"]["independent"]["method"] == "independent"
     assert (tmp_path / "new_query.safetensors").is_file()
-    assert isinstance(summary["compatible"], bool)
+    assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
+    assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])

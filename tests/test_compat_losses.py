@@ -204,13 +204,16 @@ def test_grl_alpha_schedule() -> None:
 
 
 def test_registry_names_every_method() -> None:
-    assert set(COMPAT_LOSSES) == {"independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"}
+    assert set(COMPAT_LOSSES) == {
+        "independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
+        "advbct-noadv", "advbct-nobound", "advbct-fixed",  # ablations of AdvBCT
+    }
     for name, cls in COMPAT_LOSSES.items():
         assert cls.name == name
 
 
 def test_unknown_method_names_the_choices(stats) -> None:
-    with pytest.raises(ConfigError, match=r"unknown method 'nope'; choose one of \['advbct', 'bct'"):
+    with pytest.raises(ConfigError, match=r"unknown method 'nope'; choose one of \['advbct', 'advbct-fixed'"):
         create_compat_loss("nope", _ctx(stats))
 
 
@@ -524,3 +527,25 @@ def test_no_host_device_sync_in_forward_and_backward(old_set) -> None:
                 sum(parts.values()).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_advbct_ablations_keep_exactly_their_parts(stats) -> None:
+    new, labels, old = _batch(stats)
+    results = {}
+    for name in ("advbct", "advbct-noadv", "advbct-nobound", "advbct-fixed"):
+        torch.manual_seed(0)  # same discriminator and boundary weights for every variant
+        loss = create_compat_loss(name, _ctx(stats))
+        loss.set_progress(epoch=1, epochs=4, step=5, total_steps=20)
+        results[name] = (loss, loss(new, labels, old, labels))
+    full = results["advbct"][1]
+    assert set(results["advbct-noadv"][1]) == {"bound"}
+    assert set(results["advbct-nobound"][1]) == {"adv"}
+    _close(results["advbct-noadv"][1]["bound"], full["bound"])
+    _close(results["advbct-nobound"][1]["adv"], full["adv"])
+    fixed_loss, fixed = results["advbct-fixed"]
+    _close(fixed_loss.boundary_radii(), stats.radius_max)
+    _close(fixed["adv"], full["adv"])
+    # Elastic radii move r_max towards T, so they never equal the fixed ones where r_max != T.
+    elastic = results["advbct"][0].boundary_radii()
+    moved = (stats.radius_max - 1.0).abs() > 1e-6
+    assert bool((elastic[moved] != stats.radius_max[moved]).all())

@@ -302,16 +302,56 @@ class AdvBCTLoss(CompatLoss):
         elastic = (radius - threshold).abs() * torch.sigmoid(self.boundary_weight)
         return torch.where(radius < threshold, radius + elastic, radius - elastic)
 
-    def forward(
-        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
-    ) -> dict[str, Tensor]:
-        stats = self.ctx.stats
+    def adversarial(self, embeddings: Tensor, ref_embeddings: Tensor) -> Tensor:
+        """L_adv: new embeddings (behind the GRL) labelled 0, old embeddings labelled 1."""
         new_scores = self.discriminator(grad_reverse(embeddings, self.alpha))
         old_scores = self.discriminator(ref_embeddings.detach())
-        adversarial = F.nll_loss(new_scores, torch.zeros_like(labels)) + F.nll_loss(
-            old_scores, torch.ones_like(labels)
-        )
+        zeros = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
+        return F.nll_loss(new_scores, zeros) + F.nll_loss(old_scores, torch.ones_like(zeros))
+
+    def boundary(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """L_bound: mean excess distance to the old center over the violating samples."""
+        stats = self.ctx.stats
         distance = (F.normalize(embeddings, dim=1) - stats.centers[labels]).norm(dim=1)
         excess = distance - self.boundary_radii()[labels]
         violating = stats.has_boundary[labels] & (excess > 0)
-        return {"adv": self.adv_weight * adversarial, "bound": _masked_mean(excess, violating)}
+        return _masked_mean(excess, violating)
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
+    ) -> dict[str, Tensor]:
+        return {
+            "adv": self.adv_weight * self.adversarial(embeddings, ref_embeddings),
+            "bound": self.boundary(embeddings, labels),
+        }
+
+
+# Ablations of AdvBCT: which of its parts carries the compatibility.
+
+
+@register("advbct-noadv")
+class AdvBCTBoundaryOnly(AdvBCTLoss):
+    """AdvBCT without the adversarial term: the elastic boundary alone."""
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
+    ) -> dict[str, Tensor]:
+        return {"bound": self.boundary(embeddings, labels)}
+
+
+@register("advbct-nobound")
+class AdvBCTAdversarialOnly(AdvBCTLoss):
+    """AdvBCT without the boundary term: the discriminator and GRL alone."""
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
+    ) -> dict[str, Tensor]:
+        return {"adv": self.adv_weight * self.adversarial(embeddings, ref_embeddings)}
+
+
+@register("advbct-fixed")
+class AdvBCTFixedRadius(AdvBCTLoss):
+    """AdvBCT with the boundary fixed at the old classes' r_max (no learnable elasticity)."""
+
+    def boundary_radii(self) -> Tensor:
+        return self.ctx.stats.radius_max

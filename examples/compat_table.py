@@ -1,0 +1,138 @@
+"""Compare every compatibility method on the embedded emoji set, over several seeds.
+
+Extended-class setting: the old model trains on 30% of the training classes, every new model
+on all of them, each with the same architecture and budget. For each seed and method this
+trains the new model against the old model's precomputed embeddings, embeds the held-out
+query (Google) and gallery (Twitter) images, and measures M(n,n) and M(n,o) next to M(o,o).
+Finished runs are cached in WORKDIR, so an interrupted run resumes where it stopped.
+
+    python examples/compat_table.py --workdir runs/compat --seeds 0 1 2
+
+Prints a markdown table (mean and standard deviation over seeds) on stdout and writes
+WORKDIR/results.json with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from bctool.checkpoint import load_checkpoint
+from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+from bctool.data.sources import load_image_set
+from bctool.embeddings import load_embeddings, save_embeddings
+from bctool.evaluate import evaluate_retrieval
+from bctool.extract import extract
+from bctool.train import TrainConfig, train
+from bctool.train.compat import COMPAT_LOSSES
+
+log = logging.getLogger("compat_table")
+METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
+
+
+def embed(model: Path, lists: dict[str, Path], splits: list[str], prefix: Path) -> None:
+    """Extract each split with ``model`` to ``PREFIX_SPLIT.safetensors`` unless cached."""
+    ckpt = None
+    for split in splits:
+        out = prefix.parent / f"{prefix.name}_{split}.safetensors"
+        if out.exists():
+            continue
+        ckpt = ckpt or load_checkpoint(model)
+        save_embeddings(extract(load_image_set(lists[split], require_labels=False), ckpt, workers=2), out)
+
+
+def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, limit: int | None) -> dict:
+    """Old model plus every method's new model for one seed; cached per run."""
+    data = workdir / "emoji"
+    if not (data / "gallery.txt").exists():
+        write_emoji_dataset(data, EmojiSplit(seed=0, limit=limit))
+    lists = {name: data / f"{name}.txt" for name in ("old_train", "new_train", "query", "gallery")}
+    sdir = workdir / f"seed{seed}"
+    sdir.mkdir(parents=True, exist_ok=True)
+    old = sdir / "old.safetensors"
+    if not old.exists():
+        log.info("seed %d: training the old model", seed)
+        train(load_image_set(lists["old_train"]), replace(base, seed=seed), old)
+    embed(old, lists, ["new_train", "query", "gallery"], sdir / "old")
+    results = {"old/old": _eval(sdir / "old_query.safetensors", sdir / "old_gallery.safetensors")}
+    for method in methods:
+        cache = sdir / f"{method}.json"
+        if cache.exists():
+            results[method] = json.loads(cache.read_text())
+            continue
+        log.info("seed %d: training %s", seed, method)
+        model = sdir / f"{method}.safetensors"
+        config = replace(base, seed=seed, method=method,
+                         old_embeddings=str(sdir / "old_new_train.safetensors"))
+        start = time.perf_counter()
+        summary = train(load_image_set(lists["new_train"]), config, model)
+        embed(model, lists, ["query", "gallery"], sdir / method)
+        row = {
+            "self": _eval(sdir / f"{method}_query.safetensors", sdir / f"{method}_gallery.safetensors"),
+            "cross": _eval(sdir / f"{method}_query.safetensors", sdir / "old_gallery.safetensors"),
+            "final": summary.final,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        cache.write_text(json.dumps(row, indent=1))
+        results[method] = row
+    return results
+
+
+def _eval(query: Path, gallery: Path) -> dict:
+    return evaluate_retrieval(load_embeddings(query), load_embeddings(gallery))
+
+
+def _fmt(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    spread = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {spread:.1f}"
+
+
+def table(per_seed: dict[int, dict], methods: list[str]) -> str:
+    """Markdown: per method M(n,n), M(n,o), R@1 cross, compatible seeds, update gain."""
+    seeds = sorted(per_seed)
+    oo = [per_seed[s]["old/old"]["map"] for s in seeds]
+    star = {s: per_seed[s]["independent"]["self"]["map"] for s in seeds if "independent" in per_seed[s]}
+    lines = [
+        f"M(o,o) = {_fmt(oo)} (old model alone, mAP %, mean ± std over seeds {seeds})",
+        "",
+        "| method | M(n,n) | M(n,o) | R@1 (n,o) | M(n,o) > M(o,o) | update gain |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in methods:
+        nn_ = [per_seed[s][m]["self"]["map"] for s in seeds]
+        no = [per_seed[s][m]["cross"]["map"] for s in seeds]
+        r1 = [per_seed[s][m]["cross"]["recall@1"] for s in seeds]
+        wins = sum(n > o for n, o in zip(no, oo))
+        gains = [(n - o) / (star[s] - o) for s, n, o in zip(seeds, no, oo) if s in star and star[s] != o]
+        gain = f"{statistics.fmean(gains):.2f}" if gains else "-"
+        lines.append(f"| {m} | {_fmt(nn_)} | {_fmt(no)} | {_fmt(r1)} | {wins}/{len(seeds)} | {gain} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/compat"), help="cache folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES),
+                        help="methods to compare")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of every model")
+    parser.add_argument("--arch", default="small", help="backbone of every model")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N emoji classes")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
+                       batch_size=128, device="auto", workers=2)
+    per_seed = {s: run_seed(args.workdir, s, args.methods, base, args.limit) for s in args.seeds}
+    (args.workdir / "results.json").write_text(json.dumps(per_seed, indent=1))
+    print(table(per_seed, args.methods))
+
+
+if __name__ == "__main__":
+    main()

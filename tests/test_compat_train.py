@@ -1,0 +1,190 @@
+"""Compatible training end to end: every method from the CLI, the old side, resuming."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bctool.checkpoint import load_checkpoint
+from bctool.cli import app
+from bctool.data import load_image_set, load_rgb
+from bctool.data.transforms import EvalTransform, Preprocess
+from bctool.embeddings import load_embeddings
+from bctool.errors import ConfigError, EmbeddingsError
+from bctool.train import TrainConfig, train
+from bctool.train import loop as train_loop
+from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id
+from bctool.train.state import state_path
+
+runner = CliRunner()
+TINY = ["--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+        "--workers", "0", "--device", "cpu", "-q"]
+PARTS = {
+    "independent": set(),
+    "l2": {"l2"},
+    "bct": {"bct"},
+    "lce": {"lce_boundary", "lce_align"},
+    "unibct": {"unibct"},
+    "hotrefresh": {"hotrefresh"},
+    "advbct": {"adv", "bound"},
+}
+
+
+def _invoke(args: list[str]) -> dict:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"{args}: {result.stderr}{result.exception!r}"
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def old(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny old model and its embeddings of the new training list."""
+    work = tmp_path_factory.mktemp("old")
+    model = work / "old.safetensors"
+    _invoke(["train", str(emoji_dir / "old_train.txt"), "--out", str(model), *TINY])
+    emb = work / "old_train_emb.safetensors"
+    _invoke(["extract", str(emoji_dir / "new_train.txt"), "-m", str(model), "-o", str(emb),
+             "--workers", "0", "-q"])
+    return {"model": model, "embeddings": emb, "work": work}
+
+
+@pytest.mark.parametrize("method", sorted(PARTS))
+def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    out = tmp_path / "new.safetensors"
+    summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out),
+                       "--old-embeddings", str(old["embeddings"]), "--method", method, *TINY])
+    assert summary["method"] == method
+    assert set(summary["final"]) == {"cls", "loss"} | PARTS[method]
+    total = summary["final"]["cls"] + sum(summary["final"][p] for p in PARTS[method])
+    assert summary["final"]["loss"] == pytest.approx(total, rel=1e-4)
+    ckpt = load_checkpoint(out)
+    assert ckpt.extra["method"] == method
+    assert not state_path(out).exists()  # removed once the run finished
+
+
+def test_advbct_is_the_default_with_old_embeddings(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "n.safetensors"),
+                       "--old-embeddings", str(old["embeddings"]), *TINY])
+    assert summary["method"] == "advbct"
+    plain = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "p.safetensors"), *TINY])
+    assert plain["method"] == "independent"
+
+
+def test_old_model_on_the_fly(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "n.safetensors"),
+                       "--old-model", str(old["model"]), "--method", "bct", *TINY])
+    assert set(summary["final"]) == {"cls", "bct", "loss"}
+    assert "old checkpoint head" in json.dumps(load_checkpoint(tmp_path / "n.safetensors").extra)
+
+
+def test_on_the_fly_old_equals_precomputed_embeddings(emoji_dir: Path, old: dict) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    ckpt = load_checkpoint(old["model"])
+    table = match_by_id(images, load_embeddings(old["embeddings"]), "old")
+    transform = EvalTransform(ckpt.preprocess)
+    batch = torch.stack([transform(load_rgb(images.records[i].path)) for i in range(4)])
+    idx = torch.arange(4)
+    fly = OnTheFlyOld(ckpt, ckpt.preprocess)
+    fly.train()  # must stay in eval mode
+    torch.testing.assert_close(fly(batch, idx), PrecomputedOld(table)(batch, idx), rtol=1e-4, atol=1e-4)
+    # A new model with another normalisation gets the old model's own inputs back.
+    other = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    renorm = (batch * torch.tensor(ckpt.preprocess.std).view(1, 3, 1, 1)
+              + torch.tensor(ckpt.preprocess.mean).view(1, 3, 1, 1) - 0.5) / 0.5
+    torch.testing.assert_close(OnTheFlyOld(ckpt, other)(renorm, idx), fly(batch, idx), rtol=1e-4, atol=1e-4)
+
+
+def test_training_image_without_old_embedding_is_named(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    partial = old["work"] / "old_only.safetensors"
+    _invoke(["extract", str(emoji_dir / "old_train.txt"), "-m", str(old["model"]), "-o", str(partial),
+             "--workers", "0", "-q"])
+    result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out",
+                                 str(tmp_path / "n.safetensors"), "--old-embeddings", str(partial), *TINY])
+    assert result.exit_code == 1
+    n_new, n_old = len(load_image_set(emoji_dir / "new_train.txt")), len(load_image_set(emoji_dir / "old_train.txt"))
+    assert f"{n_new - n_old} of {n_new} training images have no old embedding" in result.stderr
+    assert "images/google/" in result.stderr and "bctool extract" in result.stderr
+
+
+def test_dimension_mismatch_names_both(emoji_dir: Path, tmp_path: Path, old: dict) -> None:
+    result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out",
+                                 str(tmp_path / "n.safetensors"), "--old-embeddings", str(old["embeddings"]),
+                                 "--embedding-dim", "64", *TINY])
+    assert result.exit_code == 1
+    assert "dimension 256" in result.stderr and "is 64" in result.stderr and "--embedding-dim 256" in result.stderr
+
+
+def test_method_needs_an_old_side() -> None:
+    with pytest.raises(ConfigError, match="method 'bct' trains against an old model: pass --old-embeddings"):
+        TrainConfig(method="bct")
+    with pytest.raises(ConfigError, match=r"unknown method 'bct2'; choose one of \['advbct'"):
+        TrainConfig(method="bct2", old_embeddings="x")
+
+
+def _config(old: dict, **kw: object) -> TrainConfig:
+    base = TrainConfig(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu",
+                       method="advbct", old_embeddings=str(old["embeddings"]))
+    return replace(base, **kw)
+
+
+def test_resume_after_interruption_gives_the_same_model(
+    emoji_dir: Path, old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    straight = tmp_path / "straight.safetensors"
+    train(images, _config(old), straight)
+
+    interrupted = tmp_path / "interrupted.safetensors"
+    real_epoch = train_loop._train_epoch
+
+    def dies_in_third_epoch(*args: object, **kwargs: object) -> dict:
+        if args[6] == 2:  # 0-based epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", dies_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(images, _config(old), interrupted)
+    assert state_path(interrupted).exists() and not interrupted.exists()
+    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    result = train(images, _config(old, resume=True), interrupted)
+    assert result.resumed_from_epoch == 2 and len(result.history) == 3
+    a, b = load_file(str(straight)), load_file(str(interrupted))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_changed_options_and_missing_state(emoji_dir: Path, old: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    with pytest.raises(ConfigError, match="no training state at .*start without --resume"):
+        train(images, _config(old, resume=True), tmp_path / "none.safetensors")
+    out = tmp_path / "m.safetensors"
+    real_epoch = train_loop._train_epoch
+
+    def dies(*args: object, **kwargs: object) -> dict:
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(images, _config(old), out)
+    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    with pytest.raises(ConfigError, match=r"options differ .*lr: 0.1 -> 0.05"):
+        train(images, _config(old, resume=True, lr=0.05), out)
+
+
+def test_old_stats_ignore_classes_the_old_model_never_saw(emoji_dir: Path, old: dict) -> None:
+    """The old checkpoint's class list travels in its embeddings file and picks the old classes."""
+    emb = load_embeddings(old["embeddings"])
+    old_names = set(load_image_set(emoji_dir / "old_train.txt").label_names)
+    assert set(emb.model["trained_classes"]) == old_names
+    assert len(old_names) < len(emb.label_names)
