@@ -188,3 +188,14 @@ def test_old_stats_ignore_classes_the_old_model_never_saw(emoji_dir: Path, old: 
     old_names = set(load_image_set(emoji_dir / "old_train.txt").label_names)
     assert set(emb.model["trained_classes"]) == old_names
     assert len(old_names) < len(emb.label_names)
+
+
+def test_bf16_autocast_trains_on_the_cpu(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "n.safetensors"),
+                       "--old-embeddings", str(old["embeddings"]), "--amp", "bf16", *TINY])
+    assert all(value == value and abs(value) < 1e4 for value in summary["final"].values())  # finite
+
+
+def test_unknown_amp_mode_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--amp 'fp8' is unknown; choose one of \['off', 'bf16', 'fp16'\]"):
+        TrainConfig(amp="fp8")

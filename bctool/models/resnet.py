@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from bctool.errors import ModelError
+from bctool.models.init import init_conv_bn
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -127,12 +128,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*modules)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
         if zero_init_residual:
             # Each block then starts as the identity (Goyal et al. 2017, arXiv:1706.02677).
             for m in self.modules():
