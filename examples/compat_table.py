@@ -32,7 +32,8 @@ from bctool.train import TrainConfig, train
 from bctool.train.compat import COMPAT_LOSSES
 
 log = logging.getLogger("compat_table")
-METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
+METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
+           "advbct-noadv", "advbct-nobound", "advbct-fixed"]
 
 
 def embed(model: Path, lists: dict[str, Path], splits: list[str], prefix: Path) -> None:
@@ -46,7 +47,8 @@ def embed(model: Path, lists: dict[str, Path], splits: list[str], prefix: Path) 
         save_embeddings(extract(load_image_set(lists[split], require_labels=False), ckpt, workers=2), out)
 
 
-def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, limit: int | None) -> dict:
+def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, limit: int | None,
+             old_epochs: int) -> dict:
     """Old model plus every method's new model for one seed; cached per run."""
     data = workdir / "emoji"
     if not (data / "gallery.txt").exists():
@@ -57,7 +59,7 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
     old = sdir / "old.safetensors"
     if not old.exists():
         log.info("seed %d: training the old model", seed)
-        train(load_image_set(lists["old_train"]), replace(base, seed=seed), old)
+        train(load_image_set(lists["old_train"]), replace(base, seed=seed, epochs=old_epochs), old)
     embed(old, lists, ["new_train", "query", "gallery"], sdir / "old")
     results = {"old/old": _eval(sdir / "old_query.safetensors", sdir / "old_gallery.safetensors")}
     for method in methods:
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES),
                         help="methods to compare")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every model")
+    parser.add_argument("--old-epochs", type=int, default=None,
+                        help="epochs of the old model (default: --epochs, the same budget)")
     parser.add_argument("--arch", default="small", help="backbone of every model")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N emoji classes")
@@ -129,7 +133,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
                        batch_size=128, device="auto", workers=2)
-    per_seed = {s: run_seed(args.workdir, s, args.methods, base, args.limit) for s in args.seeds}
+    old_epochs = args.old_epochs or args.epochs
+    per_seed = {s: run_seed(args.workdir, s, args.methods, base, args.limit, old_epochs) for s in args.seeds}
     (args.workdir / "results.json").write_text(json.dumps(per_seed, indent=1))
     print(table(per_seed, args.methods))
 

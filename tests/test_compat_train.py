@@ -199,3 +199,27 @@ def test_bf16_autocast_trains_on_the_cpu(emoji_dir: Path, old: dict, tmp_path: P
 def test_unknown_amp_mode_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"--amp 'fp8' is unknown; choose one of \['off', 'bf16', 'fp16'\]"):
         TrainConfig(amp="fp8")
+
+
+def test_compat_weight_scales_every_part_and_the_total() -> None:
+    from torch import nn
+
+    from bctool.models import ModelConfig, create_model
+    from bctool.train.tasks import CompatibleTask
+
+    class Fixed(nn.Module):
+        def set_progress(self, *args: int) -> None:
+            pass
+
+        def forward(self, emb, labels, ref, ref_labels):  # noqa: ANN001, ANN202
+            return {"a": emb.pow(2).mean(), "b": (emb - ref).abs().mean()}
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3))
+    images, labels, idx = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    old = PrecomputedOld(torch.randn(4, 8))
+    one = CompatibleTask(model, old, Fixed(), weight=1.0).eval()(images, labels, idx)
+    three = CompatibleTask(model, old, Fixed(), weight=3.0).eval()(images, labels, idx)
+    for part in ("a", "b"):
+        torch.testing.assert_close(three[part], 3 * one[part])
+    torch.testing.assert_close(three["loss"], one["cls"] + 3 * (one["a"] + one["b"]))

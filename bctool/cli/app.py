@@ -80,6 +80,7 @@ def train(
     method: Annotated[Optional[str], typer.Option(help="Compatibility method: advbct (default with an old model), bct, l2, lce, unibct, hotrefresh or independent (default without).")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[float, typer.Option(help="AdvBCT's elastic-boundary threshold T.")] = 1.0,
+    compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     quiet: Quiet = False,
@@ -105,7 +106,7 @@ def train(
         old_embeddings=str(old_embeddings) if old_embeddings else None,
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
-        boundary_threshold=boundary_threshold, amp=amp, resume=resume,
+        boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, resume=resume,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)

@@ -37,6 +37,7 @@ class TrainConfig:
     old_model: str | None = None
     old_classes: str | None = None
     boundary_threshold: float = 1.0
+    compat_weight: float = 1.0
     amp: str = "off"
     resume: bool = False
 
@@ -49,6 +50,7 @@ class TrainConfig:
             "workers": self.workers >= 0,
             "warmup_epochs": self.warmup_epochs >= 0,
             "weight_decay": self.weight_decay >= 0,
+            "compat_weight": self.compat_weight >= 0,
         }
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")

@@ -159,7 +159,7 @@ def build_task(
         "old_classifier": "old checkpoint head" if old.old_head is not None else "none",
     }
     logger.info("compatible training with %s against %s", config.method, old.description)
-    return CompatibleTask(model, old.module, compat), facts
+    return CompatibleTask(model, old.module, compat, weight=config.compat_weight), facts
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -40,14 +40,15 @@ class ClassificationTask(nn.Module):
 class CompatibleTask(ClassificationTask):
     """Train a new model compatible with a frozen old side.
 
-    ``loss = cls + sum(compat parts)``; ``old`` maps (images, row indices) to old embeddings
-    and never receives gradients.
+    ``loss = cls + weight * sum(compat parts)``; the parts are reported weighted. ``old`` maps
+    (images, row indices) to old embeddings and never receives gradients.
     """
 
-    def __init__(self, model: EmbeddingModel, old: nn.Module, compat: nn.Module) -> None:
+    def __init__(self, model: EmbeddingModel, old: nn.Module, compat: nn.Module, weight: float = 1.0) -> None:
         super().__init__(model)
         self.old = old
         self.compat = compat
+        self.weight = weight
 
     def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         """Forward the schedule position (AdvBCT's alpha and adversarial weight use it)."""
@@ -65,6 +66,6 @@ class CompatibleTask(ClassificationTask):
         cls = F.cross_entropy(self.model.classify(embedding, labels), labels)
         with torch.no_grad():
             old = self.old(images, indices)
-        parts = self.compat(embedding.float(), labels, old, labels)
+        parts = {k: self.weight * v for k, v in self.compat(embedding.float(), labels, old, labels).items()}
         total = cls + sum(parts.values()) if parts else cls
         return {"cls": cls, **parts, "loss": total}
