@@ -30,7 +30,7 @@ dataset_app = typer.Typer(help="Write built-in datasets to disk.", no_args_is_he
 app.add_typer(dataset_app, name="dataset")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each epoch and step to stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (each epoch's loss parts, files read) to stderr.")]
 Device = Annotated[
     str, typer.Option(help="Where to run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 ]
@@ -189,7 +189,7 @@ def dataset_emoji(
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings.")] = Path("bctool-demo"),
-    method: Annotated[str, typer.Option(help="Compatibility method of the new model.")] = "advbct",
+    method: Annotated[str, typer.Option(help="Compatibility method of the new model: advbct, bct, l2, lce, unibct, hotrefresh or independent.")] = "advbct",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of every model.")] = 30,
     arch: Annotated[str, typer.Option(help="Backbone of every model.")] = "small",
     image_size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
