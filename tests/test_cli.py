@@ -145,3 +145,27 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "new_query.safetensors").is_file()
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])
+
+
+def test_evaluate_with_revisited_ground_truth(tmp_path: Path) -> None:
+    import pickle
+
+    rng = np.random.default_rng(0)
+    gallery_names = [f"g{i}" for i in range(8)]
+    gallery = Embeddings(rng.normal(size=(8, 4)).astype(np.float32), np.full(8, -1, np.int64),
+                         [f"jpg/{n}" for n in gallery_names], [])
+    # The query is gallery image g0 seen again: it must rank g0 first.
+    query = Embeddings(gallery.embeddings[:1].copy(), np.full(1, -1, np.int64), ["jpg/q0"], [])
+    gnd = {"imlist": gallery_names, "qimlist": ["q0"],
+           "gnd": [{"easy": [0], "hard": [3], "junk": [5], "bbx": [0, 0, 10, 10]}]}
+    (tmp_path / "gnd.pkl").write_bytes(pickle.dumps(gnd))
+    save_embeddings(query, tmp_path / "q.safetensors")
+    save_embeddings(gallery, tmp_path / "g.safetensors")
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "q.safetensors"), "--gallery",
+                                 str(tmp_path / "g.safetensors"), "--gnd", str(tmp_path / "gnd.pkl")])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["map_easy"] == 1.0 and metrics["mp@1_easy"] == 1.0
+    assert metrics["map"] == metrics["map_medium"] and metrics["queries"] == 1
+    assert 0.0 < metrics["map_hard"] <= 1.0
+    assert "mP@5" in result.stderr and "medium" in result.stderr

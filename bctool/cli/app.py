@@ -154,16 +154,31 @@ def evaluate(
     query: Annotated[Path, typer.Option("--query", help="Query embeddings file (from `bctool extract`).")],
     gallery: Annotated[Path, typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")],
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
+    gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Retrieval mAP and recall of queries against a gallery; print one JSON object."""
+    """Retrieval mAP and recall of queries against a gallery; print one JSON object.
+
+    Labelled files: relevance is the same label name. With --gnd: the revisited protocols.
+    """
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate import evaluate_retrieval
 
     q, g = load_embeddings(query), load_embeddings(gallery)
-    metrics = evaluate_retrieval(q, g, top_k=top_k)
+    if gnd is not None:
+        from bctool.evaluate.gnd import load_gnd
+        from bctool.evaluate.revisited import PROTOCOLS, evaluate_revisited
+
+        metrics = evaluate_revisited(q, g, load_gnd(gnd))
+        rows = {p: {"map": metrics[f"map_{p}"], **{f"mp@{k}": metrics[f"mp@{k}_{p}"] for k in (1, 5, 10)},
+                    "queries": metrics[f"queries_{p}"]} for p in PROTOCOLS}
+        keys = ["map", "mp@1", "mp@5", "mp@10", "queries"]
+    else:
+        from bctool.evaluate import evaluate_retrieval
+
+        metrics = evaluate_retrieval(q, g, top_k=top_k)
+        rows, keys = {"": metrics}, METRIC_KEYS
     if not quiet:
-        stderr.print(metrics_table(f"{query.name} -> {gallery.name}", {"": metrics}, METRIC_KEYS))
+        stderr.print(metrics_table(f"{query.name} -> {gallery.name}", rows, keys))
     emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
 
 

@@ -75,7 +75,8 @@ class RichProgress:
 
 
 HEADERS = {"map": "mAP", "map@100": "mAP@100", "recall@1": "R@1", "recall@5": "R@5",
-           "recall@10": "R@10", "queries": "queries", "gallery": "gallery"}
+           "recall@10": "R@10", "queries": "queries", "gallery": "gallery",
+           "mp@1": "mP@1", "mp@5": "mP@5", "mp@10": "mP@10"}
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) -> Table:
