@@ -146,5 +146,5 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         train_config=train_config,
         extra=extra,
         sha256=file_sha256(path),
-        path=str(path),
+        path=str(Path(path).resolve()),
     )

@@ -7,7 +7,8 @@ Metadata (all JSON strings, as safetensors requires ``dict[str, str]``):
 - ``label_names``: JSON list; label ``i`` means ``label_names[i]``, ``-1`` means unknown;
 - ``model``: JSON object naming the model that made the rows
   (``sha256`` of the checkpoint file, ``arch``, ``embedding_dim``, ``path``);
-- ``normalized``: ``"true"`` if rows are L2-normalised (bctool writes raw rows: ``"false"``).
+- ``normalized``: ``"true"`` if rows are L2-normalised (bctool writes raw rows: ``"false"``);
+- ``root``: the absolute dataset root the ids are relative to (``""`` when unknown).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Embeddings:
     label_names: list[str]
     model: dict[str, Any] = field(default_factory=dict)
     normalized: bool = False
+    root: str = ""  # dataset root the ids are relative to; "" when unknown
 
     def __post_init__(self) -> None:
         emb, labels = self.embeddings, self.labels
@@ -87,6 +89,7 @@ def save_embeddings(emb: Embeddings, path: str | os.PathLike[str]) -> None:
         "label_names": json.dumps(emb.label_names),
         "model": json.dumps(emb.model),
         "normalized": json.dumps(emb.normalized),
+        "root": emb.root,
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -113,9 +116,17 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
             "re-create it with `bctool extract`"
         ) from exc
     if "embeddings" not in tensors:
+        if meta.get("format") == "bctool.checkpoint":
+            raise EmbeddingsError(
+                f"{str(path)!r} is a model checkpoint, not an embeddings file; embed images with "
+                "it first (`bctool extract DATA --model MODEL --out EMB.safetensors`), or pass it "
+                "to train as --old-model"
+            )
+        found = sorted(tensors)
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise EmbeddingsError(
-            f"{str(path)!r} has no 'embeddings' tensor (found {sorted(tensors)}); "
-            "is it a checkpoint? Pass an embeddings file written by `bctool extract`"
+            f"{str(path)!r} has no 'embeddings' tensor (found {shown}); pass an embeddings file "
+            "written by `bctool extract`"
         )
     emb = tensors["embeddings"]
     n = emb.shape[0] if emb.ndim else 0
@@ -136,4 +147,5 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
         label_names=[str(x) for x in label_names],
         model=model if isinstance(model, dict) else {},
         normalized=normalized,
+        root=meta.get("root", ""),
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -11,8 +14,6 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform
 from bctool.embeddings import Embeddings
 from bctool.progress import NULL_PROGRESS, Progress
-
-import numpy as np
 
 
 @torch.inference_mode()
@@ -53,4 +54,5 @@ def extract(
         label_names=list(images.label_names),
         model=checkpoint.identity(),
         normalized=False,
+        root=os.path.abspath(images.root),
     )

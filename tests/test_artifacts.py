@@ -131,5 +131,12 @@ def test_embeddings_load_errors(tmp_path: Path) -> None:
         load_embeddings(junk)
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, _model(), Preprocess(32), ["a", "b", "c"])
-    with pytest.raises(EmbeddingsError, match="no 'embeddings' tensor.*checkpoint"):
+    with pytest.raises(EmbeddingsError, match="is a model checkpoint, not an embeddings file"):
         load_embeddings(ckpt)
+
+
+def test_foreign_safetensors_lists_only_a_few_tensor_names(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    save_file({f"t{i:02d}": np.zeros(1, np.float32) for i in range(20)}, str(path))
+    with pytest.raises(EmbeddingsError, match=r"no 'embeddings' tensor \(found t00, t01, t02, t03, t04 and 15 more\)"):
+        load_embeddings(path)

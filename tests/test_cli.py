@@ -169,3 +169,44 @@ def test_evaluate_with_revisited_ground_truth(tmp_path: Path) -> None:
     assert metrics["map"] == metrics["map_medium"] and metrics["queries"] == 1
     assert 0.0 < metrics["map_hard"] <= 1.0
     assert "mP@5" in result.stderr and "medium" in result.stderr
+
+
+def test_worker_errors_are_one_line(tmp_path: Path) -> None:
+    """A missing image found inside a DataLoader worker still gives one clean Error: line."""
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / f"{name}.png")
+    (tmp_path / "list.txt").write_text("a.png x\nmissing.png x\nb.png y\n")
+    model = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["train", str(tmp_path / "list.txt"), "--out", str(model), "--arch", "small",
+                                 "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--workers", "1",
+                                 "--device", "cpu", "-q"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.stderr and "missing.png' does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # one message, maybe soft-wrapped
+
+
+def test_out_is_checked_before_training(emoji_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(emoji_dir / "old_train.txt"), "--out", str(tmp_path), *TINY])
+    assert result.exit_code == 1 and "is a folder" in result.stderr
+    assert not list(tmp_path.glob("*.state.safetensors"))
+
+
+def test_outputs_are_readable_by_others(emoji_dir: Path, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        _run(["train", str(emoji_dir / "old_train.txt"), "--out", str(tmp_path / "m.safetensors"), *TINY])
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+
+
+def test_checkpoint_passed_as_embeddings_says_so(emoji_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.safetensors"
+    _run(["train", str(emoji_dir / "old_train.txt"), "--out", str(model), *TINY])
+    result = runner.invoke(app, ["evaluate", "--query", str(model), "--gallery", str(model)])
+    assert result.exit_code == 1 and "is a model checkpoint, not an embeddings file" in result.stderr

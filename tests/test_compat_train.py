@@ -223,3 +223,31 @@ def test_compat_weight_scales_every_part_and_the_total() -> None:
     for part in ("a", "b"):
         torch.testing.assert_close(three[part], 3 * one[part])
     torch.testing.assert_close(three["loss"], one["cls"] + 3 * (one["a"] + one["b"]))
+
+
+def test_bct_old_head_mapping_keeps_only_old_classes() -> None:
+    from bctool.train.old_side import _head_mapping
+
+    mask = torch.tensor([True, False, True, True])
+    mapping = _head_mapping(("a", "b", "c", "d"), ["c", "a", "b"], mask)
+    # "b" is in the old head but not an old class here; "d" is old but unknown to the head.
+    assert mapping.tolist() == [1, -1, 0, -1]
+
+
+def test_resume_refuses_other_data(emoji_dir: Path, old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    out = tmp_path / "m.safetensors"
+    real_epoch = train_loop._train_epoch
+
+    def first_epoch_only(*args: object, **kwargs: object) -> dict:
+        if args[6] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "_train_epoch", first_epoch_only)
+    with pytest.raises(KeyboardInterrupt):
+        train(images, _config(old), out)
+    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    fewer = replace(images, records=images.records[:-2])
+    with pytest.raises(ConfigError, match=r"options differ .*data:"):
+        train(fewer, _config(old, resume=True), out)

@@ -157,3 +157,14 @@ def test_write_emoji_dataset_lists(emoji_dir: Path) -> None:
 def test_write_emoji_dataset_rejects_same_vendor(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="vendors must differ"):
         write_emoji_dataset(tmp_path, EmojiSplit(limit=5, query_vendor="google", gallery_vendor="google"))
+
+
+def test_ids_do_not_depend_on_symlinks_or_how_the_path_is_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _png(tmp_path / "real" / "images" / "x.png")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "images").symlink_to(tmp_path / "real" / "images")
+    (tmp_path / "linked" / "list.txt").write_text("images/x.png cat\n")
+    monkeypatch.chdir(tmp_path)
+    relative = load_image_set(Path("linked/list.txt"))
+    absolute = load_image_set(tmp_path / "linked" / "list.txt")
+    assert relative.ids == absolute.ids == ["images/x"]

@@ -299,3 +299,14 @@ def test_tie_sort_handles_rows_in_any_order() -> None:
     for r in range(len(scores)):
         expected = sorted(zip(scores[r].tolist(), indices[r].tolist()), key=lambda t: (-t[0], t[1]))
         assert list(zip(got_scores[r].tolist(), got_indices[r].tolist())) == expected
+
+
+def test_same_ids_from_different_dataset_roots_are_not_self_matches() -> None:
+    """Two ImageFolder trees with the same relative names hold different images."""
+    emb = np.eye(2, dtype=np.float32)
+    q = Embeddings(emb, np.array([0, 1]), ["cls/1", "cls/2"], ["a", "b"], root="/data/google")
+    g = Embeddings(emb, np.array([0, 1]), ["cls/1", "cls/2"], ["a", "b"], root="/data/twitter")
+    assert evaluate_retrieval(q, g)["map"] == 1.0  # each query finds its own class
+    same_root = Embeddings(emb, np.array([0, 1]), ["cls/1", "cls/2"], ["a", "b"], root="/data/google")
+    with pytest.raises(EmbeddingsError, match="none of the 2 queries has a relevant gallery row"):
+        evaluate_retrieval(q, same_root)  # now they are the same images: nothing left to find

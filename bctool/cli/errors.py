@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from bctool.cli.output import stderr
 from bctool.errors import BctoolError
@@ -18,6 +19,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 def debug_enabled() -> bool:
     """``BCTOOL_DEBUG=1`` shows tracebacks instead of one-line errors."""
     return os.environ.get("BCTOOL_DEBUG", "") not in ("", "0")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker, torch wraps the
+    worker's traceback into the message, so keep only its last line (the original message)."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(type(exc).__name__ + ":") else last
+    return text
 
 
 def reports_errors(func: F) -> F:
@@ -32,7 +43,8 @@ def reports_errors(func: F) -> F:
         except BctoolError as exc:
             if debug_enabled():
                 raise
-            stderr.print(f"[bold red]Error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            stderr.print(f"[bold red]Error:[/] {escape(_one_line(exc))}", markup=True, highlight=False,
+                         soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             stderr.print("Interrupted.")
@@ -41,7 +53,7 @@ def reports_errors(func: F) -> F:
             if debug_enabled():
                 raise
             stderr.print(
-                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {exc}. "
+                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(_one_line(exc))}. "
                 "Re-run with BCTOOL_DEBUG=1 for the traceback and report it.",
                 markup=True,
                 highlight=False,

@@ -63,11 +63,16 @@ class ImageSet:
 
 
 def image_id(path: Path, root: Path) -> str:
-    """The id of ``path``: relative to ``root`` when inside it, POSIX style, no extension."""
-    try:
-        rel = PurePosixPath(path.resolve().relative_to(root.resolve()).as_posix())
-    except ValueError:
-        rel = PurePosixPath(path.as_posix())
+    """The id of ``path``: relative to ``root`` when inside it, POSIX style, no extension.
+
+    Lexical (no symlink resolution), so an id does not depend on where links point or on how
+    the list file's path was typed.
+    """
+    absolute, base = os.path.abspath(path), os.path.abspath(root)
+    if os.path.commonpath([absolute, base]) == base:
+        rel = PurePosixPath(Path(os.path.relpath(absolute, base)).as_posix())
+    else:
+        rel = PurePosixPath(Path(absolute).as_posix())
     return str(rel.with_suffix("")) if rel.suffix else str(rel)
 
 

@@ -68,7 +68,13 @@ def _shared_labels(query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, 
 
 
 def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
-    """Per query, the gallery row with the same id (first one if ids repeat), or -1."""
+    """Per query, the gallery row with the same id (first one if ids repeat), or -1.
+
+    Ids are relative to their dataset root, so files extracted from two different roots never
+    share an image, whatever their ids; an unknown root (``""``) matches any.
+    """
+    if query.root and gallery.root and query.root != gallery.root:
+        return np.full(len(query), -1, dtype=np.int64)
     row_of: dict[str, int] = {}
     for i, image_id in enumerate(gallery.ids):
         row_of.setdefault(image_id, i)
@@ -96,9 +102,9 @@ def evaluate_retrieval(
     A gallery row is relevant to a query when both have the same label name. Queries with an
     unknown label or without any relevant gallery row are skipped and counted in
     ``queries_without_positives`` (so ``queries + queries_without_positives`` is the number of
-    query rows). A query never retrieves the gallery row with its own id. ``map`` is computed
-    over the top ``top_k`` items (default: the whole gallery); positives ranked lower count as
-    missed. Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
+    query rows). A query never retrieves the gallery row with its own id (ids from one dataset
+    root). ``map`` is computed over the top ``top_k`` items (default: the whole gallery);
+    positives ranked lower count as missed. Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
     """
     _check_inputs(query, gallery, top_k, ks)
     q_lab, g_lab = _shared_labels(query, gallery)

@@ -42,16 +42,19 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 2,
-            "lr": self.lr > 0,
-            "image_size": self.image_size >= 8,
-            "workers": self.workers >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0,
-            "weight_decay": self.weight_decay >= 0,
-            "compat_weight": self.compat_weight >= 0,
+        rules = {
+            "epochs": (self.epochs >= 1, "at least 1"),
+            "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm needs two samples)"),
+            "lr": (self.lr > 0, "positive"),
+            "image_size": (self.image_size >= 8, "at least 8"),
+            "workers": (self.workers >= 0, "0 or more"),
+            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
+            "weight_decay": (self.weight_decay >= 0, "0 or more"),
+            "compat_weight": (self.compat_weight >= 0, "0 or more"),
         }
+        for name, (ok, rule) in rules.items():
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {rule}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")
         from bctool.train.compat import COMPAT_LOSSES
@@ -66,12 +69,6 @@ class TrainConfig:
                 "OLD_EMB.safetensors (from `bctool extract` with the old model over the training "
                 "list) or --old-model OLD.safetensors"
             )
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range "
-                    "(epochs >= 1, batch size >= 2, lr > 0, image size >= 8, workers >= 0)"
-                )
 
     def model_config(self, num_classes: int) -> ModelConfig:
         """The model structure this config trains, for ``num_classes`` classes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
 from bctool.device import resolve_device
-from bctool.errors import BctoolError, DataError
+from bctool.errors import BctoolError, ConfigError, DataError
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
@@ -64,6 +65,26 @@ class TrainResult:
             "images_per_second": round(trained_epochs * self.images / max(self.seconds, 1e-9), 1),
             "final": {k: round(v, 6) for k, v in self.final.items()},
         }
+
+
+def data_fingerprint(images: ImageSet) -> str:
+    """sha256 over the ids, labels and label names of ``images``, in order."""
+    digest = hashlib.sha256()
+    for record in images.records:
+        digest.update(f"{record.id}\t{record.label}\n".encode())
+    digest.update("\n".join(images.label_names).encode())
+    return digest.hexdigest()
+
+
+def check_output_path(out: str | os.PathLike[str]) -> None:
+    """Fail before training, not after, when the checkpoint cannot be written."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; pass a file name such as {str(path / 'model.safetensors')!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {str(path)!r}: cannot write into {str(existing)!r}; choose a writable folder")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -129,7 +150,7 @@ def build_model(images: ImageSet, config: TrainConfig) -> EmbeddingModel:
 
 def build_task(
     images: ImageSet, config: TrainConfig, model: EmbeddingModel, preprocess: Preprocess,
-    device: torch.device,
+    device: torch.device, progress: Progress = NULL_PROGRESS,
 ) -> tuple[ClassificationTask, dict[str, Any]]:
     """The task of ``config.method`` and the facts the checkpoint records about it."""
     if not config.compatible:
@@ -141,6 +162,7 @@ def build_task(
         images, config.embedding_dim, preprocess, device,
         old_embeddings=config.old_embeddings, old_model=config.old_model,
         old_classes=config.old_classes, need_old_head=config.method == "bct",
+        workers=config.workers, progress=progress,
     )
     labels = torch.tensor(images.labels, dtype=torch.int64)
     stats = compute_old_stats(old.embeddings, labels, len(images.label_names), old.old_classes)
@@ -181,11 +203,12 @@ def train(
     ``config.resume`` continues from it. It is removed once the checkpoint is written.
     """
     _check_trainable(images)
+    check_output_path(out)
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
     model = build_model(images, config)
-    task, facts = build_task(images, config, model, preprocess, device)
+    task, facts = build_task(images, config, model, preprocess, device, progress)
     task.to(device)
     if device.type == "cuda":
         task.to(memory_format=torch.channels_last)
@@ -197,7 +220,8 @@ def train(
     total = steps_per_epoch * config.epochs
     warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
     resume_path = state_path(out)
-    config_dict = config.to_dict()
+    # What the run depends on: the options and the exact data (ids and labels, in order).
+    config_dict = {**config.to_dict(), "data": data_fingerprint(images)}
     history: list[dict[str, float]] = []
     step, start_epoch = 0, 0
     if config.resume:
@@ -220,7 +244,7 @@ def train(
     seconds = time.perf_counter() - start
     save_checkpoint(
         out, model, preprocess, list(images.label_names),
-        train_config={**config_dict, "data": images.source},
+        train_config={**config.to_dict(), "data": images.source},
         extra={"trained_classes": list(images.label_names), "method": config.method, **facts},
     )
     resume_path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import Preprocess
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,11 @@ def old_class_mask(
     return mask
 
 
-def _head_mapping(label_names: tuple[str, ...], old_names: list[str]) -> torch.Tensor:
+def _head_mapping(label_names: tuple[str, ...], old_names: list[str], old_classes: torch.Tensor) -> torch.Tensor:
+    """(C,) new label -> old head class, -1 where the class is not old (or not in the head)."""
     index = {name: i for i, name in enumerate(old_names)}
-    return torch.tensor([index.get(name, -1) for name in label_names], dtype=torch.int64)
+    mapping = torch.tensor([index.get(name, -1) for name in label_names], dtype=torch.int64)
+    return torch.where(old_classes, mapping, torch.full_like(mapping, -1))
 
 
 def _frozen_head(checkpoint: Checkpoint) -> nn.Module | None:
@@ -153,6 +156,8 @@ def load_old_side(
     old_model: str | None = None,
     old_classes: str | None = None,
     need_old_head: bool = False,
+    workers: int = 0,
+    progress: Progress = NULL_PROGRESS,
 ) -> OldSide:
     """Build the old side from an embeddings file or an old checkpoint (exactly one)."""
     if bool(old_embeddings) == bool(old_model):
@@ -166,11 +171,11 @@ def load_old_side(
         # Statistics come from the old model on un-augmented training images, as with a file.
         from bctool.extract import extract
 
-        table = torch.from_numpy(extract(images, checkpoint, workers=0).embeddings)
+        table = torch.from_numpy(extract(images, checkpoint, workers=workers, progress=progress).embeddings)
         trained = explicit if explicit is not None else checkpoint.extra.get("trained_classes")
         mask = old_class_mask(images.label_names, trained, checkpoint.class_names, f"--old-model {old_model}")
         head = _frozen_head(checkpoint)
-        mapping = _head_mapping(images.label_names, checkpoint.class_names) if head else None
+        mapping = _head_mapping(images.label_names, checkpoint.class_names, mask) if head else None
         return OldSide(module, table, mask, head, mapping, f"old model {old_model}")
     assert old_embeddings is not None
     emb = load_embeddings(old_embeddings)
@@ -188,10 +193,15 @@ def load_old_side(
         checkpoint = _checkpoint_of(emb, device)
         if checkpoint is not None and checkpoint.model.head is not None:
             head = _frozen_head(checkpoint)
-            mapping = _head_mapping(images.label_names, checkpoint.class_names)
+            mapping = _head_mapping(images.label_names, checkpoint.class_names, mask)
             logger.info("bct: using the classifier of %s", checkpoint.path)
         else:
-            logger.info("bct: old classifier not available; using old class centers as prototypes")
+            logger.warning(
+                "bct: the old checkpoint named in %s (%s) is not there or has changed, so its "
+                "classifier is not available; using the old class centers as prototypes "
+                "(pass --old-model to use the old classifier)",
+                old_embeddings, emb.model.get("path", "unknown"),
+            )
     return OldSide(PrecomputedOld(table), table, mask, head, mapping, f"old embeddings {old_embeddings}")
 
 

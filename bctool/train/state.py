@@ -21,7 +21,8 @@ from bctool.io import atomic_path
 
 FORMAT = "bctool.train-state"
 # Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"resume", "workers", "device", "save_every"})
+# (``workers`` is not one: augmentation draws from per-worker seeds, so a change alters the data.)
+RESUMABLE_CHANGES = frozenset({"resume", "device"})
 
 
 def state_path(out: str | os.PathLike[str]) -> Path:
@@ -119,7 +120,13 @@ def load_train_state(
     device = next(iter(modules.values())).parameters().__next__().device
     for prefix, module in modules.items():
         own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
-        module.load_state_dict(own, strict=True)
+        try:
+            module.load_state_dict(own, strict=True)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"--resume: {str(path)!r} does not fit this run ({str(exc).splitlines()[0]}); "
+                "delete it and start again without --resume"
+            ) from exc
     optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim.")}
     optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, json.loads(meta["optimizer"])))
     if scaler is not None and meta.get("scaler", "{}") != "{}":

@@ -66,6 +66,10 @@ class CompatibleTask(ClassificationTask):
         cls = F.cross_entropy(self.model.classify(embedding, labels), labels)
         with torch.no_grad():
             old = self.old(images, indices)
-        parts = {k: self.weight * v for k, v in self.compat(embedding.float(), labels, old, labels).items()}
+        # The compatibility terms divide cosines by small temperatures and take arccos: keep
+        # them in float32 even when the backbone runs under autocast.
+        with torch.autocast(images.device.type, enabled=False):
+            compat = self.compat(embedding.float(), labels, old.float(), labels)
+        parts = {k: self.weight * v for k, v in compat.items()}
         total = cls + sum(parts.values()) if parts else cls
         return {"cls": cls, **parts, "loss": total}
