@@ -16,7 +16,7 @@ from bctool.cli import app
 from bctool.data import load_image_set, load_rgb
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import load_embeddings
-from bctool.errors import ConfigError, EmbeddingsError
+from bctool.errors import ConfigError
 from bctool.train import TrainConfig, train
 from bctool.train import loop as train_loop
 from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id

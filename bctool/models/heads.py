@@ -14,6 +14,20 @@ from torch import nn
 
 from bctool.errors import ModelError
 
+# Keeps acos away from +-1, where its gradient is infinite.
+ACOS_EPS = 1e-6
+
+
+def arcface_target(cos_target: torch.Tensor, margin: float) -> torch.Tensor:
+    """cos(theta + m) of the target-class cosines, with CosFace's penalty past theta = pi - m.
+
+    The cosine is clamped away from +-1 first: acos has an infinite gradient there. Past
+    pi - m, cos(theta + m) would rise again, so the CosFace-style penalty takes over.
+    """
+    theta = torch.acos(cos_target.clamp(-1 + ACOS_EPS, 1 - ACOS_EPS))
+    fallback = cos_target - math.sin(math.pi - margin) * margin
+    return torch.where(theta + margin < math.pi, torch.cos(theta + margin), fallback)
+
 
 class LinearHead(nn.Module):
     """Plain linear softmax classifier on the raw embedding (the AdvBCT paper's default)."""
@@ -57,11 +71,7 @@ class ArcFaceHead(CosineHead):
     """Additive angular margin: s * cos(theta + m) on the target class."""
 
     def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
-        # Clamp away from +-1: acos has an infinite gradient there.
-        theta = torch.acos(cos_target.clamp(-1 + 1e-6, 1 - 1e-6))
-        # Past pi - m, cos(theta + m) would rise again; fall back to CosFace's penalty there.
-        fallback = cos_target - math.sin(math.pi - self.margin) * self.margin
-        return torch.where(theta + self.margin < math.pi, torch.cos(theta + self.margin), fallback)
+        return arcface_target(cos_target, self.margin)
 
 
 class CosFaceHead(CosineHead):

@@ -9,7 +9,6 @@ a step never waits on the accelerator.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,12 +18,10 @@ from torch import Tensor, nn
 
 from bctool.errors import ConfigError
 from bctool.models import EmbeddingModel
-from bctool.models.heads import CosineHead, LinearHead
+from bctool.models.heads import ACOS_EPS, CosineHead, LinearHead, arcface_target
 from bctool.train.compat.grl import grad_reverse, grl_alpha
 from bctool.train.compat.stats import OldStats
 
-# Keeps acos away from +-1, where its gradient is infinite (the same bound as ArcFaceHead).
-_ACOS_EPS = 1e-6
 
 
 @dataclass
@@ -112,11 +109,7 @@ def _old_class_positions(stats: OldStats) -> torch.Tensor:
 def _arcface_logits(cosine: torch.Tensor, targets: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
     """s·cos(θ + m) on the target column, s·cos elsewhere (ArcFaceHead's rule, with its fallback)."""
     target = cosine.gather(1, targets.unsqueeze(1))
-    theta = torch.acos(target.clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS))
-    # Past pi - m, cos(theta + m) would rise again; fall back to CosFace's penalty there.
-    fallback = target - math.sin(math.pi - margin) * margin
-    adjusted = torch.where(theta + margin < math.pi, torch.cos(theta + margin), fallback)
-    return scale * cosine.scatter(1, targets.unsqueeze(1), adjusted)
+    return scale * cosine.scatter(1, targets.unsqueeze(1), arcface_target(target, margin))
 
 
 def _classifier_weight(model: EmbeddingModel) -> torch.Tensor:
@@ -216,7 +209,7 @@ class LCELoss(CompatLoss):
         selected = stats.has_boundary[labels]
         centers = F.normalize(stats.centers[labels], dim=1)
         cosine = (centers * F.normalize(embeddings, dim=1)).sum(dim=1)
-        theta = torch.acos(cosine.clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS))
+        theta = torch.acos(cosine.clamp(-1 + ACOS_EPS, 1 - ACOS_EPS))
         outside = (theta - stats.theta_max[labels]).clamp(min=0)
         weights = F.normalize(_classifier_weight(self.ctx.model)[labels], dim=1)
         misalignment = 1 - (centers * weights).sum(dim=1)
