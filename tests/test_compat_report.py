@@ -1,0 +1,291 @@
+"""Compatibility metrics: update gain, P scores, model chains and partial backfill."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from bctool.embeddings import Embeddings
+from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate.compat import (
+    backfill_curve,
+    chain_matrix,
+    chain_scores,
+    compatibility_report,
+    paper_scores,
+    partial_backfill,
+    plot_backfill,
+    update_gain,
+)
+from bctool.evaluate.retrieval import evaluate_retrieval
+
+LABEL_NAMES = ["a", "b", "c", "d"]
+
+
+def _emb(rows: np.ndarray, labels, ids, model: str = "m") -> Embeddings:
+    return Embeddings(
+        embeddings=np.asarray(rows, dtype=np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        ids=list(ids),
+        label_names=LABEL_NAMES,
+        model={"name": model},
+    )
+
+
+# --- update gain and the paper's P scores ----------------------------------------------------
+
+
+def test_update_gain_by_hand() -> None:
+    # (0.6 - 0.5) / (0.8 - 0.5) = 0.1 / 0.3
+    assert update_gain(0.6, 0.5, 0.8) == pytest.approx(1 / 3)
+    assert update_gain(0.5, 0.5, 0.8) == pytest.approx(0.0)
+    assert update_gain(0.4, 0.5, 0.7) == pytest.approx(-0.5)
+    assert update_gain(0.6, 0.5, 0.5) is None
+
+
+def test_paper_scores_one_dataset_by_hand() -> None:
+    scores = paper_scores([{"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8}])
+    # up = (0.72 - 0.8) / 0.8 = -0.1; sigma(-0.1) = 1 / (1 + e^0.1) = 1 / 2.105170918 = 0.475020813
+    assert scores["p_up"] == pytest.approx(47.5020813, abs=1e-6)
+    # gain = 1/3; sigma(1/3) = 1 / (1 + e^-(1/3)) = 1 / 1.716531311 = 0.582570206
+    assert scores["p_comp"] == pytest.approx(58.2570206, abs=1e-6)
+    # P_1 = 2 * 47.5020813 * 58.2570206 / (47.5020813 + 58.2570206) = 5534.6595 / 105.7591019
+    assert scores["p_1"] == pytest.approx(52.3327, abs=1e-4)
+    p_up, p_comp = scores["p_up"], scores["p_comp"]
+    assert scores["p_1"] == pytest.approx(2 / (1 / p_up + 1 / p_comp))
+
+
+def test_paper_scores_average_the_ratios_over_datasets() -> None:
+    a = {"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8}  # up -0.1, gain 1/3
+    b = {"m_oo": 0.2, "m_nn": 0.3, "m_no": 0.3, "m_star": 0.3}  # up 0, gain 1
+    scores = paper_scores([a, b])
+    # mean up = -0.05: sigma = 1 / (1 + e^0.05) = 1 / 2.051271096 = 0.487502604
+    assert scores["p_up"] == pytest.approx(48.7502604, abs=1e-6)
+    # mean gain = 2/3: sigma = 1 / (1 + e^-(2/3)) = 1 / 1.513417119 = 0.660756369
+    assert scores["p_comp"] == pytest.approx(66.0756369, abs=1e-6)
+    # METHOD.md: P_1 = harmonic mean = 2 * 48.7502604 * 66.0756369 / 114.8258973 = 56.1059
+    assert scores["p_1"] == pytest.approx(56.1059, abs=1e-4)
+    expected_p1 = 2 * scores["p_up"] * scores["p_comp"] / (scores["p_up"] + scores["p_comp"])
+    assert scores["p_1"] == pytest.approx(expected_p1)
+
+
+def test_paper_scores_errors() -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        paper_scores([])
+    with pytest.raises(ConfigError, match="m_star"):
+        paper_scores([{"m_oo": 0.5, "m_nn": 0.7, "m_no": 0.6}])
+    with pytest.raises(ConfigError, match="update gain is undefined"):
+        paper_scores([{"m_oo": 0.5, "m_nn": 0.7, "m_no": 0.6, "m_star": 0.5}])
+
+
+def test_compatibility_report() -> None:
+    report = compatibility_report({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8})
+    assert report["compatible"] is True
+    assert report["update_gain"] == pytest.approx(1 / 3)
+    assert report["p_up"] == pytest.approx(47.5020813, abs=1e-6)
+    assert report["p_comp"] == pytest.approx(58.2570206, abs=1e-6)
+    assert report["p_1"] == pytest.approx(52.3327, abs=1e-4)
+    assert {k: report[k] for k in ("m_oo", "m_nn", "m_no", "m_star")} == {
+        "m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8
+    }
+
+    without_star = compatibility_report({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5})
+    assert without_star == {"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5, "compatible": False}
+    with pytest.raises(ConfigError, match="m_no"):
+        compatibility_report({"m_oo": 0.5, "m_nn": 0.72})
+
+
+# --- model chains -----------------------------------------------------------------------------
+
+
+def test_chain_scores_by_hand() -> None:
+    m = np.array(
+        [
+            [0.50, 0.10, 0.05],
+            [0.55, 0.60, 0.20],
+            [0.45, 0.65, 0.70],
+        ]
+    )
+    scores = chain_scores(m)
+    # Pairs i > j: (2,1) 0.55 > 0.50 yes; (3,1) 0.45 > 0.50 no; (3,2) 0.65 > 0.60 yes.
+    assert scores["ac"] == pytest.approx(2 / 3)
+    # BC over i = 1..T-1: ((0.45 - 0.50) + (0.65 - 0.60)) / 2 = 0; i = T would add a 0 term.
+    assert scores["bc"] == pytest.approx(0.0)
+    m[2, 1] = 0.70
+    assert chain_scores(m)["bc"] == pytest.approx(((0.45 - 0.50) + (0.70 - 0.60)) / 2)
+    assert chain_scores(np.array([[0.5]])) == {"ac": None, "bc": None}
+    with pytest.raises(ConfigError, match="square"):
+        chain_scores(np.zeros((2, 3)))
+
+
+def _chain_versions() -> list[tuple[Embeddings, Embeddings]]:
+    """v1 noisy, v2 a cleaner model in v1's space, v3 clean but in a rotated (incompatible) space."""
+    rng = np.random.default_rng(0)
+    dim, per_class = 16, 6
+    centers = rng.normal(size=(len(LABEL_NAMES), dim))
+    labels = np.repeat(np.arange(len(LABEL_NAMES)), per_class)
+    q_ids = [f"q{i}" for i in range(len(labels))]
+    g_ids = [f"g{i}" for i in range(len(labels))]
+    rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    versions = []
+    for v, (noise, rot) in enumerate([(1.2, None), (0.3, None), (0.3, rotation)], start=1):
+        q = centers[labels] + noise * rng.normal(size=(len(labels), dim))
+        g = centers[labels] + noise * rng.normal(size=(len(labels), dim))
+        if rot is not None:
+            q, g = q @ rot, g @ rot
+        versions.append((_emb(q, labels, q_ids, f"v{v}"), _emb(g, labels, g_ids, f"v{v}")))
+    return versions
+
+
+def test_chain_matrix_matches_direct_evaluation() -> None:
+    versions = _chain_versions()
+    m = chain_matrix(versions)
+    assert m.shape == (3, 3)
+    for i, (query, _) in enumerate(versions):
+        for j, (_, gallery) in enumerate(versions):
+            assert m[i, j] == pytest.approx(evaluate_retrieval(query, gallery)["map"])
+    # v2 is compatible with v1; v3 is compatible with neither.
+    assert m[1, 0] > m[0, 0]
+    assert m[2, 0] < m[0, 0] and m[2, 1] < m[1, 1]
+    scores = chain_scores(m)
+    assert scores["ac"] == pytest.approx(1 / 3)
+    assert scores["bc"] == pytest.approx(((m[2, 0] - m[0, 0]) + (m[2, 1] - m[1, 1])) / 2)
+    assert scores["bc"] < 0
+
+
+def test_chain_matrix_orientation() -> None:
+    versions = _chain_versions()
+    calls = []
+
+    def fake(query: Embeddings, gallery: Embeddings) -> dict[str, float]:
+        calls.append((query.model["name"], gallery.model["name"]))
+        return {"map": 10 * int(query.model["name"][1]) + int(gallery.model["name"][1])}
+
+    m = chain_matrix(versions, evaluate=fake)
+    assert m.tolist() == [[11, 12, 13], [21, 22, 23], [31, 32, 33]]
+    assert len(calls) == 9
+    with pytest.raises(ConfigError, match="at least one"):
+        chain_matrix([])
+
+
+# --- partial backfill -------------------------------------------------------------------------
+
+
+def _galleries(n: int = 20, dim: int = 8, seed: int = 1) -> tuple[Embeddings, Embeddings, np.ndarray]:
+    """Old and new galleries of the same ids; the new one is shuffled. Returns the shuffle too."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(LABEL_NAMES)
+    ids = [f"img{i:02d}" for i in range(n)]
+    old = _emb(rng.normal(size=(n, dim)), labels, ids, "old")
+    new_rows = rng.normal(size=(n, dim))
+    perm = rng.permutation(n)
+    new = _emb(new_rows[perm], labels[perm], [ids[i] for i in perm], "new")
+    return old, new, new_rows.astype(np.float32)
+
+
+def _from_new(mixed: Embeddings, old: Embeddings) -> set[int]:
+    return set(np.flatnonzero(np.any(mixed.embeddings != old.embeddings, axis=1)).tolist())
+
+
+def test_partial_backfill_endpoints_and_alignment() -> None:
+    old, new, new_in_old_order = _galleries()
+    none = partial_backfill(old, new, 0.0, seed=0)
+    np.testing.assert_array_equal(none.embeddings, old.embeddings)
+    full = partial_backfill(old, new, 1.0, seed=0)
+    np.testing.assert_array_equal(full.embeddings, new_in_old_order)
+    for mixed in (none, full):
+        assert mixed.ids == old.ids
+        np.testing.assert_array_equal(mixed.labels, old.labels)
+    assert full.model == {"backfill": 1.0, "old": {"name": "old"}, "new": {"name": "new"}}
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_partial_backfill_count_and_rows(fraction: float) -> None:
+    old, new, new_in_old_order = _galleries()
+    mixed = partial_backfill(old, new, fraction, seed=3)
+    rows = sorted(_from_new(mixed, old))
+    assert len(rows) == round(fraction * len(old))
+    np.testing.assert_array_equal(mixed.embeddings[rows], new_in_old_order[rows])
+    rest = sorted(set(range(len(old))) - set(rows))
+    np.testing.assert_array_equal(mixed.embeddings[rest], old.embeddings[rest])
+
+
+def test_partial_backfill_is_nested_and_seeded() -> None:
+    old, new, _ = _galleries()
+    sets = [_from_new(partial_backfill(old, new, f, seed=7), old) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    for smaller, larger in zip(sets, sets[1:]):
+        assert smaller < larger
+    assert _from_new(partial_backfill(old, new, 0.5, seed=7), old) == sets[2]
+    assert _from_new(partial_backfill(old, new, 0.5, seed=8), old) != sets[2]
+
+
+def test_partial_backfill_errors() -> None:
+    old, new, _ = _galleries()
+    renamed = _emb(new.embeddings, new.labels, ["zz"] + new.ids[1:], "new")
+    with pytest.raises(EmbeddingsError, match=r"1 ids are only in the old gallery \('img\d\d'\).*'zz'"):
+        partial_backfill(old, renamed, 0.5, seed=0)
+    many = _emb(new.embeddings, new.labels, [f"x{i}" for i in range(len(new))], "new")
+    with pytest.raises(EmbeddingsError, match="20 ids are only in the old gallery .* and 15 more"):
+        partial_backfill(old, many, 0.5, seed=0)
+    narrow = _emb(new.embeddings[:, :4], new.labels, new.ids, "new")
+    with pytest.raises(EmbeddingsError, match="dimension 8 but the new gallery has dimension 4"):
+        partial_backfill(old, narrow, 0.5, seed=0)
+    short = _emb(new.embeddings[:5], new.labels[:5], new.ids[:5], "new")
+    with pytest.raises(EmbeddingsError, match="20 rows but the new one has 5"):
+        partial_backfill(old, short, 0.5, seed=0)
+    with pytest.raises(ConfigError, match=r"\[0, 1\], got 1.5"):
+        partial_backfill(old, new, 1.5, seed=0)
+
+
+def test_backfill_curve_rises_to_perfect() -> None:
+    """New embeddings are one-hot class vectors; old ones live in an orthogonal subspace."""
+    rng = np.random.default_rng(2)
+    n_classes, per_class = len(LABEL_NAMES), 5
+    labels = np.repeat(np.arange(n_classes), per_class)
+    n = len(labels)
+    dim = 2 * n_classes
+    onehot = np.eye(dim)[labels]
+    old_rows = np.zeros((n, dim))
+    old_rows[:, n_classes:] = rng.normal(size=(n, n_classes))  # scores exactly 0 against queries
+    ids = [f"g{i}" for i in range(n)]
+    old = _emb(old_rows, labels, ids, "old")
+    perm = rng.permutation(n)
+    new = _emb(onehot[perm], labels[perm], [ids[i] for i in perm], "new")
+    query = _emb(np.eye(dim)[np.arange(n_classes)], np.arange(n_classes), ["q0", "q1", "q2", "q3"], "new")
+
+    fractions = [0.0, 0.25, 0.5, 0.75, 1.0]
+    curve = backfill_curve(query, old, new, fractions, seed=0)
+    assert [point["fraction"] for point in curve] == fractions
+    maps = [point["map"] for point in curve]
+    assert all(a <= b + 1e-12 for a, b in zip(maps, maps[1:]))
+    assert maps[0] == pytest.approx(evaluate_retrieval(query, old)["map"])
+    assert maps[0] < maps[2] < maps[-1] == pytest.approx(1.0)
+    assert {"recall@1", "map@100", "queries"} <= set(curve[0])
+
+
+# --- plot -------------------------------------------------------------------------------------
+
+
+def test_plot_backfill_writes_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    curve = [{"fraction": f, "map": 0.2 + 0.5 * f} for f in (0.0, 0.5, 1.0)]
+    out = tmp_path / "plots" / "backfill.png"
+    plot_backfill(curve, out, old_map=0.3, new_map=0.7)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["backfill.png"]
+
+
+def test_plot_backfill_without_matplotlib(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match="pip install matplotlib"):
+        plot_backfill([{"fraction": 0.0, "map": 0.5}], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sigmoid_extremes_do_not_overflow() -> None:
+    scores = paper_scores([{"m_oo": 0.0, "m_nn": 1.0, "m_no": -1e6, "m_star": 1e-9}])
+    assert 0.0 <= scores["p_comp"] < 1e-6
+    assert math.isfinite(scores["p_1"])
