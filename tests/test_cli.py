@@ -210,3 +210,42 @@ def test_checkpoint_passed_as_embeddings_says_so(emoji_dir: Path, tmp_path: Path
     _run(["train", str(emoji_dir / "old_train.txt"), "--out", str(model), *TINY])
     result = runner.invoke(app, ["evaluate", "--query", str(model), "--gallery", str(model)])
     assert result.exit_code == 1 and "is a model checkpoint, not an embeddings file" in result.stderr
+
+
+def _emb_files(tmp_path: Path, name: str, emb: np.ndarray, labels: list[int], ids: list[str]) -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    save_embeddings(Embeddings(emb.astype(np.float32), np.array(labels, np.int64), ids, ["a", "b", "c"]), path)
+    return path
+
+
+def test_compatibility_report_chain_and_backfill(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8))
+    labels = [0, 1, 2, 0, 1, 2]
+    noisy = {name: centers[labels] + scale * rng.normal(size=(6, 8)) for name, scale in
+             (("oq", 0.8), ("og", 0.8), ("nq", 0.3), ("ng", 0.3))}
+    files = {name: _emb_files(tmp_path, name, e, labels, [f"{name}/{i}" for i in range(6)])
+             for name, e in noisy.items()}
+    # Same gallery images for the backfill: the new gallery shares the old gallery's ids.
+    files["ng"] = _emb_files(tmp_path, "ng_same", noisy["ng"], labels, [f"og/{i}" for i in range(6)])
+    report = _run(["evaluate", "--old-query", str(files["oq"]), "--old-gallery", str(files["og"]),
+                   "--new-query", str(files["nq"]), "--new-gallery", str(files["ng"]), "-q"])
+    assert report["metric"] == "map" and set(report["results"]) == {"old/old", "new/new", "new/old"}
+    assert report["m_no"] == report["results"]["new/old"]["map"]
+    assert report["compatible"] == (report["m_no"] > report["m_oo"])
+    chain = _run(["evaluate", "--chain", f"{files['oq']},{files['og']}", f"{files['nq']},{files['ng']}", "-q"])
+    assert len(chain["matrix"]) == 2 and chain["matrix"][1][0] == report["m_no"]
+    assert chain["ac"] == (1.0 if report["compatible"] else 0.0)
+    curve = _run(["evaluate", "--backfill", "0,0.5,1", "--query", str(files["nq"]), "--old-gallery",
+                  str(files["og"]), "--new-gallery", str(files["ng"]), "-q"])["curve"]
+    assert [c["fraction"] for c in curve] == [0.0, 0.5, 1.0]
+    assert curve[0]["map"] == report["m_no"] and curve[-1]["map"] == report["m_nn"]
+
+
+def test_evaluate_mode_errors_are_usage_errors(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--chain", "only_one.safetensors,g.safetensors"])
+    assert result.exit_code == 2 and "at least two" in result.stderr
+    result = runner.invoke(app, ["evaluate", "--backfill", "0,x", "--query", "q", "--old-gallery", "o",
+                                 "--new-gallery", "n"])
+    assert result.exit_code == 2
+    assert runner.invoke(app, ["evaluate"]).exit_code == 2

@@ -148,38 +148,137 @@ def extract(
     })
 
 
+def _pair(text: str) -> tuple[Path, Path]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise typer.BadParameter(f"{text!r} is not QUERY,GALLERY (two embeddings files separated by a comma)")
+    return Path(parts[0]), Path(parts[1])
+
+
 @app.command()
 @reports_errors
 def evaluate(
-    query: Annotated[Path, typer.Option("--query", help="Query embeddings file (from `bctool extract`).")],
-    gallery: Annotated[Path, typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")],
+    pairs: Annotated[Optional[list[str]], typer.Argument(help="With --chain: one QUERY,GALLERY pair of embeddings files per model version, oldest first.", show_default=False)] = None,
+    query: Annotated[Optional[Path], typer.Option("--query", help="Query embeddings file (from `bctool extract`); with --backfill, the new model's queries.")] = None,
+    gallery: Annotated[Optional[Path], typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")] = None,
+    old_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the old model's queries.")] = None,
+    old_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report and --backfill: the old model's gallery.")] = None,
+    new_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the new model's queries.")] = None,
+    new_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report and --backfill: the new model's gallery (the same images).")] = None,
+    independent_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: queries of a new model trained without compatibility (M(*,*)).")] = None,
+    independent_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report: that independent model's gallery.")] = None,
+    chain: Annotated[bool, typer.Option("--chain", help="Evaluate every model version against every other: the matrix M[i][j] and AC/BC (pass the QUERY,GALLERY pairs as arguments).")] = False,
+    backfill: Annotated[Optional[str], typer.Option(help="Partial backfill: comma-separated fractions of the gallery re-embedded by the new model, e.g. 0,0.25,0.5,0.75,1.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random order in which --backfill re-embeds the gallery.")] = 0,
+    plot: Annotated[Optional[Path], typer.Option(help="With --backfill: draw the curve to this PNG file (needs matplotlib).")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
+    solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Retrieval mAP and recall of queries against a gallery; print one JSON object.
+    """Retrieval quality of queries against a gallery, a compatibility report, a model chain or
+    a partial backfill; print one JSON object.
 
-    Labelled files: relevance is the same label name. With --gnd: the revisited protocols.
+    Relevance: the same label name, or with --gnd / --solution the benchmark's ground truth.
     """
     from bctool.embeddings import load_embeddings
+    from bctool.evaluate.protocol import make_protocol
 
-    q, g = load_embeddings(query), load_embeddings(gallery)
-    if gnd is not None:
-        from bctool.evaluate.gnd import load_gnd
-        from bctool.evaluate.revisited import PROTOCOLS, evaluate_revisited
+    protocol = make_protocol(gnd, solution, top_k)
+    if chain:
+        _evaluate_chain(pairs or [], protocol, quiet)
+    elif pairs:
+        raise typer.BadParameter("QUERY,GALLERY arguments are only for --chain")
+    elif backfill is not None:
+        _evaluate_backfill(query, old_gallery, new_gallery, backfill, seed, plot, protocol, quiet)
+    elif old_query or new_query:
+        _evaluate_compat(
+            {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
+             "independent": (independent_query, independent_gallery)}, protocol, quiet)
+    else:
+        if query is None or gallery is None:
+            raise typer.BadParameter("pass --query and --gallery (or a compatibility report, --chain or --backfill)")
+        metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery))
+        if not quiet:
+            stderr.print(_metrics_rows(f"{query.name} -> {gallery.name}", metrics, protocol.name))
+        emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
 
-        metrics = evaluate_revisited(q, g, load_gnd(gnd))
+
+def _metrics_rows(title: str, metrics: dict, protocol: str):  # noqa: ANN202 - a rich Table
+    if protocol == "revisited":
+        from bctool.evaluate.revisited import PROTOCOLS
+
         rows = {p: {"map": metrics[f"map_{p}"], **{f"mp@{k}": metrics[f"mp@{k}_{p}"] for k in (1, 5, 10)},
                     "queries": metrics[f"queries_{p}"]} for p in PROTOCOLS}
-        keys = ["map", "mp@1", "mp@5", "mp@10", "queries"]
-    else:
-        from bctool.evaluate import evaluate_retrieval
+        return metrics_table(title, rows, ["map", "mp@1", "mp@5", "mp@10", "queries"])
+    if protocol == "gldv2":
+        rows = {u: {"map@100": metrics[f"map@100{s}"], "queries": metrics[f"queries{s}"]}
+                for u, s in (("all", ""), ("public", "_public"), ("private", "_private"))}
+        return metrics_table(title, rows, ["map@100", "queries"])
+    return metrics_table(title, {"": metrics}, METRIC_KEYS)
 
-        metrics = evaluate_retrieval(q, g, top_k=top_k)
-        rows, keys = {"": metrics}, METRIC_KEYS
+
+def _evaluate_compat(files: dict, protocol, quiet: bool) -> None:  # noqa: ANN001
+    from bctool.embeddings import load_embeddings
+    from bctool.evaluate.compat import compatibility_report
+
+    for name in ("old", "new"):
+        if None in files[name]:
+            raise typer.BadParameter(f"a compatibility report needs --{name}-query and --{name}-gallery")
+    ind = files["independent"]
+    if (ind[0] is None) != (ind[1] is None):
+        raise typer.BadParameter("pass both --independent-query and --independent-gallery, or neither")
+    emb = {name: tuple(load_embeddings(p) for p in paths) for name, paths in files.items() if paths[0]}
+    pairs = {"old/old": ("old", "old"), "new/new": ("new", "new"), "new/old": ("new", "old")}
+    if "independent" in emb:
+        pairs["ind/ind"] = ("independent", "independent")
+    results = {pair: protocol.evaluate(emb[q][0], emb[g][1]) for pair, (q, g) in pairs.items()}
+    key = protocol.headline
+    report = compatibility_report({
+        "m_oo": results["old/old"][key], "m_nn": results["new/new"][key], "m_no": results["new/old"][key],
+        "m_star": results["ind/ind"][key] if "ind/ind" in results else None,
+    })
     if not quiet:
-        stderr.print(metrics_table(f"{query.name} -> {gallery.name}", rows, keys))
-    emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
+        stderr.print(metrics_table(f"compatibility ({key})", {p: {key: r[key]} for p, r in results.items()}, [key]))
+        stderr.print(f"compatible (M(n,o) > M(o,o)): {'yes' if report['compatible'] else 'no'}", highlight=False)
+    emit_json({"metric": key, **report, "results": results})
+
+
+def _evaluate_chain(pairs: list[str], protocol, quiet: bool) -> None:  # noqa: ANN001
+    from bctool.embeddings import load_embeddings
+    from bctool.evaluate.compat import chain_matrix, chain_scores
+
+    if len(pairs) < 2:
+        raise typer.BadParameter("--chain needs at least two QUERY,GALLERY pairs (model versions)")
+    models = [tuple(load_embeddings(p) for p in _pair(text)) for text in pairs]
+    key = protocol.headline
+    matrix = chain_matrix(models, evaluate=lambda q, g: {"map": protocol.evaluate(q, g)[key]})
+    scores = chain_scores(matrix)
+    if not quiet:
+        rows = {f"v{i + 1} queries": {f"v{j + 1}": float(v) for j, v in enumerate(row)} for i, row in enumerate(matrix)}
+        stderr.print(metrics_table(f"M[i][j] ({key}, gallery by column)", rows, [f"v{j + 1}" for j in range(len(pairs))]))
+    emit_json({"metric": key, "matrix": matrix.tolist(), **scores})
+
+
+def _evaluate_backfill(query, old_gallery, new_gallery, fractions: str, seed: int, plot, protocol,  # noqa: ANN001
+                       quiet: bool) -> None:
+    from bctool.embeddings import load_embeddings
+    from bctool.evaluate.compat import backfill_curve, plot_backfill
+
+    if query is None or old_gallery is None or new_gallery is None:
+        raise typer.BadParameter("--backfill needs --query (new model), --old-gallery and --new-gallery")
+    try:
+        values = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--backfill {fractions!r}: expected comma-separated fractions such as 0,0.25,0.5,0.75,1") from None
+    q, old, new = load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery)
+    curve = backfill_curve(q, old, new, values, seed=seed, evaluate=protocol.evaluate)
+    key = protocol.headline
+    if plot is not None:
+        plot_backfill([{**c, "map": c[key]} for c in curve], plot)
+    if not quiet:
+        stderr.print(metrics_table(f"partial backfill ({key})", {f"{c['fraction']:.2f}": {key: c[key]} for c in curve}, [key]))
+    emit_json({"metric": key, "seed": seed, "curve": curve, "plot": str(plot) if plot else None})
 
 
 @dataset_app.command("emoji")

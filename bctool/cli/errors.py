@@ -14,6 +14,8 @@ from bctool.cli.output import stderr
 from bctool.errors import BctoolError
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Typer ships its own copy of click; its UsageError is the base of BadParameter.
+UsageError = typer.BadParameter.__mro__[1]
 
 
 def debug_enabled() -> bool:
@@ -38,8 +40,8 @@ def reports_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
+        except (typer.Exit, typer.Abort, UsageError):
+            raise  # click prints usage errors itself and exits 2
         except BctoolError as exc:
             if debug_enabled():
                 raise

@@ -1,0 +1,50 @@
+"""Choosing the retrieval protocol: labels, Revisited Oxford/Paris, or GLDv2.
+
+Every report (single pair, compatibility, chains, backfill) evaluates pairs of embeddings
+files the same way, so they share one evaluator and one headline metric.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bctool.embeddings import Embeddings
+from bctool.errors import ConfigError
+
+Evaluator = Callable[[Embeddings, Embeddings], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An evaluator and the key of its headline mAP."""
+
+    name: str
+    evaluate: Evaluator
+    headline: str
+
+
+def make_protocol(
+    gnd: str | os.PathLike[str] | None = None,
+    solution: str | os.PathLike[str] | None = None,
+    top_k: int | None = None,
+) -> Protocol:
+    """Labels by default; ``gnd`` for the revisited protocols; ``solution`` for GLDv2."""
+    if gnd and solution:
+        raise ConfigError("pass --gnd (Revisited Oxford/Paris) or --solution (GLDv2), not both")
+    if gnd:
+        from bctool.evaluate.gnd import load_gnd
+        from bctool.evaluate.revisited import evaluate_revisited
+
+        truth = load_gnd(gnd)
+        return Protocol("revisited", lambda q, g: evaluate_revisited(q, g, truth), "map")
+    if solution:
+        from bctool.evaluate.gldv2 import evaluate_gldv2, read_retrieval_solution
+
+        sol = read_retrieval_solution(solution)
+        return Protocol("gldv2", lambda q, g: evaluate_gldv2(q, g, sol), "map@100")
+    from bctool.evaluate.retrieval import evaluate_retrieval
+
+    return Protocol("labels", lambda q, g: evaluate_retrieval(q, g, top_k=top_k), "map")
