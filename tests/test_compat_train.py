@@ -133,26 +133,29 @@ def _config(old: dict, **kw: object) -> TrainConfig:
     return replace(base, **kw)
 
 
-def test_resume_after_interruption_gives_the_same_model(
-    emoji_dir: Path, old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _interrupted_run(images, config: TrainConfig, out: Path, epochs_done: int) -> None:  # noqa: ANN001
+    """Run ``train`` but kill it (KeyboardInterrupt) after ``epochs_done`` epochs."""
+    real_epoch = train_loop._train_epoch
+
+    def dies(*args: object, **kwargs: object) -> dict:
+        if args[6] == epochs_done:  # the 0-based epoch about to run
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_loop, "_train_epoch", dies)
+        with pytest.raises(KeyboardInterrupt):
+            train(images, config, out)
+
+
+def test_resume_after_interruption_gives_the_same_model(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     images = load_image_set(emoji_dir / "new_train.txt")
     straight = tmp_path / "straight.safetensors"
     train(images, _config(old), straight)
 
     interrupted = tmp_path / "interrupted.safetensors"
-    real_epoch = train_loop._train_epoch
-
-    def dies_in_third_epoch(*args: object, **kwargs: object) -> dict:
-        if args[6] == 2:  # 0-based epoch
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "_train_epoch", dies_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(images, _config(old), interrupted)
+    _interrupted_run(images, _config(old), interrupted, epochs_done=2)
     assert state_path(interrupted).exists() and not interrupted.exists()
-    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
     result = train(images, _config(old, resume=True), interrupted)
     assert result.resumed_from_epoch == 2 and len(result.history) == 3
     a, b = load_file(str(straight)), load_file(str(interrupted))
@@ -161,23 +164,12 @@ def test_resume_after_interruption_gives_the_same_model(
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_refuses_changed_options_and_missing_state(emoji_dir: Path, old: dict, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_refuses_changed_options_and_missing_state(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     images = load_image_set(emoji_dir / "new_train.txt")
     with pytest.raises(ConfigError, match="no training state at .*start without --resume"):
         train(images, _config(old, resume=True), tmp_path / "none.safetensors")
     out = tmp_path / "m.safetensors"
-    real_epoch = train_loop._train_epoch
-
-    def dies(*args: object, **kwargs: object) -> dict:
-        if args[6] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "_train_epoch", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train(images, _config(old), out)
-    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    _interrupted_run(images, _config(old), out, epochs_done=1)
     with pytest.raises(ConfigError, match=r"options differ .*lr: 0.1 -> 0.05"):
         train(images, _config(old, resume=True, lr=0.05), out)
 
@@ -234,20 +226,10 @@ def test_bct_old_head_mapping_keeps_only_old_classes() -> None:
     assert mapping.tolist() == [1, -1, 0, -1]
 
 
-def test_resume_refuses_other_data(emoji_dir: Path, old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_refuses_other_data(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     images = load_image_set(emoji_dir / "new_train.txt")
     out = tmp_path / "m.safetensors"
-    real_epoch = train_loop._train_epoch
-
-    def first_epoch_only(*args: object, **kwargs: object) -> dict:
-        if args[6] == 1:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "_train_epoch", first_epoch_only)
-    with pytest.raises(KeyboardInterrupt):
-        train(images, _config(old), out)
-    monkeypatch.setattr(train_loop, "_train_epoch", real_epoch)
+    _interrupted_run(images, _config(old), out, epochs_done=1)
     fewer = replace(images, records=images.records[:-2])
     with pytest.raises(ConfigError, match=r"options differ .*data:"):
         train(fewer, _config(old, resume=True), out)
