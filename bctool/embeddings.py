@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,20 @@ from bctool.io import atomic_path
 
 FORMAT = "bctool.embeddings"
 FORMAT_VERSION = "1"
+
+# A safetensors header this large is not an embeddings file (1M ids of ~60 characters is ~80 MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalised copy of the rows of ``x`` (float32); zero rows stay zero.
+
+    Each row is normalised on its own, so normalising a gallery block by block gives exactly
+    the values of normalising it whole.
+    """
+    emb = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.maximum(norms, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,19 @@ class Embeddings:
         return [self.label_names[i] if i >= 0 else None for i in self.labels.tolist()]
 
     def normalized_embeddings(self) -> np.ndarray:
-        """L2-normalised rows (float32); zero rows stay zero."""
-        emb = np.asarray(self.embeddings, dtype=np.float32)
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        return emb / np.maximum(norms, 1e-12)
+        """L2-normalised rows (float32), a full copy; zero rows stay zero.
+
+        For large (memory-mapped) galleries use :meth:`iter_normalized_blocks`, or pass the raw
+        rows to :func:`bctool.evaluate.search.build_index` with ``normalize=True``.
+        """
+        return normalize_rows(self.embeddings)
+
+    def iter_normalized_blocks(self, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, rows)`` of L2-normalised float32 rows, ``block_rows`` at a time."""
+        if block_rows < 1:
+            raise EmbeddingsError(f"block_rows must be at least 1, got {block_rows}")
+        for start in range(0, len(self), block_rows):
+            yield start, normalize_rows(self.embeddings[start : start + block_rows])
 
 
 def save_embeddings(emb: Embeddings, path: str | os.PathLike[str]) -> None:
@@ -102,19 +126,102 @@ def _read_metadata(path: Path) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
-def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
-    """Read an embeddings file written by :func:`save_embeddings` (or a compatible tool)."""
+def _unreadable(path: Path, why: str) -> EmbeddingsError:
+    return EmbeddingsError(
+        f"{str(path)!r} is not a readable safetensors file ({why}); re-create it with `bctool extract`"
+    )
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset of its data buffer."""
+    file_size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise _unreadable(path, f"{file_size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > _MAX_HEADER_BYTES:
+            raise _unreadable(path, f"header of {header_len} bytes, over the {_MAX_HEADER_BYTES} limit")
+        if 8 + header_len > file_size:
+            raise _unreadable(path, f"header of {header_len} bytes runs past the end of the file")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, f"corrupt JSON header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise _unreadable(path, "the header is not a JSON object")
+    return header, 8 + header_len
+
+
+def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) -> tuple[str, list[int], int, int]:
+    """``(dtype, shape, begin, end)`` of tensor ``name``, checked against the data buffer."""
+    info = header[name]
+    try:
+        dtype, shape = str(info["dtype"]), [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(path, f"bad header entry for {name!r}: {exc}") from exc
+    itemsize = {"F32": 4, "I64": 8, "F64": 8, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 0)
+    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
+        raise _unreadable(
+            path, f"tensor {name!r} claims bytes [{begin}, {end}) of a {data_size}-byte data buffer"
+        )
+    if itemsize and end - begin != itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise _unreadable(path, f"tensor {name!r} of shape {shape} ({dtype}) does not fill bytes [{begin}, {end})")
+    return dtype, shape, begin, end
+
+
+def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors of ``path`` with ``embeddings`` memory-mapped (read-only); other tensors read."""
+    header, data_start = _read_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _unreadable(path, "'__metadata__' is not a JSON object")
+    data_size = path.stat().st_size - data_start
+    tensors: dict[str, np.ndarray] = {}
+    for name in header:
+        dtype, shape, begin, end = _tensor_span(path, header, name, data_size)
+        if name == "embeddings":
+            if dtype != "F32" or len(shape) != 2:
+                raise EmbeddingsError(
+                    f"{str(path)!r}: 'embeddings' is {dtype} of shape {shape}; memory-mapped loading "
+                    "needs a 2-D F32 tensor (load without mmap, or re-create it with `bctool extract`)"
+                )
+            if shape[0] * shape[1] == 0:
+                tensors[name] = np.zeros(shape, np.float32)
+            else:
+                tensors[name] = np.memmap(
+                    path, dtype="<f4", mode="r", offset=data_start + begin, shape=(shape[0], shape[1])
+                )
+        elif name == "labels":
+            if dtype != "I64":
+                raise EmbeddingsError(f"{str(path)!r}: 'labels' is {dtype}; it must be I64")
+            with open(path, "rb") as fh:
+                fh.seek(data_start + begin)
+                tensors[name] = np.frombuffer(fh.read(end - begin), dtype="<i8").reshape(shape)
+        else:
+            tensors[name] = np.zeros((0,), np.uint8)  # only its name is reported
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddings:
+    """Read an embeddings file written by :func:`save_embeddings` (or a compatible tool).
+
+    With ``mmap=True`` the ``embeddings`` array is a read-only ``np.memmap`` of the file, so a
+    gallery larger than memory can be searched block by block; it must be F32.
+    """
     path = Path(path)
     if not path.is_file():
         raise EmbeddingsError(f"embeddings file {str(path)!r} does not exist; run `bctool extract` first")
     try:
-        tensors = load_file(str(path))
-        meta = _read_metadata(path)
+        if mmap:
+            tensors, meta = _load_mmap(path)
+        else:
+            tensors = load_file(str(path))
+            meta = _read_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EmbeddingsError(
-            f"{str(path)!r} is not a readable safetensors file ({exc}); "
-            "re-create it with `bctool extract`"
-        ) from exc
+        raise _unreadable(path, str(exc)) from exc
     if "embeddings" not in tensors:
         if meta.get("format") == "bctool.checkpoint":
             raise EmbeddingsError(
@@ -141,7 +248,7 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise EmbeddingsError(f"{str(path)!r}: metadata 'ids' must be a JSON list of strings")
     return Embeddings(
-        embeddings=emb.astype(np.float32, copy=False),
+        embeddings=emb if isinstance(emb, np.memmap) else emb.astype(np.float32, copy=False),
         labels=labels.astype(np.int64, copy=False),
         ids=ids,
         label_names=[str(x) for x in label_names],

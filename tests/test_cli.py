@@ -249,3 +249,41 @@ def test_evaluate_mode_errors_are_usage_errors(tmp_path: Path) -> None:
                                  "--new-gallery", "n"])
     assert result.exit_code == 2
     assert runner.invoke(app, ["evaluate"]).exit_code == 2
+
+
+def test_extract_revisited_queries_cropped_and_gallery_in_gnd_order(emoji_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    from PIL import Image
+
+    root = tmp_path / "roxford5k"
+    (root / "jpg").mkdir(parents=True)
+    sources = sorted((emoji_dir / "images" / "google").glob("*.png"))[:6]
+    names = [f"img_{i}" for i in range(6)]
+    for name, src in zip(names, sources):
+        Image.open(src).convert("RGB").resize((64, 48)).save(root / "jpg" / f"{name}.jpg")
+    gnd = {"imlist": names[::-1], "qimlist": names[:2],
+           "gnd": [{"easy": [5], "hard": [], "junk": [], "bbx": [0, 0, 32, 24]},
+                   {"easy": [4], "hard": [3], "junk": [0], "bbx": [10.5, 5, 60, 40]}]}
+    (tmp_path / "gnd.pkl").write_bytes(pickle.dumps(gnd))
+    model = tmp_path / "m.safetensors"
+    _run(["train", str(emoji_dir / "old_train.txt"), "--out", str(model), *TINY])
+    common = ["--model", str(model), "--gnd", str(tmp_path / "gnd.pkl"), "--workers", "0", "-q"]
+    _run(["extract", str(root), "--out", str(tmp_path / "g.safetensors"), *common])
+    _run(["extract", str(root), "--out", str(tmp_path / "q.safetensors"), "--queries", *common])
+    _run(["extract", str(root), "--out", str(tmp_path / "qf.safetensors"), "--queries", "--no-crop", *common])
+    g, q, qf = (load_embeddings(tmp_path / f"{n}.safetensors") for n in ("g", "q", "qf"))
+    assert g.ids == [f"jpg/{n}" for n in names[::-1]]  # ground-truth order
+    assert q.ids == qf.ids == ["jpg/img_0", "jpg/img_1"]
+    assert not np.allclose(q.embeddings, qf.embeddings)  # the crop changed what was embedded
+    # The uncropped query is the gallery image itself.
+    np.testing.assert_allclose(qf.embeddings[0], g.embeddings[5], rtol=1e-4, atol=1e-5)
+    metrics = _run(["evaluate", "--query", str(tmp_path / "q.safetensors"), "--gallery",
+                    str(tmp_path / "g.safetensors"), "--gnd", str(tmp_path / "gnd.pkl"), "-q"])
+    assert 0.0 < metrics["map_medium"] <= 1.0 and metrics["queries_medium"] == 2
+    result = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "x.safetensors"),
+                                 "--queries", "--model", str(model)])
+    assert result.exit_code == 2 and "--gnd" in result.stderr
+    (root / "jpg" / "img_3.jpg").unlink()
+    result = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "x.safetensors"), *common])
+    assert result.exit_code == 1 and "'img_3' is not under" in result.stderr

@@ -121,6 +121,9 @@ def extract(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the embeddings (.safetensors).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
+    queries: Annotated[bool, typer.Option("--queries", help="With --gnd: embed the query images (qimlist), cropped to their bounding boxes.")] = False,
+    crop: Annotated[bool, typer.Option(help="With --gnd --queries: crop queries to their bbx (the standard protocol); --no-crop as in the AdvBCT paper.")] = True,
     device: Device = "auto",
     workers: Workers = 2,
     quiet: Quiet = False,
@@ -134,8 +137,21 @@ def extract(
     from bctool.extract import extract as run_extract
 
     setup_logging(verbose)
+    if queries and gnd is None:
+        raise typer.BadParameter("--queries selects the query images of a --gnd ground truth; pass --gnd too")
     checkpoint = load_checkpoint(model, device=resolve_device(device))
-    images = load_image_set(data, require_labels=False)
+    if gnd is not None:
+        from bctool.data.sources import image_set_from_names
+        from bctool.evaluate.gnd import load_gnd
+
+        truth = load_gnd(gnd)
+        if queries:
+            boxes = [tuple(b) for b in truth.bbx] if crop else None
+            images = image_set_from_names(data, truth.query_names, boxes, source=f"{gnd} queries")
+        else:
+            images = image_set_from_names(data, truth.gallery_names, source=f"{gnd} gallery")
+    else:
+        images = load_image_set(data, require_labels=False)
     emb = run_extract(images, checkpoint, batch_size=batch_size, workers=workers,
                       progress=RichProgress(not quiet))
     save_embeddings(emb, out)

@@ -24,4 +24,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         record = self.images.records[index]
-        return self.transform(load_rgb(record.path)), record.label, index
+        image = load_rgb(record.path)
+        if record.crop is not None:
+            image = crop_box(image, record.crop)
+        return self.transform(image), record.label, index
+
+
+def crop_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """Cut out ``box`` (x1, y1, x2, y2), clipped to the image; an empty box keeps the image."""
+    w, h = image.size
+    x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
+    x2, y2 = min(w, int(round(box[2]))), min(h, int(round(box[3])))
+    if x2 <= x1 or y2 <= y1:
+        return image
+    return image.crop((x1, y1, x2, y2))

@@ -25,6 +25,7 @@ class ImageRecord:
     path: Path
     id: str
     label: int
+    crop: tuple[float, float, float, float] | None = None  # (x1, y1, x2, y2) box to cut out first
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,36 @@ def _make_set(entries: list[tuple[Path, str | None]], root: Path, source: str) -
         seen[rid] = path
         records.append(ImageRecord(path=path, id=rid, label=index[label] if label is not None else -1))
     return ImageSet(root=root, records=tuple(records), label_names=tuple(names), source=source)
+
+
+def find_named_image(root: Path, name: str) -> Path:
+    """The file of a benchmark image ``name`` under ``root`` (``root/jpg/NAME.jpg`` as the
+    revisited Oxford/Paris archives unpack, or ``root/NAME.jpg``)."""
+    for candidate in (root / "jpg" / f"{name}.jpg", root / f"{name}.jpg", root / name):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"image {name!r} is not under {str(root)!r} (looked for jpg/{name}.jpg and {name}.jpg); "
+        "pass the folder the benchmark's jpg/ folder was unpacked into"
+    )
+
+
+def image_set_from_names(
+    root: str | os.PathLike[str],
+    names: list[str] | tuple[str, ...],
+    boxes: list[tuple[float, float, float, float]] | None = None,
+    source: str = "",
+) -> ImageSet:
+    """Unlabelled images named by a benchmark's ground truth, in its order, optionally cropped."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"dataset root {str(base)!r} is not a folder; pass the folder holding jpg/")
+    records = []
+    for i, name in enumerate(names):
+        path = find_named_image(base, name)
+        crop = tuple(float(v) for v in boxes[i]) if boxes is not None else None
+        records.append(ImageRecord(path=path, id=image_id(path, base), label=-1, crop=crop))  # type: ignore[arg-type]
+    return ImageSet(root=base, records=tuple(records), label_names=(), source=source or str(base))
 
 
 def load_image_set(path: str | os.PathLike[str], require_labels: bool = True) -> ImageSet:
