@@ -287,3 +287,16 @@ def test_extract_revisited_queries_cropped_and_gallery_in_gnd_order(emoji_dir: P
     (root / "jpg" / "img_3.jpg").unlink()
     result = runner.invoke(app, ["extract", str(root), "--out", str(tmp_path / "x.safetensors"), *common])
     assert result.exit_code == 1 and "'img_3' is not under" in result.stderr
+
+
+def test_evaluate_index_choices(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 16))
+    labels = [0, 1, 2] * 40
+    emb = centers[labels] + 0.1 * rng.normal(size=(120, 16))
+    path = _emb_files(tmp_path, "e", emb, labels, [f"e/{i}" for i in range(120)])
+    results = {ix: _run(["evaluate", "--query", str(path), "--gallery", str(path), "--index", ix, "-q"])
+               for ix in ("flat", "hnsw")}
+    assert results["flat"]["recall@1"] == 1.0 and results["hnsw"]["recall@1"] >= 0.95
+    result = runner.invoke(app, ["evaluate", "--query", str(path), "--gallery", str(path), "--index", "lsh"])
+    assert result.exit_code == 1 and "flat, ivf, hnsw" in result.stderr

@@ -190,6 +190,9 @@ def evaluate(
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
+    index: Annotated[str, typer.Option(help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
+    nprobe: Annotated[int, typer.Option(min=1, help="With --index ivf: inverted lists visited per query.")] = 32,
+    ef_search: Annotated[int, typer.Option(min=1, help="With --index hnsw: search breadth per query.")] = 128,
     quiet: Quiet = False,
 ) -> None:
     """Retrieval quality of queries against a gallery, a compatibility report, a model chain or
@@ -200,7 +203,7 @@ def evaluate(
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.protocol import make_protocol
 
-    protocol = make_protocol(gnd, solution, top_k)
+    protocol = make_protocol(gnd, solution, top_k, index=index, nprobe=nprobe, ef_search=ef_search)
     if chain:
         _evaluate_chain(pairs or [], protocol, quiet)
     elif pairs:
@@ -214,7 +217,8 @@ def evaluate(
     else:
         if query is None or gallery is None:
             raise typer.BadParameter("pass --query and --gallery (or a compatibility report, --chain or --backfill)")
-        metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery))
+        # The gallery is read memory-mapped: a million rows need not fit twice in memory.
+        metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery, mmap=True))
         if not quiet:
             stderr.print(_metrics_rows(f"{query.name} -> {gallery.name}", metrics, protocol.name))
         emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})

@@ -30,10 +30,19 @@ def make_protocol(
     gnd: str | os.PathLike[str] | None = None,
     solution: str | os.PathLike[str] | None = None,
     top_k: int | None = None,
+    index: str = "flat",
+    nprobe: int = 32,
+    ef_search: int = 128,
 ) -> Protocol:
-    """Labels by default; ``gnd`` for the revisited protocols; ``solution`` for GLDv2."""
+    """Labels by default; ``gnd`` for the revisited protocols; ``solution`` for GLDv2.
+
+    ``index`` (flat, ivf, hnsw) applies to the labelled protocol, the one for large galleries;
+    the benchmark protocols always search exactly.
+    """
     if gnd and solution:
         raise ConfigError("pass --gnd (Revisited Oxford/Paris) or --solution (GLDv2), not both")
+    if index != "flat" and (gnd or solution):
+        raise ConfigError(f"--index {index} is for labelled galleries; --gnd and --solution search exactly (--index flat)")
     if gnd:
         from bctool.evaluate.gnd import load_gnd
         from bctool.evaluate.revisited import evaluate_revisited
@@ -47,4 +56,8 @@ def make_protocol(
         return Protocol("gldv2", lambda q, g: evaluate_gldv2(q, g, sol), "map@100")
     from bctool.evaluate.retrieval import evaluate_retrieval
 
-    return Protocol("labels", lambda q, g: evaluate_retrieval(q, g, top_k=top_k), "map")
+    return Protocol(
+        "labels",
+        lambda q, g: evaluate_retrieval(q, g, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search),
+        "map",
+    )

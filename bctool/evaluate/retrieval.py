@@ -10,7 +10,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.metrics import average_precision, average_precision_at_k, recall_at_k
-from bctool.evaluate.search import iter_rankings
+from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, build_index, iter_index_rankings
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,23 @@ def _shared_labels(query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, 
     The two files may number their labels differently, so labels are matched by name. A query
     label absent from the gallery gets a fresh id (it has no positives); unknown stays -1.
     """
-    vocab: dict[str, int] = {}
-    g_lab = np.array(
-        [-1 if name is None else vocab.setdefault(name, len(vocab)) for name in gallery.label_strings()],
-        dtype=np.int64,
+    # Only the label names are mapped (a few thousand strings); the rows are mapped with numpy.
+    names = np.array(list(gallery.label_names) + list(query.label_names), dtype=str)
+    _, name_ids = np.unique(names, return_inverse=True)
+    name_ids = name_ids.reshape(-1).astype(np.int64)
+    n_gallery_names = len(gallery.label_names)
+    return (
+        _map_labels(query.labels, name_ids[n_gallery_names:]),
+        _map_labels(gallery.labels, name_ids[:n_gallery_names]),
     )
-    q_lab = np.array(
-        [-1 if name is None else vocab.setdefault(name, len(vocab)) for name in query.label_strings()],
-        dtype=np.int64,
-    )
-    return q_lab, g_lab
+
+
+def _map_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids[label]`` for every row, -1 where the label is unknown."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if ids.size == 0:
+        return np.full(labels.shape, -1, dtype=np.int64)
+    return np.where(labels >= 0, ids[np.maximum(labels, 0)], -1)
 
 
 def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
@@ -75,9 +82,12 @@ def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
     """
     if query.root and gallery.root and query.root != gallery.root:
         return np.full(len(query), -1, dtype=np.int64)
+    # Only ids that some query has are kept, so a large gallery costs one pass and a small dict.
+    wanted = set(query.ids)
     row_of: dict[str, int] = {}
     for i, image_id in enumerate(gallery.ids):
-        row_of.setdefault(image_id, i)
+        if image_id in wanted:
+            row_of.setdefault(image_id, i)
     return np.array([row_of.get(image_id, -1) for image_id in query.ids], dtype=np.int64)
 
 
@@ -96,6 +106,9 @@ def evaluate_retrieval(
     gallery: Embeddings,
     top_k: int | None = None,
     ks: tuple[int, ...] = (1, 5, 10),
+    index: str = "flat",
+    nprobe: int = DEFAULT_NPROBE,
+    ef_search: int = DEFAULT_EF_SEARCH,
 ) -> dict[str, float | int]:
     """Rank the gallery for every query and report mAP, mAP@100 and recall@k.
 
@@ -105,6 +118,11 @@ def evaluate_retrieval(
     query rows). A query never retrieves the gallery row with its own id (ids from one dataset
     root). ``map`` is computed over the top ``top_k`` items (default: the whole gallery);
     positives ranked lower count as missed. Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
+
+    ``index`` is ``"flat"`` (exact), ``"ivf"`` (with ``nprobe``) or ``"hnsw"`` (with
+    ``ef_search``), as in :func:`bctool.evaluate.search.build_index`; approximate indexes may
+    miss relevant rows and do not keep the tie order. The gallery may be memory-mapped
+    (``load_embeddings(path, mmap=True)``): it is normalised block by block into the index.
     """
     _check_inputs(query, gallery, top_k, ks)
     q_lab, g_lab = _shared_labels(query, gallery)
@@ -123,7 +141,7 @@ def evaluate_retrieval(
     map_depth = n_gallery if top_k is None else min(top_k, n_gallery)
     depth = min(n_gallery, max(map_depth, 100, *ks))
     q_emb = query.normalized_embeddings()
-    g_emb = gallery.normalized_embeddings()
+    g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
     block_size = max(1, min(4096, _BLOCK_ELEMENTS // depth))
 
     sums = {"map": 0.0, "map@100": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
@@ -134,9 +152,10 @@ def evaluate_retrieval(
     for rows, ex in groups:
         if rows.size == 0:
             continue
-        for start, _, indices in iter_rankings(q_emb[rows], g_emb, depth, ex, block_size):
+        for start, _, indices in iter_index_rankings(g_index, q_emb[rows], depth, ex, block_size):
             block = rows[start : start + indices.shape[0]]
-            relevance = g_lab[indices] == q_lab[block, None]
+            # -1 marks a slot an approximate index left empty: never relevant.
+            relevance = (g_lab[indices] == q_lab[block, None]) & (indices >= 0)
             sums["map"] += float(np.sum(average_precision(relevance[:, :map_depth], n_pos[block])))
             sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
             for k, hit in recall_at_k(relevance, ks).items():

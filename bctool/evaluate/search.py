@@ -1,10 +1,20 @@
-"""Exact top-k search of a gallery by inner product (faiss ``IndexFlatIP``), in query blocks.
+"""Top-k search of a gallery by inner product with faiss, in query blocks.
 
-Rankings are deterministic: items are ordered by descending score, and equal scores by
-ascending gallery index, including ties at the k-th boundary (the item with the smaller index
-is kept). faiss does not promise either, so each block is re-sorted by ``(-score, index)``;
-a few items beyond k are searched, and the rare rows whose k-th score ties with the last
-searched one are searched again over the whole gallery.
+The gallery goes into the index block by block (optionally normalising each block), so a
+memory-mapped gallery is never copied whole: peak memory is the index plus one block.
+
+``index="flat"`` (the default, ``IndexFlatIP``) is exact and its rankings are deterministic:
+items are ordered by descending score, and equal scores by ascending gallery index, including
+ties at the k-th boundary (the item with the smaller index is kept). faiss does not promise
+either, so each block is re-sorted by ``(-score, index)``; a few items beyond k are searched,
+and the rare rows whose k-th score ties with the last searched one are searched again over
+the whole gallery.
+
+``index="ivf"`` (``IndexIVFFlat``, ``nprobe`` of about ``4 * sqrt(N)`` lists searched) and
+``index="hnsw"`` (``IndexHNSWFlat``, M=32, ``ef_search``) are approximate, for galleries too
+large for exact search: they may miss true neighbours, so neither the ranking nor the
+tie order is guaranteed (rows are still sorted by ``(-score, index)`` among the items found).
+Where an approximate index finds fewer than k items, the missing slots have index -1.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
+from bctool.embeddings import normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError
 
 logger = logging.getLogger(__name__)
@@ -23,6 +34,15 @@ logger = logging.getLogger(__name__)
 _TIE_MARGIN = 8
 # Most (rows x gallery) scores held at once when a row is searched over the whole gallery.
 _FULL_SEARCH_ELEMENTS = 1 << 24
+# Gallery bytes copied (and normalised) at once while filling an index.
+_ADD_BLOCK_BYTES = 64 << 20
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+DEFAULT_NPROBE = 32
+DEFAULT_EF_SEARCH = 128
+_HNSW_M = 32
+# IVF k-means sees this many training rows per list (faiss warns below 39).
+_IVF_TRAIN_PER_LIST = 40
 
 
 def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
@@ -98,29 +118,106 @@ def _search_sorted(
     return kept_scores, kept_indices, scores[:, -1]
 
 
-def iter_rankings(
-    query: np.ndarray,
+def _check_gallery(gallery: np.ndarray) -> np.ndarray:
+    """The gallery as given (a memory map stays one), checked to be a 2-D array."""
+    g = gallery if isinstance(gallery, np.ndarray) else np.asarray(gallery, dtype=np.float32)
+    if g.ndim != 2:
+        raise EmbeddingsError(f"gallery must be a 2-D (N x D) array, got shape {g.shape}")
+    return g
+
+
+def _gallery_blocks(gallery: np.ndarray, normalize: bool) -> Iterator[np.ndarray]:
+    """Contiguous float32 blocks of gallery rows, normalised when asked."""
+    rows = max(1, _ADD_BLOCK_BYTES // (4 * max(1, gallery.shape[1])))
+    for start in range(0, gallery.shape[0], rows):
+        block = gallery[start : start + rows]
+        block = normalize_rows(block) if normalize else np.ascontiguousarray(block, dtype=np.float32)
+        yield np.ascontiguousarray(block)
+
+
+def _ivf_nlist(n: int) -> int:
+    """About ``4 * sqrt(n)`` lists, but few enough that each has its training rows."""
+    return max(1, min(int(round(4 * np.sqrt(n))), n // _IVF_TRAIN_PER_LIST))
+
+
+def _train_sample(gallery: np.ndarray, size: int, normalize: bool, seed: int) -> np.ndarray:
+    """``size`` gallery rows chosen with ``seed`` (read in file order, cheap on a memory map)."""
+    n = gallery.shape[0]
+    rows = np.arange(n) if size >= n else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    sample = np.asarray(gallery[rows], dtype=np.float32)
+    return np.ascontiguousarray(normalize_rows(sample) if normalize else sample)
+
+
+def build_index(
     gallery: np.ndarray,
+    index: str = "flat",
+    *,
+    normalize: bool = False,
+    nprobe: int = DEFAULT_NPROBE,
+    ef_search: int = DEFAULT_EF_SEARCH,
+    seed: int = 0,
+) -> faiss.Index:
+    """A faiss inner-product index over the gallery rows, filled block by block.
+
+    ``index`` is ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"`` (approximate, see the module
+    docstring). ``normalize`` L2-normalises each block as it is added, so a raw (possibly
+    memory-mapped) gallery needs no normalised copy. ``seed`` picks the IVF training rows.
+    """
+    if index not in INDEX_KINDS:
+        raise ConfigError(f"index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+    if nprobe < 1:
+        raise ConfigError(f"nprobe must be at least 1, got {nprobe}")
+    if ef_search < 1:
+        raise ConfigError(f"ef_search must be at least 1, got {ef_search}")
+    g = _check_gallery(gallery)
+    n, dim = g.shape
+    if index == "flat":
+        idx: faiss.Index = faiss.IndexFlatIP(dim)
+    elif index == "hnsw":
+        idx = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efSearch = ef_search
+    else:
+        nlist = _ivf_nlist(n)
+        quantizer = faiss.IndexFlatIP(dim)
+        idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = _train_sample(g, nlist * _IVF_TRAIN_PER_LIST, normalize, seed)
+        logger.info("training IVF index: %d lists on %d rows", nlist, sample.shape[0])
+        idx.train(sample)
+        idx.nprobe = min(nprobe, nlist)
+    for block in _gallery_blocks(g, normalize):
+        idx.add(block)
+    logger.info("%s index holds %d gallery rows of dimension %d", index, n, dim)
+    return idx
+
+
+def _is_exact(index: faiss.Index) -> bool:
+    return isinstance(index, faiss.IndexFlat)
+
+
+def iter_index_rankings(
+    index: faiss.Index,
+    query: np.ndarray,
     k: int,
     exclude: np.ndarray | None = None,
     block_size: int = 4096,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(first_query_row, scores, indices)`` for each block of queries.
+    """Yield ``(first_query_row, scores, indices)`` per query block, searching a built index.
 
-    Same contract as :func:`rank_gallery`, streamed so that callers never hold all rankings.
+    Same contract as :func:`rank_gallery` for an exact (flat) index; see the module docstring
+    for approximate ones. Build the index once with :func:`build_index` to search it with
+    several query sets.
     """
     q = _as_matrix(query, "query")
-    g = _as_matrix(gallery, "gallery")
-    if q.shape[1] != g.shape[1]:
+    if q.shape[1] != index.d:
         raise EmbeddingsError(
-            f"query dimension {q.shape[1]} differs from gallery dimension {g.shape[1]}; "
+            f"query dimension {q.shape[1]} differs from gallery dimension {index.d}; "
             "search with embeddings of the same dimension"
         )
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if block_size < 1:
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
-    n_query, n_gallery = q.shape[0], g.shape[0]
+    n_query, n_gallery = q.shape[0], int(index.ntotal)
     ex = _check_exclude(exclude, n_query, n_gallery)
     k = max(0, min(k, n_gallery - 1 if ex is not None else n_gallery))
     if k == 0:
@@ -129,14 +226,13 @@ def iter_rankings(
             yield start, np.zeros((rows, 0), np.float32), np.zeros((rows, 0), np.int64)
         return
 
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(g)
+    exact = _is_exact(index)
     depth = min(n_gallery, k + (1 if ex is not None else 0) + _TIE_MARGIN)
     for start in range(0, n_query, block_size):
         qb = q[start : start + block_size]
         exb = ex[start : start + block_size] if ex is not None else None
         scores, indices, last = _search_sorted(index, qb, depth, exb, k)
-        if depth < n_gallery:
+        if exact and depth < n_gallery:
             # Where the k-th kept score equals the last searched one, unseen items may tie with
             # it and have a smaller index: search those rows over the whole gallery.
             unsure = np.flatnonzero(scores[:, k - 1] <= last)
@@ -152,12 +248,49 @@ def iter_rankings(
         yield start, scores, indices
 
 
+def iter_rankings(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None = None,
+    block_size: int = 4096,
+    *,
+    index: str = "flat",
+    normalize: bool = False,
+    nprobe: int = DEFAULT_NPROBE,
+    ef_search: int = DEFAULT_EF_SEARCH,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(first_query_row, scores, indices)`` for each block of queries.
+
+    Same contract as :func:`rank_gallery`, streamed so that callers never hold all rankings.
+    ``index``, ``normalize``, ``nprobe`` and ``ef_search`` are those of :func:`build_index`.
+    """
+    q = _as_matrix(query, "query")
+    g = _check_gallery(gallery)
+    if q.shape[1] != g.shape[1]:
+        raise EmbeddingsError(
+            f"query dimension {q.shape[1]} differs from gallery dimension {g.shape[1]}; "
+            "search with embeddings of the same dimension"
+        )
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if block_size < 1:
+        raise ConfigError(f"block_size must be at least 1, got {block_size}")
+    idx = build_index(g, index, normalize=normalize, nprobe=nprobe, ef_search=ef_search)
+    yield from iter_index_rankings(idx, q, k, exclude, block_size)
+
+
 def rank_gallery(
     query: np.ndarray,
     gallery: np.ndarray,
     k: int,
     exclude: np.ndarray | None = None,
     block_size: int = 4096,
+    *,
+    index: str = "flat",
+    normalize: bool = False,
+    nprobe: int = DEFAULT_NPROBE,
+    ef_search: int = DEFAULT_EF_SEARCH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows of every query by inner product: ``(scores, indices)``, ``(Q, k)``.
 
@@ -165,10 +298,16 @@ def rank_gallery(
     ``q``'s ranking, or -1 for none. ``k`` is clamped to the gallery size, minus one when
     ``exclude`` names any row (then every query gets that many results). Scores are float32,
     indices int64; rows are sorted by descending score, then ascending gallery index.
+    ``index="ivf"`` or ``"hnsw"`` search approximately (no tie-order guarantee; -1 marks slots
+    an approximate index left empty); ``normalize=True`` normalises the gallery block by block.
     """
     score_blocks: list[np.ndarray] = []
     index_blocks: list[np.ndarray] = []
-    for _, scores, indices in iter_rankings(query, gallery, k, exclude, block_size):
+    rankings = iter_rankings(
+        query, gallery, k, exclude, block_size,
+        index=index, normalize=normalize, nprobe=nprobe, ef_search=ef_search,
+    )
+    for _, scores, indices in rankings:
         score_blocks.append(scores)
         index_blocks.append(indices)
     if not score_blocks:  # no queries
