@@ -300,3 +300,21 @@ def test_evaluate_index_choices(tmp_path: Path) -> None:
     assert results["flat"]["recall@1"] == 1.0 and results["hnsw"]["recall@1"] >= 0.95
     result = runner.invoke(app, ["evaluate", "--query", str(path), "--gallery", str(path), "--index", "lsh"])
     assert result.exit_code == 1 and "flat, ivf, hnsw" in result.stderr
+
+
+def test_dataset_gldv2_writes_list_files(tmp_path: Path) -> None:
+    from bctool.data import load_image_set
+
+    (tmp_path / "train.csv").write_text("id,url,landmark_id\nabc123,http://x,7\nabd456,http://y,9\n")
+    (tmp_path / "index.csv").write_text("id\nfff000\n")
+    out = _run(["dataset", "gldv2", str(tmp_path / "train.csv"), "--images", str(tmp_path / "train"),
+                "--out", str(tmp_path / "train.txt")])
+    assert out == {"out": str(tmp_path / "train.txt"), "images": 2, "labelled": True}
+    train = load_image_set(tmp_path / "train.txt")
+    assert train.ids == ["train/a/b/c/abc123", "train/a/b/d/abd456"] and train.label_names == ("7", "9")
+    index = _run(["dataset", "gldv2", str(tmp_path / "index.csv"), "--images", str(tmp_path / "index"),
+                  "--out", str(tmp_path / "index.txt")])
+    assert index["labelled"] is False and index["images"] == 1
+    result = runner.invoke(app, ["dataset", "gldv2", str(tmp_path / "missing.csv"), "--images", "x",
+                                 "--out", str(tmp_path / "o.txt")])
+    assert result.exit_code == 1 and "Error:" in result.stderr

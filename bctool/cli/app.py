@@ -319,6 +319,26 @@ def dataset_emoji(
     emit_json(summary)
 
 
+@dataset_app.command("gldv2")
+@reports_errors
+def dataset_gldv2(
+    csv_file: Annotated[Path, typer.Argument(help="A GLDv2 CSV: train.csv / train_clean.csv (labelled), or index.csv / test.csv.")],
+    images: Annotated[Path, typer.Option(help="Folder holding the images in GLDv2's a/b/c/abc....jpg layout.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="List file to write (paths relative to its folder).")],
+) -> None:
+    """Write a bctool list file for GLDv2 images from one of its CSV files."""
+    from bctool.evaluate.gldv2 import read_index_or_test_csv, read_train_csv, write_list_file
+
+    header = csv_file.read_text(encoding="utf-8", errors="replace").splitlines()[:1] if csv_file.is_file() else []
+    labelled = bool(header) and "landmark_id" in header[0]
+    if labelled:
+        ids, labels = read_train_csv(csv_file)
+    else:
+        ids, labels = read_index_or_test_csv(csv_file), None
+    count = write_list_file(images, ids, labels, out)
+    emit_json({"out": str(out), "images": count, "labelled": labelled})
+
+
 @app.command()
 @reports_errors
 def demo(
