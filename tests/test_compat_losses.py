@@ -206,7 +206,7 @@ def test_grl_alpha_schedule() -> None:
 def test_registry_names_every_method() -> None:
     assert set(COMPAT_LOSSES) == {
         "independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
-        "advbct-noadv", "advbct-nobound", "advbct-fixed",  # ablations of AdvBCT
+        "advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint",  # ablations of AdvBCT
     }
     for name, cls in COMPAT_LOSSES.items():
         assert cls.name == name
@@ -549,3 +549,19 @@ def test_advbct_ablations_keep_exactly_their_parts(stats) -> None:
     elastic = results["advbct"][0].boundary_radii()
     moved = (stats.radius_max - 1.0).abs() > 1e-6
     assert bool((elastic[moved] != stats.radius_max[moved]).all())
+
+
+def test_advbct_joint_pass_equals_separate_passes_without_batch_statistics(stats) -> None:
+    """With BatchNorm on running statistics (eval), one joint pass is the two passes summed."""
+    new, labels, old = _batch(stats)
+    torch.manual_seed(0)
+    separate = create_compat_loss("advbct", _ctx(stats))
+    torch.manual_seed(0)
+    joint = create_compat_loss("advbct-joint", _ctx(stats))
+    for loss in (separate, joint):
+        loss.set_progress(epoch=0, epochs=2, step=3, total_steps=10)
+        loss.discriminator.eval()
+    _close(joint(new, labels, old, labels)["adv"], separate(new, labels, old, labels)["adv"])
+    joint.discriminator.train()  # in training mode the shared batch statistics make them differ
+    separate.discriminator.train()
+    assert not torch.allclose(joint(new, labels, old, labels)["adv"], separate(new, labels, old, labels)["adv"])

@@ -342,6 +342,21 @@ class AdvBCTAdversarialOnly(AdvBCTLoss):
         return {"adv": self.adv_weight * self.adversarial(embeddings, ref_embeddings)}
 
 
+@register("advbct-joint")
+class AdvBCTJointDiscriminator(AdvBCTLoss):
+    """AdvBCT with the discriminator run once on the new and old batch together, so its
+    BatchNorm sees both domains' statistics (the original runs the two batches separately)."""
+
+    def adversarial(self, embeddings: Tensor, ref_embeddings: Tensor) -> Tensor:
+        both = torch.cat([grad_reverse(embeddings, self.alpha), ref_embeddings.detach()])
+        domain = torch.cat([
+            torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device),
+            torch.ones(ref_embeddings.shape[0], dtype=torch.long, device=embeddings.device),
+        ])
+        # Sum of the two per-domain means, like the separate passes.
+        return 2 * F.nll_loss(self.discriminator(both), domain)
+
+
 @register("advbct-fixed")
 class AdvBCTFixedRadius(AdvBCTLoss):
     """AdvBCT with the boundary fixed at the old classes' r_max (no learnable elasticity)."""
