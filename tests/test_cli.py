@@ -240,6 +240,9 @@ def test_compatibility_report_chain_and_backfill(tmp_path: Path) -> None:
                   str(files["og"]), "--new-gallery", str(files["ng"]), "-q"])["curve"]
     assert [c["fraction"] for c in curve] == [0.0, 0.5, 1.0]
     assert curve[0]["map"] == report["m_no"] and curve[-1]["map"] == report["m_nn"]
+    backfill = _run(["evaluate", "--backfill", "0,1", "--query", str(files["nq"]), "--old-query", str(files["oq"]),
+                     "--old-gallery", str(files["og"]), "--new-gallery", str(files["ng"]), "-q"])
+    assert backfill["m_oo"] == report["m_oo"] and backfill["m_nn"] == report["m_nn"]
 
 
 def test_evaluate_mode_errors_are_usage_errors(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def evaluate(
     pairs: Annotated[Optional[list[str]], typer.Argument(help="With --chain: one QUERY,GALLERY pair of embeddings files per model version, oldest first.", show_default=False)] = None,
     query: Annotated[Optional[Path], typer.Option("--query", help="Query embeddings file (from `bctool extract`); with --backfill, the new model's queries.")] = None,
     gallery: Annotated[Optional[Path], typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")] = None,
-    old_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the old model's queries.")] = None,
+    old_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the old model's queries (with --backfill: for the old/old reference line).")] = None,
     old_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report and --backfill: the old model's gallery.")] = None,
     new_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the new model's queries.")] = None,
     new_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report and --backfill: the new model's gallery (the same images).")] = None,
@@ -209,7 +209,7 @@ def evaluate(
     elif pairs:
         raise typer.BadParameter("QUERY,GALLERY arguments are only for --chain")
     elif backfill is not None:
-        _evaluate_backfill(query, old_gallery, new_gallery, backfill, seed, plot, protocol, quiet)
+        _evaluate_backfill(query, old_query, old_gallery, new_gallery, backfill, seed, plot, protocol, quiet)
     elif old_query or new_query:
         _evaluate_compat(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
@@ -280,8 +280,8 @@ def _evaluate_chain(pairs: list[str], protocol, quiet: bool) -> None:  # noqa: A
     emit_json({"metric": key, "matrix": matrix.tolist(), **scores})
 
 
-def _evaluate_backfill(query, old_gallery, new_gallery, fractions: str, seed: int, plot, protocol,  # noqa: ANN001
-                       quiet: bool) -> None:
+def _evaluate_backfill(query, old_query, old_gallery, new_gallery, fractions: str, seed: int, plot,  # noqa: ANN001
+                       protocol, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.compat import backfill_curve, plot_backfill
 
@@ -294,11 +294,15 @@ def _evaluate_backfill(query, old_gallery, new_gallery, fractions: str, seed: in
     q, old, new = load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery)
     curve = backfill_curve(q, old, new, values, seed=seed, evaluate=protocol.evaluate)
     key = protocol.headline
+    # Reference lines: the old system as it is (old queries, old gallery) and the full upgrade.
+    m_oo = protocol.evaluate(load_embeddings(old_query), old)[key] if old_query else None
+    m_nn = protocol.evaluate(q, new)[key]
     if plot is not None:
-        plot_backfill([{**c, "map": c[key]} for c in curve], plot)
+        plot_backfill([{**c, "map": c[key]} for c in curve], plot, old_map=m_oo, new_map=m_nn)
     if not quiet:
         stderr.print(metrics_table(f"partial backfill ({key})", {f"{c['fraction']:.2f}": {key: c[key]} for c in curve}, [key]))
-    emit_json({"metric": key, "seed": seed, "curve": curve, "plot": str(plot) if plot else None})
+    emit_json({"metric": key, "seed": seed, "m_oo": m_oo, "m_nn": m_nn, "curve": curve,
+               "plot": str(plot) if plot else None})
 
 
 @dataset_app.command("emoji")
