@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import in_fresh_process, peak_rss_mib
 
 import numpy as np
 
@@ -91,9 +92,6 @@ def write_queries(path: Path, n: int, dim: int, n_classes: int, seed: int) -> No
     )
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
 
 def _raw_faiss(query_path: str, gallery_path: str, k: int, out: mp.Queue) -> None:
     import faiss
@@ -107,7 +105,7 @@ def _raw_faiss(query_path: str, gallery_path: str, k: int, out: mp.Queue) -> Non
     for start in range(0, gallery.shape[0], _BLOCK_ROWS):
         index.add(np.ascontiguousarray(gallery[start : start + _BLOCK_ROWS]))
     index.search(query, k)
-    out.put((time.perf_counter() - t0, _peak_rss_mib(), None))
+    out.put((time.perf_counter() - t0, peak_rss_mib(), None))
 
 
 def _evaluate(query_path: str, gallery_path: str, k: int, index: str, out: mp.Queue) -> None:
@@ -118,17 +116,8 @@ def _evaluate(query_path: str, gallery_path: str, k: int, index: str, out: mp.Qu
     query = load_embeddings(query_path)
     gallery = load_embeddings(gallery_path, mmap=True)
     metrics = evaluate_retrieval(query, gallery, top_k=k, index=index)
-    out.put((time.perf_counter() - t0, _peak_rss_mib(), metrics))
+    out.put((time.perf_counter() - t0, peak_rss_mib(), metrics))
 
-
-def _in_fresh_process(target, *args):  # noqa: ANN001, ANN202
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, out))
-    proc.start()
-    result = out.get()
-    proc.join()
-    return result
 
 
 def run(gallery_size: int, queries: int, dim: int, n_classes: int, index: str, k: int, seed: int) -> dict:
@@ -143,8 +132,8 @@ def run(gallery_size: int, queries: int, dim: int, n_classes: int, index: str, k
         # cold page cache or a disk still flushing the freshly written gallery.
         raw_runs, eval_runs = [], []
         for _ in range(2):
-            raw_runs.append(_in_fresh_process(_raw_faiss, str(q_path), str(g_path), k))
-            eval_runs.append(_in_fresh_process(_evaluate, str(q_path), str(g_path), k, index))
+            raw_runs.append(in_fresh_process(_raw_faiss, str(q_path), str(g_path), k))
+            eval_runs.append(in_fresh_process(_evaluate, str(q_path), str(g_path), k, index))
         raw_s, raw_rss, _ = min(raw_runs, key=lambda r: r[0])
         eval_s, eval_rss, metrics = min(eval_runs, key=lambda r: r[0])
         print(f"raw faiss runs {[round(r[0], 2) for r in raw_runs]} s, evaluate runs "

@@ -33,11 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import in_fresh_process, peak_rss_mib
+
 import torch
 
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _current_rss_mib() -> float:
@@ -145,29 +144,20 @@ def _rss_child(list_path: str, ckpt_path: str, batch_size: int, out: mp.Queue) -
 
     images = load_image_set(Path(list_path))
     ckpt = load_checkpoint(ckpt_path)
-    before_current, before_peak = _current_rss_mib(), _peak_rss_mib()
+    before_current, before_peak = _current_rss_mib(), peak_rss_mib()
     reset = _reset_peak()
     t0 = time.perf_counter()
     emb = extract(images, ckpt, batch_size=batch_size, workers=0)
     seconds = time.perf_counter() - t0
     during = _vm_hwm_mib() if reset else float("nan")
-    out.put((before_current, before_peak, _peak_rss_mib(), during, emb.embeddings.nbytes / 2**20, seconds))
+    out.put((before_current, before_peak, peak_rss_mib(), during, emb.embeddings.nbytes / 2**20, seconds))
 
-
-def _in_fresh_process(target, *args):  # noqa: ANN001, ANN202
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, out))
-    proc.start()
-    result = out.get()
-    proc.join()
-    return result
 
 
 def peak_rss(lists: dict[int, Path], ckpt_path: Path, batch_size: int) -> dict:
     rows = {}
     for n, path in lists.items():
-        before, before_peak, peak, during, emb_mib, seconds = _in_fresh_process(_rss_child, str(path), str(ckpt_path), batch_size)
+        before, before_peak, peak, during, emb_mib, seconds = in_fresh_process(_rss_child, str(path), str(ckpt_path), batch_size)
         rows[str(n)] = {
             "rss_before_extract_mib": round(before, 1),
             "peak_rss_before_extract_mib": round(before_peak, 1),

@@ -333,8 +333,12 @@ def dataset_gldv2(
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
     from bctool.evaluate.gldv2 import read_index_or_test_csv, read_train_csv, write_list_file
 
-    header = csv_file.read_text(encoding="utf-8", errors="replace").splitlines()[:1] if csv_file.is_file() else []
-    labelled = bool(header) and "landmark_id" in header[0]
+    # Only the header line decides the kind: train.csv is hundreds of MB, read it once, below.
+    header = ""
+    if csv_file.is_file():
+        with open(csv_file, encoding="utf-8", errors="replace") as fh:
+            header = fh.readline()
+    labelled = "landmark_id" in header
     if labelled:
         ids, labels = read_train_csv(csv_file)
     else:

@@ -117,7 +117,7 @@ def load_train_state(
             f"--resume: the options differ from the interrupted run ({diffs}); resume with the "
             "same options, or start a new run without --resume"
         )
-    device = next(iter(modules.values())).parameters().__next__().device
+    device = next(next(iter(modules.values())).parameters()).device
     for prefix, module in modules.items():
         own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
         try:
