@@ -138,7 +138,7 @@ def _interrupted_run(images, config: TrainConfig, out: Path, epochs_done: int) -
     real_epoch = train_loop._train_epoch
 
     def dies(*args: object, **kwargs: object) -> dict:
-        if args[6] == epochs_done:  # the 0-based epoch about to run
+        if args[7] == epochs_done:  # the 0-based epoch about to run
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 

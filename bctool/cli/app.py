@@ -83,19 +83,24 @@ def train(
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
+    sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Train a model on labelled images, alone or compatible with an old model; print a JSON summary.
 
     With --old-embeddings (or --old-model) the new model is trained so that its embeddings can
-    be searched against the old model's gallery (AdvBCT by default).
+    be searched against the old model's gallery (AdvBCT by default). Under
+    `torchrun --nproc-per-node N -m bctool train ...` it trains with DistributedDataParallel;
+    --batch-size is then the global batch and only rank 0 writes files and output.
     """
     from bctool.data import load_image_set
     from bctool.train import TrainConfig
     from bctool.train import train as run_train
+    from bctool.train.distributed import launched_rank, process_group
 
-    setup_logging(verbose)
+    main_rank = launched_rank().is_main
+    setup_logging(verbose and main_rank)
     config = TrainConfig(
         arch=arch, embedding_dim=embedding_dim, head=head, head_scale=head_scale,
         head_margin=head_margin, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -106,12 +111,15 @@ def train(
         old_embeddings=str(old_embeddings) if old_embeddings else None,
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
-        boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, resume=resume,
+        boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
+        resume=resume,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)
-    result = run_train(images, config, out, RichProgress(not quiet))
-    emit_json(result.to_dict())
+    with process_group(config.device):
+        result = run_train(images, config, out, RichProgress(not quiet and main_rank))
+    if main_rank:
+        emit_json(result.to_dict())
 
 
 @app.command()

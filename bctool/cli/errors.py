@@ -33,6 +33,12 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _label() -> str:
+    """``Error`` or, in a process torchrun started other than rank 0, ``Error (rank N)``."""
+    rank = os.environ.get("RANK", "0")
+    return "Error" if rank in ("", "0") else f"Error (rank {rank})"
+
+
 def reports_errors(func: F) -> F:
     """Wrap a command: library errors exit 1 with one ``Error:`` line; Ctrl-C exits 130."""
 
@@ -45,7 +51,7 @@ def reports_errors(func: F) -> F:
         except BctoolError as exc:
             if debug_enabled():
                 raise
-            stderr.print(f"[bold red]Error:[/] {escape(_one_line(exc))}", markup=True, highlight=False,
+            stderr.print(f"[bold red]{_label()}:[/] {escape(_one_line(exc))}", markup=True, highlight=False,
                          soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
@@ -55,7 +61,7 @@ def reports_errors(func: F) -> F:
             if debug_enabled():
                 raise
             stderr.print(
-                f"[bold red]Error:[/] unexpected {type(exc).__name__}: {escape(_one_line(exc))}. "
+                f"[bold red]{_label()}:[/] unexpected {type(exc).__name__}: {escape(_one_line(exc))}. "
                 "Re-run with BCTOOL_DEBUG=1 for the traceback and report it.",
                 markup=True,
                 highlight=False,

@@ -39,6 +39,7 @@ class TrainConfig:
     boundary_threshold: float = 1.0
     compat_weight: float = 1.0
     amp: str = "off"
+    sync_bn: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:

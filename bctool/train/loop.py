@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -22,11 +23,21 @@ from bctool.checkpoint import save_checkpoint
 from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
-from bctool.device import resolve_device
 from bctool.errors import BctoolError, ConfigError, DataError
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
+from bctool.train.distributed import (
+    Rank,
+    ShardedShuffle,
+    all_mean,
+    barrier,
+    current_rank,
+    per_rank_batch,
+    rank_device,
+    seed_worker_for_rank,
+    sync_batchnorm,
+)
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
 
@@ -46,11 +57,12 @@ class TrainResult:
     device: str
     seconds: float
     resumed_from_epoch: int = 0
+    processes: int = 1
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (without the per-epoch history)."""
+        """JSON-ready summary, with the per-epoch mean of every loss part."""
         trained_epochs = self.epochs - self.resumed_from_epoch
         return {
             "out": self.out,
@@ -61,9 +73,11 @@ class TrainResult:
             "images": self.images,
             "classes": self.classes,
             "device": self.device,
+            "processes": self.processes,
             "seconds": round(self.seconds, 2),
             "images_per_second": round(trained_epochs * self.images / max(self.seconds, 1e-9), 1),
             "final": {k: round(v, 6) for k, v in self.final.items()},
+            "history": [{k: round(v, 6) for k, v in epoch.items()} for epoch in self.history],
         }
 
 
@@ -117,23 +131,26 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
 
 
 def make_loader(
-    images: ImageSet, config: TrainConfig, preprocess: Preprocess, generator: torch.Generator, pin: bool
+    images: ImageSet, config: TrainConfig, preprocess: Preprocess, generator: torch.Generator, pin: bool,
+    rank: Rank = Rank(),
 ) -> DataLoader:
     """Shuffled, batch-complete loader (BatchNorm needs more than one sample per batch).
 
     Workers are re-created each epoch and seeded from ``generator``, so an epoch's data order and
-    augmentation depend only on the generator state saved with the training state.
+    augmentation depend only on the generator state saved with the training state. Under
+    multi-process training each rank loads its share of every global batch (``--batch-size``).
     """
     transform = TrainTransform(preprocess) if config.augment else EvalTransform(preprocess)
-    batch_size = min(config.batch_size, len(images))
+    batch_size = per_rank_batch(min(config.batch_size, len(images)), rank)
     return DataLoader(
         ImageDataset(images, transform),
         batch_size=batch_size,
-        shuffle=True,
+        sampler=ShardedShuffle(len(images), generator, rank),
         drop_last=True,
         num_workers=config.workers,
         generator=generator,
         pin_memory=pin,
+        worker_init_fn=functools.partial(seed_worker_for_rank, rank.rank) if rank.rank else None,
     )
 
 
@@ -204,7 +221,8 @@ def train(
     """
     _check_trainable(images)
     check_output_path(out)
-    device = resolve_device(config.device)
+    rank = current_rank()
+    device = rank_device(config.device)
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
     model = build_model(images, config)
@@ -212,10 +230,11 @@ def train(
     task.to(device)
     if device.type == "cuda":
         task.to(memory_format=torch.channels_last)
+    forward = _distribute(task, config, device, rank)
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" and device.type == "cuda" else None
-    loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda")
+    loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * config.epochs
     warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
@@ -233,34 +252,72 @@ def train(
     progress.advance(step)
     try:
         for epoch in range(start_epoch, config.epochs):
-            history.append(_train_epoch(task, loader, optimizer, scaler, config, device, epoch, step, total,
-                                        warmup, progress))
+            if rank.rank:
+                # Augmentation in this process (workers=0) must differ between ranks; rank 0
+                # keeps the one-process random stream.
+                torch.manual_seed(config.seed * 1_000_003 + rank.rank * 7_919 + epoch)
+            history.append(_train_epoch(task, forward, loader, optimizer, scaler, config, device, epoch,
+                                        step, total, warmup, progress))
             step += steps_per_epoch
             logger.info("epoch %d: %s", epoch + 1, history[-1])
-            save_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator,
-                             {"epoch": epoch + 1, "step": step, "history": history}, config_dict)
+            if rank.is_main:
+                save_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator,
+                                 {"epoch": epoch + 1, "step": step, "history": history}, config_dict)
     finally:
         progress.stop()
     seconds = time.perf_counter() - start
-    save_checkpoint(
-        out, model, preprocess, list(images.label_names),
-        train_config={**config.to_dict(), "data": images.source},
-        extra={"trained_classes": list(images.label_names), "method": config.method, **facts},
-    )
-    resume_path.unlink(missing_ok=True)
+    if rank.is_main:
+        save_checkpoint(
+            out, model, preprocess, list(images.label_names),
+            train_config={**config.to_dict(), "data": images.source},
+            extra={"trained_classes": list(images.label_names), "method": config.method,
+                   "processes": rank.world_size, **facts},
+        )
+        resume_path.unlink(missing_ok=True)
+    barrier()  # every rank returns once the checkpoint exists
     return TrainResult(
         out=str(Path(out)), method=config.method, epochs=config.epochs, steps=step, images=len(images),
         classes=len(images.label_names), device=str(device), seconds=seconds,
-        resumed_from_epoch=start_epoch, final=history[-1] if history else {}, history=history,
+        resumed_from_epoch=start_epoch, processes=rank.world_size,
+        final=history[-1] if history else {}, history=history,
+    )
+
+
+def _distribute(task: nn.Module, config: TrainConfig, device: torch.device, rank: Rank) -> nn.Module:
+    """The module a step calls: ``task`` itself, or ``task`` wrapped in DistributedDataParallel.
+
+    The frozen old side is left out of DDP's parameter and buffer syncing (every rank loads the
+    same old model or embeddings). Each rank normalises its own share of the batch; BatchNorm's
+    running statistics are rank 0's (DDP broadcasts them every step) unless ``--sync-bn``
+    computes them over the global batch.
+    """
+    if config.sync_bn and rank.distributed:
+        for name, child in task.named_children():
+            if name != "old":  # the frozen old model runs in eval mode
+                setattr(task, name, sync_batchnorm(child, device))
+    elif config.sync_bn:
+        logger.info("--sync-bn has no effect in a single process")
+    if not rank.distributed:
+        return task
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [name for name, _ in (*task.named_parameters(), *task.named_buffers()) if name.startswith("old.")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, frozen)
+    compat = getattr(task, "compat", None)
+    return DistributedDataParallel(
+        task,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(compat, "has_unused_parameters", False)),
     )
 
 
 def _train_epoch(
-    task: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+    task: nn.Module, forward: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
     step: int, total: int, warmup: int, progress: Progress,
 ) -> dict[str, float]:
-    """One pass over the data; returns the mean of every loss part."""
+    """One pass over the data through ``forward`` (``task`` or its DDP wrapper); returns the mean
+    of every loss part over all ranks."""
     task.train()
     sums: dict[str, torch.Tensor] = {}
     batches = 0
@@ -272,7 +329,7 @@ def _train_epoch(
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, config.amp):
-            parts = task(images, labels.to(device, non_blocking=True), indices.to(device, non_blocking=True))
+            parts = forward(images, labels.to(device, non_blocking=True), indices.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(parts["loss"]).backward()
@@ -281,7 +338,9 @@ def _train_epoch(
         else:
             parts["loss"].backward()
             optimizer.step()
-        loss = float(parts["loss"].detach())  # one sync per step, for the progress line
+        # One sync per step, for the progress line; averaged over ranks so that a non-finite loss
+        # on any rank stops all of them at the same step.
+        loss = float(all_mean(parts["loss"].detach()))
         if not math.isfinite(loss):
             bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
             raise BctoolError(
@@ -293,4 +352,6 @@ def _train_epoch(
         batches += 1
         step += 1
         progress.advance(1, f"epoch {epoch + 1}/{config.epochs} loss {loss:.3f}")
-    return {k: float(v) / max(1, batches) for k, v in sums.items()}
+    names = list(sums)
+    means = all_mean(torch.stack([sums[k] for k in names]) / max(1, batches)) if names else None
+    return {k: float(means[i]) for i, k in enumerate(names)} if means is not None else {}

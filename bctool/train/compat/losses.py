@@ -21,7 +21,7 @@ from bctool.models import EmbeddingModel
 from bctool.models.heads import ACOS_EPS, CosineHead, LinearHead, arcface_target
 from bctool.train.compat.grl import grad_reverse, grl_alpha
 from bctool.train.compat.stats import OldStats
-
+from bctool.train.distributed import gather_rows, global_count
 
 
 @dataclass
@@ -51,6 +51,9 @@ class CompatLoss(nn.Module):
     """Base class: stores the context and the training progress; subclasses define ``forward``."""
 
     name: str = ""
+    # True when some of the loss's parameters never get a gradient (an ablation that drops the
+    # term using them): DistributedDataParallel must then look for unused parameters.
+    has_unused_parameters: bool = False
 
     def __init__(self, ctx: CompatContext) -> None:
         super().__init__()
@@ -95,9 +98,15 @@ def create_compat_loss(name: str, ctx: CompatContext) -> CompatLoss:
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` holds; 0 (still attached to the graph) if it never does."""
+    """Mean of ``values`` where ``mask`` holds; 0 (still attached to the graph) if it never does.
+
+    Under multi-process training the mean is over the global batch: each of W ranks returns
+    ``W * (its sum) / (global count)``, so the ranks' average (what DDP's gradient averaging
+    computes) is the global masked mean.
+    """
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return total / mask.sum().clamp(min=1).to(values.dtype)
+    count, world = global_count(mask.sum())
+    return total * world / count.clamp(min=1).to(values.dtype)
 
 
 def _old_class_positions(stats: OldStats) -> torch.Tensor:
@@ -243,7 +252,11 @@ class UniBCTLoss(CompatLoss):
 
 @register("hotrefresh")
 class HotRefreshLoss(CompatLoss):
-    """Regression-alleviating InfoNCE: old embedding of the same image against hard negatives."""
+    """Regression-alleviating InfoNCE: old embedding of the same image against hard negatives.
+
+    Under multi-process training the negatives come from the global batch (every rank's rows),
+    so N processes compute the loss of one process with the whole batch.
+    """
 
     def forward(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
@@ -251,11 +264,12 @@ class HotRefreshLoss(CompatLoss):
         new = F.normalize(embeddings, dim=1)
         old = F.normalize(ref_embeddings.detach(), dim=1)
         positive = (new * old).sum(dim=1, keepdim=True)
-        # Same class (the diagonal included) is never a negative; -inf drops out of the softmax.
-        same_class = labels.unsqueeze(1) == labels.unsqueeze(0)
-        k = min(self.ctx.negatives, labels.shape[0])
-        to_old = (new @ old.t()).masked_fill(same_class, -torch.inf).topk(k, dim=1).values
-        to_new = (new @ new.t()).masked_fill(same_class, -torch.inf).topk(k, dim=1).values
+        all_new, all_old, all_labels = gather_rows(new), gather_rows(old), gather_rows(labels)
+        # Same class (the row itself included) is never a negative; -inf drops out of the softmax.
+        same_class = labels.unsqueeze(1) == all_labels.unsqueeze(0)
+        k = min(self.ctx.negatives, all_labels.shape[0])
+        to_old = (new @ all_old.t()).masked_fill(same_class, -torch.inf).topk(k, dim=1).values
+        to_new = (new @ all_new.t()).masked_fill(same_class, -torch.inf).topk(k, dim=1).values
         logits = torch.cat([positive, to_old, to_new], dim=1) / self.ctx.temperature
         target = torch.zeros_like(labels)
         return {"hotrefresh": F.cross_entropy(logits, target)}
@@ -326,6 +340,8 @@ class AdvBCTLoss(CompatLoss):
 class AdvBCTBoundaryOnly(AdvBCTLoss):
     """AdvBCT without the adversarial term: the elastic boundary alone."""
 
+    has_unused_parameters = True  # the discriminator
+
     def forward(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
     ) -> dict[str, Tensor]:
@@ -335,6 +351,8 @@ class AdvBCTBoundaryOnly(AdvBCTLoss):
 @register("advbct-nobound")
 class AdvBCTAdversarialOnly(AdvBCTLoss):
     """AdvBCT without the boundary term: the discriminator and GRL alone."""
+
+    has_unused_parameters = True  # the boundary weights
 
     def forward(
         self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
