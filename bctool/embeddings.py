@@ -8,11 +8,19 @@ Metadata (all JSON strings, as safetensors requires ``dict[str, str]``):
 - ``model``: JSON object naming the model that made the rows
   (``sha256`` of the checkpoint file, ``arch``, ``embedding_dim``, ``path``);
 - ``normalized``: ``"true"`` if rows are L2-normalised (bctool writes raw rows: ``"false"``);
-- ``root``: the absolute dataset root the ids are relative to (``""`` when unknown).
+- ``root``: the absolute dataset root the ids are relative to (``""`` when unknown);
+- ``shard`` (only in the part files of ``bctool extract --shard I/N``): JSON object with
+  ``index``, ``count``, ``start``, ``stop`` (the rows of the full list this part covers),
+  ``total`` (rows in the full list) and ``list`` (sha256 of the full list's ids).
+
+Tensors are stored as safetensors' own writer orders them (``labels`` first, then
+``embeddings``), so :class:`EmbeddingsWriter` streams rows into their final place in the file
+and memory never holds more than one block of rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -56,6 +64,7 @@ class Embeddings:
     model: dict[str, Any] = field(default_factory=dict)
     normalized: bool = False
     root: str = ""  # dataset root the ids are relative to; "" when unknown
+    shard: dict[str, Any] | None = None  # set in the part files of `bctool extract --shard`
 
     def __post_init__(self) -> None:
         emb, labels = self.embeddings, self.labels
@@ -100,23 +109,128 @@ class Embeddings:
             yield start, normalize_rows(self.embeddings[start : start + block_rows])
 
 
-def save_embeddings(emb: Embeddings, path: str | os.PathLike[str]) -> None:
-    """Write ``emb`` to ``path`` atomically as a safetensors file."""
-    tensors = {
-        "embeddings": np.ascontiguousarray(emb.embeddings, dtype=np.float32),
-        "labels": np.ascontiguousarray(emb.labels, dtype=np.int64),
-    }
+def _metadata(
+    ids: list[str], label_names: list[str], model: dict[str, Any], normalized: bool, root: str,
+    shard: dict[str, Any] | None,
+) -> dict[str, str]:
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "ids": json.dumps(emb.ids),
-        "label_names": json.dumps(emb.label_names),
-        "model": json.dumps(emb.model),
-        "normalized": json.dumps(emb.normalized),
-        "root": emb.root,
+        "ids": json.dumps(ids),
+        "label_names": json.dumps(label_names),
+        "model": json.dumps(model),
+        "normalized": json.dumps(normalized),
+        "root": root,
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    if shard is not None:
+        metadata["shard"] = json.dumps(shard)
+    return metadata
+
+
+def _header(num_rows: int, dim: int, metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header safetensors writes for ``labels`` and ``embeddings``."""
+    header = {
+        "__metadata__": metadata,
+        "labels": {"dtype": "I64", "shape": [num_rows], "data_offsets": [0, 8 * num_rows]},
+        "embeddings": {"dtype": "F32", "shape": [num_rows, dim],
+                       "data_offsets": [8 * num_rows, 8 * num_rows + 4 * num_rows * dim]},
+    }
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class EmbeddingsWriter:
+    """Rows of an embeddings file written block by block into their place in an open file.
+
+    The header and labels are written on creation; :meth:`write` puts rows ``start ..`` at
+    their offset, in any order. :meth:`missing` counts rows not yet written.
+    """
+
+    def __init__(self, fh: Any, num_rows: int, dim: int, head: bytes) -> None:
+        self._fh = fh
+        self.num_rows, self.dim, self.head = num_rows, dim, head
+        self.size = len(head) + 8 * num_rows + 4 * num_rows * dim
+        self._rows_start = len(head) + 8 * num_rows
+        self._written = np.zeros(num_rows, dtype=bool)
+
+    @classmethod
+    def create(
+        cls, fh: Any, *, labels: np.ndarray, ids: list[str], label_names: list[str], dim: int,
+        model: dict[str, Any], normalized: bool = False, root: str = "",
+        shard: dict[str, Any] | None = None,
+    ) -> EmbeddingsWriter:
+        """Write the header and labels of an ``len(ids) x dim`` file to ``fh`` (opened ``w+b``)."""
+        n = len(ids)
+        labels = np.ascontiguousarray(labels, dtype="<i8")
+        if labels.shape != (n,):
+            raise EmbeddingsError(f"{n} ids but labels of shape {labels.shape}; they must match")
+        writer = cls(fh, n, dim, _header(n, dim, _metadata(ids, label_names, model, normalized, root, shard)))
+        fh.seek(0)
+        fh.write(writer.head)
+        fh.write(labels.tobytes())
+        fh.truncate(writer.size)  # the rows' bytes, filled by write()
+        return writer
+
+    @classmethod
+    def reopen(
+        cls, fh: Any, *, labels: np.ndarray, ids: list[str], label_names: list[str], dim: int,
+        model: dict[str, Any], normalized: bool = False, root: str = "",
+        shard: dict[str, Any] | None = None,
+    ) -> EmbeddingsWriter:
+        """A writer over a file :meth:`create` began with the same arguments (opened ``r+b``);
+        an :class:`EmbeddingsError` if the file holds another header, other labels or another size."""
+        n = len(ids)
+        writer = cls(fh, n, dim, _header(n, dim, _metadata(ids, label_names, model, normalized, root, shard)))
+        labels = np.ascontiguousarray(labels, dtype="<i8").tobytes()
+        fh.seek(0)
+        if fh.read(len(writer.head) + len(labels)) != writer.head + labels or fh.seek(0, 2) != writer.size:
+            raise EmbeddingsError("the file was begun for other images, labels, model or shard")
+        return writer
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Put ``rows`` (k x dim) at rows ``start .. start + k`` of the file."""
+        rows = np.ascontiguousarray(rows, dtype="<f4")
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise EmbeddingsError(f"rows of shape {rows.shape} do not fit a file of dimension {self.dim}")
+        if not 0 <= start <= start + len(rows) <= self.num_rows:
+            raise EmbeddingsError(f"rows {start}..{start + len(rows)} lie outside a file of {self.num_rows} rows")
+        self._fh.seek(self._rows_start + 4 * self.dim * start)
+        self._fh.write(rows.tobytes())
+        self._written[start : start + len(rows)] = True
+
+    def mark_written(self, stop: int) -> None:
+        """Record rows ``0 .. stop`` as already in the file (a resumed run)."""
+        self._written[:stop] = True
+
+    def missing(self) -> int:
+        """Rows not written yet."""
+        return int((~self._written).sum())
+
+
+@contextlib.contextmanager
+def write_embeddings(
+    path: str | os.PathLike[str], *, labels: np.ndarray, ids: list[str], label_names: list[str],
+    dim: int, model: dict[str, Any], normalized: bool = False, root: str = "",
+    shard: dict[str, Any] | None = None,
+) -> Iterator[EmbeddingsWriter]:
+    """Stream an embeddings file to ``path``: atomically renamed into place once every row is
+    written (an error, or rows left unwritten, leaves any earlier file untouched)."""
+    with atomic_path(path) as tmp, open(tmp, "w+b") as fh:
+        writer = EmbeddingsWriter.create(fh, labels=labels, ids=ids, label_names=label_names, dim=dim,
+                                         model=model, normalized=normalized, root=root, shard=shard)
+        yield writer
+        if writer.missing():
+            raise EmbeddingsError(f"{writer.missing()} of {len(ids)} rows were never written to {str(path)!r}")
+
+
+def save_embeddings(emb: Embeddings, path: str | os.PathLike[str], block_rows: int = 65536) -> None:
+    """Write ``emb`` to ``path`` atomically as a safetensors file, ``block_rows`` rows at a time
+    (a memory-mapped source is never read whole)."""
+    with write_embeddings(path, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
+                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard) as out:
+        for start in range(0, len(emb), block_rows):
+            out.write(start, emb.embeddings[start : start + block_rows])
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -243,6 +357,7 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         label_names = json.loads(meta.get("label_names", "[]"))
         model = json.loads(meta.get("model", "{}"))
         normalized = bool(json.loads(meta.get("normalized", "false")))
+        shard = json.loads(meta["shard"]) if "shard" in meta else None
     except json.JSONDecodeError as exc:
         raise EmbeddingsError(f"{str(path)!r} has corrupt metadata ({exc}); re-create it") from exc
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -255,4 +370,62 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         model=model if isinstance(model, dict) else {},
         normalized=normalized,
         root=meta.get("root", ""),
+        shard=shard if isinstance(shard, dict) else None,
     )
+
+
+def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str], block_rows: int = 65536) -> dict[str, Any]:
+    """Join the part files of ``bctool extract --shard I/N`` into one file in list order.
+
+    Every part must come from the same list, model and N, and every index 0..N-1 must be there
+    exactly once. Parts are read memory-mapped and copied block by block (memory stays flat).
+    Returns a summary (rows, parts, dimension).
+    """
+    if not parts:
+        raise EmbeddingsError("no part files to merge; pass the files written by `bctool extract --shard I/N`")
+    loaded = [(Path(p), load_embeddings(p, mmap=True)) for p in parts]
+    for path, emb in loaded:
+        if emb.shard is None:
+            raise EmbeddingsError(
+                f"{str(path)!r} is not a shard (it has no 'shard' metadata); merge only the files of "
+                "`bctool extract --shard I/N`"
+            )
+    first_path, first = loaded[0]
+    count = int(first.shard["count"])  # type: ignore[index]
+    for path, emb in loaded[1:]:
+        same = {
+            "list": emb.shard["list"] == first.shard["list"] and emb.shard["count"] == count,  # type: ignore[index]
+            "model": emb.model == first.model,
+            "dimension": emb.dim == first.dim,
+            "label names": emb.label_names == first.label_names,
+            "dataset root": emb.root == first.root,
+        }
+        differs = [name for name, ok in same.items() if not ok]
+        if differs:
+            raise EmbeddingsError(
+                f"{str(path)!r} and {str(first_path)!r} differ in {', '.join(differs)}; merge the parts "
+                "of one `bctool extract` over one list with one model"
+            )
+    by_index: dict[int, tuple[Path, Embeddings]] = {}
+    for path, emb in loaded:
+        index = int(emb.shard["index"])  # type: ignore[index]
+        if index in by_index:
+            raise EmbeddingsError(f"shard {index}/{count} is given twice: {str(by_index[index][0])!r} and {str(path)!r}")
+        by_index[index] = (path, emb)
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        shown = ", ".join(f"{i}/{count}" for i in missing[:5])
+        raise EmbeddingsError(f"shards {shown} are missing ({len(missing)} of {count}); extract them with --shard first")
+    ordered = [by_index[i][1] for i in range(count)]
+    ids = [i for emb in ordered for i in emb.ids]
+    labels = np.concatenate([emb.labels for emb in ordered])
+    with write_embeddings(out, labels=labels, ids=ids, label_names=first.label_names, dim=first.dim,
+                          model=first.model, normalized=first.normalized, root=first.root) as writer:
+        row = 0
+        for emb in ordered:
+            for start in range(0, len(emb), block_rows):
+                block = emb.embeddings[start : start + block_rows]
+                writer.write(row, block)
+                row += len(block)
+    return {"out": str(out), "images": len(ids), "parts": count, "embedding_dim": first.dim,
+            "list_images": int(first.shard["total"])}  # type: ignore[index]

@@ -1,22 +1,113 @@
-"""Extraction: embed every image of a dataset with a checkpoint, in batches."""
+"""Extraction: embed every image of a dataset with a checkpoint, in batches.
+
+:func:`extract` returns the embeddings in memory (for training and small sets).
+:func:`extract_to_file` is the command's path for any size: rows stream into the output file as
+batches arrive (memory holds a few batches, never the whole set), ``--shard I/N`` embeds one
+contiguous part of the list, images that cannot be read are skipped and listed in a report
+(or stop the run with ``strict``), and an interrupted run resumes from its last saved row.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from bctool.checkpoint import Checkpoint
-from bctool.data.dataset import ImageDataset
+from bctool.data.dataset import crop_box
+from bctool.data.images import load_rgb
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform
-from bctool.embeddings import Embeddings
+from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
+from bctool.errors import ConfigError, DataError, EmbeddingsError
+from bctool.io import atomic_write_text
 from bctool.progress import NULL_PROGRESS, Progress
 
+logger = logging.getLogger(__name__)
 
-@torch.inference_mode()
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` (0-based): a contiguous run of rows of the image list."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with 0 <= I < N."""
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard {text!r} is not I/N (for example 0/4: the first of 4 parts)") from None
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"--shard {text!r}: I must lie in 0..N-1 and N be at least 1 (for example 0/{max(count, 1)})")
+        return cls(index, count)
+
+    def rows(self, total: int) -> range:
+        """The rows of a ``total``-row list this part covers (parts differ by at most one row)."""
+        return range(total * self.index // self.count, total * (self.index + 1) // self.count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class _Rows(Dataset):
+    """Rows ``start ..`` of an ImageSet as ``(image, row, error)``; with ``strict`` off, an
+    unreadable image gives a blank image and its error message instead of stopping the run."""
+
+    def __init__(self, images: ImageSet, rows: range, transform: EvalTransform, strict: bool) -> None:
+        self.images, self.rows, self.transform, self.strict = images, rows, transform, strict
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        row = self.rows[i]
+        record = self.images.records[row]
+        try:
+            image = load_rgb(record.path)
+            if record.crop is not None:
+                image = crop_box(image, record.crop)
+            return self.transform(image), row, ""
+        except DataError as exc:
+            if self.strict:
+                raise
+            size = self.transform.pre.image_size
+            return torch.zeros(3, size, size), row, str(exc)
+
+
+def _embed_batches(
+    images: ImageSet, checkpoint: Checkpoint, rows: range, batch_size: int, workers: int, strict: bool,
+) -> Iterator[tuple[int, np.ndarray, list[tuple[int, str]]]]:
+    """Yield ``(first_row, embeddings, failures)`` per batch, in row order; ``failures`` lists
+    ``(row, error)`` of the batch's unreadable images (their embedding rows are meaningless)."""
+    model = checkpoint.model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(
+        _Rows(images, rows, EvalTransform(checkpoint.preprocess), strict),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    with torch.inference_mode():
+        for batch, batch_rows, errors in loader:
+            emb = model.embed(batch.to(device, non_blocking=True)).float().cpu().numpy()
+            failures = [(int(r), e) for r, e in zip(batch_rows.tolist(), errors) if e]
+            yield int(batch_rows[0]), emb, failures
+
+
 def extract(
     images: ImageSet,
     checkpoint: Checkpoint,
@@ -24,27 +115,14 @@ def extract(
     workers: int = 2,
     progress: Progress = NULL_PROGRESS,
 ) -> Embeddings:
-    """Embed ``images`` with the checkpoint's model (already on its device, in eval mode).
-
-    Rows are written into one preallocated array as batches arrive, so memory holds the
-    embeddings and a few batches of images, never the whole dataset.
-    """
-    model = checkpoint.model.eval()
-    device = next(model.parameters()).device
-    loader = DataLoader(
-        ImageDataset(images, EvalTransform(checkpoint.preprocess)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
+    """Embed ``images`` with the checkpoint's model (already on its device, in eval mode), in
+    memory; an unreadable image stops it (training needs every row)."""
     out = np.empty((len(images), checkpoint.config.embedding_dim), dtype=np.float32)
     progress.start("extract", len(images))
     try:
-        for batch, _, indices in loader:
-            emb = model.embed(batch.to(device, non_blocking=True)).float().cpu().numpy()
-            out[indices.numpy()] = emb
-            progress.advance(len(indices))
+        for start, emb, _ in _embed_batches(images, checkpoint, range(len(images)), batch_size, workers, True):
+            out[start : start + len(emb)] = emb
+            progress.advance(len(emb))
     finally:
         progress.stop()
     return Embeddings(
@@ -55,4 +133,214 @@ def extract(
         model=checkpoint.identity(),
         normalized=False,
         root=os.path.abspath(images.root),
+    )
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract_to_file` wrote."""
+
+    out: str
+    rows: int  # rows in the output file
+    dim: int
+    labelled: int
+    model: dict[str, Any]
+    shard: str | None = None
+    resumed_from_row: int = 0
+    seconds: float = 0.0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    report: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        embedded = self.rows + len(self.failed) - self.resumed_from_row
+        return {
+            "out": self.out,
+            "images": self.rows,
+            "embedding_dim": self.dim,
+            "labelled": self.labelled,
+            "failed": len(self.failed),
+            "report": self.report,
+            "shard": self.shard,
+            "resumed_from_row": self.resumed_from_row,
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(embedded / max(self.seconds, 1e-9), 1),
+            "model": self.model,
+        }
+
+
+def partial_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``OUT.partial`` (rows so far, final layout) and ``OUT.partial.json`` (how far they go)."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+
+
+def report_path(out: str | os.PathLike[str]) -> Path:
+    """``OUT.failed.tsv``: the images a run skipped (id, path, error)."""
+    out = Path(out)
+    return out.with_name(out.name + ".failed.tsv")
+
+
+def _fingerprint(head: bytes, images: ImageSet, rows: range) -> str:
+    """What a resumed run must share with the interrupted one: the file header (ids, labels,
+    model, shard) and the crop boxes."""
+    digest = hashlib.sha256(head)
+    for row in rows:
+        digest.update(repr(images.records[row].crop).encode())
+    return digest.hexdigest()
+
+
+def extract_to_file(
+    images: ImageSet,
+    checkpoint: Checkpoint,
+    out: str | os.PathLike[str],
+    *,
+    batch_size: int = 256,
+    workers: int = 2,
+    shard: Shard | None = None,
+    strict: bool = False,
+    resume: bool = False,
+    save_every: float = 30.0,
+    progress: Progress = NULL_PROGRESS,
+) -> ExtractResult:
+    """Embed ``images`` (or one ``shard`` of them) into the embeddings file ``out``.
+
+    Rows stream into ``OUT.partial``; every ``save_every`` seconds, on an error and on Ctrl-C
+    the rows so far are synced and their count saved to ``OUT.partial.json``, so ``resume``
+    continues from there. Unreadable images are skipped and listed in ``OUT.failed.tsv``
+    (``strict`` stops instead). When all rows are in, the file is renamed to ``out`` (or, when
+    images were skipped, its good rows are copied there), so ``out`` is never half written.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; pass a file name such as {str(out / 'emb.safetensors')!r}")
+    rows = shard.rows(len(images)) if shard else range(len(images))
+    if not len(rows):
+        raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))
+    dim = checkpoint.config.embedding_dim
+    all_labels = np.asarray(images.labels, dtype=np.int64)
+    ids = images.ids
+    shard_meta = None
+    if shard is not None:
+        shard_meta = {
+            "index": shard.index, "count": shard.count, "start": rows.start, "stop": rows.stop,
+            "total": len(images), "list": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        }
+    meta: dict[str, Any] = {
+        "labels": all_labels[rows.start : rows.stop], "ids": ids[rows.start : rows.stop],
+        "label_names": list(images.label_names), "dim": dim, "model": checkpoint.identity(),
+        "root": os.path.abspath(images.root), "shard": shard_meta,
+    }
+    partial, state = partial_paths(out)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    done, failed = (_resume_state(partial, state, out) if resume else (0, []))
+    resumed_from = done
+    try:
+        fh = open(partial, "r+b" if resume else "w+b")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(partial)!r}: {exc.strerror or exc}; choose a writable --out") from exc
+    with fh:
+        if resume:
+            try:
+                writer = EmbeddingsWriter.reopen(fh, **meta)
+            except EmbeddingsError as exc:
+                raise ConfigError(f"--resume: {str(partial)!r}: {exc}; start again without --resume") from exc
+        else:
+            writer = EmbeddingsWriter.create(fh, **meta)
+        fingerprint = _fingerprint(writer.head, images, rows)
+        if resume and _read_state(state).get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"--resume: {str(partial)!r} was started with other crop boxes; start again without --resume"
+            )
+        writer.mark_written(done)
+
+        def save_state() -> None:
+            fh.flush()
+            os.fsync(fh.fileno())
+            atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "rows_done": done, "failed": failed}))
+
+        save_state()
+        progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
+        progress.advance(done)
+        last_save = time.monotonic()
+        try:
+            for start, emb, failures in _embed_batches(images, checkpoint, rows[done:], batch_size, workers, strict):
+                writer.write(start - rows.start, emb)
+                failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path), "error": e}
+                              for r, e in failures)
+                done = start - rows.start + len(emb)
+                progress.advance(len(emb))
+                if time.monotonic() - last_save >= save_every:
+                    save_state()
+                    last_save = time.monotonic()
+        except BaseException:
+            save_state()  # a resumed run continues after the last finished batch
+            raise
+        finally:
+            progress.stop()
+        fh.flush()
+        os.fsync(fh.fileno())
+    result = _finish(partial, state, out, meta, failed)
+    result.shard = str(shard) if shard else None
+    result.resumed_from_row = resumed_from
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _read_state(state: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(state.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("rows_done"), int):
+            raise ValueError("not a progress record")
+        return data
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {str(state)!r} is unreadable ({exc}); start again without --resume") from exc
+
+
+def _resume_state(partial: Path, state: Path, out: Path) -> tuple[int, list[dict[str, Any]]]:
+    """Rows done and images skipped by the interrupted run that left ``partial``."""
+    if not (partial.is_file() and state.is_file()):
+        raise ConfigError(
+            f"--resume: no interrupted extraction to {str(out)!r} (no {partial.name} beside it); "
+            "start without --resume"
+        )
+    data = _read_state(state)
+    return int(data["rows_done"]), list(data.get("failed", []))
+
+
+def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed: list[dict[str, Any]]) -> ExtractResult:
+    """Move the complete ``partial`` to ``out`` (copying only good rows when some failed), and
+    write or clear the report of skipped images."""
+    report = report_path(out)
+    if failed:
+        lines = ["id\tpath\terror"] + [f"{f['id']}\t{f['path']}\t{f['error']}" for f in failed]
+        atomic_write_text(report, "\n".join(lines) + "\n")
+        logger.info("%d images could not be read and were skipped; see %s", len(failed), report)
+    else:
+        report.unlink(missing_ok=True)
+    keep = np.ones(len(meta["ids"]), dtype=bool)
+    keep[[f["row"] for f in failed]] = False
+    if not keep.any():
+        partial.unlink(missing_ok=True)
+        state.unlink(missing_ok=True)
+        raise DataError(f"none of the {len(keep)} images could be read (first: {failed[0]['error']}); see {str(report)!r}")
+    labels = meta["labels"][keep]
+    if failed:
+        source = load_embeddings(partial, mmap=True)
+        kept_rows = np.flatnonzero(keep)
+        with write_embeddings(out, **{**meta, "labels": labels,
+                                      "ids": [meta["ids"][i] for i in kept_rows.tolist()]}) as writer:
+            for pos in range(0, len(kept_rows), 65536):
+                block = kept_rows[pos : pos + 65536]
+                writer.write(pos, source.embeddings[block])
+        del source
+        partial.unlink()
+    else:
+        os.replace(partial, out)
+    state.unlink(missing_ok=True)
+    return ExtractResult(
+        out=str(out), rows=int(keep.sum()), dim=meta["dim"], labelled=int((labels >= 0).sum()),
+        model=meta["model"], failed=[{k: str(v) for k, v in f.items()} for f in failed],
+        report=str(report) if failed else None,
     )

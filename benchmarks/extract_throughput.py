@@ -7,16 +7,17 @@ Writes the embedded emoji set into a temporary folder and tiles its PNGs into as
 needed (the same PNG bytes under distinct names, so every image is a separate file decoded from
 disk), with a list file per image count. Then, for each model (a seeded, untrained checkpoint):
 
-(a) throughput: ``bctool.extract.extract`` (DataLoader, PNG decoding, resize, forward, copy
-    into the output array) at its default ``workers=2`` and at ``workers=0``, against the bare
+(a) throughput: ``bctool.extract.extract_to_file``, what ``bctool extract`` runs (DataLoader,
+    PNG decoding, resize, forward, rows streamed into the output file) at its default
+    ``workers=2`` and at ``workers=0``, against the bare
     ``model.embed`` over the same batches already in memory (inference mode). Each is run twice,
     alternating, and the faster run of each is reported. torch's thread count is left at its
     default (2 on this machine), so with ``workers=2`` the loader processes and the model's
     threads share the cores.
 (b) peak RSS of extraction in fresh processes (multiprocessing spawn) at two image counts 10x
     apart, with ``workers=0`` so the whole pipeline lives in the measured process; the RSS
-    after imports and checkpoint loading (before extracting) is reported too, and the expected
-    growth from the N x D float32 embeddings array alone. The process-wide peak (ru_maxrss) is
+    after imports and checkpoint loading (before extracting) is reported too, and the size of
+    the N x D float32 embeddings written (streamed to disk, so not held in memory). The process-wide peak (ru_maxrss) is
     set by importing torch and loading the checkpoint, so the peak during extraction is read
     from the kernel's VmHWM after resetting it (``/proc/self/clear_refs``) just before.
 """
@@ -106,10 +107,11 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
     from bctool.data.dataset import ImageDataset
     from bctool.data.sources import load_image_set
     from bctool.data.transforms import EvalTransform
-    from bctool.extract import extract
+    from bctool.extract import extract_to_file
 
     images = load_image_set(list_path)
     ckpt = load_checkpoint(ckpt_path)
+    out = list_path.with_suffix(".safetensors")
     loader = DataLoader(ImageDataset(images, EvalTransform(ckpt.preprocess)), batch_size=batch_size, num_workers=0)
     t0 = time.perf_counter()
     batches = [b for b, _, _ in loader]
@@ -118,10 +120,10 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
     runs: dict[str, list[float]] = {"extract_workers2": [], "extract_workers0": [], "forward_only": []}
     for _ in range(2):
         t0 = time.perf_counter()
-        extract(images, ckpt, batch_size=batch_size, workers=2)
+        extract_to_file(images, ckpt, out, batch_size=batch_size, workers=2)
         runs["extract_workers2"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        extract(images, ckpt, batch_size=batch_size, workers=0)
+        extract_to_file(images, ckpt, out, batch_size=batch_size, workers=0)
         runs["extract_workers0"].append(time.perf_counter() - t0)
         runs["forward_only"].append(_bare_forward_s(ckpt.model, batches))
     n = len(images)
@@ -140,17 +142,19 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
 def _rss_child(list_path: str, ckpt_path: str, batch_size: int, out: mp.Queue) -> None:
     from bctool.checkpoint import load_checkpoint
     from bctool.data.sources import load_image_set
-    from bctool.extract import extract
+    from bctool.extract import extract_to_file
 
     images = load_image_set(Path(list_path))
     ckpt = load_checkpoint(ckpt_path)
+    target = Path(list_path).with_suffix(".safetensors")
     before_current, before_peak = _current_rss_mib(), peak_rss_mib()
     reset = _reset_peak()
     t0 = time.perf_counter()
-    emb = extract(images, ckpt, batch_size=batch_size, workers=0)
+    result = extract_to_file(images, ckpt, target, batch_size=batch_size, workers=0)
     seconds = time.perf_counter() - t0
     during = _vm_hwm_mib() if reset else float("nan")
-    out.put((before_current, before_peak, peak_rss_mib(), during, emb.embeddings.nbytes / 2**20, seconds))
+    emb_mib = result.rows * result.dim * 4 / 2**20
+    out.put((before_current, before_peak, peak_rss_mib(), during, emb_mib, seconds))
 
 
 
@@ -164,12 +168,12 @@ def peak_rss(lists: dict[int, Path], ckpt_path: Path, batch_size: int) -> dict:
             "process_peak_rss_mib_incl_imports": round(peak, 1),
             "peak_rss_during_extract_mib": round(during, 1),
             "growth_during_extract_mib": round(during - before, 1),
-            "embeddings_array_mib": round(emb_mib, 2),
+            "embeddings_written_mib": round(emb_mib, 2),
             "seconds": round(seconds, 2),
         }
     small, large = (rows[str(n)] for n in sorted(lists))
     rows["peak_difference_mib"] = round(large["peak_rss_during_extract_mib"] - small["peak_rss_during_extract_mib"], 1)
-    rows["embeddings_array_difference_mib"] = round(large["embeddings_array_mib"] - small["embeddings_array_mib"], 2)
+    rows["embeddings_written_difference_mib"] = round(large["embeddings_written_mib"] - small["embeddings_written_mib"], 2)
     return rows
 
 
@@ -215,7 +219,7 @@ def main() -> None:
              for k, v in result["throughput"].items()]
     rss = result["peak_rss"]["small@32px"]
     print("; ".join(parts) + f"; peak RSS difference {rss['peak_difference_mib']} MiB for "
-          f"{rss['embeddings_array_difference_mib']} MiB more embeddings", file=sys.stderr)
+          f"{rss['embeddings_written_difference_mib']} MiB more embeddings written to disk", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -132,21 +132,28 @@ def extract(
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
     queries: Annotated[bool, typer.Option("--queries", help="With --gnd: embed the query images (qimlist), cropped to their bounding boxes.")] = False,
     crop: Annotated[bool, typer.Option(help="With --gnd --queries: crop queries to their bbx (the standard protocol); --no-crop as in the AdvBCT paper.")] = True,
+    shard: Annotated[Optional[str], typer.Option(help="Embed only part I of N of the list (I/N, 0-based), e.g. one per GPU or machine; join the parts with `bctool merge`.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it (skipped images are listed in OUT.failed.tsv).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.partial (its progress is saved every 30 s and on errors or Ctrl-C).")] = False,
     device: Device = "auto",
     workers: Workers = 2,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Embed images with a model; write an embeddings file and print a JSON summary."""
+    """Embed images with a model; stream them into an embeddings file and print a JSON summary.
+
+    Memory stays flat whatever the number of images. Images that cannot be read are skipped,
+    counted and listed in OUT.failed.tsv (or stop the run with --strict).
+    """
     from bctool.checkpoint import load_checkpoint
     from bctool.data import load_image_set
     from bctool.device import resolve_device
-    from bctool.embeddings import save_embeddings
-    from bctool.extract import extract as run_extract
+    from bctool.extract import Shard, extract_to_file
 
     setup_logging(verbose)
     if queries and gnd is None:
         raise typer.BadParameter("--queries selects the query images of a --gnd ground truth; pass --gnd too")
+    part = Shard.parse(shard) if shard is not None else None
     checkpoint = load_checkpoint(model, device=resolve_device(device))
     if gnd is not None:
         from bctool.data.sources import image_set_from_names
@@ -160,16 +167,24 @@ def extract(
             images = image_set_from_names(data, truth.gallery_names, source=f"{gnd} gallery")
     else:
         images = load_image_set(data, require_labels=False)
-    emb = run_extract(images, checkpoint, batch_size=batch_size, workers=workers,
-                      progress=RichProgress(not quiet))
-    save_embeddings(emb, out)
-    emit_json({
-        "out": str(out),
-        "images": len(emb),
-        "embedding_dim": emb.dim,
-        "labelled": int((emb.labels >= 0).sum()),
-        "model": emb.model,
-    })
+    result = extract_to_file(images, checkpoint, out, batch_size=batch_size, workers=workers, shard=part,
+                             strict=strict, resume=resume, progress=RichProgress(not quiet))
+    if result.failed and not quiet:
+        stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
+                     "--strict stops at the first one instead.")
+    emit_json(result.to_dict())
+
+
+@app.command()
+@reports_errors
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="The part files of `bctool extract --shard I/N`, in any order.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the joined embeddings file (.safetensors).")],
+) -> None:
+    """Join the parts of a sharded extraction into one embeddings file, in list order."""
+    from bctool.embeddings import merge_shards
+
+    emit_json(merge_shards(list(parts), out))
 
 
 def _pair(text: str) -> tuple[Path, Path]:
