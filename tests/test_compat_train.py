@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,34 +136,77 @@ def _config(old: dict, **kw: object) -> TrainConfig:
 
 
 def _interrupted_run(images, config: TrainConfig, out: Path, epochs_done: int) -> None:  # noqa: ANN001
-    """Run ``train`` but kill it (KeyboardInterrupt) after ``epochs_done`` epochs."""
-    real_epoch = train_loop._train_epoch
+    """Run ``train`` but kill it (KeyboardInterrupt) as epoch ``epochs_done`` (0-based) begins."""
+    real_train = train_loop._EpochRun.train
 
-    def dies(*args: object, **kwargs: object) -> dict:
-        if args[7] == epochs_done:  # the 0-based epoch about to run
+    def dies(self, *args: object, **kwargs: object) -> bool:  # noqa: ANN001
+        if self.epoch == epochs_done:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_train(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_loop, "_train_epoch", dies)
+        patch.setattr(train_loop._EpochRun, "train", dies)
         with pytest.raises(KeyboardInterrupt):
             train(images, config, out)
+
+
+def _assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_resume_after_interruption_gives_the_same_model(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     images = load_image_set(emoji_dir / "new_train.txt")
     straight = tmp_path / "straight.safetensors"
-    train(images, _config(old), straight)
+    reference = train(images, _config(old), straight)
 
     interrupted = tmp_path / "interrupted.safetensors"
     _interrupted_run(images, _config(old), interrupted, epochs_done=2)
     assert state_path(interrupted).exists() and not interrupted.exists()
     result = train(images, _config(old, resume=True), interrupted)
     assert result.resumed_from_epoch == 2 and len(result.history) == 3
-    a, b = load_file(str(straight)), load_file(str(interrupted))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_weights(straight, interrupted)
+
+    # SIGTERM in the middle of epoch 2: the loop finishes the step, saves and stops; --resume
+    # continues inside the epoch (the data order and the random stream are restored).
+    stopped = tmp_path / "stopped.safetensors"
+    real_lr = train_loop.lr_at
+    calls = []
+
+    def signal_at_step_5(step: int, *args: object) -> float:
+        calls.append(step)
+        if step == 5 and len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr(step, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_loop, "lr_at", signal_at_step_5)
+        with pytest.raises(train_loop.TrainingInterrupted, match=r"SIGTERM: stopped after step 6 of 9 \(epoch 2\)"):
+            train(images, _config(old), stopped)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    result = train(images, _config(old, resume=True), stopped)
+    assert result.resumed_from_epoch == 1
+    assert result.history == pytest.approx(reference.history, rel=1e-6)  # the split epoch's means too
+    _assert_same_weights(straight, stopped)
+
+
+def test_save_every_steps_keeps_a_mid_epoch_state(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    saved: list[dict] = []
+    real_save = train_loop.save_train_state
+
+    def spy(path, modules, optimizer, scaler, generator_state, progress, config) -> None:  # noqa: ANN001
+        saved.append(json.loads(json.dumps(progress)))
+        real_save(path, modules, optimizer, scaler, generator_state, progress, config)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_loop, "save_train_state", spy)
+        train(images, _config(old, save_every=2), tmp_path / "m.safetensors")
+    # 3 steps per epoch: saves after steps 2, 4 and 8 (mid-epoch) and after each epoch (3, 6, 9).
+    assert [(s["epoch"], s["step"], (s["partial"] or {}).get("batches")) for s in saved] == [
+        (0, 2, 2), (1, 3, None), (1, 4, 1), (2, 6, None), (2, 8, 2), (3, 9, None)]
 
 
 def test_resume_refuses_changed_options_and_missing_state(emoji_dir: Path, old: dict, tmp_path: Path) -> None:

@@ -83,6 +83,7 @@ def train(
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
+    save_every: Annotated[int, typer.Option(min=0, help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -112,7 +113,7 @@ def train(
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
         boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
-        resume=resume,
+        save_every=save_every, resume=resume,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)

@@ -51,6 +51,10 @@ def reports_errors(func: F) -> F:
         except BctoolError as exc:
             if debug_enabled():
                 raise
+            signum = getattr(exc, "signal_number", 0)
+            if signum:  # stopped by a signal after saving: not an error, the shell's 128 + N code
+                stderr.print(escape(str(exc)), highlight=False, soft_wrap=True)
+                raise typer.Exit(128 + signum) from None
             stderr.print(f"[bold red]{_label()}:[/] {escape(_one_line(exc))}", markup=True, highlight=False,
                          soft_wrap=True)
             raise typer.Exit(1) from None

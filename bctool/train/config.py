@@ -40,6 +40,7 @@ class TrainConfig:
     compat_weight: float = 1.0
     amp: str = "off"
     sync_bn: bool = False
+    save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -52,6 +53,7 @@ class TrainConfig:
             "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
             "weight_decay": (self.weight_decay >= 0, "0 or more"),
             "compat_weight": (self.compat_weight >= 0, "0 or more"),
+            "save_every": (self.save_every >= 0, "0 (epochs only) or more"),
         }
         for name, (ok, rule) in rules.items():
             if not ok:

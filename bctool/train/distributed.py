@@ -105,12 +105,14 @@ class ShardedShuffle(Sampler[int]):
         self.num_rows = num_rows
         self.generator = generator
         self.rank = rank
+        self.skip = 0  # rows of this rank's share to leave out, once (resuming mid-epoch)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.num_rows, generator=self.generator).tolist()
         torch.randperm(self.num_rows, generator=self.generator)  # RandomSampler's empty tail draw
         usable = self.num_rows - self.num_rows % self.rank.world_size
-        return iter(order[self.rank.rank : usable : self.rank.world_size])
+        skip, self.skip = self.skip, 0
+        return iter(order[self.rank.rank : usable : self.rank.world_size][skip:])
 
     def __len__(self) -> int:
         return self.num_rows // self.rank.world_size

@@ -9,7 +9,10 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +211,40 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class TrainingInterrupted(BctoolError):
+    """SIGINT or SIGTERM stopped training after a finished step; the state was saved."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only ask the loop to stop after the current step (a
+    second SIGINT interrupts at once). Handlers can be installed only from the main thread."""
+
+    def __init__(self) -> None:
+        self.signal_number = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_number and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+        logger.warning("%s: stopping after this step and saving the training state",
+                       signal.Signals(signum).name)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 def train(
     images: ImageSet,
     config: TrainConfig,
@@ -216,8 +253,10 @@ def train(
 ) -> TrainResult:
     """Train a model on ``images`` with ``config``; write the checkpoint to ``out``.
 
-    The training state is saved after every epoch to ``OUT.state.safetensors``;
-    ``config.resume`` continues from it. It is removed once the checkpoint is written.
+    The training state is saved to ``OUT.state.safetensors`` after every epoch, every
+    ``config.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
+    flight; :class:`TrainingInterrupted` is raised then). ``config.resume`` continues from it,
+    mid-epoch included; it is removed once the checkpoint is written.
     """
     _check_trainable(images)
     check_output_path(out)
@@ -242,27 +281,47 @@ def train(
     # What the run depends on: the options and the exact data (ids and labels, in order).
     config_dict = {**config.to_dict(), "data": data_fingerprint(images)}
     history: list[dict[str, float]] = []
-    step, start_epoch = 0, 0
+    step, start_epoch, partial = 0, 0, None
     if config.resume:
         saved = load_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator, config_dict)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
-        logger.info("resuming after epoch %d (step %d)", start_epoch, step)
+        partial = saved.get("partial")
+        logger.info("resuming at epoch %d, step %d", start_epoch + 1, step)
+
+    def save_state(epoch: int, step: int, epoch_rng: torch.Tensor, partial: dict | None) -> None:
+        if rank.is_main:
+            save_train_state(resume_path, task.trainable_state(), optimizer, scaler, epoch_rng,
+                             {"epoch": epoch, "step": step, "history": history, "partial": partial},
+                             config_dict)
+
     start = time.perf_counter()
     progress.start(f"train {config.method} {config.arch}", total)
     progress.advance(step)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if rank.rank:
-                # Augmentation in this process (workers=0) must differ between ranks; rank 0
-                # keeps the one-process random stream.
-                torch.manual_seed(config.seed * 1_000_003 + rank.rank * 7_919 + epoch)
-            history.append(_train_epoch(task, forward, loader, optimizer, scaler, config, device, epoch,
-                                        step, total, warmup, progress))
-            step += steps_per_epoch
-            logger.info("epoch %d: %s", epoch + 1, history[-1])
-            if rank.is_main:
-                save_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator,
-                                 {"epoch": epoch + 1, "step": step, "history": history}, config_dict)
+        with _StopSignals() as stop:
+            for epoch in range(start_epoch, config.epochs):
+                if rank.rank:
+                    # Augmentation in this process (workers=0) must differ between ranks; rank 0
+                    # keeps the one-process random stream.
+                    torch.manual_seed(config.seed * 1_000_003 + rank.rank * 7_919 + epoch)
+                epoch_rng = generator.get_state()  # the epoch's data order is drawn from it
+                done = partial if epoch == start_epoch else None
+                loader.sampler.skip = done["batches"] * loader.batch_size if done else 0
+                run = _EpochRun(task, forward, optimizer, scaler, config, device, epoch, total, warmup, progress,
+                                step, done)
+                finished = run.train(loader, stop, lambda r: save_state(epoch, r.step, epoch_rng, r.partial()))
+                step = run.step
+                if not finished:
+                    save_state(epoch, step, epoch_rng, run.partial())
+                    name = signal.Signals(stop.signal_number).name
+                    raise TrainingInterrupted(
+                        f"{name}: stopped after step {step} of {total} (epoch {epoch + 1}); the training "
+                        f"state is saved in {str(resume_path)!r}: continue with the same command and --resume",
+                        stop.signal_number,
+                    )
+                history.append(run.means())
+                logger.info("epoch %d: %s", epoch + 1, history[-1])
+                save_state(epoch + 1, step, generator.get_state(), None)
     finally:
         progress.stop()
     seconds = time.perf_counter() - start
@@ -311,47 +370,79 @@ def _distribute(task: nn.Module, config: TrainConfig, device: torch.device, rank
     )
 
 
-def _train_epoch(
-    task: nn.Module, forward: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
-    step: int, total: int, warmup: int, progress: Progress,
-) -> dict[str, float]:
-    """One pass over the data through ``forward`` (``task`` or its DDP wrapper); returns the mean
-    of every loss part over all ranks."""
-    task.train()
-    sums: dict[str, torch.Tensor] = {}
-    batches = 0
-    for images, labels, indices in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, warmup, config.lr)
-        task.set_progress(epoch, config.epochs, step, total)
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, config.amp):
-            parts = forward(images, labels.to(device, non_blocking=True), indices.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(parts["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            parts["loss"].backward()
-            optimizer.step()
-        # One sync per step, for the progress line; averaged over ranks so that a non-finite loss
-        # on any rank stops all of them at the same step.
-        loss = float(all_mean(parts["loss"].detach()))
-        if not math.isfinite(loss):
-            bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
-            raise BctoolError(
-                f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (parts {bad}); "
-                f"lower --lr (now {config.lr}) or check the old embeddings"
-            )
-        for k, v in parts.items():
-            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
-        batches += 1
-        step += 1
-        progress.advance(1, f"epoch {epoch + 1}/{config.epochs} loss {loss:.3f}")
-    names = list(sums)
-    means = all_mean(torch.stack([sums[k] for k in names]) / max(1, batches)) if names else None
-    return {k: float(means[i]) for i, k in enumerate(names)} if means is not None else {}
+class _EpochRun:
+    """One pass over the data through ``forward`` (the task or its DDP wrapper), possibly the rest
+    of a pass an earlier run began (``done``: its batch count and loss sums)."""
+
+    def __init__(
+        self, task: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
+        total: int, warmup: int, progress: Progress, step: int, done: dict[str, Any] | None,
+    ) -> None:
+        self.task, self.forward, self.optimizer, self.scaler = task, forward, optimizer, scaler
+        self.config, self.device, self.epoch, self.total, self.warmup = config, device, epoch, total, warmup
+        self.progress, self.step = progress, step
+        self.batches = int(done["batches"]) if done else 0
+        self.sums = {k: torch.tensor(v, device=device) for k, v in (done["sums"] if done else {}).items()}
+
+    def partial(self) -> dict[str, Any]:
+        """What a resumed run needs to finish this epoch: batches done, loss sums (this rank's)."""
+        return {"batches": self.batches, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    def means(self) -> dict[str, float]:
+        """The mean of every loss part over the epoch, averaged over ranks."""
+        names = list(self.sums)
+        if not names:
+            return {}
+        means = all_mean(torch.stack([self.sums[k] for k in names]) / max(1, self.batches))
+        return {k: float(means[i]) for i, k in enumerate(names)}
+
+    def train(self, loader: DataLoader, stop: _StopSignals, save: Callable[[_EpochRun], None]) -> bool:
+        """Run the epoch's remaining steps; False if a signal stopped it after a finished step.
+
+        ``save`` is called every ``config.save_every`` steps, except at the epoch's last step
+        (the caller saves the finished epoch).
+        """
+        config, device, task = self.config, self.device, self.task
+        task.train()
+        for images, labels, indices in loader:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.total, self.warmup, config.lr)
+            task.set_progress(self.epoch, config.epochs, self.step, self.total)
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config.amp):
+                parts = self.forward(images, labels.to(device, non_blocking=True),
+                                     indices.to(device, non_blocking=True))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(parts["loss"]).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                parts["loss"].backward()
+                self.optimizer.step()
+            # One sync per step, for the progress line; averaged over ranks so that a non-finite
+            # loss or a stop signal on any rank stops all of them after the same step.
+            flag = torch.tensor(float(stop.signal_number > 0), device=device)
+            loss, stopping = (float(x) for x in all_mean(torch.stack([parts["loss"].detach().float(), flag])))
+            if not math.isfinite(loss):
+                bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
+                raise BctoolError(
+                    f"loss became non-finite at epoch {self.epoch + 1}, step {self.step + 1} (parts {bad}); "
+                    f"lower --lr (now {config.lr}) or check the old embeddings; the last saved state "
+                    "is kept for --resume"
+                )
+            for k, v in parts.items():
+                self.sums[k] = self.sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+            self.batches += 1
+            self.step += 1
+            self.progress.advance(1, f"epoch {self.epoch + 1}/{config.epochs} loss {loss:.3f}")
+            if stopping:
+                if not stop.signal_number:
+                    stop.signal_number = signal.SIGTERM  # another rank was stopped
+                return False
+            if config.save_every and self.step % config.save_every == 0 and self.batches < len(loader):
+                save(self)
+        return True

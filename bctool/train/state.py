@@ -22,7 +22,7 @@ from bctool.io import atomic_path
 FORMAT = "bctool.train-state"
 # Fields that may change between an interrupted run and its resumption.
 # (``workers`` is not one: augmentation draws from per-worker seeds, so a change alters the data.)
-RESUMABLE_CHANGES = frozenset({"resume", "device"})
+RESUMABLE_CHANGES = frozenset({"resume", "device", "save_every"})
 
 
 def state_path(out: str | os.PathLike[str]) -> Path:
@@ -59,11 +59,13 @@ def save_train_state(
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-    generator: torch.Generator,
+    generator_state: torch.Tensor,
     progress: dict[str, Any],
     config: dict[str, Any],
 ) -> None:
-    """Write the state of a run that has finished ``progress['epoch']`` epochs."""
+    """Write the state of a run that has finished ``progress['epoch']`` epochs (and, mid-epoch,
+    ``progress['partial']['batches']`` batches of the next; ``generator_state`` is then the
+    data-order generator as that epoch began)."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
         for key, value in module.state_dict().items():
@@ -71,7 +73,7 @@ def save_train_state(
     optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.generator"] = generator_state
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     metadata = {

@@ -1,0 +1,87 @@
+"""Reliability: runs killed or stopped at any moment lose nothing, and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bctool.train.state import state_path
+
+TRAIN = ["--arch", "small", "--image-size", "32", "--epochs", "6", "--batch-size", "8", "--workers", "0",
+         "--device", "cpu", "--no-augment", "-q"]
+
+
+def _bctool(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bctool", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_state(path: Path, proc: subprocess.Popen, min_step: int, timeout: float = 120) -> None:
+    """Wait until the training state at ``path`` records at least ``min_step`` steps."""
+    from safetensors import safe_open
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if json.loads(fh.metadata()["progress"])["step"] >= min_step:
+                    return
+        except Exception:  # noqa: BLE001 - not there yet (it is renamed into place atomically)
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no training state with {min_step} steps at {path}")
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
+
+
+def test_sigkill_then_resume_reaches_the_same_model(emoji_dir: Path, tmp_path: Path) -> None:
+    data = str(emoji_dir / "new_train.txt")
+    straight = tmp_path / "straight.safetensors"
+    proc = _bctool("train", data, "--out", str(straight), *TRAIN)
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+
+    out = tmp_path / "killed.safetensors"
+    proc = _bctool("train", data, "--out", str(out), *TRAIN, "--save-every", "2")
+    _wait_for_state(state_path(out), proc, min_step=8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists() and state_path(out).exists()
+    proc = _bctool("train", data, "--out", str(out), *TRAIN, "--save-every", "2", "--resume")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["epochs"] == 6 and summary["resumed_from_epoch"] >= 1
+    assert not state_path(out).exists()
+    _same_weights(straight, out)
+
+
+def test_sigterm_saves_and_exits_143(emoji_dir: Path, tmp_path: Path) -> None:
+    data = str(emoji_dir / "new_train.txt")
+    out = tmp_path / "m.safetensors"
+    proc = _bctool("train", data, "--out", str(out), *TRAIN, "--save-every", "1")
+    _wait_for_state(state_path(out), proc, min_step=3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM: stopped after step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert stdout == "" and not out.exists()
+    proc = _bctool("train", data, "--out", str(out), *TRAIN, "--resume")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["epochs"] == 6 and out.exists()
