@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bctool.checkpoint import Checkpoint
+from bctool.data.check import report_path, write_report
 from bctool.data.dataset import crop_box
 from bctool.data.images import load_rgb
 from bctool.data.sources import ImageSet
@@ -170,15 +171,12 @@ class ExtractResult:
 
 
 def partial_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``OUT.partial`` (rows so far, final layout) and ``OUT.partial.json`` (how far they go)."""
+    """``OUT.partial`` (rows so far, final layout) and ``OUT.partial.json`` (how far they go).
+
+    Unreadable images are listed in :func:`~bctool.data.check.report_path` (``OUT.failed.tsv``).
+    """
     out = Path(out)
     return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
-
-
-def report_path(out: str | os.PathLike[str]) -> Path:
-    """``OUT.failed.tsv``: the images a run skipped (id, path, error)."""
-    out = Path(out)
-    return out.with_name(out.name + ".failed.tsv")
 
 
 def _fingerprint(head: bytes, images: ImageSet, rows: range) -> str:
@@ -312,13 +310,9 @@ def _resume_state(partial: Path, state: Path, out: Path) -> tuple[int, list[dict
 def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed: list[dict[str, Any]]) -> ExtractResult:
     """Move the complete ``partial`` to ``out`` (copying only good rows when some failed), and
     write or clear the report of skipped images."""
-    report = report_path(out)
-    if failed:
-        lines = ["id\tpath\terror"] + [f"{f['id']}\t{f['path']}\t{f['error']}" for f in failed]
-        atomic_write_text(report, "\n".join(lines) + "\n")
+    report = write_report(out, failed)
+    if report is not None:
         logger.info("%d images could not be read and were skipped; see %s", len(failed), report)
-    else:
-        report.unlink(missing_ok=True)
     keep = np.ones(len(meta["ids"]), dtype=bool)
     keep[[f["row"] for f in failed]] = False
     if not keep.any():
@@ -342,5 +336,5 @@ def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed:
     return ExtractResult(
         out=str(out), rows=int(keep.sum()), dim=meta["dim"], labelled=int((labels >= 0).sum()),
         model=meta["model"], failed=[{k: str(v) for k, v in f.items()} for f in failed],
-        report=str(report) if failed else None,
+        report=str(report) if report else None,
     )

@@ -172,7 +172,7 @@ def test_evaluate_with_revisited_ground_truth(tmp_path: Path) -> None:
 
 
 def test_worker_errors_are_one_line(tmp_path: Path) -> None:
-    """A missing image found inside a DataLoader worker still gives one clean Error: line."""
+    """A missing image found inside a DataLoader worker (--strict) still gives one clean Error: line."""
     from PIL import Image
 
     for name in ("a", "b"):
@@ -181,7 +181,7 @@ def test_worker_errors_are_one_line(tmp_path: Path) -> None:
     model = tmp_path / "m.safetensors"
     result = runner.invoke(app, ["train", str(tmp_path / "list.txt"), "--out", str(model), "--arch", "small",
                                  "--image-size", "16", "--epochs", "1", "--batch-size", "2", "--workers", "1",
-                                 "--device", "cpu", "-q"])
+                                 "--device", "cpu", "-q", "--strict"])
     assert result.exit_code == 1
     assert "Traceback" not in result.stderr and "missing.png' does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3  # one message, maybe soft-wrapped

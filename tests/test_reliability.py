@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -85,3 +86,51 @@ def test_sigterm_saves_and_exits_143(emoji_dir: Path, tmp_path: Path) -> None:
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert json.loads(stdout)["epochs"] == 6 and out.exists()
+
+
+def _list_with_broken_images(emoji_dir: Path, tmp_path: Path, whole_class: bool = False) -> tuple[Path, list[str]]:
+    """new_train.txt with its first image truncated, its second a zero-byte file, and (if
+    ``whole_class``) every image of one class missing."""
+    lines = (emoji_dir / "new_train.txt").read_text().splitlines()
+    (tmp_path / "images").symlink_to(emoji_dir / "images")
+    truncated = (emoji_dir / lines[0].split("\t")[0]).read_bytes()[:40]
+    (tmp_path / "truncated.png").write_bytes(truncated)
+    (tmp_path / "empty.png").write_bytes(b"")
+    lines[0] = f"truncated.png\t{lines[0].split(chr(9))[1]}"
+    lines[1] = f"empty.png\t{lines[1].split(chr(9))[1]}"
+    bad = ["truncated", "empty"]
+    if whole_class:
+        label = lines[5].split("\t")[1]
+        for i, line in enumerate(lines):
+            if line.split("\t")[1] == label and i > 1:
+                lines[i] = f"gone-{i}.png\t{label}"
+                bad.append(f"gone-{i}")
+    data = tmp_path / "list.txt"
+    data.write_text("\n".join(lines) + "\n")
+    return data, bad
+
+
+def test_training_leaves_unreadable_images_out_or_stops_with_strict(emoji_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bctool.cli import app
+
+    data, bad = _list_with_broken_images(emoji_dir, tmp_path, whole_class=True)
+    out = tmp_path / "m.safetensors"
+    args = ["train", str(data), "--out", str(out), "--arch", "small", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["skipped_images"] == len(bad)
+    assert f"Left out {len(bad)} unreadable images" in result.stderr
+    report = (tmp_path / "m.safetensors.failed.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in report[1:]] == bad
+    # A class left without images: compatible training (old statistics per class) still runs.
+    compat = [*args[:3], str(tmp_path / "n.safetensors"), *args[4:], "--old-model", str(out), "-q"]
+    result = CliRunner().invoke(app, compat)
+    assert result.exit_code == 0, result.stderr
+    assert all(math.isfinite(v) for v in json.loads(result.stdout)["final"].values())
+
+    result = CliRunner().invoke(app, [*args, "--strict"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: image ") and ("cannot be decoded" in result.stderr or "does not exist" in result.stderr)

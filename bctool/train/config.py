@@ -41,6 +41,7 @@ class TrainConfig:
     amp: str = "off"
     sync_bn: bool = False
     save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
+    strict: bool = False  # an unreadable image stops training (default: left out, reported)
     resume: bool = False
 
     def __post_init__(self) -> None:

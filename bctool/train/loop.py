@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bctool.checkpoint import save_checkpoint
+from bctool.data.check import split_readable, write_report
 from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
@@ -61,6 +62,7 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int = 0
     processes: int = 1
+    skipped: int = 0  # unreadable images left out (listed in OUT.failed.tsv)
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -77,6 +79,7 @@ class TrainResult:
             "classes": self.classes,
             "device": self.device,
             "processes": self.processes,
+            "skipped_images": self.skipped,
             "seconds": round(self.seconds, 2),
             "images_per_second": round(trained_epochs * self.images / max(self.seconds, 1e-9), 1),
             "final": {k: round(v, 6) for k, v in self.final.items()},
@@ -258,9 +261,15 @@ def train(
     flight; :class:`TrainingInterrupted` is raised then). ``config.resume`` continues from it,
     mid-epoch included; it is removed once the checkpoint is written.
     """
-    _check_trainable(images)
     check_output_path(out)
     rank = current_rank()
+    failed: list[dict[str, Any]] = []
+    if not config.strict:
+        images, failed = split_readable(images, config.workers, progress)
+        report = write_report(out, failed) if rank.is_main else None
+        if failed:
+            logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
+    _check_trainable(images)
     device = rank_device(config.device)
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
@@ -337,7 +346,7 @@ def train(
     return TrainResult(
         out=str(Path(out)), method=config.method, epochs=config.epochs, steps=step, images=len(images),
         classes=len(images.label_names), device=str(device), seconds=seconds,
-        resumed_from_epoch=start_epoch, processes=rank.world_size,
+        resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
         final=history[-1] if history else {}, history=history,
     )
 
