@@ -2,8 +2,11 @@
 
 Metadata keys (JSON strings): ``format`` (``"bctool.checkpoint"``), ``format_version``,
 ``model`` (:class:`ModelConfig`), ``preprocess`` (:class:`Preprocess`), ``class_names``,
-``train`` (the training config), ``bctool_version`` and ``extra`` (method-specific facts,
-e.g. which classes an old model was trained on).
+``train`` (the training config, seed included), ``bctool_version``, ``environment`` (the
+python, torch, numpy and safetensors versions and the platform), ``command`` (the command line
+that wrote it) and ``extra`` (method-specific facts, e.g. which classes an old model was
+trained on). The same seed, data, options and device give the same file, byte for byte, on the
+CPU (safetensors' own writer orders metadata keys at random; bctool writes them in order).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from bctool import __version__
 from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ModelError
-from bctool.io import atomic_path
+from bctool.io import save_safetensors
 from bctool.models import EmbeddingModel, ModelConfig, create_model
 
 FORMAT = "bctool.checkpoint"
@@ -88,9 +91,31 @@ def save_checkpoint(
         "train": json.dumps(train_config or {}),
         "extra": json.dumps(extra or {}),
         "bctool_version": __version__,
+        "environment": json.dumps(environment()),
+        "command": command_line(),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
+
+
+def environment() -> dict[str, str]:
+    """The versions a file was made with (results may change across them)."""
+    import platform
+
+    import numpy
+    import safetensors
+
+    return {"bctool": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__,
+            "platform": f"{platform.system()}-{platform.machine()}"}
+
+
+def command_line() -> str:
+    """The command that is running, as a shell would take it (program name without its folder)."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv) or [""]
+    return shlex.join([os.path.basename(argv[0]), *argv[1:]])
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from bctool.errors import EmbeddingsError
 from bctool.io import atomic_path

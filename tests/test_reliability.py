@@ -134,3 +134,23 @@ def test_training_leaves_unreadable_images_out_or_stops_with_strict(emoji_dir: P
     result = CliRunner().invoke(app, [*args, "--strict"])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("Error: image ") and ("cannot be decoded" in result.stderr or "does not exist" in result.stderr)
+
+
+def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_path: Path) -> None:
+    """Two processes, one command: identical files; the metadata names seed, versions, command."""
+    from bctool.checkpoint import read_checkpoint_metadata
+
+    args = ["train", str(emoji_dir / "old_train.txt"), *TRAIN[:5], "2", *TRAIN[6:], "--workers", "1", "--augment"]
+    outputs = []
+    out = tmp_path / "m.safetensors"  # the same command line twice (it is in the metadata)
+    for name in ("a", "b"):
+        proc = _bctool(*args, "--out", str(out))
+        assert proc.wait(timeout=300) == 0, proc.communicate()
+        outputs.append(out.rename(tmp_path / f"{name}.safetensors"))
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+    meta = read_checkpoint_metadata(outputs[0])
+    assert json.loads(meta["train"])["seed"] == 0
+    env = json.loads(meta["environment"])
+    assert env["torch"] == torch.__version__ and {"python", "numpy", "safetensors", "bctool"} <= set(env)
+    assert meta["command"].startswith("__main__.py train ") or meta["command"].startswith("bctool train ")
+    assert "--augment" in meta["command"]

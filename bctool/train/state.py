@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from bctool.errors import ConfigError
-from bctool.io import atomic_path
+from bctool.io import save_safetensors
 
 FORMAT = "bctool.train-state"
 # Fields that may change between an interrupted run and its resumption.
@@ -83,8 +82,7 @@ def save_train_state(
         "optimizer": json.dumps(optim_meta),
         "scaler": json.dumps(scaler.state_dict() if scaler is not None else {}),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def load_train_state(
