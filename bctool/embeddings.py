@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -274,14 +275,14 @@ def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) 
     try:
         dtype, shape = str(info["dtype"]), [int(d) for d in info["shape"]]
         begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise _unreadable(path, f"bad header entry for {name!r}: {exc}") from exc
     itemsize = {"F32": 4, "I64": 8, "F64": 8, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 0)
     if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
         raise _unreadable(
             path, f"tensor {name!r} claims bytes [{begin}, {end}) of a {data_size}-byte data buffer"
         )
-    if itemsize and end - begin != itemsize * int(np.prod(shape, dtype=np.int64)):
+    if itemsize and end - begin != itemsize * math.prod(shape):  # Python ints: no overflow
         raise _unreadable(path, f"tensor {name!r} of shape {shape} ({dtype}) does not fill bytes [{begin}, {end})")
     return dtype, shape, begin, end
 
@@ -319,6 +320,25 @@ def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
+# dtypes an embeddings file may hold in memory: numpy has no bfloat16 or float8.
+_NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+
+
+def _check_dtypes(path: Path) -> None:
+    """Refuse, before reading, a file whose header is oversized or corrupt or names tensors
+    numpy cannot hold."""
+    header, _ = _read_header(path)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in _NUMPY_DTYPES:
+            raise EmbeddingsError(
+                f"{str(path)!r}: tensor {name!r} has dtype {dtype!r}, which bctool cannot read; "
+                "store embeddings as float32 (`bctool extract` does)"
+            )
+
+
 def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddings:
     """Read an embeddings file written by :func:`save_embeddings` (or a compatible tool).
 
@@ -332,6 +352,7 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         if mmap:
             tensors, meta = _load_mmap(path)
         else:
+            _check_dtypes(path)  # the header is size-checked before safetensors reads it
             tensors = load_file(str(path))
             meta = _read_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -362,6 +383,8 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         raise EmbeddingsError(f"{str(path)!r} has corrupt metadata ({exc}); re-create it") from exc
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise EmbeddingsError(f"{str(path)!r}: metadata 'ids' must be a JSON list of strings")
+    if not isinstance(label_names, list):
+        raise EmbeddingsError(f"{str(path)!r}: metadata 'label_names' must be a JSON list of names")
     return Embeddings(
         embeddings=emb if isinstance(emb, np.memmap) else emb.astype(np.float32, copy=False),
         labels=labels.astype(np.int64, copy=False),

@@ -97,7 +97,9 @@ def _parse_line(line: str, lineno: int, source: Path) -> tuple[str, str | None] 
 def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
     """Read a list file: one ``PATH [LABEL]`` per line, PATH relative to the file's folder."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Only "\n" ends a line (str.splitlines would also break at \x0c, \x85, \u2028 ...),
+        # and a byte-order mark from Windows editors is not part of the first path.
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except UnicodeDecodeError as exc:
         raise DataError(f"list file {str(path)!r} is not UTF-8 text; is it an image?") from exc
     except OSError as exc:
