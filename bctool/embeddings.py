@@ -50,8 +50,9 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     the values of normalising it whole.
     """
     emb = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.maximum(norms, 1e-12)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows stay NaN; callers check
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norms, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,32 @@ class Embeddings:
         """Label of every row as its name (None where unknown)."""
         return [self.label_names[i] if i >= 0 else None for i in self.labels.tolist()]
 
+    def _check_finite(self, start: int, rows: np.ndarray) -> np.ndarray:
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            first = start + int(np.flatnonzero(bad)[0])
+            raise EmbeddingsError(
+                f"{int(bad.sum())} embedding rows hold NaN or inf values, first {self.ids[first]!r} "
+                f"(row {first}); re-extract them (`bctool extract`) from the model "
+                f"{self.model.get('path', '') or 'that made them'}"
+            )
+        return rows
+
     def normalized_embeddings(self) -> np.ndarray:
-        """L2-normalised rows (float32), a full copy; zero rows stay zero.
+        """L2-normalised rows (float32), a full copy; zero rows stay zero; a NaN or inf row is an
+        :class:`EmbeddingsError` naming its id.
 
         For large (memory-mapped) galleries use :meth:`iter_normalized_blocks`, or pass the raw
         rows to :func:`bctool.evaluate.search.build_index` with ``normalize=True``.
         """
-        return normalize_rows(self.embeddings)
+        return self._check_finite(0, normalize_rows(self.embeddings))
 
     def iter_normalized_blocks(self, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, rows)`` of L2-normalised float32 rows, ``block_rows`` at a time."""
         if block_rows < 1:
             raise EmbeddingsError(f"block_rows must be at least 1, got {block_rows}")
         for start in range(0, len(self), block_rows):
-            yield start, normalize_rows(self.embeddings[start : start + block_rows])
+            yield start, self._check_finite(start, normalize_rows(self.embeddings[start : start + block_rows]))
 
 
 def _metadata(

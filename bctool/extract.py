@@ -9,6 +9,7 @@ contiguous part of the list, images that cannot be read are skipped and listed i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,13 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bctool.checkpoint import Checkpoint
-from bctool.data.check import report_path, write_report
+from bctool.data.check import write_report
 from bctool.data.dataset import crop_box
 from bctool.data.images import load_rgb
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform
 from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
-from bctool.errors import ConfigError, DataError, EmbeddingsError
+from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.io import atomic_write_text
 from bctool.progress import NULL_PROGRESS, Progress
 
@@ -231,10 +232,10 @@ def extract_to_file(
         "root": os.path.abspath(images.root), "shard": shard_meta,
     }
     partial, state = partial_paths(out)
-    partial.parent.mkdir(parents=True, exist_ok=True)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
     resumed_from = done
     try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
         fh = open(partial, "r+b" if resume else "w+b")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise ConfigError(f"cannot write {str(partial)!r}: {exc.strerror or exc}; choose a writable --out") from exc
@@ -258,32 +259,51 @@ def extract_to_file(
             os.fsync(fh.fileno())
             atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "rows_done": done, "failed": failed}))
 
-        save_state()
+        with _writing(partial):
+            save_state()
         progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
         progress.advance(done)
         last_save = time.monotonic()
         try:
             for start, emb, failures in _embed_batches(images, checkpoint, rows[done:], batch_size, workers, strict):
-                writer.write(start - rows.start, emb)
+                with _writing(partial):
+                    writer.write(start - rows.start, emb)
                 failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path), "error": e}
                               for r, e in failures)
                 done = start - rows.start + len(emb)
                 progress.advance(len(emb))
                 if time.monotonic() - last_save >= save_every:
-                    save_state()
+                    with _writing(partial):
+                        save_state()
                     last_save = time.monotonic()
         except BaseException:
-            save_state()  # a resumed run continues after the last finished batch
+            # A resumed run continues after the last finished batch; if even that cannot be
+            # written (a full disk), the last saved progress still describes the file.
+            with contextlib.suppress(OSError, BctoolError):
+                save_state()
             raise
         finally:
             progress.stop()
-        fh.flush()
-        os.fsync(fh.fileno())
+        with _writing(partial):
+            fh.flush()
+            os.fsync(fh.fileno())
     result = _finish(partial, state, out, meta, failed)
     result.shard = str(shard) if shard else None
     result.resumed_from_row = resumed_from
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def _writing(partial: Path) -> Iterator[None]:
+    """Turn a failed write (a full disk, a lost mount) into an error that says how to go on."""
+    try:
+        yield
+    except OSError as exc:
+        raise BctoolError(
+            f"cannot write {str(partial)!r}: {exc.strerror or exc}; free disk space (or fix the "
+            "folder's permissions), then continue with --resume"
+        ) from exc
 
 
 def _read_state(state: Path) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from bctool.embeddings import (
     write_embeddings,
 )
 from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.extract import Shard, extract, extract_to_file, partial_paths, report_path
+from bctool.data.check import report_path
+from bctool.extract import Shard, extract, extract_to_file, partial_paths
 from bctool.models import ModelConfig, create_model
 
 runner = CliRunner()

@@ -268,7 +268,7 @@ def _metrics_rows(title: str, metrics: dict, protocol: str):  # noqa: ANN202 - a
 
 def _evaluate_compat(files: dict, protocol, quiet: bool) -> None:  # noqa: ANN001
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.compat import compatibility_report
+    from bctool.evaluate.compat import check_one_model, compatibility_report
 
     for name in ("old", "new"):
         if None in files[name]:
@@ -277,6 +277,8 @@ def _evaluate_compat(files: dict, protocol, quiet: bool) -> None:  # noqa: ANN00
     if (ind[0] is None) != (ind[1] is None):
         raise typer.BadParameter("pass both --independent-query and --independent-gallery, or neither")
     emb = {name: tuple(load_embeddings(p) for p in paths) for name, paths in files.items() if paths[0]}
+    for name, (query, gallery) in emb.items():
+        check_one_model(query, gallery, name)
     pairs = {"old/old": ("old", "old"), "new/new": ("new", "new"), "new/old": ("new", "old")}
     if "independent" in emb:
         pairs["ind/ind"] = ("independent", "independent")

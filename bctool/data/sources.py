@@ -112,8 +112,9 @@ def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
             continue
         rel, label = parsed
         if require_labels and label is None:
+            hint = next((f" (separated by {sep!r}? use a tab or spaces)" for sep in (",", ";", "|") if sep in rel), "")
             raise DataError(
-                f"{path}:{lineno}: {rel!r} has no label; training needs `PATH LABEL` on every line"
+                f"{path}:{lineno}: {rel!r} has no label{hint}; training needs `PATH LABEL` on every line"
             )
         image_path = Path(rel) if os.path.isabs(rel) else root / rel
         entries.append((image_path, label))

@@ -82,6 +82,18 @@ def paper_scores(per_dataset: list[dict[str, float]]) -> dict[str, float]:
     return {"p_up": p_up, "p_comp": p_comp, "p_1": _harmonic_mean(p_up, p_comp)}
 
 
+def check_one_model(query: Embeddings, gallery: Embeddings, role: str) -> None:
+    """A query/gallery pair that should come from one model (``role``: old, new, independent)
+    must name the same checkpoint (sha256) when both files record one."""
+    a, b = query.model.get("sha256"), gallery.model.get("sha256")
+    if a and b and a != b:
+        raise EmbeddingsError(
+            f"--{role}-query was made by model {a[:12]} ({query.model.get('path', '?')}) but "
+            f"--{role}-gallery by model {b[:12]} ({gallery.model.get('path', '?')}); both files of "
+            f"the {role} pair must be extracted with the {role} model"
+        )
+
+
 def compatibility_report(metrics: dict[str, float]) -> dict[str, Any]:
     """Single-dataset report: the inputs, ``compatible`` (M(n,o) > M(o,o)) and, given ``m_star``,
     ``update_gain``, ``p_up``, ``p_comp`` and ``p_1``.

@@ -132,6 +132,12 @@ def _gallery_blocks(gallery: np.ndarray, normalize: bool) -> Iterator[np.ndarray
     for start in range(0, gallery.shape[0], rows):
         block = gallery[start : start + rows]
         block = normalize_rows(block) if normalize else np.ascontiguousarray(block, dtype=np.float32)
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise EmbeddingsError(
+                f"{int(bad.sum())} gallery rows from row {start + int(np.flatnonzero(bad)[0])} on hold NaN or "
+                "inf values; re-extract the gallery (`bctool extract`)"
+            )
         yield np.ascontiguousarray(block)
 
 

@@ -97,7 +97,7 @@ def match_by_id(images: ImageSet, old: Embeddings, source: str) -> torch.Tensor:
 
 def _read_class_list(path: Path) -> list[str]:
     try:
-        names = [line.strip() for line in path.read_text().splitlines()]
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except OSError as exc:
         raise DataError(f"cannot read --old-classes file {str(path)!r}: {exc.strerror}") from exc
     return [n for n in names if n and not n.startswith("#")]
@@ -163,6 +163,13 @@ def load_old_side(
     if bool(old_embeddings) == bool(old_model):
         raise ConfigError("pass exactly one of --old-embeddings OLD_EMB.safetensors or --old-model OLD.safetensors")
     explicit = _read_class_list(Path(old_classes)) if old_classes else None
+    if explicit is not None:
+        unknown = sorted(set(explicit) - set(images.label_names))
+        if unknown:
+            logger.warning(
+                "%d of the %d --old-classes names are not training labels (%s%s); they are ignored",
+                len(unknown), len(set(explicit)), ", ".join(map(repr, unknown[:5])), " ..." if len(unknown) > 5 else "",
+            )
     if old_model:
         checkpoint = load_checkpoint(old_model, device=device)
         dim = checkpoint.config.embedding_dim

@@ -1,0 +1,241 @@
+"""The bad-input catalogue (README "Bad input"): rows not covered by the feature tests."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from bctool.checkpoint import load_checkpoint, save_checkpoint
+from bctool.cli import app
+from bctool.data import load_image_set, load_rgb
+from bctool.data.transforms import Preprocess
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+from bctool.errors import BctoolError, DataError, EmbeddingsError
+from bctool.evaluate.retrieval import evaluate_retrieval
+from bctool.extract import extract_to_file, partial_paths
+from bctool.models import ModelConfig, create_model
+
+runner = CliRunner()
+
+
+def test_sixteen_bit_cmyk_and_grey_images_decode_to_8_bit_rgb(tmp_path: Path) -> None:
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode == "I;16"
+    wide = np.asarray(load_rgb(tmp_path / "wide.png"))
+    assert wide.dtype == np.uint8 and wide.shape == (16, 16, 3)
+    np.testing.assert_array_equal(wide[..., 0], np.arange(256).reshape(16, 16))  # scaled, not clipped to white
+    Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert load_rgb(tmp_path / "cmyk.jpg").getpixel((4, 4))[1] < 40  # magenta ink: little green
+    Image.new("L", (8, 8), 90).save(tmp_path / "grey.png")
+    assert load_rgb(tmp_path / "grey.png").getpixel((0, 0)) == (90, 90, 90)
+
+
+def test_huge_image_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice the limit
+    with pytest.raises(DataError, match="is too large to decode safely .*shrink it or drop it"):
+        load_rgb(tmp_path / "big.png")
+
+
+def test_list_with_a_comma_separator_gets_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text("a.png,cat\n")
+    with pytest.raises(DataError, match=r"list.txt:1: 'a.png,cat' has no label \(separated by ','\? use a tab"):
+        load_image_set(tmp_path / "list.txt")
+
+
+def test_path_outside_the_root_is_read_and_keeps_an_absolute_id(tmp_path: Path) -> None:
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text("../outside.png cat\ninside.png dog\n")
+    images = load_image_set(tmp_path / "lists" / "list.txt")
+    assert images.ids == [str((tmp_path / "outside").as_posix()), "inside"]
+
+
+def test_empty_class_folder_is_no_class_and_one_image_class_is_one(tmp_path: Path) -> None:
+    for name in ("a/1.png", "a/2.png", "b/1.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "empty").mkdir()
+    images = load_image_set(tmp_path)
+    assert images.label_names == ("a", "b") and images.class_counts() == [2, 1]
+
+
+def _emb(rows: np.ndarray, model: dict | None = None) -> Embeddings:
+    n = len(rows)
+    return Embeddings(rows.astype(np.float32), np.arange(n) % 2, [f"i{k}" for k in range(n)], ["x", "y"],
+                      model or {})
+
+
+def test_non_finite_embeddings_are_refused_with_the_row(tmp_path: Path) -> None:
+    good = np.random.default_rng(0).normal(size=(6, 4))
+    bad = good.copy()
+    bad[4, 2] = np.nan
+    with pytest.raises(EmbeddingsError, match=r"1 embedding rows hold NaN or inf values, first 'i4' \(row 4\)"):
+        evaluate_retrieval(_emb(bad), _emb(good))
+    bad[4, 2] = np.inf
+    with pytest.raises(EmbeddingsError, match="1 gallery rows from row 4 on hold NaN or inf"):
+        evaluate_retrieval(_emb(good), _emb(bad))
+    save_embeddings(_emb(bad), tmp_path / "g.safetensors")
+    save_embeddings(_emb(good), tmp_path / "q.safetensors")
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "q.safetensors"), "--gallery",
+                                 str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 1 and "NaN or inf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compat_report_refuses_a_pair_from_two_models(tmp_path: Path) -> None:
+    rows = np.random.default_rng(1).normal(size=(6, 4))
+    files = {}
+    for name, sha in [("oq", "a" * 64), ("og", "b" * 64), ("nq", "c" * 64), ("ng", "c" * 64)]:
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_embeddings(_emb(rows, {"sha256": sha, "path": f"/models/{sha[0]}.safetensors"}), files[name])
+    result = runner.invoke(app, ["evaluate", "--old-query", str(files["oq"]), "--old-gallery", str(files["og"]),
+                                 "--new-query", str(files["nq"]), "--new-gallery", str(files["ng"])])
+    assert result.exit_code == 1
+    assert "--old-query was made by model aaaaaaaaaaaa (/models/a.safetensors) but --old-gallery by model" in result.stderr
+
+
+def test_unknown_old_class_names_are_named_in_a_warning(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bctool.train.old_side import load_old_side
+
+    images = load_image_set(emoji_dir / "new_train.txt")
+    rows = np.random.default_rng(2).normal(size=(len(images), 8)).astype(np.float32)
+    save_embeddings(Embeddings(rows, np.asarray(images.labels), images.ids, list(images.label_names)),
+                    tmp_path / "old.safetensors")
+    (tmp_path / "classes.txt").write_text(f"{images.label_names[0]}\nno-such-class\n")
+    with caplog.at_level(logging.WARNING):
+        old = load_old_side(images, 8, Preprocess(32), torch.device("cpu"), old_embeddings=str(tmp_path / "old.safetensors"),
+                            old_classes=str(tmp_path / "classes.txt"))
+    assert int(old.old_classes.sum()) == 1
+    assert "1 of the 2 --old-classes names are not training labels ('no-such-class')" in caplog.text
+
+
+@pytest.fixture()
+def checkpoint_path(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2)), Preprocess(16), ["a", "b"])
+    return path
+
+
+def _disk_full(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_keeps_the_old_file_and_says_so(checkpoint_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = checkpoint_path.read_bytes()
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    with pytest.raises(BctoolError, match="cannot write .*No space left on device; check free disk space"):
+        save_checkpoint(checkpoint_path, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2)),
+                        Preprocess(16), ["a", "b"])
+    assert checkpoint_path.read_bytes() == before
+    assert [p.name for p in checkpoint_path.parent.iterdir()] == ["m.safetensors"]  # no temp left
+
+
+def test_full_disk_during_extraction_then_resume(
+    emoji_dir: Path, checkpoint_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bctool.embeddings import EmbeddingsWriter
+
+    images = load_image_set(emoji_dir / "gallery.txt")
+    out = tmp_path / "e.safetensors"
+    real_write, calls = EmbeddingsWriter.write, []
+
+    def fills_up(self, start: int, rows: np.ndarray) -> None:  # noqa: ANN001
+        calls.append(start)
+        if len(calls) == 3:
+            _disk_full()
+        real_write(self, start, rows)
+
+    monkeypatch.setattr(EmbeddingsWriter, "write", fills_up)
+    with pytest.raises(BctoolError, match="No space left on device; free disk space .*then continue with --resume"):
+        extract_to_file(images, load_checkpoint(checkpoint_path), out, batch_size=3, workers=0)
+    assert not out.exists() and json.loads(partial_paths(out)[1].read_text())["rows_done"] == 6
+    monkeypatch.setattr(EmbeddingsWriter, "write", real_write)
+    result = extract_to_file(images, load_checkpoint(checkpoint_path), out, batch_size=3, workers=0, resume=True)
+    assert result.resumed_from_row == 6 and len(load_embeddings(out)) == len(images)
+
+
+def test_output_under_a_file_is_a_clear_error(emoji_dir: Path, checkpoint_path: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["extract", str(emoji_dir / "query.txt"), "-m", str(checkpoint_path),
+                                 "-o", str(tmp_path / "file" / "e.safetensors"), "--workers", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "cannot write" in result.stderr and "choose a writable --out" in result.stderr
+
+
+def test_no_code_loads_a_pickle_or_torch_file_unsafely() -> None:
+    """Files from elsewhere are data: no pickle.load/loads, no torch.load without weights_only,
+    no numpy allow_pickle anywhere in the package (gnd files go through a restricted unpickler)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "bctool"
+    offending = []
+    for path in root.rglob("*.py"):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\bpickle\.loads?\(|allow_pickle\s*=\s*True", code) or (
+                re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code
+            ):
+                offending.append(f"{path.relative_to(root.parent)}:{lineno}: {line.strip()}")
+    assert not offending, offending
+    assert "pickle.Unpickler" in (root / "evaluate" / "gnd.py").read_text()
+
+
+def test_dataset_with_one_class_is_refused(tmp_path: Path) -> None:
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "list.txt").write_text("1.png cat\n2.png cat\n")
+    result = runner.invoke(app, ["train", str(tmp_path / "list.txt"), "--out", str(tmp_path / "m.safetensors"),
+                                 "--arch", "small", "--image-size", "16", "--workers", "0"])
+    assert result.exit_code == 1 and "has 1 class; classification training needs at least 2 classes" in result.stderr
+
+
+def test_nan_old_embeddings_are_refused_before_training(emoji_dir: Path, tmp_path: Path) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    rows = np.random.default_rng(3).normal(size=(len(images), 256)).astype(np.float32)
+    rows[7, 3] = np.nan
+    save_embeddings(Embeddings(rows, np.asarray(images.labels), images.ids, list(images.label_names)),
+                    tmp_path / "old.safetensors")
+    result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "m.safetensors"),
+                                 "--old-embeddings", str(tmp_path / "old.safetensors"), "--arch", "small",
+                                 "--image-size", "32", "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 1 and "holds non-finite values (NaN or inf); re-extract" in result.stderr
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_state(
+    emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bctool.train import TrainConfig, train
+    from bctool.train.state import state_path
+    from bctool.train.tasks import ClassificationTask
+
+    real, calls = ClassificationTask.forward, []
+
+    def nan_at_step_5(self, *args: object) -> dict:  # noqa: ANN001
+        parts = real(self, *args)
+        calls.append(1)
+        if len(calls) == 5:
+            parts["cls"] = parts["cls"] * float("nan")
+            parts["loss"] = parts["cls"]
+        return parts
+
+    monkeypatch.setattr(ClassificationTask, "forward", nan_at_step_5)
+    out = tmp_path / "m.safetensors"
+    config = TrainConfig(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu")
+    with pytest.raises(BctoolError, match=r"loss became non-finite at epoch 2, step 5 \(parts \['cls', 'loss'\]\).*kept for --resume"):
+        train(load_image_set(emoji_dir / "new_train.txt"), config, out)
+    assert not out.exists() and state_path(out).exists()
+    with safe_open(str(state_path(out)), framework="pt") as fh:
+        assert json.loads(fh.metadata()["progress"])["epoch"] == 1  # the last good state
