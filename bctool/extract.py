@@ -32,6 +32,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform
 from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
+from bctool.interrupt import Interrupted, StopSignals
 from bctool.io import atomic_write_text
 from bctool.progress import NULL_PROGRESS, Progress
 
@@ -204,9 +205,10 @@ def extract_to_file(
 ) -> ExtractResult:
     """Embed ``images`` (or one ``shard`` of them) into the embeddings file ``out``.
 
-    Rows stream into ``OUT.partial``; every ``save_every`` seconds, on an error and on Ctrl-C
-    the rows so far are synced and their count saved to ``OUT.partial.json``, so ``resume``
-    continues from there. Unreadable images are skipped and listed in ``OUT.failed.tsv``
+    Rows stream into ``OUT.partial``; every ``save_every`` seconds, on an error, and when SIGINT
+    or SIGTERM stops the run after a batch (:class:`~bctool.interrupt.Interrupted`), the rows so
+    far are synced and their count saved to ``OUT.partial.json``, so ``resume`` continues from
+    there. Unreadable images are skipped and listed in ``OUT.failed.tsv``
     (``strict`` stops instead). When all rows are in, the file is renamed to ``out`` (or, when
     images were skipped, its good rows are copied there), so ``out`` is never half written.
     """
@@ -265,17 +267,22 @@ def extract_to_file(
         progress.advance(done)
         last_save = time.monotonic()
         try:
-            for start, emb, failures in _embed_batches(images, checkpoint, rows[done:], batch_size, workers, strict):
-                with _writing(partial):
-                    writer.write(start - rows.start, emb)
-                failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path), "error": e}
-                              for r, e in failures)
-                done = start - rows.start + len(emb)
-                progress.advance(len(emb))
-                if time.monotonic() - last_save >= save_every:
+            with StopSignals() as stop:
+                for start, emb, failures in _embed_batches(images, checkpoint, rows[done:], batch_size, workers, strict):
                     with _writing(partial):
-                        save_state()
-                    last_save = time.monotonic()
+                        writer.write(start - rows.start, emb)
+                    failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path),
+                                   "error": e} for r, e in failures)
+                    done = start - rows.start + len(emb)
+                    progress.advance(len(emb))
+                    if stop.signal_number:
+                        raise Interrupted(
+                            f"{stop.name}: stopped after {done} of {len(rows)} images; they are saved in "
+                            f"{str(partial)!r}: continue with the same command and --resume", stop.signal_number)
+                    if time.monotonic() - last_save >= save_every:
+                        with _writing(partial):
+                            save_state()
+                        last_save = time.monotonic()
         except BaseException:
             # A resumed run continues after the last finished batch; if even that cannot be
             # written (a full disk), the last saved progress still describes the file.

@@ -20,6 +20,7 @@ from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import load_embeddings
 from bctool.errors import ConfigError
 from bctool.train import TrainConfig, train
+from bctool.interrupt import Interrupted
 from bctool.train import loop as train_loop
 from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id
 from bctool.train.state import state_path
@@ -183,7 +184,7 @@ def test_resume_after_interruption_gives_the_same_model(emoji_dir: Path, old: di
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_loop, "lr_at", signal_at_step_5)
-        with pytest.raises(train_loop.TrainingInterrupted, match=r"SIGTERM: stopped after step 6 of 9 \(epoch 2\)"):
+        with pytest.raises(Interrupted, match=r"SIGTERM: stopped after step 6 of 9 \(epoch 2\)"):
             train(images, _config(old), stopped)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     result = train(images, _config(old, resume=True), stopped)

@@ -153,3 +153,35 @@ def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_
     assert env["torch"] == torch.__version__ and {"python", "numpy", "safetensors", "bctool"} <= set(env)
     assert meta["command"].startswith("__main__.py train ") or meta["command"].startswith("bctool train ")
     assert "--augment" in meta["command"]
+
+
+def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path) -> None:
+    """Extraction saves its rows on SIGTERM (exit 143) and --resume finishes the same file."""
+    from bctool.checkpoint import save_checkpoint
+    from bctool.data.transforms import Preprocess
+    from bctool.models import ModelConfig, create_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "m.safetensors"
+    # A model slow enough (about 0.1 s an image on 2 cores) that the signal lands mid-run.
+    save_checkpoint(model, create_model(ModelConfig(arch="resnet50", embedding_dim=8, num_classes=2)),
+                    Preprocess(128), ["a", "b"])
+    args = ["extract", str(emoji_dir / "new_train.txt"), "-m", str(model), "--batch-size", "1", "--workers", "0"]
+    straight = tmp_path / "straight.safetensors"
+    assert _bctool(*args, "-o", str(straight)).wait(timeout=300) == 0
+    out = tmp_path / "e.safetensors"
+    proc = _bctool(*args, "-o", str(out))
+    progress = tmp_path / "e.safetensors.partial.json"  # written as the first batch starts
+    deadline = time.monotonic() + 120
+    while not progress.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM: stopped after" in stderr and "--resume" in stderr and stdout == "" and not out.exists()
+    proc = _bctool(*args, "-o", str(out), "--resume")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["resumed_from_row"] > 0
+    assert out.read_bytes() == straight.read_bytes()

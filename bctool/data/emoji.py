@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -95,8 +96,10 @@ def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -
         for i, name in enumerate(names):
             x, y = (i % columns) * size, (i // columns) * size
             target = folder / f"{name}.png"
-            if not target.exists():
-                sheet.crop((x, y, x + size, y + size)).save(target)
+            if not target.exists():  # written under a temporary name: a killed run leaves no torn PNG
+                partial = target.with_name(f".{target.name}.tmp")
+                sheet.crop((x, y, x + size, y + size)).save(partial, format="PNG")
+                os.replace(partial, target)
     parts = split_classes(names, split)
 
     def lines(classes: list[str], vendors: list[str]) -> str:

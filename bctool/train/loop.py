@@ -10,7 +10,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
 from bctool.errors import BctoolError, ConfigError, DataError
+from bctool.interrupt import Interrupted, StopSignals
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
@@ -214,40 +214,6 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class TrainingInterrupted(BctoolError):
-    """SIGINT or SIGTERM stopped training after a finished step; the state was saved."""
-
-    def __init__(self, message: str, signal_number: int) -> None:
-        super().__init__(message)
-        self.signal_number = signal_number
-
-
-class _StopSignals:
-    """While active, SIGINT and SIGTERM only ask the loop to stop after the current step (a
-    second SIGINT interrupts at once). Handlers can be installed only from the main thread."""
-
-    def __init__(self) -> None:
-        self.signal_number = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_number and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_number = signum
-        logger.warning("%s: stopping after this step and saving the training state",
-                       signal.Signals(signum).name)
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def train(
     images: ImageSet,
     config: TrainConfig,
@@ -258,7 +224,7 @@ def train(
 
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
     ``config.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
-    flight; :class:`TrainingInterrupted` is raised then). ``config.resume`` continues from it,
+    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.resume`` continues from it,
     mid-epoch included; it is removed once the checkpoint is written.
     """
     check_output_path(out)
@@ -307,7 +273,7 @@ def train(
     progress.start(f"train {config.method} {config.arch}", total)
     progress.advance(step)
     try:
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             for epoch in range(start_epoch, config.epochs):
                 if rank.rank:
                     # Augmentation in this process (workers=0) must differ between ranks; rank 0
@@ -323,7 +289,7 @@ def train(
                 if not finished:
                     save_state(epoch, step, epoch_rng, run.partial())
                     name = signal.Signals(stop.signal_number).name
-                    raise TrainingInterrupted(
+                    raise Interrupted(
                         f"{name}: stopped after step {step} of {total} (epoch {epoch + 1}); the training "
                         f"state is saved in {str(resume_path)!r}: continue with the same command and --resume",
                         stop.signal_number,
@@ -406,7 +372,7 @@ class _EpochRun:
         means = all_mean(torch.stack([self.sums[k] for k in names]) / max(1, self.batches))
         return {k: float(means[i]) for i, k in enumerate(names)}
 
-    def train(self, loader: DataLoader, stop: _StopSignals, save: Callable[[_EpochRun], None]) -> bool:
+    def train(self, loader: DataLoader, stop: StopSignals, save: Callable[[_EpochRun], None]) -> bool:
         """Run the epoch's remaining steps; False if a signal stopped it after a finished step.
 
         ``save`` is called every ``config.save_every`` steps, except at the epoch's last step
