@@ -118,11 +118,29 @@ def command_line() -> str:
     return shlex.join([os.path.basename(argv[0]), *argv[1:]])
 
 
+# A checkpoint's JSON header holds its metadata and tensor table: a few hundred KB at most.
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def _check_header_size(path: Path) -> None:
+    """Refuse, before safetensors parses it, a header longer than the limit or than the file."""
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+    size = path.stat().st_size
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 <= length <= min(_MAX_HEADER_BYTES, size - 8):
+        raise ModelError(
+            f"{str(path)!r} is not a readable safetensors checkpoint (its header length field reads "
+            f"{length} for a {size}-byte file); pass a file written by `bctool train`"
+        )
+
+
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The raw metadata of a checkpoint, checked to be a bctool checkpoint."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"checkpoint {str(p)!r} does not exist; train one with `bctool train`")
+    _check_header_size(p)
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = dict(fh.metadata() or {})

@@ -239,3 +239,15 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_state(
     assert not out.exists() and state_path(out).exists()
     with safe_open(str(state_path(out)), framework="pt") as fh:
         assert json.loads(fh.metadata()["progress"])["epoch"] == 1  # the last good state
+
+
+def test_checkpoint_header_is_size_checked_before_reading(checkpoint_path: Path, tmp_path: Path) -> None:
+    from bctool.errors import ModelError
+
+    raw = bytearray(checkpoint_path.read_bytes())
+    raw[:8] = (2**40).to_bytes(8, "little")  # a 1 TB header in a small file
+    (tmp_path / "big.safetensors").write_bytes(bytes(raw))
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    for name in ("big", "short"):
+        with pytest.raises(ModelError, match="header length field reads"):
+            load_checkpoint(tmp_path / f"{name}.safetensors")
