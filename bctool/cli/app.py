@@ -83,6 +83,7 @@ def train(
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
+    log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of checking every image first and leaving the unreadable ones out (listed in OUT.failed.tsv).")] = False,
     save_every: Annotated[int, typer.Option(min=0, help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
@@ -114,7 +115,7 @@ def train(
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
         boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
-        save_every=save_every, strict=strict, resume=resume,
+        save_every=save_every, strict=strict, log_dir=str(log_dir) if log_dir else None, resume=resume,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)
@@ -178,6 +179,18 @@ def extract(
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")
     emit_json(result.to_dict())
+
+
+@app.command()
+@reports_errors
+def plot(
+    log_dir: Annotated[Path, typer.Argument(help="The folder given to `bctool train --log-dir`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: LOG_DIR/training.png).")] = None,
+) -> None:
+    """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
+    from bctool.train.log import plot_training
+
+    emit_json(plot_training(log_dir, out))
 
 
 @app.command()

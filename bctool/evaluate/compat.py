@@ -19,7 +19,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.retrieval import evaluate_retrieval
-from bctool.io import atomic_path
+from bctool.plotting import pyplot, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -247,35 +247,20 @@ def plot_backfill(
 
     ``old_map`` and ``new_map`` (e.g. M(o,o) and M(n,n)) are drawn as horizontal references.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError(
-            "plotting the backfill curve needs matplotlib, which is not installed; "
-            "pip install matplotlib (or leave out the plot)"
-        ) from exc
+    plt = pyplot("plotting the backfill curve")
     if not curve:
         raise ConfigError("the backfill curve is empty; evaluate at least one fraction before plotting")
     x = [100.0 * point["fraction"] for point in curve]
     y = [100.0 * point["map"] for point in curve]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    try:
-        ax.plot(x, y, marker="o", label="new queries vs mixed gallery")
-        if old_map is not None:
-            ax.axhline(100.0 * old_map, color="grey", linestyle="--", label="old / old")
-        if new_map is not None:
-            ax.axhline(100.0 * new_map, color="black", linestyle=":", label="new / new")
-        ax.set_xlabel("gallery re-embedded with the new model (%)")
-        ax.set_ylabel("mAP (%)")
-        ax.set_xlim(0, 100)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-        fig.tight_layout()
-        with atomic_path(out_path) as tmp:
-            # The temporary name ends in .tmp, so the format cannot come from the suffix.
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    ax.plot(x, y, marker="o", label="new queries vs mixed gallery")
+    if old_map is not None:
+        ax.axhline(100.0 * old_map, color="grey", linestyle="--", label="old / old")
+    if new_map is not None:
+        ax.axhline(100.0 * new_map, color="black", linestyle=":", label="new / new")
+    ax.set_xlabel("gallery re-embedded with the new model (%)")
+    ax.set_ylabel("mAP (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    save_png(fig, out_path)

@@ -42,6 +42,7 @@ class TrainConfig:
     sync_bn: bool = False
     save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
     strict: bool = False  # an unreadable image stops training (default: left out, reported)
+    log_dir: str | None = None  # where steps.jsonl and epochs.jsonl go (bctool plot draws them)
     resume: bool = False
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from bctool.train.distributed import (
     seed_worker_for_rank,
     sync_batchnorm,
 )
+from bctool.train.log import TrainLog
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
 
@@ -262,6 +263,7 @@ def train(
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
         partial = saved.get("partial")
         logger.info("resuming at epoch %d, step %d", start_epoch + 1, step)
+    log = TrainLog(config.log_dir, step if config.resume else None) if config.log_dir and rank.is_main else None
 
     def save_state(epoch: int, step: int, epoch_rng: torch.Tensor, partial: dict | None) -> None:
         if rank.is_main:
@@ -275,6 +277,7 @@ def train(
     try:
         with StopSignals() as stop:
             for epoch in range(start_epoch, config.epochs):
+                epoch_start = time.perf_counter()
                 if rank.rank:
                     # Augmentation in this process (workers=0) must differ between ranks; rank 0
                     # keeps the one-process random stream.
@@ -283,7 +286,7 @@ def train(
                 done = partial if epoch == start_epoch else None
                 loader.sampler.skip = done["batches"] * loader.batch_size if done else 0
                 run = _EpochRun(task, forward, optimizer, scaler, config, device, epoch, total, warmup, progress,
-                                step, done)
+                                step, done, log)
                 finished = run.train(loader, stop, lambda r: save_state(epoch, r.step, epoch_rng, r.partial()))
                 step = run.step
                 if not finished:
@@ -296,9 +299,16 @@ def train(
                     )
                 history.append(run.means())
                 logger.info("epoch %d: %s", epoch + 1, history[-1])
+                if log is not None:
+                    seconds = time.perf_counter() - epoch_start
+                    images_done = (run.batches - (done["batches"] if done else 0)) * loader.batch_size * rank.world_size
+                    log.epoch({"epoch": epoch + 1, "step": step, "seconds": round(seconds, 3),
+                               "images_per_second": round(images_done / max(seconds, 1e-9), 1), **history[-1]})
                 save_state(epoch + 1, step, generator.get_state(), None)
     finally:
         progress.stop()
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - start
     if rank.is_main:
         save_checkpoint(
@@ -353,8 +363,9 @@ class _EpochRun:
         self, task: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
         total: int, warmup: int, progress: Progress, step: int, done: dict[str, Any] | None,
+        log: TrainLog | None = None,
     ) -> None:
-        self.task, self.forward, self.optimizer, self.scaler = task, forward, optimizer, scaler
+        self.task, self.forward, self.optimizer, self.scaler, self.log = task, forward, optimizer, scaler, log
         self.config, self.device, self.epoch, self.total, self.warmup = config, device, epoch, total, warmup
         self.progress, self.step = progress, step
         self.batches = int(done["batches"]) if done else 0
@@ -398,10 +409,13 @@ class _EpochRun:
             else:
                 parts["loss"].backward()
                 self.optimizer.step()
-            # One sync per step, for the progress line; averaged over ranks so that a non-finite
-            # loss or a stop signal on any rank stops all of them after the same step.
+            # One sync per step, for the progress line and the log; averaged over ranks so that a
+            # non-finite loss or a stop signal on any rank stops all of them after the same step.
+            names = list(parts)
             flag = torch.tensor(float(stop.signal_number > 0), device=device)
-            loss, stopping = (float(x) for x in all_mean(torch.stack([parts["loss"].detach().float(), flag])))
+            synced = all_mean(torch.stack([*(parts[k].detach().float() for k in names), flag])).tolist()
+            values, stopping = dict(zip(names, synced)), synced[-1]
+            loss = values["loss"]
             if not math.isfinite(loss):
                 bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
                 raise BctoolError(
@@ -414,6 +428,9 @@ class _EpochRun:
             self.batches += 1
             self.step += 1
             self.progress.advance(1, f"epoch {self.epoch + 1}/{config.epochs} loss {loss:.3f}")
+            if self.log is not None:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log.step({"step": self.step, "epoch": self.epoch + 1, "lr": lr, **values})
             if stopping:
                 if not stop.signal_number:
                     stop.signal_number = signal.SIGTERM  # another rank was stopped

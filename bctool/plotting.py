@@ -1,0 +1,35 @@
+"""Figures as PNG files: matplotlib (the ``plot`` extra) on a non-interactive backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bctool.errors import ConfigError
+from bctool.io import atomic_path
+
+
+def pyplot(purpose: str) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend; a ConfigError naming ``purpose`` without it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError(
+            f"{purpose} needs matplotlib, which is not installed; pip install matplotlib "
+            "(or bctool's `plot` extra), or leave out the plot"
+        ) from exc
+    return plt
+
+
+def save_png(fig: Any, out_path: str | os.PathLike[str], dpi: int = 120) -> None:
+    """Write ``fig`` to ``out_path`` atomically as a PNG, then close it."""
+    try:
+        fig.tight_layout()
+        with atomic_path(out_path) as tmp:
+            # The temporary name ends in .tmp, so the format cannot come from the suffix.
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        pyplot("saving a figure").close(fig)
