@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from bctool import __version__
 from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ModelError
-from bctool.io import save_safetensors
+from bctool.io import read_safetensors_header, save_safetensors
 from bctool.models import EmbeddingModel, ModelConfig, create_model
 
 FORMAT = "bctool.checkpoint"
@@ -118,21 +118,14 @@ def command_line() -> str:
     return shlex.join([os.path.basename(argv[0]), *argv[1:]])
 
 
-# A checkpoint's JSON header holds its metadata and tensor table: a few hundred KB at most.
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
-
-
 def _check_header_size(path: Path) -> None:
     """Refuse, before safetensors parses it, a header longer than the limit or than the file."""
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-    size = path.stat().st_size
-    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-    if not 0 <= length <= min(_MAX_HEADER_BYTES, size - 8):
+    try:
+        read_safetensors_header(path)
+    except ValueError as exc:
         raise ModelError(
-            f"{str(path)!r} is not a readable safetensors checkpoint (its header length field reads "
-            f"{length} for a {size}-byte file); pass a file written by `bctool train`"
-        )
+            f"{str(path)!r} is not a readable safetensors checkpoint ({exc}); pass a file written by `bctool train`"
+        ) from exc
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

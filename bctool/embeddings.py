@@ -33,14 +33,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from bctool.errors import EmbeddingsError
-from bctool.io import atomic_path
+from bctool.errors import BctoolError, EmbeddingsError
+from bctool.io import atomic_path, read_safetensors_header, safetensors_header
 
 FORMAT = "bctool.embeddings"
 FORMAT_VERSION = "1"
-
-# A safetensors header this large is not an embeddings file (1M ids of ~60 characters is ~80 MB).
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -142,16 +139,12 @@ def _metadata(
 
 
 def _header(num_rows: int, dim: int, metadata: dict[str, str]) -> bytes:
-    """The 8-byte length and JSON header safetensors writes for ``labels`` and ``embeddings``."""
-    header = {
-        "__metadata__": metadata,
-        "labels": {"dtype": "I64", "shape": [num_rows], "data_offsets": [0, 8 * num_rows]},
-        "embeddings": {"dtype": "F32", "shape": [num_rows, dim],
-                       "data_offsets": [8 * num_rows, 8 * num_rows + 4 * num_rows * dim]},
-    }
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes with spaces
-    return len(raw).to_bytes(8, "little") + raw
+    """The header safetensors writes for ``labels`` (first) and ``embeddings``."""
+    try:
+        return safetensors_header(metadata, [("labels", "I64", [num_rows], 8 * num_rows),
+                                             ("embeddings", "F32", [num_rows, dim], 4 * num_rows * dim)])
+    except BctoolError as exc:
+        raise EmbeddingsError(f"{num_rows:,} ids: {exc} with `bctool extract --shard I/N`") from exc
 
 
 class EmbeddingsWriter:
@@ -213,10 +206,6 @@ class EmbeddingsWriter:
         self._fh.write(rows.tobytes())
         self._written[start : start + len(rows)] = True
 
-    def mark_written(self, stop: int) -> None:
-        """Record rows ``0 .. stop`` as already in the file (a resumed run)."""
-        self._written[:stop] = True
-
     def missing(self) -> int:
         """Rows not written yet."""
         return int((~self._written).sum())
@@ -262,24 +251,10 @@ def _unreadable(path: Path, why: str) -> EmbeddingsError:
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and the offset of its data buffer."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) < 8:
-            raise _unreadable(path, f"{file_size} bytes, shorter than the 8-byte header length")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > _MAX_HEADER_BYTES:
-            raise _unreadable(path, f"header of {header_len} bytes, over the {_MAX_HEADER_BYTES} limit")
-        if 8 + header_len > file_size:
-            raise _unreadable(path, f"header of {header_len} bytes runs past the end of the file")
-        raw = fh.read(header_len)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _unreadable(path, f"corrupt JSON header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise _unreadable(path, "the header is not a JSON object")
-    return header, 8 + header_len
+        return read_safetensors_header(path)
+    except ValueError as exc:
+        raise _unreadable(path, str(exc)) from exc
 
 
 def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) -> tuple[str, list[int], int, int]:
@@ -410,6 +385,17 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
     )
 
 
+def _check_shard(path: Path, shard: dict[str, Any]) -> None:
+    """The ``shard`` metadata of a part: integer index < count, start <= stop <= total, a list hash."""
+    try:
+        index, count, start, stop, total = (int(shard[k]) for k in ("index", "count", "start", "stop", "total"))
+        ok = 0 <= index < count and 0 <= start <= stop <= total and isinstance(shard["list"], str)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EmbeddingsError(f"{str(path)!r} has corrupt 'shard' metadata ({exc!r}); extract that part again") from exc
+    if not ok:
+        raise EmbeddingsError(f"{str(path)!r} has inconsistent 'shard' metadata {shard}; extract that part again")
+
+
 def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str], block_rows: int = 65536) -> dict[str, Any]:
     """Join the part files of ``bctool extract --shard I/N`` into one file in list order.
 
@@ -426,6 +412,7 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
                 f"{str(path)!r} is not a shard (it has no 'shard' metadata); merge only the files of "
                 "`bctool extract --shard I/N`"
             )
+        _check_shard(path, emb.shard)
     first_path, first = loaded[0]
     count = int(first.shard["count"])  # type: ignore[index]
     for path, emb in loaded[1:]:
@@ -435,6 +422,7 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
             "dimension": emb.dim == first.dim,
             "label names": emb.label_names == first.label_names,
             "dataset root": emb.root == first.root,
+            "normalisation": emb.normalized == first.normalized,
         }
         differs = [name for name, ok in same.items() if not ok]
         if differs:

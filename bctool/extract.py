@@ -254,7 +254,6 @@ def extract_to_file(
             raise ConfigError(
                 f"--resume: {str(partial)!r} was started with other crop boxes; start again without --resume"
             )
-        writer.mark_written(done)
 
         def save_state() -> None:
             fh.flush()

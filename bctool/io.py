@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bctool.errors import BctoolError
 
@@ -67,6 +67,51 @@ _DTYPES = {
     "uint8": ("U8", 1), "bool": ("BOOL", 1),
 }
 
+# safetensors refuses to read a header longer than this (its MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_header(metadata: dict[str, str], tensors: list[tuple[str, str, list[int], int]]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file holding ``tensors``
+    (``(name, dtype code, shape, byte count)``, in data order) and ``metadata`` (in order),
+    padded with spaces to 8 bytes as safetensors pads it."""
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, code, shape, nbytes in tensors:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise BctoolError(
+            f"the file's header would take {len(raw):,} bytes, over safetensors' limit of "
+            f"{MAX_HEADER_BYTES:,} (the ids and names are stored there); split the data into parts"
+        )
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset of its data, its length checked
+    against the limit and the file size before it is read; ``ValueError`` says what is wrong."""
+    file_size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file_size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {header_len} bytes, over the {MAX_HEADER_BYTES} limit")
+        if 8 + header_len > file_size:
+            raise ValueError(f"header of {header_len} bytes runs past the end of the file")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt JSON header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + header_len
+
 
 def save_safetensors(target: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write torch ``tensors`` and ``metadata`` as a safetensors file, atomically and byte for
@@ -82,17 +127,9 @@ def save_safetensors(target: str | os.PathLike[str], tensors: dict[str, torch.Te
             raise BctoolError(f"cannot store tensor {name!r} of dtype {dtype} in a safetensors file")
         entries.append((name, tensor, *_DTYPES[dtype]))
     entries.sort(key=lambda e: (-e[3], e[0]))
-    header: dict = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, tensor, code, size in entries:
-        nbytes = tensor.numel() * size
-        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    raw += b" " * (-len(raw) % 8)
+    head = safetensors_header(metadata, [(name, code, list(t.shape), t.numel() * size) for name, t, code, size in entries])
     with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
+        fh.write(head)
         for _, tensor, _, _ in entries:
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             fh.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")

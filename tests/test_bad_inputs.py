@@ -249,5 +249,20 @@ def test_checkpoint_header_is_size_checked_before_reading(checkpoint_path: Path,
     (tmp_path / "big.safetensors").write_bytes(bytes(raw))
     (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
     for name in ("big", "short"):
-        with pytest.raises(ModelError, match="header length field reads"):
+        with pytest.raises(ModelError, match=r"not a readable safetensors checkpoint \((header of \d+ bytes, over|2 bytes, shorter)"):
             load_checkpoint(tmp_path / f"{name}.safetensors")
+
+
+def test_a_list_too_long_for_one_file_fails_before_embedding(
+    emoji_dir: Path, checkpoint_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors caps the header (where the ids live) at 100 MB: a list whose ids would not fit
+    is refused before any image is embedded, pointing to --shard."""
+    import bctool.extract as extract_module
+    import bctool.io
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", 1000)
+    monkeypatch.setattr(extract_module, "_embed_batches", lambda *a, **k: pytest.fail("embedded first"))
+    with pytest.raises(EmbeddingsError, match=r"12 ids: the file's header would take .* over safetensors' limit of 1,000 .*--shard I/N"):
+        extract_to_file(load_image_set(emoji_dir / "gallery.txt"), checkpoint, tmp_path / "e.safetensors", workers=0)

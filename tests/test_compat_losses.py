@@ -565,3 +565,20 @@ def test_advbct_joint_pass_equals_separate_passes_without_batch_statistics(stats
     joint.discriminator.train()  # in training mode the shared batch statistics make them differ
     separate.discriminator.train()
     assert not torch.allclose(joint(new, labels, old, labels)["adv"], separate(new, labels, old, labels)["adv"])
+
+
+@pytest.mark.parametrize("name", sorted(COMPAT_LOSSES))
+def test_unused_parameters_are_declared(stats, name: str) -> None:
+    """DistributedDataParallel must know when a loss leaves parameters without a gradient
+    (``has_unused_parameters``), or multi-process training fails at its second step."""
+    loss = create_compat_loss(name, _ctx(stats))
+    new, labels, old = _batch(stats)
+    parts = loss(new, labels, old, labels)
+    params = dict(loss.named_parameters())
+    if not params:
+        assert not loss.has_unused_parameters
+        return
+    total = sum(parts.values())
+    grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    unused = sorted(n for n, g in zip(params, grads) if g is None)
+    assert bool(unused) == loss.has_unused_parameters, (name, unused)

@@ -271,3 +271,15 @@ def test_cli_shards_and_merge(images: Path, checkpoint: Checkpoint, tmp_path: Pa
     result = runner.invoke(app, ["extract", str(images), "-m", checkpoint.path, "-o", str(tmp_path / "y.safetensors"),
                                  "--shard", "2/2"])
     assert result.exit_code == 1 and "--shard '2/2': I must lie in 0..N-1" in result.stderr
+
+
+def test_merge_refuses_corrupt_shard_metadata(tmp_path: Path) -> None:
+    rows = np.zeros((2, 3), np.float32)
+    for name, shard, match in [
+        ("missing", {"index": 0, "count": 1}, "corrupt 'shard' metadata"),
+        ("outside", {"index": 3, "count": 2, "start": 0, "stop": 2, "total": 2, "list": "x"}, "inconsistent"),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        save_embeddings(Embeddings(rows, np.zeros(2, np.int64), ["a", "b"], ["x"], shard=shard), path)
+        with pytest.raises(EmbeddingsError, match=match):
+            merge_shards([path], tmp_path / "out.safetensors")

@@ -5,6 +5,7 @@ stdout carries exactly one JSON document per command; people read stderr.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -104,6 +105,8 @@ def train(
 
     main_rank = launched_rank().is_main
     setup_logging(verbose and main_rank)
+    if not main_rank:  # other ranks report only errors
+        logging.getLogger().setLevel(logging.ERROR)
     config = TrainConfig(
         arch=arch, embedding_dim=embedding_dim, head=head, head_scale=head_scale,
         head_margin=head_margin, epochs=epochs, batch_size=batch_size, lr=lr,

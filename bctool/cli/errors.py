@@ -53,7 +53,8 @@ def reports_errors(func: F) -> F:
                 raise
             signum = getattr(exc, "signal_number", 0)
             if signum:  # stopped by a signal after saving: not an error, the shell's 128 + N code
-                stderr.print(escape(str(exc)), highlight=False, soft_wrap=True)
+                if _label() == "Error":  # said once, by rank 0
+                    stderr.print(escape(str(exc)), highlight=False, soft_wrap=True)
                 raise typer.Exit(128 + signum) from None
             stderr.print(f"[bold red]{_label()}:[/] {escape(_one_line(exc))}", markup=True, highlight=False,
                          soft_wrap=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
@@ -17,48 +18,55 @@ from bctool.progress import NULL_PROGRESS, Progress
 
 
 class _Decode(Dataset):
-    """Row i -> the error message of decoding image i ("" when it decodes)."""
+    """Position i -> the error message of decoding image ``rows[i]`` ("" when it decodes)."""
 
-    def __init__(self, images: ImageSet) -> None:
-        self.images = images
+    def __init__(self, images: ImageSet, rows: Sequence[int]) -> None:
+        self.images, self.rows = images, rows
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> str:
         try:
-            load_rgb(self.images.records[i].path)
+            load_rgb(self.images.records[self.rows[i]].path)
             return ""
         except DataError as exc:
             return str(exc)
 
 
-def split_readable(
-    images: ImageSet, workers: int = 2, progress: Progress = NULL_PROGRESS
-) -> tuple[ImageSet, list[dict[str, Any]]]:
-    """Decode every image once (in ``workers`` processes): ``images`` without the unreadable
-    ones, and those as ``{"row", "id", "path", "error"}``. Labels and label names are kept."""
-    loader = DataLoader(_Decode(images), batch_size=64, num_workers=workers, collate_fn=list)
+def find_unreadable(
+    images: ImageSet, rows: Sequence[int] | None = None, workers: int = 2, progress: Progress = NULL_PROGRESS
+) -> list[dict[str, Any]]:
+    """Decode the images at ``rows`` (all by default) once, in ``workers`` processes; return the
+    unreadable ones as ``{"row", "id", "path", "error"}``, in row order."""
+    rows = range(len(images)) if rows is None else rows
+    loader = DataLoader(_Decode(images, rows), batch_size=64, num_workers=workers, collate_fn=list)
     failed: list[dict[str, Any]] = []
-    progress.start("check images", len(images))
+    progress.start("check images", len(rows))
     try:
-        row = 0
+        position = 0
         for errors in loader:
             for error in errors:
                 if error:
+                    row = rows[position]
                     record = images.records[row]
                     failed.append({"row": row, "id": record.id, "path": str(record.path), "error": error})
-                row += 1
+                position += 1
             progress.advance(len(errors))
     finally:
         progress.stop()
+    return failed
+
+
+def without(images: ImageSet, failed: list[dict[str, Any]]) -> ImageSet:
+    """``images`` less the rows in ``failed``; labels and label names are kept."""
     if not failed:
-        return images, []
+        return images
     bad = {f["row"] for f in failed}
     kept = tuple(r for i, r in enumerate(images.records) if i not in bad)
     if not kept:
         raise DataError(f"none of the {len(images)} images of {images.source!r} can be read (first: {failed[0]['error']})")
-    return replace(images, records=kept), failed
+    return replace(images, records=kept)
 
 
 def report_path(out: str | os.PathLike[str]) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from bctool.errors import DataError
-from bctool.io import atomic_write_text
+from bctool.io import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +95,9 @@ def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -
         for i, name in enumerate(names):
             x, y = (i % columns) * size, (i // columns) * size
             target = folder / f"{name}.png"
-            if not target.exists():  # written under a temporary name: a killed run leaves no torn PNG
-                partial = target.with_name(f".{target.name}.tmp")
-                sheet.crop((x, y, x + size, y + size)).save(partial, format="PNG")
-                os.replace(partial, target)
+            if not target.exists():
+                with atomic_path(target) as tmp:  # a killed run leaves no torn PNG
+                    sheet.crop((x, y, x + size, y + size)).save(tmp, format="PNG")
     parts = split_classes(names, split)
 
     def lines(classes: list[str], vendors: list[str]) -> str:

@@ -185,6 +185,15 @@ def global_count(count: torch.Tensor) -> tuple[torch.Tensor, int]:
     return count, dist.get_world_size()
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order (``items`` when alone)."""
+    if not current_rank().distributed:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op when alone)."""
     if current_rank().distributed:
@@ -213,6 +222,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if not (self.training and current_rank().distributed):
             return super().forward(input)
+        if input.dtype in (torch.float16, torch.bfloat16):
+            input = input.float()  # statistics in float32, as BatchNorm runs under autocast
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         shape = [1, channels] + [1] * (input.dim() - 2)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bctool.checkpoint import save_checkpoint
-from bctool.data.check import split_readable, write_report
+from bctool.data.check import find_unreadable, without, write_report
 from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
@@ -37,6 +37,7 @@ from bctool.train.distributed import (
     all_mean,
     barrier,
     current_rank,
+    gather_lists,
     per_rank_batch,
     rank_device,
     seed_worker_for_rank,
@@ -232,10 +233,14 @@ def train(
     rank = current_rank()
     failed: list[dict[str, Any]] = []
     if not config.strict:
-        images, failed = split_readable(images, config.workers, progress)
-        report = write_report(out, failed) if rank.is_main else None
-        if failed:
-            logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
+        # Each rank decodes every W-th image; all ranks then leave out the same ones.
+        mine = find_unreadable(images, range(rank.rank, len(images), rank.world_size), config.workers, progress)
+        failed = sorted(gather_lists(mine), key=lambda f: f["row"])
+        images = without(images, failed)
+        if rank.is_main:
+            report = write_report(out, failed)
+            if failed:
+                logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
     _check_trainable(images)
     device = rank_device(config.device)
     generator = seed_everything(config.seed)
@@ -255,7 +260,7 @@ def train(
     warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
     resume_path = state_path(out)
     # What the run depends on: the options and the exact data (ids and labels, in order).
-    config_dict = {**config.to_dict(), "data": data_fingerprint(images)}
+    config_dict = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size}
     history: list[dict[str, float]] = []
     step, start_epoch, partial = 0, 0, None
     if config.resume:
@@ -278,22 +283,18 @@ def train(
         with StopSignals() as stop:
             for epoch in range(start_epoch, config.epochs):
                 epoch_start = time.perf_counter()
-                if rank.rank:
-                    # Augmentation in this process (workers=0) must differ between ranks; rank 0
-                    # keeps the one-process random stream.
-                    torch.manual_seed(config.seed * 1_000_003 + rank.rank * 7_919 + epoch)
                 epoch_rng = generator.get_state()  # the epoch's data order is drawn from it
                 done = partial if epoch == start_epoch else None
-                loader.sampler.skip = done["batches"] * loader.batch_size if done else 0
+                if done:
+                    loader.sampler.skip = done["batches"] * loader.batch_size
                 run = _EpochRun(task, forward, optimizer, scaler, config, device, epoch, total, warmup, progress,
-                                step, done, log)
+                                step, done, log, rank)
                 finished = run.train(loader, stop, lambda r: save_state(epoch, r.step, epoch_rng, r.partial()))
                 step = run.step
                 if not finished:
                     save_state(epoch, step, epoch_rng, run.partial())
-                    name = signal.Signals(stop.signal_number).name
                     raise Interrupted(
-                        f"{name}: stopped after step {step} of {total} (epoch {epoch + 1}); the training "
+                        f"{stop.name}: stopped after step {step} of {total} (epoch {epoch + 1}); the training "
                         f"state is saved in {str(resume_path)!r}: continue with the same command and --resume",
                         stop.signal_number,
                     )
@@ -345,8 +346,12 @@ def _distribute(task: nn.Module, config: TrainConfig, device: torch.device, rank
         return task
     from torch.nn.parallel import DistributedDataParallel
 
+    # Not synced by DDP: the frozen old side, and constant buffers (old-class targets and
+    # prototypes, precomputed tables: non-persistent, equal on every rank by construction).
     frozen = [name for name, _ in (*task.named_parameters(), *task.named_buffers()) if name.startswith("old.")]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, frozen)
+    frozen += [f"{prefix}.{name}" if prefix else name for prefix, module in task.named_modules()
+               for name in module._non_persistent_buffers_set]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, sorted(set(frozen)))
     compat = getattr(task, "compat", None)
     return DistributedDataParallel(
         task,
@@ -363,17 +368,28 @@ class _EpochRun:
         self, task: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
         total: int, warmup: int, progress: Progress, step: int, done: dict[str, Any] | None,
-        log: TrainLog | None = None,
+        log: TrainLog | None = None, rank: Rank = Rank(),
     ) -> None:
         self.task, self.forward, self.optimizer, self.scaler, self.log = task, forward, optimizer, scaler, log
+        self.rank = rank
         self.config, self.device, self.epoch, self.total, self.warmup = config, device, epoch, total, warmup
         self.progress, self.step = progress, step
         self.batches = int(done["batches"]) if done else 0
         self.sums = {k: torch.tensor(v, device=device) for k, v in (done["sums"] if done else {}).items()}
 
     def partial(self) -> dict[str, Any]:
-        """What a resumed run needs to finish this epoch: batches done, loss sums (this rank's)."""
-        return {"batches": self.batches, "sums": {k: float(v) for k, v in self.sums.items()}}
+        """What a resumed run needs to finish this epoch: batches done and the loss sums,
+        averaged over ranks (every rank calls this at the same step)."""
+        names = list(self.sums)
+        sums = all_mean(torch.stack([self.sums[k] for k in names])).tolist() if names else []
+        return {"batches": self.batches, "sums": dict(zip(names, sums))}
+
+    def _seed_rank(self) -> None:
+        """Ranks other than 0 draw augmentation (with ``workers=0``) from a stream of their own,
+        seeded by (seed, rank, step), so a resumed run draws what an uninterrupted one would;
+        rank 0 keeps the one-process stream, saved with the training state."""
+        if self.rank.rank:
+            torch.manual_seed((self.config.seed * 1_000_003 + self.rank.rank) * 1_000_033 + self.step)
 
     def means(self) -> dict[str, float]:
         """The mean of every loss part over the epoch, averaged over ranks."""
@@ -391,6 +407,7 @@ class _EpochRun:
         """
         config, device, task = self.config, self.device, self.task
         task.train()
+        self._seed_rank()
         for images, labels, indices in loader:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step, self.total, self.warmup, config.lr)
@@ -428,6 +445,7 @@ class _EpochRun:
             self.batches += 1
             self.step += 1
             self.progress.advance(1, f"epoch {self.epoch + 1}/{config.epochs} loss {loss:.3f}")
+            self._seed_rank()  # before the loader fetches the next batch
             if self.log is not None:
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.log.step({"step": self.step, "epoch": self.epoch + 1, "lr": lr, **values})

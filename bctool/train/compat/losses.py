@@ -379,5 +379,7 @@ class AdvBCTJointDiscriminator(AdvBCTLoss):
 class AdvBCTFixedRadius(AdvBCTLoss):
     """AdvBCT with the boundary fixed at the old classes' r_max (no learnable elasticity)."""
 
+    has_unused_parameters = True  # the boundary weights
+
     def boundary_radii(self) -> Tensor:
         return self.ctx.stats.radius_max
