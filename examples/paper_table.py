@@ -1,0 +1,265 @@
+"""The AdvBCT paper's main table at small scale: three allocation settings, every method, seeds.
+
+    python examples/paper_table.py                       # everything (hours on 2 CPU cores)
+    python examples/paper_table.py --settings extended-class --seeds 0 1 2
+    python examples/paper_table.py --report-only          # table and plots from finished runs
+
+Settings, on the embedded emoji set (held-out classes: Google renderings query Twitter ones):
+
+* ``extended-class``: the old model sees 30% of the training classes, the new model all of them;
+* ``extended-data``: the old model sees part of the images of every training class. An emoji
+  class has two images (its Google and Twitter renderings), so the old model gets one of them,
+  the Google rendering (50%; the paper's 30% is not possible with two images a class);
+* ``extended-backbone``: the extended-class old model (``small``) and a ResNet-18 new model.
+
+For every setting, seed and method (independent, l2, bct, lce, unibct, hotrefresh, advbct by
+default; ``--methods`` adds the AdvBCT ablations) it trains the new model against the old
+model's precomputed embeddings, embeds the query and gallery, and records M(n,n), M(n,o), R@1,
+the update gain and the partial-backfill curve. Each finished run is a JSON file under
+``--results`` (default ``docs/paper/runs``, kept with the project), so an interrupted or partial
+run resumes where it stopped and the table regenerates without training; models and embeddings
+go to ``--workdir`` (default ``runs/paper``) and are rebuilt when a missing run needs them.
+
+Writes ``--results``/../table.md (the markdown table), ``results.json`` and PNG plots: self vs
+cross mAP per method (one point per seed) and the mean partial-backfill curve of each method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bctool.checkpoint import load_checkpoint
+from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+from bctool.data.sources import load_image_set
+from bctool.embeddings import load_embeddings, save_embeddings
+from bctool.evaluate import evaluate_retrieval
+from bctool.evaluate.compat import backfill_curve, paper_scores, update_gain
+from bctool.extract import extract
+from bctool.train import TrainConfig, train
+from bctool.train.compat import COMPAT_LOSSES
+
+log = logging.getLogger("paper_table")
+METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
+ABLATIONS = ["advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint"]
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Which images the old model sees and which backbones old and new use."""
+
+    old_list: str  # list file name in the dataset folder
+    old_arch: str
+    new_arch: str
+
+
+SETTINGS = {
+    "extended-class": Setting("old_train.txt", "small", "small"),
+    "extended-data": Setting("old_data.txt", "small", "small"),
+    "extended-backbone": Setting("old_train.txt", "small", "resnet18"),
+}
+
+
+def prepare_data(workdir: Path) -> Path:
+    """The emoji set with the lists of every setting (extended-data: the Google half)."""
+    data = workdir / "emoji"
+    if not (data / "gallery.txt").exists():
+        write_emoji_dataset(data, EmojiSplit(seed=0))
+    if not (data / "old_data.txt").exists():
+        lines = (data / "new_train.txt").read_text().splitlines()
+        (data / "old_data.txt").write_text("\n".join(line for line in lines if "/google/" in line) + "\n")
+    return data
+
+
+def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str, Path]:
+    """``PREFIX_SPLIT.safetensors`` for each split (cached)."""
+    out, ckpt = {}, None
+    for split in splits:
+        out[split] = model.parent / f"{prefix}_{split}.safetensors"
+        if not out[split].exists():
+            ckpt = ckpt or load_checkpoint(model)
+            save_embeddings(extract(load_image_set(data / f"{split}.txt", require_labels=False), ckpt, workers=2),
+                            out[split])
+    return out
+
+
+def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
+    """The old model of ``setting`` (shared by settings with the same old list and backbone) and
+    its embeddings of the new training list, query and gallery."""
+    folder = workdir / "old" / f"{Path(setting.old_list).stem}-{setting.old_arch}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "old.safetensors"
+    if not model.exists():
+        log.info("old model %s", folder.name)
+        train(load_image_set(data / setting.old_list), replace(base, arch=setting.old_arch, seed=seed), model)
+    return _embed(model, data, ["new_train", "query", "gallery"], "old")
+
+
+def run_method(workdir: Path, results: Path, data: Path, name: str, setting: Setting, seed: int, method: str,
+               base: TrainConfig) -> dict:
+    """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
+    cache = results / name / f"seed{seed}" / f"{method}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    old = old_side(workdir, data, setting, seed, base)
+    folder = workdir / name / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / f"{method}.safetensors"
+    log.info("%s seed %d: %s", name, seed, method)
+    start = time.perf_counter()
+    config = replace(base, arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]))
+    summary = train(load_image_set(data / "new_train.txt"), config, model)
+    new = _embed(model, data, ["query", "gallery"], method)
+    query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
+    old_query, old_gallery = load_embeddings(old["query"]), load_embeddings(old["gallery"])
+    row = {
+        "setting": name, "seed": seed, "method": method,
+        "old": evaluate_retrieval(old_query, old_gallery),
+        "self": evaluate_retrieval(query, gallery),
+        "cross": evaluate_retrieval(query, old_gallery),
+        "backfill": [{"fraction": p["fraction"], "map": p["map"]}
+                     for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
+        "final": summary.final,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """Finished runs: setting -> method -> seed -> row."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for path in sorted(results.glob("*/seed*/*.json")):
+        row = json.loads(path.read_text())
+        out.setdefault(row["setting"], {}).setdefault(row["method"], {})[row["seed"]] = row
+    return out
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = scale * statistics.fmean(values)
+    spread = scale * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per method of one setting: per-seed figures and the paper's scores (needs independent)."""
+    star = {seed: row["self"]["map"] for seed, row in runs.get("independent", {}).items()}
+    out = {}
+    for method, seeds in runs.items():
+        per_seed = []
+        for seed, row in sorted(seeds.items()):
+            m = {"m_oo": row["old"]["map"], "m_nn": row["self"]["map"], "m_no": row["cross"]["map"],
+                 "r1_no": row["cross"]["recall@1"], "m_star": star.get(seed)}
+            if m["m_star"] is not None:
+                m["gain"] = update_gain(m["m_no"], m["m_oo"], m["m_star"])
+                m.update(paper_scores([m]))
+            per_seed.append(m)
+        out[method] = {"seeds": sorted(seeds), "per_seed": per_seed}
+    return out
+
+
+def table(name: str, summary: dict[str, dict], methods: list[str]) -> str:
+    """The paper's layout for one setting: self / cross mAP and the summary scores per method."""
+    any_method = next(iter(summary.values()))
+    oo = [m["m_oo"] for m in any_method["per_seed"]]
+    lines = [
+        f"**{name}**: M(o,o) = {_fmt(oo)} (old model alone), mAP % mean ± std over seeds "
+        f"{any_method['seeds']}",
+        "",
+        "| method | self M(n,n) | cross M(n,o) | R@1 (n,o) | M(n,o) > M(o,o) | update gain | P_up | P_comp | P_1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in methods:
+        if method not in summary:
+            continue
+        rows = summary[method]["per_seed"]
+        def col(key: str, scale: float = 100.0, digits: int = 1) -> str:  # noqa: E306
+            return _fmt([r[key] for r in rows if r.get(key) is not None], scale, digits)
+        wins = sum(r["m_no"] > r["m_oo"] for r in rows)
+        lines.append(f"| {method} | {col('m_nn')} | {col('m_no')} | {col('r1_no')} | {wins}/{len(rows)} | "
+                     f"{col('gain', 1.0, 2)} | {col('p_up', 1.0)} | {col('p_comp', 1.0)} | {col('p_1', 1.0)} |")
+    return "\n".join(lines)
+
+
+def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], methods: list[str]) -> list[str]:
+    """Self vs cross mAP per method (a point per seed) and mean backfill curves, per setting."""
+    from bctool.plotting import pyplot, save_png
+
+    plt = pyplot("the paper-table plots")
+    written = []
+    for name, runs in all_runs.items():
+        shown = [m for m in methods if m in runs]
+        fig, (scatter, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
+        colours = plt.get_cmap("tab10")
+        oo = [row["old"]["map"] for row in next(iter(runs.values())).values()]
+        for i, method in enumerate(shown):
+            rows = list(runs[method].values())
+            scatter.scatter([100 * r["self"]["map"] for r in rows], [100 * r["cross"]["map"] for r in rows],
+                            color=colours(i % 10), label=method, s=22)
+            mean_curve = [100 * statistics.fmean(r["backfill"][k]["map"] for r in rows)
+                          for k in range(len(rows[0]["backfill"]))]
+            curves.plot([100 * p["fraction"] for p in rows[0]["backfill"]], mean_curve, marker="o",
+                        color=colours(i % 10), label=method)
+        for ax in (scatter, curves):
+            ax.axhline(100 * statistics.fmean(oo), color="grey", linestyle="--", linewidth=1, label="M(o,o)")
+            ax.grid(True, alpha=0.3)
+        scatter.set_xlabel("self mAP M(n,n) %")
+        scatter.set_ylabel("cross mAP M(n,o) %")
+        scatter.set_title(f"{name}: one point per seed")
+        curves.set_xlabel("gallery re-embedded with the new model (%)")
+        curves.set_ylabel("mAP % (new queries)")
+        curves.set_title(f"{name}: partial backfill (mean over seeds)")
+        scatter.legend(fontsize="x-small", loc="best")
+        curves.legend(fontsize="x-small", loc="best")
+        path = out_dir / f"{name}.png"
+        save_png(fig, path)
+        written.append(str(path))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to run")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES), help="methods to compare")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of every model")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="models and embeddings")
+    parser.add_argument("--results", type=Path, default=Path("docs/paper/runs"), help="one JSON per finished run")
+    parser.add_argument("--report-only", action="store_true", help="no training: table and plots from --results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = TrainConfig(image_size=32, epochs=args.epochs, batch_size=128, device="auto", workers=2)
+    if not args.report_only:
+        data = prepare_data(args.workdir)
+        for name in args.settings:  # setting by setting, so a partial run completes whole settings
+            for seed in args.seeds:
+                for method in args.methods:
+                    run_method(args.workdir, args.results, data, name, SETTINGS[name], seed, method, base)
+    finished = collect(args.results)
+    all_runs = {name: finished[name] for name in SETTINGS if name in finished and name in args.settings}
+    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in all_runs.values())]
+    out_dir = args.results.parent
+    sections = [table(name, summarise(runs), methods) for name, runs in all_runs.items()]
+    (out_dir / "table.md").write_text("\n\n".join(sections) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(
+        {name: summarise(runs) for name, runs in all_runs.items()}, indent=1))
+    try:
+        written = plots(out_dir, all_runs, methods)
+    except Exception as exc:  # noqa: BLE001 - the table stands without the plots
+        written = []
+        log.warning("no plots: %s", exc)
+    print("\n\n".join(sections))
+    log.info("wrote %s, %s and %s", out_dir / "table.md", out_dir / "results.json", ", ".join(written))
+
+
+if __name__ == "__main__":
+    main()
