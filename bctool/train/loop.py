@@ -216,6 +216,20 @@ def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManag
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _readable(
+    images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], rank: Rank, progress: Progress
+) -> tuple[ImageSet, list[dict[str, Any]]]:
+    """``images`` without the unreadable ones, and those (reported in ``OUT.failed.tsv``). Each
+    rank decodes every W-th image; all ranks then leave out the same ones."""
+    mine = find_unreadable(images, range(rank.rank, len(images), rank.world_size), config.workers, progress)
+    failed = sorted(gather_lists(mine), key=lambda f: f["row"])
+    if rank.is_main:
+        report = write_report(out, failed)
+        if failed:
+            logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
+    return without(images, failed), failed
+
+
 def train(
     images: ImageSet,
     config: TrainConfig,
@@ -226,21 +240,13 @@ def train(
 
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
     ``config.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
-    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.resume`` continues from it,
-    mid-epoch included; it is removed once the checkpoint is written.
+    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.resume`` continues
+    from it, mid-epoch included; it is removed once the checkpoint is written. Unreadable images
+    are left out first (listed in ``OUT.failed.tsv``) unless ``config.strict``.
     """
     check_output_path(out)
     rank = current_rank()
-    failed: list[dict[str, Any]] = []
-    if not config.strict:
-        # Each rank decodes every W-th image; all ranks then leave out the same ones.
-        mine = find_unreadable(images, range(rank.rank, len(images), rank.world_size), config.workers, progress)
-        failed = sorted(gather_lists(mine), key=lambda f: f["row"])
-        images = without(images, failed)
-        if rank.is_main:
-            report = write_report(out, failed)
-            if failed:
-                logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
+    images, failed = _readable(images, config, out, rank, progress) if not config.strict else (images, [])
     _check_trainable(images)
     device = rank_device(config.device)
     generator = seed_everything(config.seed)
