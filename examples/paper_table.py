@@ -151,8 +151,9 @@ def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "-"
     mean = scale * statistics.fmean(values)
-    spread = scale * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
