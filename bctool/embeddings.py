@@ -236,11 +236,12 @@ def save_embeddings(emb: Embeddings, path: str | os.PathLike[str], block_rows: i
             out.write(start, emb.embeddings[start : start + block_rows])
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as fh:
-        return dict(fh.metadata() or {})
+def _pop_metadata(path: Path, header: dict[str, Any]) -> dict[str, str]:
+    """Take ``__metadata__`` out of a parsed header, as strings."""
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _unreadable(path, "'__metadata__' is not a JSON object")
+    return {str(k): str(v) for k, v in meta.items()}
 
 
 def _unreadable(path: Path, why: str) -> EmbeddingsError:
@@ -278,9 +279,7 @@ def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) 
 def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors of ``path`` with ``embeddings`` memory-mapped (read-only); other tensors read."""
     header, data_start = _read_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise _unreadable(path, "'__metadata__' is not a JSON object")
+    meta = _pop_metadata(path, header)
     data_size = path.stat().st_size - data_start
     tensors: dict[str, np.ndarray] = {}
     for name in header:
@@ -305,26 +304,26 @@ def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                 tensors[name] = np.frombuffer(fh.read(end - begin), dtype="<i8").reshape(shape)
         else:
             tensors[name] = np.zeros((0,), np.uint8)  # only its name is reported
-    return tensors, {str(k): str(v) for k, v in meta.items()}
+    return tensors, meta
 
 
 # dtypes an embeddings file may hold in memory: numpy has no bfloat16 or float8.
 _NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 
 
-def _check_dtypes(path: Path) -> None:
-    """Refuse, before reading, a file whose header is oversized or corrupt or names tensors
-    numpy cannot hold."""
+def _checked_metadata(path: Path) -> dict[str, str]:
+    """The metadata of ``path``, after refusing (before safetensors reads the file) a header
+    that is oversized or corrupt or names tensors numpy cannot hold."""
     header, _ = _read_header(path)
+    meta = _pop_metadata(path, header)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if not isinstance(dtype, str) or dtype not in _NUMPY_DTYPES:
             raise EmbeddingsError(
                 f"{str(path)!r}: tensor {name!r} has dtype {dtype!r}, which bctool cannot read; "
                 "store embeddings as float32 (`bctool extract` does)"
             )
+    return meta
 
 
 def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddings:
@@ -340,9 +339,8 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         if mmap:
             tensors, meta = _load_mmap(path)
         else:
-            _check_dtypes(path)  # the header is size-checked before safetensors reads it
+            meta = _checked_metadata(path)
             tensors = load_file(str(path))
-            meta = _read_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise _unreadable(path, str(exc)) from exc
     if "embeddings" not in tensors:

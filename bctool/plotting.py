@@ -32,4 +32,6 @@ def save_png(fig: Any, out_path: str | os.PathLike[str], dpi: int = 120) -> None
             # The temporary name ends in .tmp, so the format cannot come from the suffix.
             fig.savefig(tmp, format="png", dpi=dpi)
     finally:
-        pyplot("saving a figure").close(fig)
+        import matplotlib.pyplot as plt  # present: the figure was made with it
+
+        plt.close(fig)

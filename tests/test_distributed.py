@@ -26,29 +26,31 @@ from bctool.train.distributed import Rank, ShardedShuffle, per_rank_batch
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
-def _batches(sampler_or_none: ShardedShuffle | None, n: int, batch: int, seed: int, epochs: int) -> list[list[int]]:
+def _batches(rank: Rank | None, n: int, batch: int, seed: int, epochs: int) -> list[list[int]]:
+    """Batches of row indices over ``epochs``: from ShardedShuffle for ``rank``, or (None) from
+    a DataLoader with torch's own shuffling."""
     generator = torch.Generator().manual_seed(seed)
     rows = list(range(n))
-    if sampler_or_none is None:
+    if rank is None:
         loader = DataLoader(rows, batch_size=batch, shuffle=True, drop_last=True, generator=generator)
     else:
-        sampler = ShardedShuffle(n, generator, sampler_or_none.rank)
-        loader = DataLoader(rows, batch_size=batch, sampler=sampler, drop_last=True, generator=generator)
+        loader = DataLoader(rows, batch_size=batch, sampler=ShardedShuffle(n, generator, rank), drop_last=True,
+                            generator=generator)
     return [b.tolist() for _ in range(epochs) for b in loader]
 
 
 def test_one_process_draws_the_same_batches_as_torch_random_sampler() -> None:
     # Earlier releases shuffled with DataLoader(shuffle=True): one-process runs keep their order.
-    ours = _batches(ShardedShuffle(0, torch.Generator(), Rank()), 103, 16, seed=7, epochs=3)
+    ours = _batches(Rank(), 103, 16, seed=7, epochs=3)
     assert ours == _batches(None, 103, 16, seed=7, epochs=3)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_split_every_global_batch_of_a_one_process_run(world: int) -> None:
     n, global_batch, epochs = 101, 12, 2
-    single = _batches(ShardedShuffle(0, torch.Generator(), Rank()), n, global_batch, seed=3, epochs=epochs)
+    single = _batches(Rank(), n, global_batch, seed=3, epochs=epochs)
     per_rank = [
-        _batches(ShardedShuffle(0, torch.Generator(), Rank(r, world)), n, global_batch // world, seed=3,
+        _batches(Rank(r, world), n, global_batch // world, seed=3,
                  epochs=epochs)
         for r in range(world)
     ]

@@ -140,10 +140,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, tensor.contiguous())
         ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
-        return torch.cat(parts, dim=0)
+        return _all_gather_rows(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -160,8 +158,10 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not current_rank().distributed:
         return tensor
-    if tensor.requires_grad:
-        return _GatherRows.apply(tensor)
+    return _GatherRows.apply(tensor) if tensor.requires_grad else _all_gather_rows(tensor)
+
+
+def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
