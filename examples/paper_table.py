@@ -10,7 +10,14 @@ Settings, on the embedded emoji set (held-out classes: Google renderings query T
 * ``extended-data``: the old model sees part of the images of every training class. An emoji
   class has two images (its Google and Twitter renderings), so the old model gets one of them,
   the Google rendering (50%; the paper's 30% is not possible with two images a class);
-* ``extended-backbone``: the extended-class old model (``small``) and a ResNet-18 new model.
+* ``extended-backbone``: the extended-class old model (``small``) and a ResNet-18 new model;
+* ``extended-data-fashion``: extended-data on Fashion-MNIST (Debian's ``dataset-fashion-mnist``,
+  skipped when it is not installed): 1,000 training images a class for the new model, 30% of
+  them for the old one, 10 epochs; 100 test images a class query the other 9,000.
+
+The table has the paper's layout: one section per allocation setting, self / cross mAP per
+dataset, and P_up, P_comp, P_1 summarised over the setting's datasets (extended-data: emoji and
+Fashion-MNIST) for every seed.
 
 The old model of seed s is trained with seed s + ``--old-seed-offset`` (1000): with the same
 seed, old and new models start from the same initial weights, and that alone makes an
@@ -23,7 +30,9 @@ model's precomputed embeddings, embeds the query and gallery, and records M(n,n)
 the update gain and the partial-backfill curve. Each finished run is a JSON file under
 ``--results`` (default ``docs/paper/runs``, kept with the project), so an interrupted or partial
 run resumes where it stopped and the table regenerates without training; models and embeddings
-go to ``--workdir`` (default ``runs/paper``) and are rebuilt when a missing run needs them.
+go to ``--workdir`` (default ``runs/paper``) and are rebuilt when a missing run needs them; each
+model's training curves go beside it (``METHOD-log/``, drawn by ``bctool plot``). Runs with other
+options (``--old-seed-offset``, ``--old-epochs``, ``--epochs``) belong in another ``--results``.
 
 Writes ``--results``/../table.md (the markdown table), ``results.json`` and PNG plots: self vs
 cross mAP per method (one point per seed) and the mean partial-backfill curve of each method.
@@ -41,6 +50,7 @@ from pathlib import Path
 
 from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.data.sources import load_image_set
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
@@ -59,26 +69,41 @@ FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 class Setting:
     """Which images the old model sees and which backbones old and new use."""
 
+    allocation: str  # the paper's allocation type (a section of the table)
+    dataset: str  # emoji or fashion-mnist (a column group of the table)
     old_list: str  # list file name in the dataset folder
     old_arch: str
     new_arch: str
+    epochs: int | None = None  # overrides --epochs (Fashion-MNIST has more images an epoch)
 
 
 SETTINGS = {
-    "extended-class": Setting("old_train.txt", "small", "small"),
-    "extended-data": Setting("old_data.txt", "small", "small"),
-    "extended-backbone": Setting("old_train.txt", "small", "resnet18"),
+    "extended-class": Setting("extended-class", "emoji", "old_train.txt", "small", "small"),
+    "extended-data": Setting("extended-data", "emoji", "old_data.txt", "small", "small"),
+    "extended-backbone": Setting("extended-backbone", "emoji", "old_train.txt", "small", "resnet18"),
+    "extended-data-fashion": Setting("extended-data", "fashion-mnist", "old_train.txt", "small", "small", epochs=10),
 }
+DATASET_TITLES = {"emoji": "emoji", "fashion-mnist": "Fashion-MNIST"}
+FASHION_SPLIT = FashionSplit(seed=0, train_per_class=1000, old_fraction=0.3, query_per_class=100)
 
 
-def prepare_data(workdir: Path) -> Path:
-    """The emoji set with the lists of every setting (extended-data: the Google half)."""
-    data = workdir / "emoji"
-    if not (data / "gallery.txt").exists():
+def prepare_data(workdir: Path, dataset: str) -> Path | None:
+    """The dataset folder with the lists of every setting; None when Fashion-MNIST is missing.
+
+    emoji: extended-class lists, plus ``old_data.txt`` for extended-data (the Google half).
+    fashion-mnist: extended-data lists (``old_train.txt`` holds 30% of every class).
+    """
+    data = workdir / dataset
+    if (data / "gallery.txt").exists():
+        return data
+    if dataset == "emoji":
         write_emoji_dataset(data, EmojiSplit(seed=0))
-    if not (data / "old_data.txt").exists():
         lines = (data / "new_train.txt").read_text().splitlines()
         (data / "old_data.txt").write_text("\n".join(line for line in lines if "/google/" in line) + "\n")
+        return data
+    if not DEFAULT_SOURCE.is_dir():
+        return None
+    write_fashion_mnist_dataset(data, FASHION_SPLIT, DEFAULT_SOURCE)
     return data
 
 
@@ -95,9 +120,9 @@ def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str,
 
 
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
-    """The old model of ``setting`` trained with ``seed`` (shared by settings with the same old
-    list and backbone) and its embeddings of the new training list, query and gallery."""
-    folder = workdir / "old" / f"{Path(setting.old_list).stem}-{setting.old_arch}-seed{seed}"
+    """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
+    old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
+    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.epochs}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "old.safetensors"
     if not model.exists():
@@ -106,25 +131,30 @@ def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: Train
     return _embed(model, data, ["new_train", "query", "gallery"], "old")
 
 
-def run_method(workdir: Path, results: Path, data: Path, name: str, setting: Setting, seed: int, method: str,
-               base: TrainConfig, old_seed: int) -> dict:
+def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, method: str,
+               base: TrainConfig, old_base: TrainConfig, old_seed: int) -> dict:
     """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
     cache = results / name / f"seed{seed}" / f"{method}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    old = old_side(workdir, data, setting, old_seed, base)
-    folder = workdir / name / f"seed{seed}-old{old_seed}"
+    setting = SETTINGS[name]
+    old = old_side(workdir, data, setting, old_seed, old_base)
+    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
-    config = replace(base, arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]))
+    config = replace(base, arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]),
+                     log_dir=str(folder / f"{method}-log"))
     summary = train(load_image_set(data / "new_train.txt"), config, model)
     new = _embed(model, data, ["query", "gallery"], method)
     query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
     old_query, old_gallery = load_embeddings(old["query"]), load_embeddings(old["gallery"])
     row = {
         "setting": name, "seed": seed, "old_seed": old_seed, "method": method,
+        "dataset": setting.dataset, "allocation": setting.allocation,
+        "old_arch": setting.old_arch, "new_arch": setting.new_arch,
+        "epochs": base.epochs, "old_epochs": old_base.epochs,
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
         "cross": evaluate_retrieval(query, old_gallery),
@@ -139,12 +169,12 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, setting: Set
 
 
 def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
-    """Finished runs: setting -> method -> seed -> row."""
+    """Finished runs: setting -> method -> seed -> row, settings in the order of SETTINGS."""
     out: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(results.glob("*/seed*/*.json")):
         row = json.loads(path.read_text())
         out.setdefault(row["setting"], {}).setdefault(row["method"], {})[row["seed"]] = row
-    return out
+    return {name: out[name] for name in [*SETTINGS, *sorted(out)] if name in out}
 
 
 def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -173,27 +203,63 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return out
 
 
-def table(name: str, summary: dict[str, dict], methods: list[str]) -> str:
-    """The paper's layout for one setting: self / cross mAP and the summary scores per method."""
-    any_method = next(iter(summary.values()))
-    oo = [m["m_oo"] for m in any_method["per_seed"]]
-    lines = [
-        f"**{name}**: M(o,o) = {_fmt(oo)} (old model alone), mAP % mean ± std over seeds "
-        f"{any_method['seeds']}",
-        "",
-        "| method | self M(n,n) | cross M(n,o) | R@1 (n,o) | M(n,o) > M(o,o) | update gain | P_up | P_comp | P_1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+def _seed_scores(parts: list[dict[str, dict]], method: str) -> list[dict[str, float]]:
+    """The paper's P scores of ``method`` per seed, each over the datasets that have that seed
+    and an independent model for it."""
+    by_seed: dict[int, list[dict]] = {}
+    for summary in parts:
+        if method in summary:
+            for seed, m in zip(summary[method]["seeds"], summary[method]["per_seed"]):
+                if m.get("m_star") is not None:
+                    by_seed.setdefault(seed, []).append(m)
+    return [paper_scores(ms) for _, ms in sorted(by_seed.items())]
+
+
+def table(allocation: str, parts: dict[str, dict[str, dict]], methods: list[str]) -> str:
+    """The paper's layout for one allocation setting: per dataset self / cross mAP, R@1 and update
+    gain; P_up, P_comp and P_1 over the datasets, per seed, then mean ± std over seeds."""
+    header, rule, caption = ["method"], ["---"], []
+    for name, summary in parts.items():
+        setting, any_method = SETTINGS.get(name), next(iter(summary.values()))
+        title = DATASET_TITLES.get(setting.dataset, setting.dataset) if setting else name
+        oo = _fmt([m["m_oo"] for m in any_method["per_seed"]])
+        arch = f", {setting.old_arch} -> {setting.new_arch}" if setting else ""
+        caption.append(f"{title}: M(o,o) = {oo}, seeds {any_method['seeds']}{arch}")
+        header += [f"{title} self / cross", f"{title} R@1 (n,o) / gain"]
+        rule += ["---", "---"]
+    header += ["M(n,o) > M(o,o)", "P_up", "P_comp", "P_1"]
+    rule += ["---"] * 4
+    lines = [f"**{allocation}** ({'; '.join(caption)}); mAP % mean ± std over seeds",
+             "", "| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     for method in methods:
-        if method not in summary:
+        if not any(method in summary for summary in parts.values()):
             continue
-        rows = summary[method]["per_seed"]
-        def col(key: str, scale: float = 100.0, digits: int = 1) -> str:  # noqa: E306
-            return _fmt([r[key] for r in rows if r.get(key) is not None], scale, digits)
-        wins = sum(r["m_no"] > r["m_oo"] for r in rows)
-        lines.append(f"| {method} | {col('m_nn')} | {col('m_no')} | {col('r1_no')} | {wins}/{len(rows)} | "
-                     f"{col('gain', 1.0, 2)} | {col('p_up', 1.0)} | {col('p_comp', 1.0)} | {col('p_1', 1.0)} |")
+        cells, wins, total = [method], 0, 0
+        for summary in parts.values():
+            rows = summary.get(method, {}).get("per_seed", [])
+
+            def col(key: str, scale: float = 100.0, digits: int = 1, rows: list = rows) -> str:
+                return _fmt([r[key] for r in rows if r.get(key) is not None], scale, digits)
+            cells += [f"{col('m_nn')} / {col('m_no')}", f"{col('r1_no')} / {col('gain', 1.0, 2)}"]
+            wins += sum(r["m_no"] > r["m_oo"] for r in rows)
+            total += len(rows)
+        scores = _seed_scores(list(parts.values()), method)
+        cells.append(f"{wins}/{total}")
+        cells += [_fmt([s[key] for s in scores], 1.0) for key in ("p_up", "p_comp", "p_1")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report(results: Path) -> tuple[list[str], dict]:
+    """Markdown sections (one per allocation setting) and the per-run summaries of ``results``."""
+    finished = collect(results)
+    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
+    summaries = {name: summarise(runs) for name, runs in finished.items()}
+    allocations: dict[str, dict[str, dict]] = {}
+    for name, summary in summaries.items():
+        allocation = SETTINGS[name].allocation if name in SETTINGS else name
+        allocations.setdefault(allocation, {})[name] = summary
+    return [table(a, parts, methods) for a, parts in allocations.items()], summaries
 
 
 def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], methods: list[str]) -> list[str]:
@@ -237,7 +303,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to run")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES), help="methods to compare")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of every model")
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of every model (Fashion-MNIST: 10)")
+    parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="models and embeddings")
@@ -245,24 +312,31 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="no training: table and plots from --results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = TrainConfig(image_size=32, epochs=args.epochs, batch_size=128, device="auto", workers=2)
     if not args.report_only:
-        data = prepare_data(args.workdir)
         for name in args.settings:  # setting by setting, so a partial run completes whole settings
+            setting = SETTINGS[name]
+            data = prepare_data(args.workdir, setting.dataset)
+            if data is None:
+                log.warning("skipping %s: no Fashion-MNIST in %s (apt install dataset-fashion-mnist)",
+                            name, DEFAULT_SOURCE)
+                continue
+            base = TrainConfig(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
+                               device="auto", workers=2)
+            old_base = replace(base, epochs=args.old_epochs or base.epochs)
             for seed in args.seeds:
                 for method in args.methods:
-                    run_method(args.workdir, args.results, data, name, SETTINGS[name], seed, method, base,
+                    run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
                                seed + args.old_seed_offset)
-    finished = collect(args.results)
-    all_runs = {name: finished[name] for name in SETTINGS if name in finished and name in args.settings}
-    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in all_runs.values())]
+    sections, summaries = report(args.results)
+    if not sections:
+        parser.error(f"no finished runs in {args.results}; run without --report-only first")
     out_dir = args.results.parent
-    sections = [table(name, summarise(runs), methods) for name, runs in all_runs.items()]
     (out_dir / "table.md").write_text("\n\n".join(sections) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(
-        {name: summarise(runs) for name, runs in all_runs.items()}, indent=1))
+    (out_dir / "results.json").write_text(json.dumps(summaries, indent=1))
+    finished = collect(args.results)
+    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
     try:
-        written = plots(out_dir, all_runs, methods)
+        written = plots(out_dir, finished, methods)
     except Exception as exc:  # noqa: BLE001 - the table stands without the plots
         written = []
         log.warning("no plots: %s", exc)

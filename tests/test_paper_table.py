@@ -46,7 +46,38 @@ def test_summary_and_table_from_cached_runs(paper, tmp_path: Path) -> None:  # n
     assert bct[0]["gain"] == pytest.approx((0.55 - 0.5) / (0.7 - 0.5))
     expected = paper_scores([{"m_oo": 0.6, "m_nn": 0.7, "m_no": 0.58, "m_star": 0.8}])
     assert bct[1]["p_1"] == pytest.approx(expected["p_1"])
-    text = paper.table("extended-class", summary, ["independent", "bct", "advbct"])
+    text = paper.table("extended-class", {"extended-class": summary}, ["independent", "bct", "advbct"])
     assert "M(o,o) = 55.0 ± 7.1" in text
-    assert "| bct | 65.0 ± 7.1 | 56.5 ± 2.1 | 28.2 ± 1.1 | 1/2 | 0.08 ± 0.25 |" in text  # seed 1: 58 < 60
+    assert "| bct | 65.0 ± 7.1 / 56.5 ± 2.1 | 28.2 ± 1.1 / 0.08 ± 0.25 | 1/2 |" in text  # seed 1: 58 < 60
     assert "advbct" not in text  # no runs, no row
+
+
+def test_scores_summarise_over_the_datasets_of_a_setting(paper, tmp_path: Path) -> None:  # noqa: ANN001
+    figures = {  # (setting, seed, method): (M(o,o), M(n,n), M(n,o))
+        ("extended-data", 0, "independent"): (0.5, 0.7, 0.01),
+        ("extended-data", 0, "bct"): (0.5, 0.65, 0.45),
+        ("extended-data", 1, "independent"): (0.5, 0.72, 0.01),
+        ("extended-data", 1, "bct"): (0.5, 0.66, 0.47),
+        ("extended-data-fashion", 0, "independent"): (0.8, 0.85, 0.1),
+        ("extended-data-fashion", 0, "bct"): (0.8, 0.84, 0.82),
+        ("extended-class", 0, "independent"): (0.6, 0.7, 0.02),
+    }
+    for (setting, seed, method), (oo, nn, no) in figures.items():
+        path = tmp_path / setting / f"seed{seed}" / f"{method}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_row(setting, seed, method, oo, nn, no)))
+    sections, summaries = paper.report(tmp_path)
+    assert [s.splitlines()[0].split("**")[1] for s in sections] == ["extended-class", "extended-data"]
+    data = sections[1]
+    assert "emoji self / cross" in data and "Fashion-MNIST self / cross" in data
+    seed0 = paper_scores([{"m_oo": 0.5, "m_nn": 0.65, "m_no": 0.45, "m_star": 0.7},
+                          {"m_oo": 0.8, "m_nn": 0.84, "m_no": 0.82, "m_star": 0.85}])
+    seed1 = paper_scores([{"m_oo": 0.5, "m_nn": 0.66, "m_no": 0.47, "m_star": 0.72}])  # emoji alone
+    bct = next(line for line in data.splitlines() if line.startswith("| bct |"))
+    cells = [c.strip() for c in bct.strip("|").split("|")]
+    assert cells[5] == "1/3"  # fashion seed 0 beats its old model (0.82 > 0.8)
+    p1 = [seed0["p_1"], seed1["p_1"]]
+    mean, spread = cells[-1].split(" ± ")
+    assert float(mean) == pytest.approx(sum(p1) / 2, abs=0.05)
+    assert float(spread) == pytest.approx(abs(p1[0] - p1[1]) / 2 ** 0.5, abs=0.05)
+    assert set(summaries) == {"extended-class", "extended-data", "extended-data-fashion"}

@@ -369,6 +369,24 @@ def dataset_emoji(
     emit_json(summary)
 
 
+@dataset_app.command("fashion-mnist")
+@reports_errors
+def dataset_fashion_mnist(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and the list files into.")],
+    source: Annotated[Path, typer.Option(help="Folder with the four Fashion-MNIST IDX files (gzipped or not); Debian's dataset-fashion-mnist installs them here.")] = Path("/usr/share/datasets/fashion-mnist"),
+    seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
+    train_per_class: Annotated[Optional[int], typer.Option(min=2, help="Training images per class for the new model (default: all 6,000).")] = None,
+    old_fraction: Annotated[float, typer.Option(help="Share of every class's training images the old model sees (extended-data).")] = 0.3,
+    query_per_class: Annotated[int, typer.Option(min=1, help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
+) -> None:
+    """Write Fashion-MNIST as PNGs with extended-data lists (old model on a share of every class)."""
+    from bctool.data.fashion_mnist import FashionSplit, write_fashion_mnist_dataset
+
+    split = FashionSplit(seed=seed, train_per_class=train_per_class, old_fraction=old_fraction,
+                         query_per_class=query_per_class)
+    emit_json(write_fashion_mnist_dataset(out_dir, split, source))
+
+
 @dataset_app.command("gldv2")
 @reports_errors
 def dataset_gldv2(
