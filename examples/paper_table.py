@@ -250,10 +250,14 @@ def table(allocation: str, parts: dict[str, dict[str, dict]], methods: list[str]
     return "\n".join(lines)
 
 
-def report(results: Path) -> tuple[list[str], dict]:
-    """Markdown sections (one per allocation setting) and the per-run summaries of ``results``."""
-    finished = collect(results)
-    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
+def shown_methods(finished: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
+    """The methods with at least one finished run, in table order."""
+    return [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
+
+
+def report(finished: dict[str, dict[str, dict[int, dict]]]) -> tuple[list[str], dict]:
+    """Markdown sections (one per allocation setting) and the per-run summaries of ``collect``."""
+    methods = shown_methods(finished)
     summaries = {name: summarise(runs) for name, runs in finished.items()}
     allocations: dict[str, dict[str, dict]] = {}
     for name, summary in summaries.items():
@@ -271,16 +275,17 @@ def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], method
     for name, runs in all_runs.items():
         shown = [m for m in methods if m in runs]
         fig, (scatter, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
-        colours = plt.get_cmap("tab10")
+        colours = plt.get_cmap("tab20" if len(shown) > 10 else "tab10")
         oo = [row["old"]["map"] for row in next(iter(runs.values())).values()]
         for i, method in enumerate(shown):
             rows = list(runs[method].values())
+            marker, line = ("x", ":") if method in ABLATIONS else ("o", "-")  # ablations stand apart
             scatter.scatter([100 * r["self"]["map"] for r in rows], [100 * r["cross"]["map"] for r in rows],
-                            color=colours(i % 10), label=method, s=22)
+                            color=colours(i), label=method, s=22, marker=marker)
             mean_curve = [100 * statistics.fmean(r["backfill"][k]["map"] for r in rows)
                           for k in range(len(rows[0]["backfill"]))]
-            curves.plot([100 * p["fraction"] for p in rows[0]["backfill"]], mean_curve, marker="o",
-                        color=colours(i % 10), label=method)
+            curves.plot([100 * p["fraction"] for p in rows[0]["backfill"]], mean_curve, marker=marker,
+                        linestyle=line, color=colours(i), label=method)
         for ax in (scatter, curves):
             ax.axhline(100 * statistics.fmean(oo), color="grey", linestyle="--", linewidth=1, label="M(o,o)")
             ax.grid(True, alpha=0.3)
@@ -327,16 +332,15 @@ def main() -> None:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
                                seed + args.old_seed_offset)
-    sections, summaries = report(args.results)
+    finished = collect(args.results)
+    sections, summaries = report(finished)
     if not sections:
         parser.error(f"no finished runs in {args.results}; run without --report-only first")
     out_dir = args.results.parent
     (out_dir / "table.md").write_text("\n\n".join(sections) + "\n")
     (out_dir / "results.json").write_text(json.dumps(summaries, indent=1))
-    finished = collect(args.results)
-    methods = [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
     try:
-        written = plots(out_dir, finished, methods)
+        written = plots(out_dir, finished, shown_methods(finished))
     except Exception as exc:  # noqa: BLE001 - the table stands without the plots
         written = []
         log.warning("no plots: %s", exc)

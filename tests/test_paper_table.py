@@ -66,7 +66,7 @@ def test_scores_summarise_over_the_datasets_of_a_setting(paper, tmp_path: Path) 
         path = tmp_path / setting / f"seed{seed}" / f"{method}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_row(setting, seed, method, oo, nn, no)))
-    sections, summaries = paper.report(tmp_path)
+    sections, summaries = paper.report(paper.collect(tmp_path))
     assert [s.splitlines()[0].split("**")[1] for s in sections] == ["extended-class", "extended-data"]
     data = sections[1]
     assert "emoji self / cross" in data and "Fashion-MNIST self / cross" in data
