@@ -220,11 +220,11 @@ def table(allocation: str, parts: dict[str, dict[str, dict]], methods: list[str]
     gain; P_up, P_comp and P_1 over the datasets, per seed, then mean ± std over seeds."""
     header, rule, caption = ["method"], ["---"], []
     for name, summary in parts.items():
-        setting, any_method = SETTINGS.get(name), next(iter(summary.values()))
+        setting = SETTINGS.get(name)
         title = DATASET_TITLES.get(setting.dataset, setting.dataset) if setting else name
-        oo = _fmt([m["m_oo"] for m in any_method["per_seed"]])
+        old_maps = {seed: m["m_oo"] for s in summary.values() for seed, m in zip(s["seeds"], s["per_seed"])}
         arch = f", {setting.old_arch} -> {setting.new_arch}" if setting else ""
-        caption.append(f"{title}: M(o,o) = {oo}, seeds {any_method['seeds']}{arch}")
+        caption.append(f"{title}: M(o,o) = {_fmt(list(old_maps.values()))}, seeds {sorted(old_maps)}{arch}")
         header += [f"{title} self / cross", f"{title} R@1 (n,o) / gain"]
         rule += ["---", "---"]
     header += ["M(n,o) > M(o,o)", "P_up", "P_comp", "P_1"]
