@@ -88,7 +88,7 @@ def load_fashion_mnist(source: str | os.PathLike[str] = DEFAULT_SOURCE) -> dict[
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"Fashion-MNIST {part}: images {images.shape} and labels {labels.shape} do not "
                             "match (expected N x H x W and N)")
-        if images.dtype != np.uint8 or labels.size and int(labels.max()) >= len(CLASS_NAMES):
+        if images.dtype != np.uint8 or (labels.size and int(labels.max()) >= len(CLASS_NAMES)):
             raise DataError(f"Fashion-MNIST {part}: expected uint8 images and labels 0-{len(CLASS_NAMES) - 1}")
         out[part] = (images, labels.astype(np.int64))
     return out
@@ -112,16 +112,16 @@ def _write_images(folder: Path, images: np.ndarray) -> None:
         raise
 
 
-def split_indices(labels: np.ndarray, per_class: int | None, fraction_or_count: float | int,
-                  rng: random.Random) -> tuple[list[int], list[int]]:
+def split_indices(labels: np.ndarray, per_class: int | None, rng: random.Random, *,
+                  fraction: float | None = None, count: int | None = None) -> tuple[list[int], list[int]]:
     """Per class, shuffle the indices, keep ``per_class`` of them (all when None) and cut them
-    into a first part (a fraction when a float, a count when an int) and the rest."""
+    into a first part (``fraction`` of them, or ``count`` of them) and the rest."""
     first, rest = [], []
     for label in range(len(CLASS_NAMES)):
         idx = [int(i) for i in np.flatnonzero(labels == label)]
         rng.shuffle(idx)
         idx = idx[:per_class] if per_class is not None else idx
-        cut = round(len(idx) * fraction_or_count) if isinstance(fraction_or_count, float) else fraction_or_count
+        cut = round(len(idx) * fraction) if fraction is not None else count
         first += idx[:cut]
         rest += idx[cut:]
     return sorted(first), sorted(rest)
@@ -142,9 +142,9 @@ def write_fashion_mnist_dataset(out_dir: str | os.PathLike[str], split: FashionS
     for part, (images, _) in data.items():
         _write_images(out / "images" / part, images)
     rng = random.Random(split.seed)
-    old, kept = split_indices(data["train"][1], split.train_per_class, split.old_fraction, rng)
+    old, kept = split_indices(data["train"][1], split.train_per_class, rng, fraction=split.old_fraction)
     new = sorted(old + kept)
-    query, gallery = split_indices(data["test"][1], None, split.query_per_class, rng)
+    query, gallery = split_indices(data["test"][1], None, rng, count=split.query_per_class)
     if not gallery:
         raise DataError(f"query_per_class {split.query_per_class} leaves no test image for the gallery")
 
