@@ -373,18 +373,18 @@ def dataset_emoji(
 @reports_errors
 def dataset_fashion_mnist(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and the list files into.")],
-    source: Annotated[Path, typer.Option(help="Folder with the four Fashion-MNIST IDX files (gzipped or not); Debian's dataset-fashion-mnist installs them here.")] = Path("/usr/share/datasets/fashion-mnist"),
+    source: Annotated[Optional[Path], typer.Option(help="Folder with the four Fashion-MNIST IDX files, gzipped or not (default: /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist installs them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
     train_per_class: Annotated[Optional[int], typer.Option(min=2, help="Training images per class for the new model (default: all 6,000).")] = None,
     old_fraction: Annotated[float, typer.Option(help="Share of every class's training images the old model sees (extended-data).")] = 0.3,
     query_per_class: Annotated[int, typer.Option(min=1, help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
 ) -> None:
     """Write Fashion-MNIST as PNGs with extended-data lists (old model on a share of every class)."""
-    from bctool.data.fashion_mnist import FashionSplit, write_fashion_mnist_dataset
+    from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 
     split = FashionSplit(seed=seed, train_per_class=train_per_class, old_fraction=old_fraction,
                          query_per_class=query_per_class)
-    emit_json(write_fashion_mnist_dataset(out_dir, split, source))
+    emit_json(write_fashion_mnist_dataset(out_dir, split, source or DEFAULT_SOURCE))
 
 
 @dataset_app.command("gldv2")
