@@ -1,4 +1,4 @@
-"""Compatibility metrics: update gain, P scores, model chains and partial backfill."""
+"""Compatibility metrics: update gain, P scores, the bootstrap of delta, model chains and backfill."""
 
 from __future__ import annotations
 
@@ -10,17 +10,25 @@ import pytest
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate import compat
 from bctool.evaluate.compat import (
     backfill_curve,
+    bootstrap_interval,
+    bootstrap_means,
     chain_matrix,
     chain_scores,
+    compatibility_evaluation,
     compatibility_report,
+    delta_interval,
+    paired_delta,
     paper_scores,
     partial_backfill,
     plot_backfill,
     update_gain,
 )
-from bctool.evaluate.retrieval import evaluate_retrieval
+from bctool.evaluate.metrics import QueryAP
+from bctool.evaluate.protocol import make_protocol
+from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
 
 LABEL_NAMES = ["a", "b", "c", "d"]
 
@@ -96,6 +104,156 @@ def test_compatibility_report() -> None:
     assert without_star == {"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5, "compatible": False}
     with pytest.raises(ConfigError, match="m_no"):
         compatibility_report({"m_oo": 0.5, "m_nn": 0.72})
+
+
+# --- delta M(n,o) - M(o,o) and its paired bootstrap interval --------------------------------
+
+
+def _slow_bootstrap_means(diff: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """One resample at a time: draw len(diff) indices with replacement, take the mean."""
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n):
+        idx = rng.integers(0, len(diff), size=len(diff))
+        means.append(np.mean(diff[idx]))
+    return np.array(means)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 22, 100])
+def test_bootstrap_equals_a_slow_reference(block_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 100 elements per block: 2 resamples of 37 queries per draw, so blocks split the stream.
+    monkeypatch.setattr(compat, "_BOOTSTRAP_ELEMENTS", block_elements)
+    rng = np.random.default_rng(11)
+    old = rng.uniform(size=37)
+    new = np.clip(old + rng.normal(0.05, 0.2, size=37), 0, 1)
+    reference = _slow_bootstrap_means(new - old, 251, seed=5)
+    np.testing.assert_array_equal(bootstrap_means(new - old, 251, seed=5), reference)
+    low, high = bootstrap_interval(new, old, n=251, seed=5, level=0.9)
+    assert (low, high) == tuple(np.quantile(reference, [(1 - 0.9) / 2, (1 + 0.9) / 2]))
+    assert low < float(np.mean(new - old)) < high
+    assert bootstrap_interval(new, old, n=251, seed=6, level=0.9) != (low, high)
+
+
+def test_bootstrap_interval_covers_the_true_delta_about_95_percent() -> None:
+    """300 datasets of 200 paired queries; AP-like values in [0, 1], correlated old and new.
+
+    old ~ Beta(2, 2) (mean 1/2), new = 0.7 old + 0.3 Beta(5, 2) (mean 0.35 + 0.3 * 5/7),
+    so the true delta is 0.3 * 5/7 - 0.15 = 0.0642857...
+    """
+    true_delta = 0.3 * 5 / 7 - 0.15
+    rng = np.random.default_rng(2024)
+    datasets, queries = 300, 200
+    old = rng.beta(2, 2, size=(datasets, queries))
+    new = 0.7 * old + 0.3 * rng.beta(5, 2, size=(datasets, queries))
+    covered = 0
+    for d in range(datasets):
+        low, high = bootstrap_interval(new[d], old[d], n=400, seed=d, level=0.95)
+        covered += low <= true_delta <= high
+    assert 0.90 <= covered / datasets <= 0.99
+
+
+def _scores(ids: list[str], ap: list[float]) -> QueryAP:
+    return QueryAP(tuple(ids), np.array(ap, dtype=np.float64))
+
+
+def test_paired_delta_pairs_by_id() -> None:
+    old = _scores(["a", "b", "c", "d"], [0.2, 0.4, 0.6, 0.8])
+    new = _scores(["d", "c", "b", "a"], [0.9, 0.7, 0.4, 0.3])  # another order: paired by id
+    result = paired_delta(old, new, n=200, seed=1)
+    assert set(result) == {"delta", "delta_low", "delta_high", "bootstrap", "compatible_significant"}
+    # differences a..d: 0.1, 0.0, 0.1, 0.1
+    assert result["delta"] == pytest.approx(0.075)
+    assert result["bootstrap"] == 200
+    assert 0.0 <= result["delta_low"] <= result["delta"] <= result["delta_high"] <= 0.1 + 1e-12
+    assert result["compatible_significant"] is (result["delta_low"] > 0)
+    assert paired_delta(old, new, n=0) == {"delta": pytest.approx(0.075)}
+    worse = _scores(["a", "b", "c", "d"], [0.1, 0.3, 0.5, 0.7])
+    assert paired_delta(old, worse, n=200)["compatible_significant"] is False
+
+
+def test_paired_delta_uses_the_shared_queries_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    old = _scores(["a", "b", "c"], [0.2, 0.4, 0.6])
+    new = _scores(["b", "c", "z"], [0.5, 0.9, 1.0])
+    with caplog.at_level("WARNING", logger="bctool.evaluate.compat"):
+        result = paired_delta(old, new, n=0)
+    assert result["delta"] == pytest.approx(((0.5 - 0.4) + (0.9 - 0.6)) / 2)
+    assert "1 only old, 1 only new" in caplog.text and "the 2 they share" in caplog.text
+    with pytest.raises(EmbeddingsError, match="share no evaluated query.*'a'.*'x'.*same ids"):
+        paired_delta(old, _scores(["x"], [0.5]), n=10)
+    with pytest.raises(EmbeddingsError, match="new queries list 1 ids more than once \\('b'\\)"):
+        paired_delta(old, _scores(["b", "b"], [0.5, 0.6]), n=10)
+
+
+def test_bootstrap_options_are_checked_naming_the_value() -> None:
+    old = _scores(["a", "b"], [0.2, 0.4])
+    with pytest.raises(ConfigError, match="resamples must be an integer >= 0.*got -1"):
+        paired_delta(old, old, n=-1)
+    for level in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match=f"strictly between 0 and 1.*got {level}"):
+            paired_delta(old, old, n=10, level=level)
+    with pytest.raises(ConfigError, match="at least 1 resample, got 0"):
+        bootstrap_interval(np.ones(3), np.ones(3), n=0)
+    with pytest.raises(ConfigError, match=r"shapes \(3,\) and \(2,\)"):
+        bootstrap_interval(np.ones(3), np.ones(2), n=5)
+
+
+def _compat_models() -> dict[str, tuple[Embeddings, Embeddings]]:
+    """v1 of _chain_versions as the old model, v2 (cleaner, same space) as the new one; queries
+    of both models share their ids (the same query images)."""
+    (oq, og), (nq, ng), _ = _chain_versions()
+    nq = _emb(nq.embeddings, nq.labels, oq.ids, "v2")
+    return {"old": (oq, og), "new": (nq, ng)}
+
+
+def test_per_query_ap_means_are_the_reported_map() -> None:
+    (oq, og), _ = _compat_models().values()
+    # Label "d" is not in this gallery: those queries are skipped.
+    kept = og.labels != 3
+    gallery = _emb(og.embeddings[kept], og.labels[kept], np.array(og.ids)[kept])
+    with_d = [i for i, label in zip(oq.ids, oq.labels) if label != 3]
+    cases = [(oq, og, None, oq.ids), (oq, gallery, None, with_d), (oq, gallery, 5, with_d),
+             (oq, oq, None, oq.ids)]  # the query file as its own gallery: self rows left out
+    for query, gal, top_k, evaluated in cases:
+        result, scores = evaluate_retrieval_per_query(query, gal, top_k=top_k)
+        assert result == evaluate_retrieval(query, gal, top_k=top_k)
+        assert list(scores.ids) == list(evaluated) and len(scores) == result["queries"]
+        assert float(np.mean(scores.ap)) == pytest.approx(result["map"], rel=1e-12, abs=1e-15)
+    assert result["queries_without_positives"] == 0 and cases[1][3] != oq.ids
+    protocol = make_protocol(top_k=5)
+    metrics, scores = protocol.per_query(oq, gallery)
+    assert metrics == protocol.evaluate(oq, gallery)
+    assert float(np.mean(scores.ap)) == pytest.approx(metrics["map"], rel=1e-12)
+
+
+def test_delta_interval_is_m_no_minus_m_oo() -> None:
+    models = _compat_models()
+    (oq, og), (nq, _) = models["old"], models["new"]
+    result = delta_interval(oq, og, nq, make_protocol(), n=500, seed=3)
+    m_oo, m_no = evaluate_retrieval(oq, og)["map"], evaluate_retrieval(nq, og)["map"]
+    assert result["delta"] == pytest.approx(m_no - m_oo, abs=1e-12)
+    assert result["delta_low"] < result["delta"] < result["delta_high"]
+    assert result == delta_interval(oq, og, nq, make_protocol(), n=500, seed=3)
+    assert result["compatible_significant"] is (result["delta_low"] > 0)
+    with pytest.raises(ConfigError, match="got -1"):
+        delta_interval(oq, og, nq, make_protocol(), n=-1)
+
+
+def test_compatibility_evaluation_assembles_the_report() -> None:
+    models = _compat_models()
+    report = compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=300, seed=1)
+    assert report["metric"] == "map" and list(report["results"]) == ["old/old", "new/new", "new/old"]
+    assert report["m_no"] == report["results"]["new/old"]["map"]
+    assert report["compatible"] is (report["m_no"] > report["m_oo"])
+    assert report["delta"] == pytest.approx(report["m_no"] - report["m_oo"], abs=1e-12)
+    assert report["bootstrap"] == 300 and report["compatible_significant"] is (report["delta_low"] > 0)
+    assert {k: report[k] for k in ("delta", "delta_low", "delta_high")} == {
+        k: v for k, v in delta_interval(*models["old"], models["new"][0], make_protocol(), n=300, seed=1).items()
+        if k.startswith("delta")
+    }
+    off = compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=0)
+    assert "delta" in off and not {"delta_low", "delta_high", "bootstrap", "compatible_significant"} & set(off)
+    with pytest.raises(ConfigError, match="got -1"):
+        compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=-1)
 
 
 # --- model chains -----------------------------------------------------------------------------

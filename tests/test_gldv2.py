@@ -13,12 +13,14 @@ from bctool.errors import DataError, EmbeddingsError
 from bctool.evaluate.gldv2 import (
     GLDv2Solution,
     evaluate_gldv2,
+    evaluate_gldv2_per_query,
     gldv2_image_path,
     read_index_or_test_csv,
     read_retrieval_solution,
     read_train_csv,
     write_list_file,
 )
+from bctool.evaluate.protocol import make_protocol
 
 
 def embeddings(vectors: np.ndarray, ids: list[str]) -> Embeddings:
@@ -119,12 +121,14 @@ def test_map_matches_reference(tmp_path: Path, n_gallery: int, block_size: int |
 
     ranking = ref_ranking(query_vecs, gallery_vecs)
     per_usage: dict[str, list[float]] = {"Public": [], "Private": []}
+    per_query: dict[str, float] = {}
     for i, name in enumerate(query_names):
         if name not in solution:
             continue
         relevant, usage = solution[name]
         prediction = [gallery_names[j] for j in ranking[i][:100]]
-        per_usage[usage].append(ref_average_precision(prediction, relevant))
+        per_query[name] = ref_average_precision(prediction, relevant)
+        per_usage[usage].append(per_query[name])
     everything = per_usage["Public"] + per_usage["Private"]
     assert result["map@100"] == pytest.approx(ref_mean(everything), rel=1e-12)
     assert result["map@100_public"] == pytest.approx(ref_mean(per_usage["Public"]), rel=1e-12)
@@ -134,6 +138,14 @@ def test_map_matches_reference(tmp_path: Path, n_gallery: int, block_size: int |
     assert result["queries_private"] == len(per_usage["Private"])
     assert result["gallery"] == n_gallery
     assert 0 < result["map@100"] < 1
+
+    # Per query: every scored query's AP@100, named by the solution's ids, in its order.
+    metrics, scores = evaluate_gldv2_per_query(q_emb, g_emb, sol, block_size=block_size)
+    assert metrics == result and scores.ids == sol.query_ids
+    np.testing.assert_allclose(scores.ap, [per_query[name] for name in sol.query_ids], rtol=1e-12)
+    assert float(np.mean(scores.ap)) == pytest.approx(result["map@100"], rel=1e-12)
+    by_protocol = make_protocol(solution=tmp_path / "solution.csv").per_query(q_emb, g_emb)
+    assert by_protocol[0] == result and np.array_equal(by_protocol[1].ap, scores.ap)
 
 
 def hand_example(tmp_path: Path) -> tuple[Embeddings, Embeddings, GLDv2Solution]:

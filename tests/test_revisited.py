@@ -13,9 +13,11 @@ import pytest
 from bctool.embeddings import Embeddings
 from bctool.errors import DataError, EmbeddingsError
 from bctool.evaluate.gnd import RevisitedGroundTruth, load_gnd, match_rows
+from bctool.evaluate.protocol import make_protocol
 from bctool.evaluate.revisited import (
     PROTOCOLS,
     evaluate_revisited,
+    evaluate_revisited_per_query,
     junk_free_ranks,
     protocol_sets,
     revisited_ap,
@@ -276,6 +278,17 @@ def test_evaluate_revisited_matches_reference(tmp_path: Path) -> None:
     assert result["mp@5"] == result["mp@5_medium"]
     assert result["queries"] == result["queries_medium"] < n_query
     assert result["gallery"] == n_gallery
+
+    # Per query: the Medium AP of the queries with a Medium positive, named by qimlist.
+    metrics, scores = evaluate_revisited_per_query(q_emb, g_emb, gnd, ks=(1, 5, 10))
+    assert metrics == result
+    _, ref_aps, _, _ = ref_compute_map(ranks, ref_protocol(gnd_dict, "medium"))
+    kept = ~np.isnan(ref_aps)
+    assert list(scores.ids) == [name for name, k in zip(gnd_dict["qimlist"], kept) if k]
+    np.testing.assert_allclose(scores.ap, ref_aps[kept], rtol=1e-9)
+    assert float(np.mean(scores.ap)) == pytest.approx(result["map"], rel=1e-12)
+    by_protocol = make_protocol(gnd=tmp_path / "gnd.pkl").per_query(q_emb, g_emb)
+    assert by_protocol[0] == result and by_protocol[1].ids == scores.ids
 
 
 # --- ground-truth loading ---------------------------------------------------------------------

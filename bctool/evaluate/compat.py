@@ -1,4 +1,5 @@
-"""Compatibility metrics: update gain, the paper's P scores, model chains and partial backfill.
+"""Compatibility metrics: update gain, the paper's P scores, the paired bootstrap interval of
+M(n,o) - M(o,o), model chains and partial backfill.
 
 Notation (METHOD.md, "Compatibility metrics"): ``M(q, g)`` is the mAP of queries embedded by
 model ``q`` against a gallery embedded by model ``g``; ``o`` is the old model, ``n`` the new
@@ -18,6 +19,8 @@ import numpy as np
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate.metrics import QueryAP
+from bctool.evaluate.protocol import Protocol
 from bctool.evaluate.retrieval import evaluate_retrieval
 from bctool.plotting import pyplot, save_png
 
@@ -26,6 +29,10 @@ logger = logging.getLogger(__name__)
 Evaluate = Callable[[Embeddings, Embeddings], dict[str, Any]]
 
 _PAPER_KEYS = ("m_oo", "m_nn", "m_no", "m_star")
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_LEVEL = 0.95
+# Most (resamples x queries) bootstrap indices drawn at once.
+_BOOTSTRAP_ELEMENTS = 1 << 22
 
 
 def _sigmoid(x: float) -> float:
@@ -106,6 +113,179 @@ def compatibility_report(metrics: dict[str, float]) -> dict[str, Any]:
         report["update_gain"] = update_gain(metrics["m_no"], metrics["m_oo"], metrics["m_star"])
         report.update(paper_scores([report]))
     return report
+
+
+def _check_bootstrap(n: int, level: float) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ConfigError(
+            f"the number of bootstrap resamples must be an integer >= 0 (0 turns the interval "
+            f"off), got {n!r}"
+        )
+    if not 0.0 < level < 1.0:  # also refuses NaN
+        raise ConfigError(
+            f"the bootstrap interval's level must lie strictly between 0 and 1 (such as 0.95), "
+            f"got {level!r}"
+        )
+
+
+def bootstrap_means(diff: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Means of ``n`` resamples of ``diff`` drawn with replacement, ``(n,)`` float64.
+
+    Resample ``r`` is ``diff[idx_r]`` with ``idx_r`` the ``r``-th draw of
+    ``rng.integers(0, len(diff), size=len(diff))`` from one ``numpy.random.default_rng(seed)``;
+    the draws are made many resamples at a time (a generator's stream does not depend on how
+    it is split into calls), a bounded block of indices per call.
+    """
+    values = np.asarray(diff, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ConfigError(
+            f"the bootstrap needs a non-empty 1-D array of per-query values, got shape {values.shape}"
+        )
+    _check_bootstrap(n, DEFAULT_LEVEL)
+    rng = np.random.default_rng(seed)
+    size = values.size
+    means = np.empty(int(n), dtype=np.float64)
+    per_block = max(1, _BOOTSTRAP_ELEMENTS // size)
+    for start in range(0, int(n), per_block):
+        count = min(per_block, int(n) - start)
+        means[start : start + count] = values[rng.integers(0, size, size=(count, size))].mean(axis=1)
+    return means
+
+
+def bootstrap_interval(
+    new: np.ndarray, old: np.ndarray, n: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = DEFAULT_LEVEL
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval at ``level`` of ``mean(new - old)``.
+
+    ``new[i]`` and ``old[i]`` belong to one query; each resample draws queries with replacement
+    and keeps both values of a drawn query (see :func:`bootstrap_means`). The interval runs from
+    the ``(1 - level) / 2`` to the ``(1 + level) / 2`` quantile of the resampled means.
+    """
+    _check_bootstrap(n, level)
+    if n == 0:
+        raise ConfigError("a bootstrap interval needs at least 1 resample, got 0")
+    a, b = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ConfigError(
+            f"new and old must be 1-D arrays of one value per query, paired, got shapes {a.shape} "
+            f"and {b.shape}"
+        )
+    low, high = np.quantile(bootstrap_means(a - b, n, seed), [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(low), float(high)
+
+
+def _paired_rows(old: QueryAP, new: QueryAP) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``old`` and ``new`` holding the same query ids (those in both, in old's order)."""
+    for name, scores in (("old", old), ("new", new)):
+        if len(set(scores.ids)) != len(scores.ids):
+            twice = sorted(i for i, c in Counter(scores.ids).items() if c > 1)
+            raise EmbeddingsError(
+                f"the {name} queries list {len(twice)} ids more than once ({_shown(twice)}); each "
+                "query must appear once to be paired with the other model's"
+            )
+    row_of = {image_id: i for i, image_id in enumerate(new.ids)}
+    old_rows = np.array([i for i, image_id in enumerate(old.ids) if image_id in row_of], dtype=np.int64)
+    new_rows = np.array([row_of[old.ids[i]] for i in old_rows], dtype=np.int64)
+    if old_rows.size == 0:
+        raise EmbeddingsError(
+            f"the old and new models share no evaluated query: {len(old)} old queries "
+            f"({_shown(old.ids) or 'none'}) and {len(new)} new ones ({_shown(new.ids) or 'none'}); "
+            "embed the same query images (same list, same ids) with both models"
+        )
+    if old_rows.size != len(old) or new_rows.size != len(new):
+        logger.warning(
+            "the old and new models evaluate different queries (%d only old, %d only new); "
+            "delta M(n,o) - M(o,o) uses the %d they share",
+            len(old) - old_rows.size,
+            len(new) - new_rows.size,
+            old_rows.size,
+        )
+    return old_rows, new_rows
+
+
+def paired_delta(
+    old: QueryAP,
+    new: QueryAP,
+    n: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Any]:
+    """``delta`` = mean over paired queries of new AP - old AP, and its bootstrap interval.
+
+    Queries are paired by id; if the two lists differ, their intersection is used (logged).
+    Returns ``{"delta", "delta_low", "delta_high", "bootstrap": n, "compatible_significant"
+    (delta_low > 0)}``, or only ``{"delta"}`` when ``n`` is 0.
+    """
+    _check_bootstrap(n, level)
+    old_rows, new_rows = _paired_rows(old, new)
+    new_ap = np.asarray(new.ap, dtype=np.float64)[new_rows]
+    old_ap = np.asarray(old.ap, dtype=np.float64)[old_rows]
+    delta = float(np.mean(new_ap - old_ap))
+    if n == 0:
+        logger.info("delta M(n,o) - M(o,o) = %.4f over %d queries (no bootstrap)", delta, old_rows.size)
+        return {"delta": delta}
+    low, high = bootstrap_interval(new_ap, old_ap, n, seed, level)
+    logger.info(
+        "delta M(n,o) - M(o,o) = %.4f, %g%% interval [%.4f, %.4f] over %d queries, %d resamples",
+        delta, 100 * level, low, high, old_rows.size, n,
+    )
+    return {"delta": delta, "delta_low": low, "delta_high": high, "bootstrap": int(n),
+            "compatible_significant": bool(low > 0)}
+
+
+def delta_interval(
+    old_query: Embeddings,
+    old_gallery: Embeddings,
+    new_query: Embeddings,
+    protocol: Protocol,
+    n: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Any]:
+    """``delta`` = M(n,o) - M(o,o) over paired queries, with a paired bootstrap interval.
+
+    Evaluates new and old queries against the old gallery with ``protocol.per_query`` (its
+    headline AP) and returns :func:`paired_delta`'s keys.
+    """
+    _check_bootstrap(n, level)  # before the evaluations, which may take long
+    _, old_ap = protocol.per_query(old_query, old_gallery)
+    _, new_ap = protocol.per_query(new_query, old_gallery)
+    return paired_delta(old_ap, new_ap, n, seed, level)
+
+
+def compatibility_evaluation(
+    old: tuple[Embeddings, Embeddings],
+    new: tuple[Embeddings, Embeddings],
+    protocol: Protocol,
+    independent: tuple[Embeddings, Embeddings] | None = None,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Any]:
+    """The whole compatibility report of (query, gallery) pairs of the old, new and optionally
+    independent models.
+
+    Returns ``{"metric" (the protocol's headline key), **compatibility_report, **paired_delta,
+    "results"}``, ``results`` holding every pair's metrics (``old/old``, ``new/new``,
+    ``new/old``, ``ind/ind``). ``bootstrap`` resamples with ``seed`` give the interval of delta.
+    """
+    _check_bootstrap(bootstrap, level)
+    pairs = {"old": old, "new": new, **({"independent": independent} if independent is not None else {})}
+    for role, (query, gallery) in pairs.items():
+        check_one_model(query, gallery, role)
+    results: dict[str, dict[str, Any]] = {}
+    results["old/old"], old_ap = protocol.per_query(old[0], old[1])
+    results["new/new"] = protocol.evaluate(new[0], new[1])
+    results["new/old"], new_ap = protocol.per_query(new[0], old[1])
+    if independent is not None:
+        results["ind/ind"] = protocol.evaluate(independent[0], independent[1])
+    key = protocol.headline
+    report = compatibility_report({
+        "m_oo": results["old/old"][key], "m_nn": results["new/new"][key], "m_no": results["new/old"][key],
+        "m_star": results["ind/ind"][key] if independent is not None else None,
+    })
+    interval = paired_delta(old_ap, new_ap, bootstrap, seed, level)
+    return {"metric": key, **report, **interval, "results": results}
 
 
 def chain_matrix(

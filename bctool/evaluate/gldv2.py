@@ -34,7 +34,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.evaluate.gnd import match_rows
-from bctool.evaluate.metrics import average_precision_at_k
+from bctool.evaluate.metrics import QueryAP, average_precision_at_k
 from bctool.evaluate.search import iter_rankings
 from bctool.io import atomic_write_text
 
@@ -374,6 +374,31 @@ def evaluate_gldv2(
     ``map@{k}_public``, ``map@{k}_private`` (NaN when a subset has no query), ``queries``,
     ``queries_public``, ``queries_private``, ``gallery``. Ties are ranked by gallery index.
     """
+    return _evaluate(query, gallery, solution, k, block_size)[0]
+
+
+def evaluate_gldv2_per_query(
+    query: Embeddings,
+    gallery: Embeddings,
+    solution: GLDv2Solution,
+    k: int = 100,
+    *,
+    block_size: int | None = None,
+) -> tuple[dict[str, float | int], QueryAP]:
+    """:func:`evaluate_gldv2`'s metrics and the AP@k of every scored query (the ``map@{k}``
+    key), named by the solution's query ids, in its order."""
+    result, ap = _evaluate(query, gallery, solution, k, block_size)
+    return result, QueryAP(tuple(solution.query_ids), ap)
+
+
+def _evaluate(
+    query: Embeddings,
+    gallery: Embeddings,
+    solution: GLDv2Solution,
+    k: int,
+    block_size: int | None,
+) -> tuple[dict[str, float | int], np.ndarray]:
+    """The body of :func:`evaluate_gldv2`, plus the AP@k of every scored query."""
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if query.dim != gallery.dim:
@@ -412,4 +437,4 @@ def evaluate_gldv2(
         name,
         result[name],
     )
-    return result
+    return result, ap

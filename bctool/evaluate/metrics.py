@@ -8,7 +8,28 @@ positives that were not ranked count as missed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class QueryAP:
+    """Per-query average precision of a protocol's headline metric: query ``ids[i]`` scored
+    ``ap[i]``. Only the evaluated queries are listed, so ``ap.mean()`` is the headline value."""
+
+    ids: tuple[str, ...]
+    ap: np.ndarray
+
+    def __post_init__(self) -> None:
+        if np.ndim(self.ap) != 1 or len(self.ap) != len(self.ids):
+            raise ValueError(
+                f"QueryAP needs one AP per query id: got {len(self.ids)} ids and AP of shape "
+                f"{np.shape(self.ap)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def _check(

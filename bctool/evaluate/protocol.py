@@ -13,17 +13,21 @@ from typing import Any
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError
+from bctool.evaluate.metrics import QueryAP
 
 Evaluator = Callable[[Embeddings, Embeddings], dict[str, Any]]
+PerQueryEvaluator = Callable[[Embeddings, Embeddings], tuple[dict[str, Any], QueryAP]]
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """An evaluator and the key of its headline mAP."""
+    """An evaluator, the key of its headline mAP, and ``per_query``: the same evaluation that
+    also returns the headline AP of every evaluated query (their mean is the headline value)."""
 
     name: str
     evaluate: Evaluator
     headline: str
+    per_query: PerQueryEvaluator
 
 
 def make_protocol(
@@ -45,19 +49,32 @@ def make_protocol(
         raise ConfigError(f"--index {index} is for labelled galleries; --gnd and --solution search exactly (--index flat)")
     if gnd:
         from bctool.evaluate.gnd import load_gnd
-        from bctool.evaluate.revisited import evaluate_revisited
+        from bctool.evaluate.revisited import evaluate_revisited, evaluate_revisited_per_query
 
         truth = load_gnd(gnd)
-        return Protocol("revisited", lambda q, g: evaluate_revisited(q, g, truth), "map")
+        return Protocol(
+            "revisited",
+            lambda q, g: evaluate_revisited(q, g, truth),
+            "map",
+            lambda q, g: evaluate_revisited_per_query(q, g, truth),
+        )
     if solution:
-        from bctool.evaluate.gldv2 import evaluate_gldv2, read_retrieval_solution
+        from bctool.evaluate.gldv2 import evaluate_gldv2, evaluate_gldv2_per_query, read_retrieval_solution
 
         sol = read_retrieval_solution(solution)
-        return Protocol("gldv2", lambda q, g: evaluate_gldv2(q, g, sol), "map@100")
-    from bctool.evaluate.retrieval import evaluate_retrieval
+        return Protocol(
+            "gldv2",
+            lambda q, g: evaluate_gldv2(q, g, sol),
+            "map@100",
+            lambda q, g: evaluate_gldv2_per_query(q, g, sol),
+        )
+    from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
 
     return Protocol(
         "labels",
         lambda q, g: evaluate_retrieval(q, g, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search),
         "map",
+        lambda q, g: evaluate_retrieval_per_query(
+            q, g, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search
+        ),
     )

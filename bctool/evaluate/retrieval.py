@@ -9,7 +9,7 @@ import numpy as np
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate.metrics import average_precision, average_precision_at_k, recall_at_k
+from bctool.evaluate.metrics import QueryAP, average_precision, average_precision_at_k, recall_at_k
 from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, build_index, iter_index_rankings
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,41 @@ def evaluate_retrieval(
     miss relevant rows and do not keep the tie order. The gallery may be memory-mapped
     (``load_embeddings(path, mmap=True)``): it is normalised block by block into the index.
     """
+    return _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, None)
+
+
+def evaluate_retrieval_per_query(
+    query: Embeddings,
+    gallery: Embeddings,
+    top_k: int | None = None,
+    ks: tuple[int, ...] = (1, 5, 10),
+    index: str = "flat",
+    nprobe: int = DEFAULT_NPROBE,
+    ef_search: int = DEFAULT_EF_SEARCH,
+) -> tuple[dict[str, float | int], QueryAP]:
+    """:func:`evaluate_retrieval`'s metrics and the AP of every evaluated query (the ``map`` key).
+
+    The queries are listed by id in row order; their mean AP is ``map``.
+    """
+    ap = np.full(len(query), np.nan, dtype=np.float64)
+    result = _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, ap)
+    # Skipped queries keep their NaN: an evaluated one has positives, so a finite AP.
+    evaluated = np.flatnonzero(~np.isnan(ap))
+    return result, QueryAP(tuple(query.ids[i] for i in evaluated), ap[evaluated])
+
+
+def _evaluate(
+    query: Embeddings,
+    gallery: Embeddings,
+    top_k: int | None,
+    ks: tuple[int, ...],
+    index: str,
+    nprobe: int,
+    ef_search: int,
+    ap_out: np.ndarray | None,
+) -> dict[str, float | int]:
+    """The body of :func:`evaluate_retrieval`; fills ``ap_out[row]`` with each evaluated
+    query's AP when given."""
     _check_inputs(query, gallery, top_k, ks)
     q_lab, g_lab = _shared_labels(query, gallery)
     exclude = _self_rows(query, gallery)
@@ -156,7 +191,10 @@ def evaluate_retrieval(
             block = rows[start : start + indices.shape[0]]
             # -1 marks a slot an approximate index left empty: never relevant.
             relevance = (g_lab[indices] == q_lab[block, None]) & (indices >= 0)
-            sums["map"] += float(np.sum(average_precision(relevance[:, :map_depth], n_pos[block])))
+            ap = average_precision(relevance[:, :map_depth], n_pos[block])
+            sums["map"] += float(np.sum(ap))
+            if ap_out is not None:
+                ap_out[block] = ap
             sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
             for k, hit in recall_at_k(relevance, ks).items():
                 sums[f"recall@{k}"] += float(np.sum(hit))

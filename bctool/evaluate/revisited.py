@@ -25,6 +25,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.evaluate.gnd import RevisitedGroundTruth, match_rows
+from bctool.evaluate.metrics import QueryAP
 from bctool.evaluate.search import iter_rankings
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,26 @@ def evaluate_revisited(
     ``map``, ``mp@{k}``, ``queries`` for the Medium protocol; values are fractions in [0, 1].
     Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
     """
+    return _evaluate(query, gallery, gnd, ks)[0]
+
+
+def evaluate_revisited_per_query(
+    query: Embeddings,
+    gallery: Embeddings,
+    gnd: RevisitedGroundTruth,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> tuple[dict[str, float | int], QueryAP]:
+    """:func:`evaluate_revisited`'s metrics and the Medium-protocol AP of every query with a
+    Medium positive (the ``map`` key), named by the ground truth's ``qimlist``, in its order."""
+    result, medium_ap = _evaluate(query, gallery, gnd, ks)
+    evaluated = np.flatnonzero(~np.isnan(medium_ap))  # NaN: no positive
+    return result, QueryAP(tuple(gnd.query_names[i] for i in evaluated), medium_ap[evaluated])
+
+
+def _evaluate(
+    query: Embeddings, gallery: Embeddings, gnd: RevisitedGroundTruth, ks: tuple[int, ...]
+) -> tuple[dict[str, float | int], np.ndarray]:
+    """The body of :func:`evaluate_revisited`, plus the Medium AP of every ground-truth query."""
     ks = tuple(int(k) for k in ks)
     _check_inputs(query, gallery, ks)
     q_emb = query.normalized_embeddings()[match_rows(query, gnd.query_names, "query")]
@@ -182,6 +203,7 @@ def evaluate_revisited(
     ap_sum = dict.fromkeys(PROTOCOLS, 0.0)
     pr_sum = {(p, k): 0.0 for p in PROTOCOLS for k in ks}
     counted = dict.fromkeys(PROTOCOLS, 0)
+    medium_ap = np.full(q_emb.shape[0], np.nan, dtype=np.float64)
 
     block_size = max(1, _BLOCK_ELEMENTS // n_gallery)
     for start, _, indices in iter_rankings(q_emb, g_emb, n_gallery, block_size=block_size):
@@ -191,7 +213,10 @@ def evaluate_revisited(
             n_pos = ok.sum(axis=1)
             has_pos = n_pos > 0
             counted[protocol] += int(has_pos.sum())
-            ap_sum[protocol] += float(np.sum(revisited_ap(ok, junk, n_pos)[has_pos]))
+            ap = revisited_ap(ok, junk, n_pos)
+            ap_sum[protocol] += float(np.sum(ap[has_pos]))
+            if protocol == "medium":
+                medium_ap[start : start + ap.shape[0]] = ap
             for k, pr in revisited_precision_at_k(ok, junk, n_pos, ks).items():
                 pr_sum[(protocol, k)] += float(np.sum(pr[has_pos]))
 
@@ -221,4 +246,4 @@ def evaluate_revisited(
         result["map_medium"],
         result["map_hard"],
     )
-    return result
+    return result, medium_ap
