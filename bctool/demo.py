@@ -1,8 +1,10 @@
 """The main job on the embedded emoji dataset: a whole model upgrade, end to end.
 
 dataset -> train old (30% of training classes) -> extract the old embeddings of the new training
-list -> train the new model with AdvBCT against them, and an independent new model for reference
--> extract query/gallery with every model -> evaluate M(o,o), M(n,n), M(n,o) and M(*,*).
+list -> train the new model with the recommended recipe (warm-started from the old model,
+:data:`~bctool.train.recipe.RECOMMENDED_METHOD`), AdvBCT as published (a fresh start) next to it,
+and an independent new model for reference -> extract query/gallery with every model ->
+evaluate M(o,o), M(n,n), M(n,o), M(*,*) and the bootstrap interval of M(n,o) - M(o,o).
 """
 
 from __future__ import annotations
@@ -19,21 +21,14 @@ from bctool.data.sources import load_image_set
 from bctool.device import resolve_device
 from bctool.embeddings import Embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
+from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, delta_interval
+from bctool.evaluate.protocol import make_protocol
 from bctool.extract import extract
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train import TrainConfig, train
+from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
 
 logger = logging.getLogger(__name__)
-
-# (query model, gallery model) of every reported pair; "independent" is the paper's φ_*.
-PAIRS = {
-    "old/old": ("old", "old"),
-    "new/new": ("new", "new"),
-    "new/old": ("new", "old"),
-    "ind/ind": ("independent", "independent"),
-    "ind/old": ("independent", "old"),
-}
-
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -44,21 +39,49 @@ class DemoConfig:
     embedding_dim: int = 256
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 0.1
-    method: str = "advbct"
+    method: str = RECOMMENDED_METHOD  # the new model's compatibility method
+    warm_start: bool = True  # the new model starts from the old checkpoint, at WARM_LR
+    published: str | None = "advbct"  # also trained as published (fresh start) for comparison
+    bootstrap: int = DEFAULT_BOOTSTRAP  # resamples of the interval of M(n,o) - M(o,o)
     seed: int = 0
     device: str = "auto"
     workers: int = 2
     limit: int | None = None  # classes kept from the emoji set (tests use a few dozen)
 
     def train_config(self, **overrides: Any) -> TrainConfig:
-        """The training config of one of the demo's models."""
+        """The training config of one of the demo's models (a fresh start unless overridden)."""
         base = TrainConfig(
             arch=self.arch, embedding_dim=self.embedding_dim, epochs=self.epochs,
-            batch_size=self.batch_size, lr=self.lr, image_size=self.image_size, seed=self.seed,
+            batch_size=self.batch_size, lr=COLD_LR, image_size=self.image_size, seed=self.seed,
             device=self.device, workers=self.workers,
         )
         return replace(base, **overrides)
+
+    def runs(self, lists: dict[str, Path], old_model: Path, old_emb: Path) -> dict[str, tuple[Path, TrainConfig]]:
+        """Every model the demo trains: name -> (training list, config), in training order."""
+        warm = {"init_from": str(old_model), "lr": WARM_LR} if self.warm_start else {}
+        runs = {
+            "old": (lists["old_train"], self.train_config()),
+            "new": (lists["new_train"], self.train_config(method=self.method, old_embeddings=str(old_emb), **warm)),
+        }
+        if self.published and (self.published != self.method or self.warm_start):
+            runs[self.published] = (lists["new_train"], self.train_config(method=self.published,
+                                                                          old_embeddings=str(old_emb)))
+        runs["independent"] = (lists["new_train"], self.train_config())
+        return runs
+
+
+def pairs(models: list[str]) -> dict[str, tuple[str, str]]:
+    """(query model, gallery model) of every reported pair: each model against itself and,
+    for the new ones, against the old gallery. "ind" is the independent model, the paper's φ_*."""
+    short = {"independent": "ind"}
+    out = {"old/old": ("old", "old")}
+    for name in models:
+        if name != "old":
+            label = short.get(name, name)
+            out[f"{label}/{label}"] = (name, name)
+            out[f"{label}/old"] = (name, "old")
+    return out
 
 
 def _embed(model_path: Path, lists: dict[str, Path], splits: tuple[str, ...], name: str, workdir: Path,
@@ -80,30 +103,31 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
     workdir = Path(workdir)
     dataset = write_emoji_dataset(workdir / "emoji", EmojiSplit(seed=config.seed, limit=config.limit))
     lists = {k.removesuffix(".txt"): Path(v) for k, v in dataset["lists"].items()}
-    old_emb = workdir / "old_new_train.safetensors"
-    runs = {
-        "old": (lists["old_train"], config.train_config()),
-        "new": (lists["new_train"], config.train_config(method=config.method, old_embeddings=str(old_emb))),
-        "independent": (lists["new_train"], config.train_config()),
-    }
+    runs = config.runs(lists, workdir / "old_model.safetensors", workdir / "old_new_train.safetensors")
     trained: dict[str, Any] = {}
     embeddings: dict[str, dict[str, Embeddings]] = {}
     for name, (list_file, train_config) in runs.items():
         model_path = workdir / f"{name}_model.safetensors"
         logger.info("training the %s model (%s) on %s", name, train_config.method, list_file)
         trained[name] = train(load_image_set(list_file), train_config, model_path, progress).to_dict()
-        # The old model also embeds the new training list: the new model trains against it.
+        # The old model also embeds the new training list: the new models train against it.
         splits = ("query", "gallery", "new_train") if name == "old" else ("query", "gallery")
         embeddings[name] = _embed(model_path, lists, splits, name, workdir, config, progress)
-    results = {
-        pair: evaluate_retrieval(embeddings[q]["query"], embeddings[g]["gallery"])
-        for pair, (q, g) in PAIRS.items()
-    }
+    results = {pair: evaluate_retrieval(embeddings[q]["query"], embeddings[g]["gallery"])
+               for pair, (q, g) in pairs(list(runs)).items()}
     m = {pair: r["map"] for pair, r in results.items()}
     headroom = m["ind/ind"] - m["old/old"]
+    interval = delta_interval(embeddings["old"]["query"], embeddings["old"]["gallery"], embeddings["new"]["query"],
+                              make_protocol(), n=config.bootstrap, seed=config.seed)
+    published = {}
+    if config.published in runs:
+        name = config.published
+        published = {"method": name, "M(n,n)": m[f"{name}/{name}"], "M(n,o)": m[f"{name}/old"],
+                     "compatible": m[f"{name}/old"] > m["old/old"]}
     return {
         "workdir": str(workdir),
         "method": config.method,
+        "warm_start": config.warm_start,
         "dataset": {k: v for k, v in dataset.items() if k != "lists"},
         "models": trained,
         "results": results,
@@ -112,7 +136,9 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         "M(n,o)": m["new/old"],
         "M(*,*)": m["ind/ind"],
         "compatible": m["new/old"] > m["old/old"],
+        **interval,
         "update_gain": (m["new/old"] - m["old/old"]) / headroom if headroom else None,
+        "published": published,
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -29,7 +29,7 @@ from bctool.data.check import write_report
 from bctool.data.dataset import crop_box
 from bctool.data.images import load_rgb
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import EvalTransform
+from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.interrupt import Interrupted, StopSignals
@@ -137,6 +137,19 @@ def extract(
         normalized=False,
         root=os.path.abspath(images.root),
     )
+
+
+def pixel_embeddings(images: ImageSet, preprocess: Preprocess, batch_size: int = 256) -> Embeddings:
+    """The baseline every model must beat: each image's normalised pixels (resized and cropped
+    as ``preprocess`` says), flattened, as its embedding."""
+    size = preprocess.image_size
+    out = np.empty((len(images), 3 * size * size), dtype=np.float32)
+    loader = DataLoader(_Rows(images, range(len(images)), EvalTransform(preprocess), True), batch_size=batch_size)
+    for batch, rows, _ in loader:
+        out[int(rows[0]) : int(rows[0]) + len(batch)] = batch.flatten(1).numpy()
+    return Embeddings(embeddings=out, labels=np.asarray(images.labels, dtype=np.int64), ids=images.ids,
+                      label_names=list(images.label_names), model={"arch": "pixels", "image_size": size},
+                      root=os.path.abspath(images.root))
 
 
 @dataclass

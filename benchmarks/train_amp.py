@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
         config = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, amp=amp,
                              device=str(device), workers=0)
         torch.manual_seed(0)
-        task = ClassificationTask(build_model(classes, config)).to(device)
+        task = ClassificationTask(build_model(classes, config)[0]).to(device)
         if device.type == "cuda":
             task.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9)

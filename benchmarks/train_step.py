@@ -68,7 +68,7 @@ def _prepare(images, config: TrainConfig, batches: int):  # noqa: ANN001, ANN202
     """Task, optimizer and a fixed in-memory list of batches for ``config``."""
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
-    model = build_model(images, config)
+    model, _ = build_model(images, config)
     task, _ = build_task(images, config, model, preprocess, torch.device("cpu"))
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)

@@ -62,7 +62,9 @@ from bctool.train.compat import COMPAT_LOSSES
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
 ABLATIONS = ["advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint"]
+VARIANTS = ["bct-all"]  # named variants that fix a measured cause (README, "Why AdvBCT trails")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+WARM_LR = 0.01  # peak learning rate of a warm-started new model
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Setting:
     old_arch: str
     new_arch: str
     epochs: int | None = None  # overrides --epochs (Fashion-MNIST has more images an epoch)
+    warm: bool = False  # the new model starts from the old checkpoint (--init-from), at --warm-lr
 
 
 SETTINGS = {
@@ -82,6 +85,10 @@ SETTINGS = {
     "extended-data": Setting("extended-data", "emoji", "old_data.txt", "small", "small"),
     "extended-backbone": Setting("extended-backbone", "emoji", "old_train.txt", "small", "resnet18"),
     "extended-data-fashion": Setting("extended-data", "fashion-mnist", "old_train.txt", "small", "small", epochs=10),
+    "extended-class-warm": Setting("extended-class, warm start", "emoji", "old_train.txt", "small", "small",
+                                   warm=True),
+    "extended-data-fashion-warm": Setting("extended-data, warm start", "fashion-mnist", "old_train.txt", "small",
+                                          "small", epochs=10, warm=True),
 }
 DATASET_TITLES = {"emoji": "emoji", "fashion-mnist": "Fashion-MNIST"}
 FASHION_SPLIT = FashionSplit(seed=0, train_per_class=1000, old_fraction=0.3, query_per_class=100)
@@ -128,24 +135,26 @@ def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: Train
     if not model.exists():
         log.info("old model %s", folder.name)
         train(load_image_set(data / setting.old_list), replace(base, arch=setting.old_arch, seed=seed), model)
-    return _embed(model, data, ["new_train", "query", "gallery"], "old")
+    return {**_embed(model, data, ["new_train", "query", "gallery"], "old"), "model": model}
 
 
 def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, method: str,
-               base: TrainConfig, old_base: TrainConfig, old_seed: int) -> dict:
+               base: TrainConfig, old_base: TrainConfig, old_seed: int, diagnostics: bool = False) -> dict:
     """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
     cache = results / name / f"seed{seed}" / f"{method}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     setting = SETTINGS[name]
     old = old_side(workdir, data, setting, old_seed, old_base)
-    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}"
+    lr = f"-lr{base.lr:g}" if setting.warm else ""  # warm-start runs at several rates share a workdir
+    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}{lr}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
     config = replace(base, arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]),
-                     log_dir=str(folder / f"{method}-log"))
+                     log_dir=str(folder / f"{method}-log"),
+                     init_from=str(old["model"]) if setting.warm else None, diagnostics=diagnostics)
     summary = train(load_image_set(data / "new_train.txt"), config, model)
     new = _embed(model, data, ["query", "gallery"], method)
     query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
@@ -154,7 +163,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "setting": name, "seed": seed, "old_seed": old_seed, "method": method,
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
-        "epochs": base.epochs, "old_epochs": old_base.epochs,
+        "epochs": base.epochs, "old_epochs": old_base.epochs, "lr": config.lr, "warm": setting.warm,
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
         "cross": evaluate_retrieval(query, old_gallery),
@@ -163,6 +172,11 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "final": summary.final,
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if diagnostics:  # every epoch's loss parts and side measurements, and the loss's final state
+        row["history"] = summary.history
+        compat_state = folder / f"{method}-log" / "compat.json"  # AdvBCT: r_max and r̃ of every old class
+        if compat_state.exists():
+            row["compat"] = json.loads(compat_state.read_text())
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=1))
     return row
@@ -252,7 +266,7 @@ def table(allocation: str, parts: dict[str, dict[str, dict]], methods: list[str]
 
 def shown_methods(finished: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
     """The methods with at least one finished run, in table order."""
-    return [m for m in [*METHODS, *ABLATIONS] if any(m in runs for runs in finished.values())]
+    return [m for m in [*METHODS, *VARIANTS, *ABLATIONS] if any(m in runs for runs in finished.values())]
 
 
 def report(finished: dict[str, dict[str, dict[int, dict]]]) -> tuple[list[str], dict]:
@@ -309,11 +323,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES), help="methods to compare")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every model (Fashion-MNIST: 10)")
+    parser.add_argument("--warm-lr", type=float, default=WARM_LR,
+                        help="peak learning rate of the new models of the warm-start settings")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="models and embeddings")
     parser.add_argument("--results", type=Path, default=Path("docs/paper/runs"), help="one JSON per finished run")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="log gradient norms and the methods' side measurements; keep them in each run's JSON")
     parser.add_argument("--report-only", action="store_true", help="no training: table and plots from --results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -326,12 +344,12 @@ def main() -> None:
                             name, DEFAULT_SOURCE)
                 continue
             base = TrainConfig(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
-                               device="auto", workers=2)
-            old_base = replace(base, epochs=args.old_epochs or base.epochs)
+                               device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1)
+            old_base = replace(base, epochs=args.old_epochs or base.epochs, lr=0.1)
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
-                               seed + args.old_seed_offset)
+                               seed + args.old_seed_offset, args.diagnostics)
     finished = collect(args.results)
     sections, summaries = report(finished)
     if not sections:

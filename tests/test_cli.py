@@ -12,6 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from bctool.checkpoint import file_sha256, load_checkpoint
 from bctool.cli import app
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 
@@ -135,16 +136,25 @@ def test_cuda_without_gpu_is_a_clear_error(emoji_dir: Path, tmp_path: Path) -> N
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     summary = _run(["demo", "--workdir", str(tmp_path), "--limit", "30", "--epochs", "2",
-                    "--workers", "0", "--device", "cpu", "-q"])
-    assert set(summary["results"]) == {"old/old", "new/new", "new/old", "ind/ind",
-                                       "ind/old"}
+                    "--workers", "0", "--device", "cpu", "--bootstrap", "200", "-q"])
+    assert set(summary["results"]) == {"old/old", "new/new", "new/old", "advbct/advbct", "advbct/old",
+                                       "ind/ind", "ind/old"}
     for metrics in summary["results"].values():
         assert 0.0 <= metrics["map"] <= 1.0 and metrics["queries"] == 9
-    assert summary["models"]["new"]["method"] == "advbct"
-    assert summary["models"]["independent"]["method"] == "independent"
+    new, published = summary["models"]["new"], summary["models"]["advbct"]
+    assert (new["method"], published["method"], summary["models"]["independent"]["method"]) == (
+        "bct-all", "advbct", "independent")
+    # The recommended new model starts from the old one; AdvBCT as published from scratch.
+    init = load_checkpoint(tmp_path / "new_model.safetensors").train_config
+    assert init["init_from"]["sha256"] == file_sha256(tmp_path / "old_model.safetensors") and init["lr"] == 0.03
+    assert load_checkpoint(tmp_path / "advbct_model.safetensors").train_config["init_from"] is None
     assert (tmp_path / "new_query.safetensors").is_file()
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])
+    assert summary["delta"] == pytest.approx(summary["M(n,o)"] - summary["M(o,o)"])
+    assert summary["delta_low"] <= summary["delta"] <= summary["delta_high"] and summary["bootstrap"] == 200
+    assert summary["compatible_significant"] == (summary["delta_low"] > 0)
+    assert summary["published"]["M(n,o)"] == summary["results"]["advbct/old"]["map"]
 
 
 def test_evaluate_with_revisited_ground_truth(tmp_path: Path) -> None:
@@ -226,13 +236,32 @@ def test_compatibility_report_chain_and_backfill(tmp_path: Path) -> None:
              (("oq", 0.8), ("og", 0.8), ("nq", 0.3), ("ng", 0.3))}
     files = {name: _emb_files(tmp_path, name, e, labels, [f"{name}/{i}" for i in range(6)])
              for name, e in noisy.items()}
-    # Same gallery images for the backfill: the new gallery shares the old gallery's ids.
+    # Same gallery images for the backfill: the new gallery shares the old gallery's ids; the same
+    # query images for the paired delta: the new queries share the old queries' ids.
     files["ng"] = _emb_files(tmp_path, "ng_same", noisy["ng"], labels, [f"og/{i}" for i in range(6)])
-    report = _run(["evaluate", "--old-query", str(files["oq"]), "--old-gallery", str(files["og"]),
-                   "--new-query", str(files["nq"]), "--new-gallery", str(files["ng"]), "-q"])
+    files["nq"] = _emb_files(tmp_path, "nq_same", noisy["nq"], labels, [f"oq/{i}" for i in range(6)])
+    compat_args = ["evaluate", "--old-query", str(files["oq"]), "--old-gallery", str(files["og"]),
+                   "--new-query", str(files["nq"]), "--new-gallery", str(files["ng"])]
+    result = runner.invoke(app, [*compat_args, "--seed", "3"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
     assert report["metric"] == "map" and set(report["results"]) == {"old/old", "new/new", "new/old"}
     assert report["m_no"] == report["results"]["new/old"]["map"]
     assert report["compatible"] == (report["m_no"] > report["m_oo"])
+    assert report["delta"] == pytest.approx(report["m_no"] - report["m_oo"], abs=1e-12)
+    assert report["delta_low"] <= report["delta"] <= report["delta_high"] and report["bootstrap"] == 1000
+    assert report["compatible_significant"] == (report["delta_low"] > 0)
+    verdict = "(significant)" if report["compatible_significant"] else "(not significant)"
+    line = (f"delta M(n,o) - M(o,o): {100 * report['delta']:+.2f} [95% CI {100 * report['delta_low']:+.2f}, "
+            f"{100 * report['delta_high']:+.2f}] {verdict}")
+    assert line in result.stderr and "CI" not in result.stdout
+    assert _run([*compat_args, "--seed", "3", "-q"]) == report  # the seed fixes the interval
+    off = runner.invoke(app, [*compat_args, "--bootstrap", "0"])
+    assert off.exit_code == 0 and "(no bootstrap)" in off.stderr
+    assert json.loads(off.stdout)["delta"] == report["delta"]
+    assert not {"delta_low", "delta_high", "bootstrap", "compatible_significant"} & set(json.loads(off.stdout))
+    negative = runner.invoke(app, [*compat_args, "--bootstrap", "-1"])
+    assert negative.exit_code == 2 and "'--bootstrap': -1 is negative" in negative.stderr
     chain = _run(["evaluate", "--chain", f"{files['oq']},{files['og']}", f"{files['nq']},{files['ng']}", "-q"])
     assert len(chain["matrix"]) == 2 and chain["matrix"][1][0] == report["m_no"]
     assert chain["ac"] == (1.0 if report["compatible"] else 0.0)

@@ -207,6 +207,7 @@ def test_registry_names_every_method() -> None:
     assert set(COMPAT_LOSSES) == {
         "independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
         "advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint",  # ablations of AdvBCT
+        "bct-all",  # variants
     }
     for name, cls in COMPAT_LOSSES.items():
         assert cls.name == name
@@ -282,6 +283,26 @@ def test_bct_prototype_fallback_against_reference(stats) -> None:
         return 30.0 * torch.stack([_unit(f) @ p for p in protos])
 
     ref = _ref_bct(new64, labels, logits_of, lambda y: old_classes.index(y) if y in old_classes else -1)
+    _close(parts["bct"], ref)
+    _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
+
+
+def test_bct_all_uses_every_class_center_and_ignores_the_old_head(stats) -> None:
+    torch.manual_seed(5)
+    old_head = nn.Linear(D, 4).requires_grad_(False)
+    index = torch.tensor([-1, 2, -1, 0, 3, 1])
+    loss = create_compat_loss("bct-all", _ctx(stats, scale=30.0, old_head=old_head, old_label_index=index))
+    new, labels, old = _batch(stats)
+    parts = loss(new, labels, old, labels)
+    present = [k for k in range(C) if int(stats.counts[k]) > 0]
+    assert len(present) > int(stats.is_old.sum())  # new classes have prototypes too
+    protos = [_unit(stats.centers[k].double()) for k in present]
+    new64 = new.detach().double().requires_grad_(True)
+
+    def logits_of(f):
+        return 30.0 * torch.stack([_unit(f) @ p for p in protos])
+
+    ref = _ref_bct(new64, labels, logits_of, lambda y: present.index(y) if y in present else -1)
     _close(parts["bct"], ref)
     _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
 

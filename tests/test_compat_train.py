@@ -36,6 +36,7 @@ PARTS = {
     "unibct": {"unibct"},
     "hotrefresh": {"hotrefresh"},
     "advbct": {"adv", "bound"},
+    "bct-all": {"bct"},
 }
 
 
@@ -71,12 +72,44 @@ def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dic
     assert not state_path(out).exists()  # removed once the run finished
 
 
-def test_advbct_is_the_default_with_old_embeddings(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
-    summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "n.safetensors"),
-                       "--old-embeddings", str(old["embeddings"]), *TINY])
-    assert summary["method"] == "advbct"
-    plain = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "p.safetensors"), *TINY])
-    assert plain["method"] == "independent"
+def test_the_recommended_recipe_is_the_default_with_an_old_side(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    from bctool.checkpoint import file_sha256
+    from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
+
+    def trained(name: str, *args: str) -> dict:
+        summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / name), *args, *TINY])
+        return {"method": summary["method"], **load_checkpoint(tmp_path / name).train_config}
+
+    # The old embeddings name their checkpoint: warm-start from it, at the warm learning rate.
+    recipe = trained("n.safetensors", "--old-embeddings", str(old["embeddings"]))
+    assert (recipe["method"], recipe["lr"]) == (RECOMMENDED_METHOD, WARM_LR)
+    assert recipe["init_from"]["sha256"] == file_sha256(old["model"])
+    fresh = trained("f.safetensors", "--old-embeddings", str(old["embeddings"]), "--init-from", "none")
+    assert (fresh["method"], fresh["lr"], fresh["init_from"]) == (RECOMMENDED_METHOD, COLD_LR, None)
+    explicit = trained("e.safetensors", "--old-model", str(old["model"]), "--lr", "0.05", "--method", "bct")
+    assert (explicit["lr"], explicit["init_from"]["sha256"]) == (0.05, file_sha256(old["model"]))
+    plain = trained("p.safetensors")
+    assert (plain["method"], plain["lr"], plain["init_from"]) == ("independent", COLD_LR, None)
+
+
+def test_warm_start_is_skipped_when_the_old_checkpoint_is_gone_or_does_not_fit(
+    emoji_dir: Path, old: dict, tmp_path: Path
+) -> None:
+    from bctool.train.recipe import COLD_LR, resolve_recipe
+
+    other = _config(old, arch="resnet18", embedding_dim=256, init_from="auto", lr=None)
+    assert (resolve_recipe(other).init_from, resolve_recipe(other).lr) == (None, COLD_LR)  # the old one is small
+    moved = tmp_path / "emb.safetensors"
+    moved.write_bytes(old["embeddings"].read_bytes())
+    gone = old["work"] / "gone.safetensors"
+    gone.write_bytes(old["model"].read_bytes())
+    emb = load_embeddings(moved)
+    emb.model["path"] = str(gone)  # made by a checkpoint that is then removed
+    from bctool.embeddings import save_embeddings
+
+    save_embeddings(emb, moved)
+    gone.unlink()
+    assert resolve_recipe(_config(old, old_embeddings=str(moved), init_from="auto", lr=None)).init_from is None
 
 
 def test_old_model_on_the_fly(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
@@ -280,3 +313,38 @@ def test_resume_refuses_other_data(emoji_dir: Path, old: dict, tmp_path: Path) -
     fewer = replace(images, records=images.records[:-2])
     with pytest.raises(ConfigError, match=r"options differ .*data:"):
         train(fewer, _config(old, resume=True), out)
+
+
+def test_diagnostics_measure_gradient_norms_at_the_embedding() -> None:
+    """grad_PART is the norm of d PART / d embedding: for sum(f^2) it is 2|f|."""
+    from bctool.models import ModelConfig, create_model
+    from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
+    from bctool.train.tasks import CompatibleTask
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    stats = compute_old_stats(torch.randn(6, 8), labels, 3, torch.tensor([True, True, False]))
+    compat = create_compat_loss("advbct", CompatContext(stats=stats, model=model))
+    task = CompatibleTask(model, PrecomputedOld(torch.randn(6, 8)), compat, diagnose=True)
+    embedding = model.embed(torch.randn(6, 3, 32, 32))
+    facts = task.diagnostics(embedding, {"square": embedding.pow(2).sum()})
+    torch.testing.assert_close(facts["grad_square"], 2 * embedding.detach().norm())
+    parts = task(torch.randn(6, 3, 32, 32), labels, torch.arange(6))
+    assert {"grad_cls", "grad_adv", "grad_bound", "disc_acc", "disc_acc_new", "violating", "radius_mean"} <= set(parts)
+    assert 0 <= float(parts["disc_acc"]) <= 1 and 0 <= float(parts["violating"]) <= 1
+    torch.testing.assert_close(parts["loss"], parts["cls"] + parts["adv"] + parts["bound"])
+
+
+def test_diagnostics_change_nothing_and_write_the_final_radii(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    images = load_image_set(emoji_dir / "new_train.txt")
+    plain, diagnosed = tmp_path / "plain.safetensors", tmp_path / "diagnosed.safetensors"
+    train(images, _config(old, epochs=1), plain)
+    result = train(images, _config(old, epochs=1, diagnostics=True, log_dir=str(tmp_path / "log")), diagnosed)
+    _assert_same_weights(plain, diagnosed)  # side measurements do not touch the training
+    assert {"grad_cls", "grad_bound", "disc_acc"} <= set(result.final)
+    summary = json.loads((tmp_path / "log" / "compat.json").read_text())
+    radius_max, radius = torch.tensor(summary["radius_max"]), torch.tensor(summary["radius"])
+    assert summary["threshold"] == 1.0 and len(radius) == len(radius_max) > 0
+    # r̃ lies between r_max and T (here every r_max is below T = 1)
+    assert bool((radius_max < 1).all() and (radius >= radius_max).all() and (radius <= 1).all())

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from bctool.data import load_image_set
 from bctool.errors import ConfigError
 from bctool.extract import extract
-from bctool.checkpoint import load_checkpoint
+from bctool.checkpoint import file_sha256, load_checkpoint
 from bctool.embeddings import save_embeddings
 from bctool.train import TrainConfig, train
 from bctool.train.distributed import Rank, ShardedShuffle, per_rank_batch
@@ -98,8 +98,9 @@ def test_two_processes_follow_the_one_process_loss_trajectory(
 
     (hotrefresh's temperature of 0.01 amplifies float noise: its runs drift apart even between
     one and two threads in one process, so its gathering is checked step by step below.)"""
+    old_model = old_embeddings.with_name("old.safetensors")  # both runs warm-start from it
     args = [str(emoji_dir / "new_train.txt"), "--old-embeddings", str(old_embeddings),
-            "--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
+            "--init-from", str(old_model), "--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
             "--no-augment", "--workers", "0", "--device", "cpu", "--sync-bn", "-q"]
     one = _train_cli([], [*args, "--out", str(tmp_path / "one.safetensors")])
     two = _train_cli(TORCHRUN, [*args, "--out", str(tmp_path / "two.safetensors")])
@@ -118,6 +119,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     assert not (tmp_path / "two.state.safetensors").exists()
+    assert load_checkpoint(tmp_path / "two.safetensors").train_config["init_from"]["sha256"] == file_sha256(old_model)
 
 
 def test_two_processes_without_sync_bn_train_and_write_once(emoji_dir: Path, tmp_path: Path) -> None:

@@ -60,19 +60,20 @@ def _root(
 def train(
     data: Annotated[Path, typer.Argument(help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
-    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34 or resnet50.")] = "resnet18",
+    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34, resnet50, or auto: small below 64 px --image-size (where a ResNet's ImageNet stem retrieves worse than raw pixels), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
     head: Annotated[str, typer.Option(help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
     head_margin: Annotated[float, typer.Option(help="Margin m of the arcface/cosface heads.")] = 0.3,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 30,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate (linear warm-up, then cosine decay).")] = 0.1,
+    lr: Annotated[Optional[float], typer.Option(help="Peak SGD learning rate (linear warm-up, then cosine decay); default 0.1, or 0.03 for a warm start (--init-from).", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     warmup_epochs: Annotated[float, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 1.0,
     image_size: Annotated[int, typer.Option(min=8, help="Training and extraction image side in pixels.")] = 224,
     augment: Annotated[bool, typer.Option(help="Random resized crops and colour jitter while training.")] = True,
     pretrained: Annotated[Optional[Path], typer.Option(help="Backbone weights (.safetensors) with timm or torchvision ResNet key names.")] = None,
+    init_from: Annotated[str, typer.Option(help="Warm start: initialise from this old bctool checkpoint (same --arch and --embedding-dim; backbone and neck copied, head rows of the classes it knows copied by name). auto: with an old side, from the old checkpoint when it is known (--old-model, or the one that made --old-embeddings, unchanged) and fits; none: a fresh start.")] = "auto",
     device: Device = "auto",
     workers: Workers = 2,
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
@@ -85,6 +86,7 @@ def train(
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
+    diagnostics: Annotated[bool, typer.Option(help="With --log-dir: also log, per step, the gradient norm of every loss part at the embedding (grad_PART) and the method's own measurements (AdvBCT: discriminator accuracy disc_acc, share of old-class samples outside their boundary, mean elastic radius), and write the final boundary radii to LOG_DIR/compat.json.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of checking every image first and leaving the unreadable ones out (listed in OUT.failed.tsv).")] = False,
     save_every: Annotated[int, typer.Option(min=0, help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
@@ -102,6 +104,7 @@ def train(
     from bctool.train import TrainConfig
     from bctool.train import train as run_train
     from bctool.train.distributed import launched_rank, process_group
+    from bctool.train.recipe import default_method
 
     main_rank = launched_rank().is_main
     setup_logging(verbose and main_rank)
@@ -113,12 +116,14 @@ def train(
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
         augment=augment, seed=seed, device=device, workers=workers,
         pretrained=str(pretrained) if pretrained else None,
-        method=method or ("advbct" if (old_embeddings or old_model) else "independent"),
+        init_from=None if init_from == "none" else init_from,
+        method=method or default_method(bool(old_embeddings or old_model)),
         old_embeddings=str(old_embeddings) if old_embeddings else None,
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
         boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
         save_every=save_every, strict=strict, log_dir=str(log_dir) if log_dir else None, resume=resume,
+        diagnostics=diagnostics,
     )
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)
@@ -215,6 +220,13 @@ def _pair(text: str) -> tuple[Path, Path]:
     return Path(parts[0]), Path(parts[1])
 
 
+def _not_negative(value: int) -> int:
+    # click's own range check no longer names the value it refuses.
+    if value < 0:
+        raise typer.BadParameter(f"{value} is negative; pass 0 (no interval) or N >= 1 resamples")
+    return value
+
+
 @app.command()
 @reports_errors
 def evaluate(
@@ -229,7 +241,8 @@ def evaluate(
     independent_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report: that independent model's gallery.")] = None,
     chain: Annotated[bool, typer.Option("--chain", help="Evaluate every model version against every other: the matrix M[i][j] and AC/BC (pass the QUERY,GALLERY pairs as arguments).")] = False,
     backfill: Annotated[Optional[str], typer.Option(help="Partial backfill: comma-separated fractions of the gallery re-embedded by the new model, e.g. 0,0.25,0.5,0.75,1.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random order in which --backfill re-embeds the gallery.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
+    bootstrap: Annotated[int, typer.Option(callback=_not_negative, help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(help="With --backfill: draw the curve to this PNG file (needs matplotlib).")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
@@ -257,7 +270,7 @@ def evaluate(
     elif old_query or new_query:
         _evaluate_compat(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
-             "independent": (independent_query, independent_gallery)}, protocol, quiet)
+             "independent": (independent_query, independent_gallery)}, protocol, bootstrap, seed, quiet)
     else:
         if query is None or gallery is None:
             raise typer.BadParameter("pass --query and --gallery (or a compatibility report, --chain or --backfill)")
@@ -282,9 +295,9 @@ def _metrics_rows(title: str, metrics: dict, protocol: str):  # noqa: ANN202 - a
     return metrics_table(title, {"": metrics}, METRIC_KEYS)
 
 
-def _evaluate_compat(files: dict, protocol, quiet: bool) -> None:  # noqa: ANN001
+def _evaluate_compat(files: dict, protocol, bootstrap: int, seed: int, quiet: bool) -> None:  # noqa: ANN001
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.compat import check_one_model, compatibility_report
+    from bctool.evaluate.compat import DEFAULT_LEVEL, compatibility_evaluation
 
     for name in ("old", "new"):
         if None in files[name]:
@@ -293,21 +306,24 @@ def _evaluate_compat(files: dict, protocol, quiet: bool) -> None:  # noqa: ANN00
     if (ind[0] is None) != (ind[1] is None):
         raise typer.BadParameter("pass both --independent-query and --independent-gallery, or neither")
     emb = {name: tuple(load_embeddings(p) for p in paths) for name, paths in files.items() if paths[0]}
-    for name, (query, gallery) in emb.items():
-        check_one_model(query, gallery, name)
-    pairs = {"old/old": ("old", "old"), "new/new": ("new", "new"), "new/old": ("new", "old")}
-    if "independent" in emb:
-        pairs["ind/ind"] = ("independent", "independent")
-    results = {pair: protocol.evaluate(emb[q][0], emb[g][1]) for pair, (q, g) in pairs.items()}
-    key = protocol.headline
-    report = compatibility_report({
-        "m_oo": results["old/old"][key], "m_nn": results["new/new"][key], "m_no": results["new/old"][key],
-        "m_star": results["ind/ind"][key] if "ind/ind" in results else None,
-    })
+    report = compatibility_evaluation(emb["old"], emb["new"], protocol, independent=emb.get("independent"),
+                                      bootstrap=bootstrap, seed=seed, level=DEFAULT_LEVEL)
     if not quiet:
+        key, results = report["metric"], report["results"]
         stderr.print(metrics_table(f"compatibility ({key})", {p: {key: r[key]} for p, r in results.items()}, [key]))
         stderr.print(f"compatible (M(n,o) > M(o,o)): {'yes' if report['compatible'] else 'no'}", highlight=False)
-    emit_json({"metric": key, **report, "results": results})
+        stderr.print(_delta_line(report, DEFAULT_LEVEL), markup=False, highlight=False)
+    emit_json(report)
+
+
+def _delta_line(report: dict, level: float) -> str:
+    """``delta M(n,o) - M(o,o): +1.23 [95% CI +0.40, +2.05] (significant)``, in mAP points."""
+    text = f"delta M(n,o) - M(o,o): {100 * report['delta']:+.2f}"
+    if "delta_low" not in report:
+        return text + " (no bootstrap)"
+    verdict = "significant" if report["compatible_significant"] else "not significant"
+    return (f"{text} [{100 * level:g}% CI {100 * report['delta_low']:+.2f}, {100 * report['delta_high']:+.2f}] "
+            f"({verdict})")
 
 
 def _evaluate_chain(pairs: list[str], protocol, quiet: bool) -> None:  # noqa: ANN001
@@ -414,41 +430,57 @@ def dataset_gldv2(
 @app.command()
 @reports_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings.")] = Path("bctool-demo"),
-    method: Annotated[str, typer.Option(help="Compatibility method of the new model: advbct, bct, l2, lce, unibct, hotrefresh or independent.")] = "advbct",
+    workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
+    method: Annotated[str, typer.Option(help="Compatibility method of the new model (default: the recommended bct-all; any method of `bctool train --method`).")] = "bct-all",
+    warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
+    published: Annotated[str, typer.Option(help="Also train this method as published (from scratch) for comparison; none to skip.")] = "advbct",
+    bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of every model.")] = 30,
     arch: Annotated[str, typer.Option(help="Backbone of every model.")] = "small",
     image_size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
     limit: Annotated[Optional[int], typer.Option(min=10, help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
     device: Device = "auto",
     workers: Workers = 2,
-    seed: Annotated[int, typer.Option(help="Random seed of the split and the training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the split, the training and the bootstrap.")] = 0,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Run a whole model upgrade on the embedded emoji set: old model, AdvBCT new model, independent new model.
+    """Run a whole model upgrade on the embedded emoji set: an old model, a new model with the
+    recommended recipe, AdvBCT as published, and an independent new model.
 
-    Prints M(o,o), M(n,n), M(n,o) and M(*,*) (the independent model) and whether the new model
-    is compatible, M(n,o) > M(o,o).
+    Prints M(o,o), M(n,n), M(n,o) and M(*,*) (the independent model), whether the new model is
+    compatible, M(n,o) > M(o,o), and the bootstrap interval of the difference.
     """
     from bctool.demo import DemoConfig, run_demo, with_overrides
+    from bctool.evaluate.compat import DEFAULT_LEVEL
 
     setup_logging(verbose)
     config = with_overrides(
-        DemoConfig(), method=method, epochs=epochs, arch=arch, image_size=image_size, limit=limit,
-        device=device, workers=workers, seed=seed,
+        DemoConfig(), method=method, warm_start=warm_start, published=None if published == "none" else published,
+        bootstrap=bootstrap, epochs=epochs, arch=arch, image_size=image_size, limit=limit, device=device,
+        workers=workers, seed=seed,
     )
-    config.train_config(method=method, old_embeddings="-")  # fail on a bad method before training
+    for name in (config.method, config.published):  # fail on a bad method before training
+        if name:
+            config.train_config(method=name, old_embeddings="-")
     summary = run_demo(workdir, config, RichProgress(not quiet))
     if not quiet:
         stderr.print(metrics_table("emoji upgrade (query model / gallery model)", summary["results"], METRIC_KEYS))
         verdict = "yes" if summary["compatible"] else "no"
+        start = "warm start, " if summary["warm_start"] else ""
         stderr.print(
             f"M(o,o) {100 * summary['M(o,o)']:.2f}  M(n,n) {100 * summary['M(n,n)']:.2f}  "
-            f"M(n,o) {100 * summary['M(n,o)']:.2f}  M(*,*) {100 * summary['M(*,*)']:.2f}\n"
-            f"compatible (M(n,o) > M(o,o)): {verdict}; {summary['seconds']} s",
-            highlight=False,
+            f"M(n,o) {100 * summary['M(n,o)']:.2f}  M(*,*) {100 * summary['M(*,*)']:.2f}  "
+            f"({start}{summary['method']})\n"
+            f"compatible (M(n,o) > M(o,o)): {verdict}; {_delta_line(summary, DEFAULT_LEVEL)}",
+            highlight=False, markup=False,
         )
+        if summary["published"]:
+            ref = summary["published"]
+            stderr.print(f"{ref['method']} as published: M(n,n) {100 * ref['M(n,n)']:.2f}  M(n,o) "
+                         f"{100 * ref['M(n,o)']:.2f}, compatible: {'yes' if ref['compatible'] else 'no'}",
+                         highlight=False, markup=False)
+        stderr.print(f"{summary['seconds']} s", highlight=False)
     emit_json(summary)
 
 

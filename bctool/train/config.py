@@ -9,20 +9,29 @@ from bctool.models import ModelConfig
 
 
 AMP_MODES = ("off", "bf16", "fp16")
+# Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
+# stride-2 stages leave a 1x1 map at 32 px, and there it retrieves worse than raw pixels
+# (examples/small_images.py measures it on the emoji set).
+SMALL_IMAGE_SIDE = 64
+
+
+def default_arch(image_size: int) -> str:
+    """The backbone ``--arch auto`` means: ``small`` below 64 px, ``resnet18`` from 64 px on."""
+    return "small" if image_size < SMALL_IMAGE_SIDE else "resnet18"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train one model. Defaults follow the AdvBCT paper where it states them."""
 
-    arch: str = "resnet18"
+    arch: str = "auto"  # resolved from image_size by default_arch
     embedding_dim: int = 256
     head: str = "linear"
     head_scale: float = 30.0
     head_margin: float = 0.3
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float | None = 0.1  # None: the recipe's (0.1 from scratch, less for a warm start)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
@@ -32,6 +41,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 2
     pretrained: str | None = None
+    init_from: str | None = None  # old bctool checkpoint to warm-start from, or "auto" (the recipe)
     method: str = "independent"
     old_embeddings: str | None = None
     old_model: str | None = None
@@ -43,13 +53,16 @@ class TrainConfig:
     save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
     strict: bool = False  # an unreadable image stops training (default: left out, reported)
     log_dir: str | None = None  # where steps.jsonl and epochs.jsonl go (bctool plot draws them)
+    diagnostics: bool = False  # also log gradient norms per loss part and the method's facts
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
+            object.__setattr__(self, "arch", default_arch(self.image_size))
         rules = {
             "epochs": (self.epochs >= 1, "at least 1"),
             "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm needs two samples)"),
-            "lr": (self.lr > 0, "positive"),
+            "lr": (self.lr is None or self.lr > 0, "positive"),
             "image_size": (self.image_size >= 8, "at least 8"),
             "workers": (self.workers >= 0, "0 or more"),
             "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
@@ -66,6 +79,11 @@ class TrainConfig:
 
         if self.method not in COMPAT_LOSSES:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(COMPAT_LOSSES)}")
+        if self.init_from not in (None, "auto") and self.pretrained:
+            raise ConfigError(
+                "pass only one of --init-from (a bctool checkpoint: backbone, neck and head rows) "
+                "and --pretrained (backbone weights only)"
+            )
         if self.old_embeddings and self.old_model:
             raise ConfigError("pass only one of --old-embeddings and --old-model")
         if self.method != "independent" and not (self.old_embeddings or self.old_model):

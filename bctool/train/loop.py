@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
 from bctool.errors import BctoolError, ConfigError, DataError
 from bctool.interrupt import Interrupted, StopSignals
+from bctool.io import atomic_write_text
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
@@ -44,6 +46,7 @@ from bctool.train.distributed import (
     sync_batchnorm,
 )
 from bctool.train.log import TrainLog
+from bctool.train.recipe import resolve_recipe
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
 
@@ -162,15 +165,20 @@ def make_loader(
     )
 
 
-def build_model(images: ImageSet, config: TrainConfig) -> EmbeddingModel:
-    """A fresh model for ``images``' classes, with pretrained backbone weights if asked."""
+def build_model(images: ImageSet, config: TrainConfig) -> tuple[EmbeddingModel, dict[str, Any] | None]:
+    """A fresh model for ``images``' classes, with pretrained backbone weights or warm-started
+    from an old checkpoint if asked; and the warm start's record (None without one)."""
     model = create_model(config.model_config(num_classes=len(images.label_names)))
     if config.pretrained:
         from bctool.models.pretrained import load_backbone_weights
 
         report = load_backbone_weights(model.backbone, config.pretrained)
         logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.pretrained)
-    return model
+    if config.init_from:
+        from bctool.train.warm_start import warm_start
+
+        return model, warm_start(model, images.label_names, config.init_from).to_dict()
+    return model, None
 
 
 def build_task(
@@ -206,7 +214,7 @@ def build_task(
         "old_classifier": "old checkpoint head" if old.old_head is not None else "none",
     }
     logger.info("compatible training with %s against %s", config.method, old.description)
-    return CompatibleTask(model, old.module, compat, weight=config.compat_weight), facts
+    return CompatibleTask(model, old.module, compat, weight=config.compat_weight, diagnose=config.diagnostics), facts
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -245,13 +253,14 @@ def train(
     are left out first (listed in ``OUT.failed.tsv``) unless ``config.strict``.
     """
     check_output_path(out)
+    config = resolve_recipe(config)
     rank = current_rank()
     images, failed = _readable(images, config, out, rank, progress) if not config.strict else (images, [])
     _check_trainable(images)
     device = rank_device(config.device)
     generator = seed_everything(config.seed)
     preprocess = Preprocess(image_size=config.image_size)
-    model = build_model(images, config)
+    model, init = build_model(images, config)
     task, facts = build_task(images, config, model, preprocess, device, progress)
     task.to(device)
     if device.type == "cuda":
@@ -266,7 +275,9 @@ def train(
     warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
     resume_path = state_path(out)
     # What the run depends on: the options and the exact data (ids and labels, in order).
-    config_dict = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size}
+    # A warm start's record holds the old file's sha256: --resume refuses a changed file.
+    config_dict = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
+                   "init_from": init}
     history: list[dict[str, float]] = []
     step, start_epoch, partial = 0, 0, None
     if config.resume:
@@ -320,11 +331,13 @@ def train(
     if rank.is_main:
         save_checkpoint(
             out, model, preprocess, list(images.label_names),
-            train_config={**config.to_dict(), "data": images.source},
+            train_config={**config.to_dict(), "data": images.source, "init_from": init},
             extra={"trained_classes": list(images.label_names), "method": config.method,
                    "processes": rank.world_size, **facts},
         )
         resume_path.unlink(missing_ok=True)
+        if config.diagnostics and config.log_dir and isinstance(task, CompatibleTask):
+            atomic_write_text(Path(config.log_dir) / "compat.json", json.dumps(task.compat.summary()))
     barrier()  # every rank returns once the checkpoint exists
     return TrainResult(
         out=str(Path(out)), method=config.method, epochs=config.epochs, steps=step, images=len(images),

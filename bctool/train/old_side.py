@@ -134,15 +134,22 @@ def _frozen_head(checkpoint: Checkpoint) -> nn.Module | None:
     return head
 
 
-def _checkpoint_of(emb: Embeddings, device: torch.device) -> Checkpoint | None:
-    """The checkpoint that made ``emb``, when it is still where it was and unchanged."""
+def checkpoint_path_of(emb: Embeddings) -> str | None:
+    """The path of the checkpoint that made ``emb``, when it is still there and unchanged."""
     path, sha = emb.model.get("path"), emb.model.get("sha256")
     if not path or not sha or not Path(path).is_file():
         return None
     try:
-        if file_sha256(path) != sha:
-            return None
-        return load_checkpoint(path, device=device)
+        return path if file_sha256(path) == sha else None
+    except OSError:
+        return None
+
+
+def _checkpoint_of(emb: Embeddings, device: torch.device) -> Checkpoint | None:
+    """The checkpoint that made ``emb``, when it is still where it was and unchanged."""
+    path = checkpoint_path_of(emb)
+    try:
+        return load_checkpoint(path, device=device) if path else None
     except Exception:  # noqa: BLE001 - an optional convenience, never an error
         return None
 

@@ -21,7 +21,7 @@ from bctool.io import save_safetensors
 FORMAT = "bctool.train-state"
 # Fields that may change between an interrupted run and its resumption.
 # (``workers`` is not one: augmentation draws from per-worker seeds, so a change alters the data.)
-RESUMABLE_CHANGES = frozenset({"resume", "device", "save_every", "log_dir"})
+RESUMABLE_CHANGES = frozenset({"resume", "device", "save_every", "log_dir", "diagnostics"})
 
 
 def state_path(out: str | os.PathLike[str]) -> Path:

@@ -44,11 +44,14 @@ class CompatibleTask(ClassificationTask):
     (images, row indices) to old embeddings and never receives gradients.
     """
 
-    def __init__(self, model: EmbeddingModel, old: nn.Module, compat: nn.Module, weight: float = 1.0) -> None:
+    def __init__(
+        self, model: EmbeddingModel, old: nn.Module, compat: nn.Module, weight: float = 1.0, diagnose: bool = False
+    ) -> None:
         super().__init__(model)
         self.old = old
         self.compat = compat
         self.weight = weight
+        self.diagnose = diagnose
 
     def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         """Forward the schedule position (AdvBCT's alpha and adversarial weight use it)."""
@@ -72,4 +75,16 @@ class CompatibleTask(ClassificationTask):
             compat = self.compat(embedding.float(), labels, old.float(), labels)
         parts = {k: self.weight * v for k, v in compat.items()}
         total = cls + sum(parts.values()) if parts else cls
-        return {"cls": cls, **parts, "loss": total}
+        facts = self.diagnostics(embedding, {"cls": cls, **parts}) if self.diagnose else {}
+        return {"cls": cls, **parts, "loss": total, **facts}
+
+    def diagnostics(self, embedding: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Side measurements, not added to the loss: the norm of each loss part's gradient at the
+        embedding (``grad_PART``: which part pushes the features how hard; AdvBCT's ``adv``
+        through its gradient reversal) and the facts the compatibility loss noted (``disc_acc``...)."""
+        out = {}
+        for name, value in parts.items():
+            if value.requires_grad:
+                (grad,) = torch.autograd.grad(value, embedding, retain_graph=True, allow_unused=True)
+                out[f"grad_{name}"] = grad.norm() if grad is not None else torch.zeros((), device=embedding.device)
+        return {**out, **self.compat.facts}

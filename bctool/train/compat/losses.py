@@ -60,6 +60,12 @@ class CompatLoss(nn.Module):
         # A plain attribute, not a submodule: the task owns the model and the frozen old head.
         self.ctx = ctx
         self.epoch, self.epochs, self.step, self.total_steps = 0, 1, 0, 1
+        # Detached scalars a forward pass measured on the side (``--diagnostics``); never losses.
+        self.facts: dict[str, torch.Tensor] = {}
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready facts about the loss's own state at the end of training (none by default)."""
+        return {}
 
     def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         """Record training progress: 0-based ``epoch`` of ``epochs``, global ``step`` of ``total_steps``."""
@@ -162,10 +168,16 @@ class BCTLoss(CompatLoss):
     Uses ``ctx.old_head`` when given, else a cosine classifier over the old class centers.
     """
 
+    all_classes = False  # bct-all: prototypes of every training class, the old head unused
+
     def __init__(self, ctx: CompatContext) -> None:
         super().__init__(ctx)
         stats = ctx.stats
-        if ctx.old_head is not None:
+        if self.all_classes:
+            present = stats.counts > 0
+            targets = torch.where(present, torch.cumsum(present.long(), 0) - 1, torch.full_like(stats.counts, -1))
+            prototypes = F.normalize(stats.centers[present], dim=1)
+        elif ctx.old_head is not None:
             if ctx.old_label_index is None:
                 raise ConfigError("bct with an old classifier head needs old_label_index (new label -> old class)")
             if tuple(ctx.old_label_index.shape) != (stats.num_classes,):
@@ -183,7 +195,7 @@ class BCTLoss(CompatLoss):
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Old-class logits of the new raw embeddings."""
-        if self.ctx.old_head is not None:
+        if self.ctx.old_head is not None and not self.all_classes:
             return self.ctx.old_head(embeddings)
         return self.ctx.scale * F.normalize(embeddings, dim=1) @ self.prototypes.t()
 
@@ -196,6 +208,17 @@ class BCTLoss(CompatLoss):
         valid = targets >= 0
         ce = F.cross_entropy(self.logits(embeddings), targets.clamp(min=0), reduction="none")
         return {"bct": _masked_mean(ce, valid)}
+
+
+@register("bct-all")
+class BCTAllClasses(BCTLoss):
+    """BCT's influence loss over every training class, new classes included: a cosine classifier
+    (scale s) whose prototypes are the old model's class centers of all training classes. The
+    BCT paper synthesises old-space classifier weights for new classes this way; here every
+    class gets them, so the whole new training set is tied to the old space, not only the old
+    classes."""
+
+    all_classes = True
 
 
 @register("lce")
@@ -313,8 +336,25 @@ class AdvBCTLoss(CompatLoss):
         """L_adv: new embeddings (behind the GRL) labelled 0, old embeddings labelled 1."""
         new_scores = self.discriminator(grad_reverse(embeddings, self.alpha))
         old_scores = self.discriminator(ref_embeddings.detach())
+        self._note_discriminator(new_scores, old_scores)
         zeros = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
         return F.nll_loss(new_scores, zeros) + F.nll_loss(old_scores, torch.ones_like(zeros))
+
+    def _note_discriminator(self, new_scores: Tensor, old_scores: Tensor) -> None:
+        """Facts: the discriminator's accuracy on the batch (0.5 when it cannot tell the domains
+        apart) and its raw loss, before λ_adv."""
+        with torch.no_grad():
+            new_right = (new_scores.argmax(dim=1) == 0).float().mean()
+            old_right = (old_scores.argmax(dim=1) == 1).float().mean()
+            self.facts["disc_acc"] = (new_right + old_right) / 2
+            self.facts["disc_acc_new"] = new_right
+
+    def summary(self) -> dict[str, object]:
+        """r_max and the elastic radius r̃ of every class with a boundary, and T."""
+        stats, radii = self.ctx.stats, self.boundary_radii().detach()
+        keep = stats.has_boundary
+        return {"threshold": self.ctx.boundary_threshold,
+                "radius_max": stats.radius_max[keep].tolist(), "radius": radii[keep].tolist()}
 
     def boundary(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """L_bound: mean excess distance to the old center over the violating samples."""
@@ -322,6 +362,10 @@ class AdvBCTLoss(CompatLoss):
         distance = (F.normalize(embeddings, dim=1) - stats.centers[labels]).norm(dim=1)
         excess = distance - self.boundary_radii()[labels]
         violating = stats.has_boundary[labels] & (excess > 0)
+        with torch.no_grad():
+            bounded = stats.has_boundary[labels]
+            self.facts["violating"] = violating.float().sum() / bounded.float().sum().clamp(min=1)
+            self.facts["radius_mean"] = self.boundary_radii()[stats.has_boundary].mean()
         return _masked_mean(excess, violating)
 
     def forward(
@@ -371,8 +415,10 @@ class AdvBCTJointDiscriminator(AdvBCTLoss):
             torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device),
             torch.ones(ref_embeddings.shape[0], dtype=torch.long, device=embeddings.device),
         ])
+        scores = self.discriminator(both)
+        self._note_discriminator(scores[: embeddings.shape[0]], scores[embeddings.shape[0]:])
         # Sum of the two per-domain means, like the separate passes.
-        return 2 * F.nll_loss(self.discriminator(both), domain)
+        return 2 * F.nll_loss(scores, domain)
 
 
 @register("advbct-fixed")

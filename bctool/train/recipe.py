@@ -1,0 +1,77 @@
+"""The recommended compatible upgrade: what `bctool train` does with an old side by default.
+
+The recipe was chosen from measurements over three seeds on two datasets (README, "A compatible
+upgrade that holds"): warm-start the new model from the old checkpoint and fine-tune it at a
+lower learning rate with :data:`RECOMMENDED_METHOD`. A config asks for it with
+``init_from="auto"`` and ``lr=None``; :func:`resolve_recipe` turns those into concrete values,
+which are what the checkpoint records.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from bctool.checkpoint import read_checkpoint_metadata
+from bctool.errors import BctoolError
+from bctool.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+RECOMMENDED_METHOD = "bct-all"  # the compatibility method with an old side
+COLD_LR = 0.1  # peak learning rate from a fresh initialisation (the AdvBCT paper's)
+WARM_LR = 0.03  # peak learning rate of a warm start: fine-tuning, not training anew
+AUTO = "auto"
+
+
+def default_method(compatible: bool) -> str:
+    """The method when none is given: the recommended one with an old side, else independent."""
+    return RECOMMENDED_METHOD if compatible else "independent"
+
+
+def known_old_checkpoint(config: TrainConfig) -> str | None:
+    """The old checkpoint of a compatible run, when it is known: ``old_model``, or the checkpoint
+    that made ``old_embeddings`` if it is still where it was and unchanged."""
+    if config.old_model:
+        return config.old_model
+    if not config.old_embeddings:
+        return None
+    from bctool.embeddings import load_embeddings
+    from bctool.train.old_side import checkpoint_path_of
+
+    return checkpoint_path_of(load_embeddings(config.old_embeddings, mmap=True))
+
+
+def _warm_start_source(config: TrainConfig) -> str | None:
+    """What ``init_from="auto"`` means for ``config``: the known old checkpoint when it has the
+    run's architecture and embedding dimension, else nothing (a fresh start, logged)."""
+    if not config.compatible or config.pretrained:
+        return None
+    path = known_old_checkpoint(config)
+    if path is None:
+        logger.info("no warm start: the old checkpoint is not known (pass --old-model or --init-from OLD)")
+        return None
+    try:
+        import json
+
+        model = json.loads(read_checkpoint_metadata(path)["model"])
+    except (BctoolError, KeyError, ValueError):
+        return None
+    if (model.get("arch"), model.get("embedding_dim")) != (config.arch, config.embedding_dim):
+        logger.warning(
+            "no warm start: the old checkpoint %s is a %s with dimension %s, this run a %s with %s",
+            path, model.get("arch"), model.get("embedding_dim"), config.arch, config.embedding_dim,
+        )
+        return None
+    return path
+
+
+def resolve_recipe(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``init_from="auto"`` and ``lr=None`` made concrete: warm-start from the
+    known old checkpoint when it fits (see :func:`known_old_checkpoint`), and the learning rate
+    of a warm (:data:`WARM_LR`) or a fresh (:data:`COLD_LR`) start."""
+    init_from = _warm_start_source(config) if config.init_from == AUTO else config.init_from
+    lr = config.lr if config.lr is not None else (WARM_LR if init_from else COLD_LR)
+    if init_from != config.init_from or lr != config.lr:
+        logger.info("recipe: %s, lr %g", f"warm start from {init_from}" if init_from else "fresh start", lr)
+    return replace(config, init_from=init_from, lr=lr)
