@@ -62,7 +62,7 @@ from bctool.train.compat import COMPAT_LOSSES
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
 ABLATIONS = ["advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint"]
-VARIANTS = ["bct-all"]  # named variants that fix a measured cause (README, "Why AdvBCT trails")
+VARIANTS = ["bct-all", "center"]  # named variants that fix a measured cause (README, "Why AdvBCT trails")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WARM_LR = 0.01  # peak learning rate of a warm-started new model
 
@@ -146,8 +146,9 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         return json.loads(cache.read_text())
     setting = SETTINGS[name]
     old = old_side(workdir, data, setting, old_seed, old_base)
-    lr = f"-lr{base.lr:g}" if setting.warm else ""  # warm-start runs at several rates share a workdir
-    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}{lr}"
+    # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
+    tag = (f"-lr{base.lr:g}" if setting.warm else "") + (f"-cw{base.compat_weight:g}" if base.compat_weight != 1 else "")
+    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
@@ -164,6 +165,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": base.epochs, "old_epochs": old_base.epochs, "lr": config.lr, "warm": setting.warm,
+        "compat_weight": config.compat_weight,
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
         "cross": evaluate_retrieval(query, old_gallery),
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every model (Fashion-MNIST: 10)")
     parser.add_argument("--warm-lr", type=float, default=WARM_LR,
                         help="peak learning rate of the new models of the warm-start settings")
+    parser.add_argument("--compat-weight", type=float, default=1.0, help="multiplier of the compatibility terms")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
@@ -344,8 +347,9 @@ def main() -> None:
                             name, DEFAULT_SOURCE)
                 continue
             base = TrainConfig(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
-                               device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1)
-            old_base = replace(base, epochs=args.old_epochs or base.epochs, lr=0.1)
+                               device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
+                               compat_weight=args.compat_weight)
+            old_base = replace(base, epochs=args.old_epochs or base.epochs, lr=0.1, compat_weight=1.0)
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,

@@ -143,7 +143,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= metrics["map"] <= 1.0 and metrics["queries"] == 9
     new, published = summary["models"]["new"], summary["models"]["advbct"]
     assert (new["method"], published["method"], summary["models"]["independent"]["method"]) == (
-        "bct-all", "advbct", "independent")
+        "bct", "advbct", "independent")
     # The recommended new model starts from the old one; AdvBCT as published from scratch.
     init = load_checkpoint(tmp_path / "new_model.safetensors").train_config
     assert init["init_from"]["sha256"] == file_sha256(tmp_path / "old_model.safetensors") and init["lr"] == 0.03

@@ -207,7 +207,7 @@ def test_registry_names_every_method() -> None:
     assert set(COMPAT_LOSSES) == {
         "independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
         "advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint",  # ablations of AdvBCT
-        "bct-all",  # variants
+        "bct-all", "center",  # variants
     }
     for name, cls in COMPAT_LOSSES.items():
         assert cls.name == name
@@ -305,6 +305,18 @@ def test_bct_all_uses_every_class_center_and_ignores_the_old_head(stats) -> None
     ref = _ref_bct(new64, labels, logits_of, lambda y: present.index(y) if y in present else -1)
     _close(parts["bct"], ref)
     _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
+
+
+def test_center_pull_against_reference(stats) -> None:
+    new, labels, old = _batch(stats)
+    parts = create_compat_loss("center", _ctx(stats))(new, labels, old, labels)
+    assert set(parts) == {"center"}
+    new64 = new.detach().double().requires_grad_(True)
+    terms = [sum((_unit(new64[i]) - stats.centers[int(labels[i])].double()) ** 2)
+             for i in range(len(labels)) if int(stats.counts[int(labels[i])]) > 0]
+    ref = sum(terms) / len(terms)
+    _close(parts["center"], ref)
+    _close(_grad(parts["center"], [new])[0], _grad(ref, [new64])[0])
 
 
 def test_bct_batch_without_old_classes_is_zero_with_graph(stats) -> None:

@@ -37,6 +37,7 @@ PARTS = {
     "hotrefresh": {"hotrefresh"},
     "advbct": {"adv", "bound"},
     "bct-all": {"bct"},
+    "center": {"center"},
 }
 
 

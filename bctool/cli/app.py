@@ -79,7 +79,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every (augmented) batch instead of --old-embeddings.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Compatibility method: advbct (default with an old model), bct, l2, lce, unibct, hotrefresh or independent (default without).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Compatibility method: bct (the recommended default with an old side, warm-started: see --init-from), advbct, l2, lce, unibct, hotrefresh, the variants bct-all and center, the AdvBCT ablations advbct-noadv, advbct-nobound, advbct-fixed and advbct-joint, or independent (default without an old side).")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[float, typer.Option(help="AdvBCT's elastic-boundary threshold T.")] = 1.0,
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
@@ -431,7 +431,7 @@ def dataset_gldv2(
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
-    method: Annotated[str, typer.Option(help="Compatibility method of the new model (default: the recommended bct-all; any method of `bctool train --method`).")] = "bct-all",
+    method: Annotated[str, typer.Option(help="Compatibility method of the new model (default: the recommended bct; any method of `bctool train --method`).")] = "bct",
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
     published: Annotated[str, typer.Option(help="Also train this method as published (from scratch) for comparison; none to skip.")] = "advbct",
     bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,

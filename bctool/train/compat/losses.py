@@ -221,6 +221,21 @@ class BCTAllClasses(BCTLoss):
     all_classes = True
 
 
+@register("center")
+class CenterPull(CompatLoss):
+    """Pull every normalised new embedding towards its class's old center: |f̂_new - c_y|², for
+    every training class with old embeddings (new classes included). With two images a class
+    the center lies between them, so a query pulled there sits nearer its class's old gallery
+    item than the old model's own query does."""
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor
+    ) -> dict[str, Tensor]:
+        stats = self.ctx.stats
+        distance = (F.normalize(embeddings, dim=1) - stats.centers[labels]).pow(2).sum(dim=1)
+        return {"center": _masked_mean(distance, stats.counts[labels] > 0)}
+
+
 @register("lce")
 class LCELoss(CompatLoss):
     """LCE: an angular boundary around each old center, and new class weights aligned with it."""
