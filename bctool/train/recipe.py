@@ -9,6 +9,7 @@ which are what the checkpoint records.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 
@@ -52,8 +53,6 @@ def _warm_start_source(config: TrainConfig) -> str | None:
         logger.info("no warm start: the old checkpoint is not known (pass --old-model or --init-from OLD)")
         return None
     try:
-        import json
-
         model = json.loads(read_checkpoint_metadata(path)["model"])
     except (BctoolError, KeyError, ValueError):
         return None
