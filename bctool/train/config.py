@@ -10,8 +10,8 @@ from bctool.models import ModelConfig
 
 AMP_MODES = ("off", "bf16", "fp16")
 # Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
-# stride-2 stages leave a 1x1 map at 32 px, and there it retrieves worse than raw pixels
-# (examples/small_images.py measures it on the emoji set).
+# stride-2 stages leave a 1x1 map at 32 px; there the small CNN retrieves better (emoji set,
+# 32 px: small 61.3 mAP, resnet18 54.5, raw pixels 44.9; examples/small_images.py).
 SMALL_IMAGE_SIDE = 64
 
 
