@@ -271,20 +271,24 @@ def test_bct_with_old_head_against_reference(stats) -> None:
     _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
 
 
-def test_bct_prototype_fallback_against_reference(stats) -> None:
-    loss = create_compat_loss("bct", _ctx(stats, scale=30.0))
-    new, labels, old = _batch(stats)
-    parts = loss(new, labels, old, labels)
-    old_classes = [k for k in range(C) if bool(stats.is_old[k])]
-    protos = [_unit(stats.centers[k].double()) for k in old_classes]
+def _check_prototype_bct(parts, new, labels, stats, classes: list[int]) -> None:  # noqa: ANN001
+    """parts["bct"] equals a slow cosine-prototype cross-entropy over ``classes``' centers (s = 30)."""
+    protos = [_unit(stats.centers[k].double()) for k in classes]
     new64 = new.detach().double().requires_grad_(True)
 
     def logits_of(f):
         return 30.0 * torch.stack([_unit(f) @ p for p in protos])
 
-    ref = _ref_bct(new64, labels, logits_of, lambda y: old_classes.index(y) if y in old_classes else -1)
+    ref = _ref_bct(new64, labels, logits_of, lambda y: classes.index(y) if y in classes else -1)
     _close(parts["bct"], ref)
     _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
+
+
+def test_bct_prototype_fallback_against_reference(stats) -> None:
+    loss = create_compat_loss("bct", _ctx(stats, scale=30.0))
+    new, labels, old = _batch(stats)
+    parts = loss(new, labels, old, labels)
+    _check_prototype_bct(parts, new, labels, stats, [k for k in range(C) if bool(stats.is_old[k])])
 
 
 def test_bct_all_uses_every_class_center_and_ignores_the_old_head(stats) -> None:
@@ -296,15 +300,7 @@ def test_bct_all_uses_every_class_center_and_ignores_the_old_head(stats) -> None
     parts = loss(new, labels, old, labels)
     present = [k for k in range(C) if int(stats.counts[k]) > 0]
     assert len(present) > int(stats.is_old.sum())  # new classes have prototypes too
-    protos = [_unit(stats.centers[k].double()) for k in present]
-    new64 = new.detach().double().requires_grad_(True)
-
-    def logits_of(f):
-        return 30.0 * torch.stack([_unit(f) @ p for p in protos])
-
-    ref = _ref_bct(new64, labels, logits_of, lambda y: present.index(y) if y in present else -1)
-    _close(parts["bct"], ref)
-    _close(_grad(parts["bct"], [new])[0], _grad(ref, [new64])[0])
+    _check_prototype_bct(parts, new, labels, stats, present)
 
 
 def test_center_pull_against_reference(stats) -> None:
