@@ -52,6 +52,7 @@ class CompatibleTask(ClassificationTask):
         self.compat = compat
         self.weight = weight
         self.diagnose = diagnose
+        compat.noting = diagnose  # the loss measures its side facts only when they are logged
 
     def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         """Forward the schedule position (AdvBCT's alpha and adversarial weight use it)."""
@@ -87,4 +88,4 @@ class CompatibleTask(ClassificationTask):
             if value.requires_grad:
                 (grad,) = torch.autograd.grad(value, embedding, retain_graph=True, allow_unused=True)
                 out[f"grad_{name}"] = grad.norm() if grad is not None else torch.zeros((), device=embedding.device)
-        return {**out, **self.compat.facts}
+        return {**out, **getattr(self.compat, "facts", {})}

@@ -60,7 +60,9 @@ class CompatLoss(nn.Module):
         # A plain attribute, not a submodule: the task owns the model and the frozen old head.
         self.ctx = ctx
         self.epoch, self.epochs, self.step, self.total_steps = 0, 1, 0, 1
-        # Detached scalars a forward pass measured on the side (``--diagnostics``); never losses.
+        # Detached scalars a forward pass measures on the side, only when ``noting`` (the task
+        # sets it under ``--diagnostics``); never losses.
+        self.noting = False
         self.facts: dict[str, torch.Tensor] = {}
 
     def summary(self) -> dict[str, object]:
@@ -351,13 +353,14 @@ class AdvBCTLoss(CompatLoss):
         """L_adv: new embeddings (behind the GRL) labelled 0, old embeddings labelled 1."""
         new_scores = self.discriminator(grad_reverse(embeddings, self.alpha))
         old_scores = self.discriminator(ref_embeddings.detach())
-        self._note_discriminator(new_scores, old_scores)
+        if self.noting:
+            self._note_discriminator(new_scores, old_scores)
         zeros = torch.zeros(embeddings.shape[0], dtype=torch.long, device=embeddings.device)
         return F.nll_loss(new_scores, zeros) + F.nll_loss(old_scores, torch.ones_like(zeros))
 
     def _note_discriminator(self, new_scores: Tensor, old_scores: Tensor) -> None:
-        """Facts: the discriminator's accuracy on the batch (0.5 when it cannot tell the domains
-        apart) and its raw loss, before λ_adv."""
+        """Facts: the discriminator's accuracy on the batch, new and old together (0.5 when it
+        cannot tell the domains apart), and on the new features alone."""
         with torch.no_grad():
             new_right = (new_scores.argmax(dim=1) == 0).float().mean()
             old_right = (old_scores.argmax(dim=1) == 1).float().mean()
@@ -375,12 +378,14 @@ class AdvBCTLoss(CompatLoss):
         """L_bound: mean excess distance to the old center over the violating samples."""
         stats = self.ctx.stats
         distance = (F.normalize(embeddings, dim=1) - stats.centers[labels]).norm(dim=1)
-        excess = distance - self.boundary_radii()[labels]
-        violating = stats.has_boundary[labels] & (excess > 0)
-        with torch.no_grad():
-            bounded = stats.has_boundary[labels]
-            self.facts["violating"] = violating.float().sum() / bounded.float().sum().clamp(min=1)
-            self.facts["radius_mean"] = self.boundary_radii()[stats.has_boundary].mean()
+        radii = self.boundary_radii()
+        excess = distance - radii[labels]
+        bounded = stats.has_boundary[labels]
+        violating = bounded & (excess > 0)
+        if self.noting:
+            with torch.no_grad():
+                self.facts["violating"] = violating.float().sum() / bounded.float().sum().clamp(min=1)
+                self.facts["radius_mean"] = radii[stats.has_boundary].mean()
         return _masked_mean(excess, violating)
 
     def forward(
@@ -431,7 +436,8 @@ class AdvBCTJointDiscriminator(AdvBCTLoss):
             torch.ones(ref_embeddings.shape[0], dtype=torch.long, device=embeddings.device),
         ])
         scores = self.discriminator(both)
-        self._note_discriminator(scores[: embeddings.shape[0]], scores[embeddings.shape[0]:])
+        if self.noting:
+            self._note_discriminator(scores[: embeddings.shape[0]], scores[embeddings.shape[0]:])
         # Sum of the two per-domain means, like the separate passes.
         return 2 * F.nll_loss(scores, domain)
 
