@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bctool.models import ModelConfig, create_model
-from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
+from bctool.train.compat import compute_old_stats
+from bctool.train.methods import MethodContext, create_method
 from bctool.train.compat.stats import OldStats
 
 
@@ -87,7 +88,7 @@ def old_stats_reference(old: torch.Tensor, labels: torch.Tensor, classes: int, o
 
 def boundary_reference(loss, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     """L_bound one sample at a time: distance, elastic radius, violation."""
-    stats, threshold = loss.ctx.stats, loss.ctx.boundary_threshold
+    stats, threshold = loss.ctx.stats, loss.params.threshold
     total, violators = embeddings.new_zeros(()), 0
     for i in range(embeddings.shape[0]):
         k = int(labels[i])
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     model = create_model(ModelConfig(arch="small", embedding_dim=args.dim, num_classes=args.classes))
-    loss = create_compat_loss("advbct", CompatContext(stats=fast_stats, model=model))
+    loss = create_method("advbct", MethodContext(stats=fast_stats, model=model))
     loss.set_progress(1, 3, 10, 30)  # mid-training: alpha and the adversarial weight are not trivial
     g = torch.Generator().manual_seed(args.seed + 1)
     batch_labels = labels[torch.randint(0, labels.numel(), (args.batch,), generator=g)]

@@ -29,7 +29,7 @@ from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
 from bctool.extract import extract
 from bctool.train import TrainConfig, train
-from bctool.train.compat import COMPAT_LOSSES
+from bctool.train.methods import METHODS as REGISTERED
 
 log = logging.getLogger("compat_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/compat"), help="cache folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES),
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(REGISTERED),
                         help="methods to compare")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every model")
     parser.add_argument("--old-epochs", type=int, default=None,

@@ -16,15 +16,8 @@ from torch import nn
 
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig, create_model
-from bctool.train.compat import (
-    COMPAT_LOSSES,
-    CompatContext,
-    OldStats,
-    compute_old_stats,
-    create_compat_loss,
-    grad_reverse,
-    grl_alpha,
-)
+from bctool.train.compat import OldStats, compute_old_stats, grad_reverse, grl_alpha
+from bctool.train.methods import METHODS, MethodContext, create_method, resolve_params
 from bctool.train.compat import stats as stats_module
 
 C, D = 6, 8
@@ -74,10 +67,15 @@ def _batch(stats: OldStats, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, 
     return new.requires_grad_(True), labels, old
 
 
-def _ctx(stats: OldStats, head: str = "linear", **kwargs) -> CompatContext:
+def _ctx(stats: OldStats, head: str = "linear", **kwargs) -> MethodContext:
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="small", embedding_dim=D, num_classes=C, head=head))
-    return CompatContext(stats=stats, model=model, **kwargs)
+    return MethodContext(stats=stats, model=model, **kwargs)
+
+
+def create_compat_loss(name: str, ctx: MethodContext, **params):  # noqa: ANN201 - a Method
+    """The method ``name`` with ``params`` over its defaults."""
+    return create_method(name, ctx, params)
 
 
 def _grad(value: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -204,12 +202,12 @@ def test_grl_alpha_schedule() -> None:
 
 
 def test_registry_names_every_method() -> None:
-    assert set(COMPAT_LOSSES) == {
+    assert set(METHODS) == {
         "independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
         "advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint",  # ablations of AdvBCT
         "bct-all", "center",  # variants
     }
-    for name, cls in COMPAT_LOSSES.items():
+    for name, cls in METHODS.items():
         assert cls.name == name
 
 
@@ -285,7 +283,7 @@ def _check_prototype_bct(parts, new, labels, stats, classes: list[int]) -> None:
 
 
 def test_bct_prototype_fallback_against_reference(stats) -> None:
-    loss = create_compat_loss("bct", _ctx(stats, scale=30.0))
+    loss = create_compat_loss("bct", _ctx(stats), scale=30.0)
     new, labels, old = _batch(stats)
     parts = loss(new, labels, old, labels)
     _check_prototype_bct(parts, new, labels, stats, [k for k in range(C) if bool(stats.is_old[k])])
@@ -295,7 +293,7 @@ def test_bct_all_uses_every_class_center_and_ignores_the_old_head(stats) -> None
     torch.manual_seed(5)
     old_head = nn.Linear(D, 4).requires_grad_(False)
     index = torch.tensor([-1, 2, -1, 0, 3, 1])
-    loss = create_compat_loss("bct-all", _ctx(stats, scale=30.0, old_head=old_head, old_label_index=index))
+    loss = create_compat_loss("bct-all", _ctx(stats, old_head=old_head, old_label_index=index), scale=30.0)
     new, labels, old = _batch(stats)
     parts = loss(new, labels, old, labels)
     present = [k for k in range(C) if int(stats.counts[k]) > 0]
@@ -366,7 +364,7 @@ def test_lce_against_reference(stats, head: str) -> None:
 
 def test_unibct_against_reference(stats) -> None:
     s, m = 30.0, 0.3
-    loss = create_compat_loss("unibct", _ctx(stats, scale=s, margin=m))
+    loss = create_compat_loss("unibct", _ctx(stats), scale=s, margin=m)
     new, labels, old = _batch(stats)
     with torch.no_grad():
         new[1] = -3 * stats.centers[1]  # target angle ~ pi: ArcFace's fallback branch
@@ -425,7 +423,7 @@ def _ref_hotrefresh(new64, old64, labels, negatives: int, temperature: float) ->
     ],
 )
 def test_hotrefresh_against_reference(stats, negatives: int, temperature: float, labels) -> None:
-    loss = create_compat_loss("hotrefresh", _ctx(stats, negatives=negatives, temperature=temperature))
+    loss = create_compat_loss("hotrefresh", _ctx(stats), negatives=negatives, temperature=temperature)
     new, _, old = _batch(stats)
     parts = loss(new, labels, old, labels)
     assert set(parts) == {"hotrefresh"}
@@ -459,9 +457,9 @@ def _ref_discriminator(disc: nn.Sequential, x64: torch.Tensor, params: list[torc
 def test_advbct_against_reference(stats) -> None:
     radii = [float(stats.radius_max[k]) for k in range(C) if bool(stats.has_boundary[k])]
     threshold = (min(radii) + max(radii)) / 2  # some classes below T, some above
-    ctx = _ctx(stats, boundary_threshold=threshold)
+    ctx = _ctx(stats)
     torch.manual_seed(7)
-    loss = create_compat_loss("advbct", ctx).train()
+    loss = create_compat_loss("advbct", ctx, threshold=threshold).train()
     loss.set_progress(epoch=2, epochs=10, step=130, total_steps=1000)
     alpha, lam = grl_alpha(0.13), (10 - 2 + 1) / 10
     new, labels, old = _batch(stats)
@@ -506,7 +504,7 @@ def test_advbct_against_reference(stats) -> None:
 
 
 def test_advbct_without_violations_gives_zero_bound_with_graph(stats) -> None:
-    loss = create_compat_loss("advbct", _ctx(stats, boundary_threshold=1.0))
+    loss = create_compat_loss("advbct", _ctx(stats), threshold=1.0)
     labels = BATCH_LABELS
     new = (stats.centers[labels] * 5).requires_grad_(True)  # every new embedding on its old center
     old = new.detach().clone()
@@ -540,7 +538,7 @@ def test_no_host_device_sync_in_forward_and_backward(old_set) -> None:
     cuda_stats = compute_old_stats(emb.cuda(), labels.cuda(), C, OLD_CLASSES.cuda())
     old_head = nn.Linear(D, 4).cuda().requires_grad_(False)
     index = torch.tensor([-1, 2, -1, 0, 3, 1]).cuda()
-    for name in sorted(COMPAT_LOSSES):
+    for name in sorted(METHODS):
         ctx = _ctx(cuda_stats)
         ctx.model.cuda()
         if name == "bct":
@@ -596,7 +594,7 @@ def test_advbct_joint_pass_equals_separate_passes_without_batch_statistics(stats
     assert not torch.allclose(joint(new, labels, old, labels)["adv"], separate(new, labels, old, labels)["adv"])
 
 
-@pytest.mark.parametrize("name", sorted(COMPAT_LOSSES))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_unused_parameters_are_declared(stats, name: str) -> None:
     """DistributedDataParallel must know when a loss leaves parameters without a gradient
     (``has_unused_parameters``), or multi-process training fails at its second step."""

@@ -38,6 +38,10 @@ PARTS = {
     "advbct": {"adv", "bound"},
     "bct-all": {"bct"},
     "center": {"center"},
+    "advbct-noadv": {"bound"},
+    "advbct-nobound": {"adv"},
+    "advbct-fixed": {"adv", "bound"},
+    "advbct-joint": {"adv", "bound"},
 }
 
 
@@ -59,6 +63,12 @@ def old(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return {"model": model, "embeddings": emb, "work": work}
 
 
+def test_every_registered_method_is_trained_below() -> None:
+    from bctool.train.methods import METHODS
+
+    assert set(PARTS) == set(METHODS), "give a new method its loss parts in PARTS"
+
+
 @pytest.mark.parametrize("method", sorted(PARTS))
 def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     out = tmp_path / "new.safetensors"
@@ -71,6 +81,68 @@ def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dic
     ckpt = load_checkpoint(out)
     assert ckpt.extra["method"] == method
     assert not state_path(out).exists()  # removed once the run finished
+    from bctool.train.methods import resolve_params
+
+    # Every parameter of the method is recorded, defaults included.
+    assert ckpt.train_config["method_params"] == vars(resolve_params(method))
+
+
+def test_method_parameters_are_options_recorded_in_the_checkpoint(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    out = tmp_path / "new.safetensors"
+    _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out), "--old-embeddings", str(old["embeddings"]),
+             "--method", "hotrefresh", "--param", "negatives=3", "--param", "temperature=0.05", *TINY])
+    assert load_checkpoint(out).train_config["method_params"] == {"negatives": 3, "temperature": 0.05}
+    base = ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "x.safetensors"),
+            "--old-embeddings", str(old["embeddings"]), *TINY]
+    wrong = runner.invoke(app, [*base, "--method", "bct", "--param", "threshold=0.5"])
+    assert wrong.exit_code == 1
+    assert "method 'bct' has no parameter 'threshold'; its parameters: scale=30.0" in wrong.stderr
+    bad = runner.invoke(app, [*base, "--method", "hotrefresh", "--param", "negatives=many"])
+    assert bad.exit_code == 1 and "hotrefresh parameter negatives='many' is not a valid int" in bad.stderr
+    shape = runner.invoke(app, [*base, "--method", "advbct", "--param", "threshold"])
+    assert shape.exit_code == 2 and "expected NAME=VALUE" in shape.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_methods_command_lists_the_registry() -> None:
+    from bctool.train.methods import METHODS
+
+    listed = _invoke(["methods"])["methods"]
+    assert [m["name"] for m in listed] == sorted(METHODS)
+    advbct = next(m for m in listed if m["name"] == "advbct")
+    assert advbct["params"] == {"threshold": 1.0} and advbct["description"].startswith("AdvBCT")
+    assert all(m["description"] for m in listed)
+
+
+def test_a_method_is_one_registered_class(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
+    """A user's method, defined and registered here, trains with no other change."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from bctool.train.methods import METHODS, Method, register_method
+
+    @dataclass(frozen=True)
+    class CosineParams:
+        weight: float = 2.0
+
+    @register_method("test-cosine")
+    class CosineToOld(Method):
+        """Test: 1 - cos(new, old) of each image."""
+
+        Params = CosineParams
+
+        def forward(self, embeddings, labels, ref_embeddings, ref_labels):  # noqa: ANN001, ANN201
+            return {"cosine": self.params.weight * (1 - F.cosine_similarity(embeddings, ref_embeddings)).mean()}
+
+    try:
+        out = tmp_path / "new.safetensors"
+        summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out), "--old-embeddings",
+                           str(old["embeddings"]), "--method", "test-cosine", "--param", "weight=0.5", *TINY])
+        assert set(summary["final"]) == {"cls", "cosine", "loss"}
+        assert load_checkpoint(out).train_config["method_params"] == {"weight": 0.5}
+    finally:
+        del METHODS["test-cosine"]
 
 
 def test_the_recommended_recipe_is_the_default_with_an_old_side(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
@@ -319,14 +391,15 @@ def test_resume_refuses_other_data(emoji_dir: Path, old: dict, tmp_path: Path) -
 def test_diagnostics_measure_gradient_norms_at_the_embedding() -> None:
     """grad_PART is the norm of d PART / d embedding: for sum(f^2) it is 2|f|."""
     from bctool.models import ModelConfig, create_model
-    from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
+    from bctool.train.compat import compute_old_stats
+    from bctool.train.methods import MethodContext, create_method
     from bctool.train.tasks import CompatibleTask
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3))
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     stats = compute_old_stats(torch.randn(6, 8), labels, 3, torch.tensor([True, True, False]))
-    compat = create_compat_loss("advbct", CompatContext(stats=stats, model=model))
+    compat = create_method("advbct", MethodContext(stats=stats, model=model))
     task = CompatibleTask(model, PrecomputedOld(torch.randn(6, 8)), compat, diagnose=True)
     embedding = model.embed(torch.randn(6, 3, 32, 32))
     facts = task.diagnostics(embedding, {"square": embedding.pow(2).sum()})
@@ -349,3 +422,14 @@ def test_diagnostics_change_nothing_and_write_the_final_radii(emoji_dir: Path, o
     assert summary["threshold"] == 1.0 and len(radius) == len(radius_max) > 0
     # r̃ lies between r_max and T (here every r_max is below T = 1)
     assert bool((radius_max < 1).all() and (radius >= radius_max).all() and (radius <= 1).all())
+
+
+def test_readme_lists_every_registered_method_and_parameter() -> None:
+    from bctool.train.methods import describe_methods
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    tables = readme[readme.index("| method | compatibility term |"):readme.index("**Adding a method**")]
+    for method in describe_methods():
+        assert f"`{method['name']}`" in tables, method["name"]
+        for name, default in method["params"].items():
+            assert f"`{name}` {default:g}" in tables, (method["name"], name)

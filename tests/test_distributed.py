@@ -147,8 +147,9 @@ def _collectives_worker(rank: int, world: int, init_file: str) -> None:
     from torch import nn
 
     from bctool.models import ModelConfig, create_model
-    from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
-    from bctool.train.compat.losses import _masked_mean
+    from bctool.train.compat import compute_old_stats
+    from bctool.train.methods import MethodContext, create_method
+    from bctool.train.methods.parts import masked_mean as _masked_mean
     from bctool.train.distributed import GlobalBatchNorm, sync_batchnorm
 
     torch.set_num_threads(1)
@@ -163,9 +164,9 @@ def _collectives_worker(rank: int, world: int, init_file: str) -> None:
     old = torch.randn(n, 8, generator=g, dtype=torch.float64)
     values, mask = torch.randn(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g) < 0.4
     stats = compute_old_stats(torch.randn(40, 8, generator=g), torch.arange(40) % 4, 4, torch.ones(4, dtype=torch.bool))
-    hotrefresh = create_compat_loss("hotrefresh", CompatContext(
-        stats=stats, model=create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=4)),
-        negatives=3, temperature=0.1))
+    hotrefresh = create_method("hotrefresh", MethodContext(
+        stats=stats, model=create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=4))),
+        {"negatives": 3, "temperature": 0.1})
 
     # References: the whole batch in one process.
     ref = nn.BatchNorm2d(3).double()

@@ -79,9 +79,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every (augmented) batch instead of --old-embeddings.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Compatibility method: bct (the recommended default with an old side, warm-started: see --init-from), advbct, l2, lce, unibct, hotrefresh, the variants bct-all and center, the AdvBCT ablations advbct-noadv, advbct-nobound, advbct-fixed and advbct-joint, or independent (default without an old side).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Compatibility method (`bctool methods` lists every registered one with its parameters): bct is the recommended default with an old side (warm-started: see --init-from), advbct the AdvBCT paper's, independent the default without an old side.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
-    boundary_threshold: Annotated[float, typer.Option(help="AdvBCT's elastic-boundary threshold T.")] = 1.0,
+    boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
     amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
@@ -121,7 +122,7 @@ def train(
         old_embeddings=str(old_embeddings) if old_embeddings else None,
         old_model=str(old_model) if old_model else None,
         old_classes=str(old_classes) if old_classes else None,
-        boundary_threshold=boundary_threshold, compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
+        method_params=_method_params(param, boundary_threshold), compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
         save_every=save_every, strict=strict, log_dir=str(log_dir) if log_dir else None, resume=resume,
         diagnostics=diagnostics,
     )
@@ -134,6 +135,29 @@ def train(
             stderr.print(f"[yellow]Left out {result.skipped} unreadable images[/] (listed in "
                          f"{out.name}.failed.tsv); --strict stops at the first one instead.")
         emit_json(result.to_dict())
+
+
+def _method_params(pairs: list[str] | None, threshold: float | None) -> dict[str, str | float]:
+    """``--param NAME=VALUE`` options (and ``--boundary-threshold``) as a dict; the method's
+    ``Params`` converts and checks the values."""
+    params: dict[str, str | float] = {}
+    for text in pairs or []:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--param {text!r}: expected NAME=VALUE, e.g. threshold=0.5")
+        params[name.strip()] = value.strip()
+    if threshold is not None:
+        params["threshold"] = threshold
+    return params
+
+
+@app.command()
+@reports_errors
+def methods() -> None:
+    """List the compatibility methods: name, what it does, its parameters and defaults (JSON)."""
+    from bctool.train.methods import describe_methods
+
+    emit_json({"methods": describe_methods()})
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig
@@ -46,7 +47,7 @@ class TrainConfig:
     old_embeddings: str | None = None
     old_model: str | None = None
     old_classes: str | None = None
-    boundary_threshold: float = 1.0
+    method_params: dict[str, Any] = field(default_factory=dict)  # over the method's defaults; resolved
     compat_weight: float = 1.0
     amp: str = "off"
     sync_bn: bool = False
@@ -75,10 +76,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {rule}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")
-        from bctool.train.compat import COMPAT_LOSSES
+        from bctool.train.methods import resolve_params
 
-        if self.method not in COMPAT_LOSSES:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(COMPAT_LOSSES)}")
+        # Every parameter of the method, defaults filled in: what the checkpoint records.
+        object.__setattr__(self, "method_params", asdict(resolve_params(self.method, self.method_params)))
         if self.init_from not in (None, "auto") and self.pretrained:
             raise ConfigError(
                 "pass only one of --init-from (a bctool checkpoint: backbone, neck and head rows) "
@@ -86,7 +87,7 @@ class TrainConfig:
             )
         if self.old_embeddings and self.old_model:
             raise ConfigError("pass only one of --old-embeddings and --old-model")
-        if self.method != "independent" and not (self.old_embeddings or self.old_model):
+        if self.compatible and not (self.old_embeddings or self.old_model):
             raise ConfigError(
                 f"method {self.method!r} trains against an old model: pass --old-embeddings "
                 "OLD_EMB.safetensors (from `bctool extract` with the old model over the training "
@@ -107,7 +108,9 @@ class TrainConfig:
     @property
     def compatible(self) -> bool:
         """True when the run trains against an old side."""
-        return self.method != "independent"
+        from bctool.train.methods import method_class
+
+        return method_class(self.method).needs_old_side
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""

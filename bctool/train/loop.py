@@ -188,26 +188,26 @@ def build_task(
     """The task of ``config.method`` and the facts the checkpoint records about it."""
     if not config.compatible:
         return ClassificationTask(model), {}
-    from bctool.train.compat import CompatContext, compute_old_stats, create_compat_loss
+    from bctool.train.compat import compute_old_stats
+    from bctool.train.methods import MethodContext, create_method, method_class
     from bctool.train.old_side import load_old_side
 
     old = load_old_side(
         images, config.embedding_dim, preprocess, device,
         old_embeddings=config.old_embeddings, old_model=config.old_model,
-        old_classes=config.old_classes, need_old_head=config.method == "bct",
+        old_classes=config.old_classes, need_old_head=method_class(config.method).uses_old_head,
         workers=config.workers, progress=progress,
     )
     labels = torch.tensor(images.labels, dtype=torch.int64)
     stats = compute_old_stats(old.embeddings, labels, len(images.label_names), old.old_classes)
     model.to(device)
-    context = CompatContext(
+    context = MethodContext(
         stats=stats.to(device),
         model=model,
         old_head=old.old_head.to(device) if old.old_head is not None else None,
         old_label_index=old.old_label_index.to(device) if old.old_label_index is not None else None,
-        boundary_threshold=config.boundary_threshold,
     )
-    compat = create_compat_loss(config.method, context)
+    compat = create_method(config.method, context, config.method_params)
     facts = {
         "old": old.description,
         "old_classes": int(old.old_classes.sum()),
