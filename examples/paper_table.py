@@ -57,14 +57,14 @@ from bctool.evaluate import evaluate_retrieval
 from bctool.evaluate.compat import backfill_curve, paper_scores, update_gain
 from bctool.extract import extract
 from bctool.train import TrainConfig, train
-from bctool.train.compat import COMPAT_LOSSES
+from bctool.train.methods import METHODS as REGISTERED
+from bctool.train.recipe import WARM_LR
 
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
 ABLATIONS = ["advbct-noadv", "advbct-nobound", "advbct-fixed", "advbct-joint"]
 VARIANTS = ["bct-all", "center"]  # named variants that fix a measured cause (README, "Why AdvBCT trails")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-WARM_LR = 0.01  # peak learning rate of a warm-started new model
 
 
 @dataclass(frozen=True)
@@ -142,9 +142,16 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
                base: TrainConfig, old_base: TrainConfig, old_seed: int, diagnostics: bool = False) -> dict:
     """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
     cache = results / name / f"seed{seed}" / f"{method}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
     setting = SETTINGS[name]
+    if cache.exists():
+        row = json.loads(cache.read_text())
+        asked = {"lr": base.lr, "epochs": base.epochs, "old_epochs": old_base.epochs, "old_seed": old_seed,
+                 "compat_weight": base.compat_weight}
+        differ = {key: (row.get(key), value) for key, value in asked.items() if row.get(key, value) != value}
+        if differ:
+            raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
+                             "give these options another --results folder")
+        return row
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.lr:g}" if setting.warm else "") + (f"-cw{base.compat_weight:g}" if base.compat_weight != 1 else "")
@@ -322,11 +329,11 @@ def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], method
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to run")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(COMPAT_LOSSES), help="methods to compare")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(REGISTERED), help="methods to compare")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of every model (Fashion-MNIST: 10)")
     parser.add_argument("--warm-lr", type=float, default=WARM_LR,
-                        help="peak learning rate of the new models of the warm-start settings")
+                        help="peak learning rate of the new models of the warm-start settings (default: the recipe's)")
     parser.add_argument("--compat-weight", type=float, default=1.0, help="multiplier of the compatibility terms")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
