@@ -60,7 +60,7 @@ def _root(
 def train(
     data: Annotated[Path, typer.Argument(help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
-    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34, resnet50, or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
+    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
     head: Annotated[str, typer.Option(help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,

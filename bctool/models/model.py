@@ -16,7 +16,10 @@ from bctool.errors import ModelError
 from bctool.models.heads import HEADS, create_head
 
 
-def _resnet(name: str) -> Callable[[], nn.Module]:
+BackboneFactory = Callable[[], nn.Module]
+
+
+def _resnet(name: str) -> BackboneFactory:
     def build() -> nn.Module:
         from bctool.models.resnet import resnet
 
@@ -31,12 +34,66 @@ def _small() -> nn.Module:
     return SmallCNN()
 
 
-BACKBONES: dict[str, Callable[[], nn.Module]] = {
+# The built-in backbones; register_backbone adds others. A backbone maps images (N, 3, H, W) to
+# pooled features (N, F) and declares F as ``num_features``.
+BACKBONES: dict[str, BackboneFactory] = {
     "small": _small,
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34"),
     "resnet50": _resnet("resnet50"),
 }
+
+
+def register_backbone(name: str, factory: BackboneFactory) -> None:
+    """Make ``factory`` (no arguments; returns a module with ``num_features`` whose forward
+    gives pooled (N, F) features) available as ``--arch name``."""
+    if ":" in name or not name:
+        raise ModelError(f"backbone name {name!r} must be non-empty and without ':' (that form names a module)")
+    BACKBONES[name] = factory
+
+
+def is_import_spec(arch: str) -> bool:
+    """True for ``package.module:factory``, a user's backbone imported by name."""
+    module, sep, attr = arch.partition(":")
+    return bool(sep and module and attr)
+
+
+def backbone_factory(arch: str) -> BackboneFactory:
+    """The factory of a registered backbone, or the one ``package.module:factory`` names
+    (imported now); a clear error naming the choices otherwise."""
+    if arch in BACKBONES:
+        return BACKBONES[arch]
+    if not is_import_spec(arch):
+        raise ModelError(
+            f"unknown architecture {arch!r}; choose one of {sorted(BACKBONES)}, or name your own "
+            "backbone as package.module:factory"
+        )
+    import importlib
+
+    module_name, _, attr = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(
+            f"architecture {arch!r}: cannot import {module_name!r} ({exc}); install the package that "
+            "defines it or put its folder on PYTHONPATH"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"architecture {arch!r}: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def build_backbone(arch: str) -> nn.Module:
+    """A fresh backbone for ``arch``, checked against the contract (``num_features``)."""
+    backbone = backbone_factory(arch)()
+    features = getattr(backbone, "num_features", None)
+    if not isinstance(backbone, nn.Module) or not isinstance(features, int) or features < 1:
+        raise ModelError(
+            f"architecture {arch!r} must build an nn.Module with an int attribute num_features "
+            f"(the width of its pooled features), got {type(backbone).__name__} with num_features={features!r}"
+        )
+    return backbone
 
 
 @dataclass(frozen=True)
@@ -51,8 +108,7 @@ class ModelConfig:
     head_margin: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.arch not in BACKBONES:
-            raise ModelError(f"unknown architecture {self.arch!r}; choose one of {sorted(BACKBONES)}")
+        backbone_factory(self.arch)  # a registered name, or an importable package.module:factory
         if self.head not in HEADS:
             raise ModelError(f"unknown head {self.head!r}; choose one of {sorted(HEADS)}")
         if self.embedding_dim < 1:
@@ -75,7 +131,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = BACKBONES[config.arch]()
+        self.backbone = build_backbone(config.arch)
         enc_dim = int(self.backbone.num_features)
         self.neck = nn.Sequential(
             nn.Linear(enc_dim, config.embedding_dim, bias=False),
