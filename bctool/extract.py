@@ -26,14 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from bctool.checkpoint import Checkpoint
 from bctool.data.check import write_report
-from bctool.data.dataset import crop_box
-from bctool.data.images import load_rgb
+from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text
+from bctool.io import atomic_write_text, check_output_path
 from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -77,12 +76,8 @@ class _Rows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         row = self.rows[i]
-        record = self.images.records[row]
         try:
-            image = load_rgb(record.path)
-            if record.crop is not None:
-                image = crop_box(image, record.crop)
-            return self.transform(image), row, ""
+            return self.transform(load_record(self.images.records[row])), row, ""
         except DataError as exc:
             if self.strict:
                 raise
@@ -227,8 +222,7 @@ def extract_to_file(
     """
     started = time.perf_counter()
     out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a folder; pass a file name such as {str(out / 'emb.safetensors')!r}")
+    check_output_path(out, "emb.safetensors")
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(rows):
         raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))

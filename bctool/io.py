@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bctool.errors import BctoolError
+from bctool.errors import BctoolError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -133,3 +133,15 @@ def save_safetensors(target: str | os.PathLike[str], tensors: dict[str, torch.Te
         for _, tensor, _, _ in entries:
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             fh.write(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+
+
+def check_output_path(out: str | os.PathLike[str], example: str = "model.safetensors") -> None:
+    """Fail before the work, not after, when ``out`` cannot be written: a folder (``example``
+    names a file to suggest inside it) or a path under a folder this process cannot write to."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; pass a file name such as {str(path / example)!r}")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {str(path)!r}: cannot write into {str(existing)!r}; choose a writable folder")

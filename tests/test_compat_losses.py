@@ -609,3 +609,15 @@ def test_unused_parameters_are_declared(stats, name: str) -> None:
     grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     unused = sorted(n for n, g in zip(params, grads) if g is None)
     assert bool(unused) == loss.has_unused_parameters, (name, unused)
+
+
+def test_parameters_resolve_over_the_defaults_with_their_types() -> None:
+    assert vars(resolve_params("hotrefresh", {"negatives": "3"})) == {"temperature": 0.01, "negatives": 3}
+    assert vars(resolve_params("advbct", {"threshold": "0.5"})) == {"threshold": 0.5}
+    assert vars(resolve_params("l2")) == {}
+    with pytest.raises(ConfigError, match=r"method 'l2' has no parameter 'scale'; its parameters: none"):
+        resolve_params("l2", {"scale": 1})
+    with pytest.raises(ConfigError, match=r"hotrefresh parameter negatives=2.5 is not a valid int"):
+        resolve_params("hotrefresh", {"negatives": 2.5})
+    with pytest.raises(ConfigError, match=r"unibct parameter scale=-1.0 must be positive"):
+        resolve_params("unibct", {"scale": "-1"})

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bctool.data.images import load_rgb
-from bctool.data.sources import ImageSet
+from bctool.data.sources import ImageRecord, ImageSet
 
 
 class ImageDataset(Dataset):
@@ -24,10 +24,14 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         record = self.images.records[index]
-        image = load_rgb(record.path)
-        if record.crop is not None:
-            image = crop_box(image, record.crop)
-        return self.transform(image), record.label, index
+        return self.transform(load_record(record)), record.label, index
+
+
+def load_record(record: ImageRecord) -> Image.Image:
+    """The record's image as RGB, cut to its crop box when it has one (training and extraction
+    read every image through here)."""
+    image = load_rgb(record.path)
+    return crop_box(image, record.crop) if record.crop is not None else image
 
 
 def crop_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:

@@ -27,9 +27,9 @@ from bctool.data.check import find_unreadable, without, write_report
 from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
-from bctool.errors import BctoolError, ConfigError, DataError
+from bctool.errors import BctoolError, DataError
 from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text
+from bctool.io import atomic_write_text, check_output_path
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
@@ -99,17 +99,6 @@ def data_fingerprint(images: ImageSet) -> str:
         digest.update(f"{record.id}\t{record.label}\n".encode())
     digest.update("\n".join(images.label_names).encode())
     return digest.hexdigest()
-
-
-def check_output_path(out: str | os.PathLike[str]) -> None:
-    """Fail before training, not after, when the checkpoint cannot be written."""
-    path = Path(out)
-    if path.is_dir():
-        raise ConfigError(f"--out {str(path)!r} is a folder; pass a file name such as {str(path / 'model.safetensors')!r}")
-    folder = path.parent if str(path.parent) else Path(".")
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"--out {str(path)!r}: cannot write into {str(existing)!r}; choose a writable folder")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -126,7 +126,9 @@ def _coerce(method: str, field: dataclasses.Field, value: Any) -> Any:
             if text not in ("true", "false", "1", "0"):
                 raise ValueError(value)
             return text in ("true", "1")
-        if kind is int and isinstance(value, float) and value.is_integer():
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(value)
             return int(value)
         return kind(value)
     except (TypeError, ValueError):
