@@ -20,15 +20,18 @@ from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
 from bctool.device import resolve_device
 from bctool.embeddings import Embeddings, save_embeddings
-from bctool.evaluate import evaluate_retrieval
-from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, delta_interval
-from bctool.evaluate.protocol import make_protocol
+from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, compatibility_evaluation, update_gain
+from bctool.evaluate.protocols import make_protocol
 from bctool.extract import extract
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train import TrainConfig, train
 from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
 
 logger = logging.getLogger(__name__)
+
+# The keys of bctool.evaluate.compat.paired_delta: delta M(n,o) - M(o,o) and its interval.
+_DELTA_KEYS = ("delta", "delta_low", "delta_high", "bootstrap", "compatible_significant")
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -96,6 +99,20 @@ def _embed(model_path: Path, lists: dict[str, Path], splits: tuple[str, ...], na
     return out
 
 
+def _evaluate(embeddings: dict[str, dict[str, Embeddings]], models: list[str],
+              config: DemoConfig) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The compatibility report of the old and new models (its delta interval included) and the
+    metrics of every pair of :func:`pairs`, in that order."""
+    protocol = make_protocol()
+    split = {name: (emb["query"], emb["gallery"]) for name, emb in embeddings.items()}
+    report = compatibility_evaluation(split["old"], split["new"], protocol, bootstrap=config.bootstrap,
+                                      seed=config.seed)
+    done = report["results"]  # old/old, new/new and new/old
+    results = {pair: done[pair] if pair in done else protocol.evaluate(split[q][0], split[g][1])
+               for pair, (q, g) in pairs(models).items()}
+    return report, results
+
+
 def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
              progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Run the whole upgrade in ``workdir``; return the summary with the mAP table."""
@@ -113,12 +130,8 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         # The old model also embeds the new training list: the new models train against it.
         splits = ("query", "gallery", "new_train") if name == "old" else ("query", "gallery")
         embeddings[name] = _embed(model_path, lists, splits, name, workdir, config, progress)
-    results = {pair: evaluate_retrieval(embeddings[q]["query"], embeddings[g]["gallery"])
-               for pair, (q, g) in pairs(list(runs)).items()}
+    report, results = _evaluate(embeddings, list(runs), config)
     m = {pair: r["map"] for pair, r in results.items()}
-    headroom = m["ind/ind"] - m["old/old"]
-    interval = delta_interval(embeddings["old"]["query"], embeddings["old"]["gallery"], embeddings["new"]["query"],
-                              make_protocol(), n=config.bootstrap, seed=config.seed)
     published = {}
     if config.published in runs:
         name = config.published
@@ -135,9 +148,9 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         "M(n,n)": m["new/new"],
         "M(n,o)": m["new/old"],
         "M(*,*)": m["ind/ind"],
-        "compatible": m["new/old"] > m["old/old"],
-        **interval,
-        "update_gain": (m["new/old"] - m["old/old"]) / headroom if headroom else None,
+        "compatible": report["compatible"],
+        **{key: report[key] for key in _DELTA_KEYS if key in report},
+        "update_gain": update_gain(m["new/old"], m["old/old"], m["ind/ind"]),
         "published": published,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -27,7 +27,8 @@ from bctool.evaluate.compat import (
     update_gain,
 )
 from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.protocol import make_protocol
+from bctool.evaluate.protocols import Protocol, Table, make_protocol
+from bctool.evaluate.reports import backfill_report, backfill_table, chain_report, chain_table, compatibility_table
 from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
 
 LABEL_NAMES = ["a", "b", "c", "d"]
@@ -424,6 +425,78 @@ def test_backfill_curve_rises_to_perfect() -> None:
     assert {"recall@1", "map@100", "queries"} <= set(curve[0])
 
 
+def _headline_only(key: str) -> Protocol:
+    """The labelled protocol with its metrics under one other name, as GLDv2 has ``map@100``:
+    every report must read the protocol's headline key, never ``map``."""
+    labels = make_protocol()
+
+    def evaluate(q: Embeddings, g: Embeddings) -> dict:
+        return {key: labels.evaluate(q, g)["map"], "queries": len(q)}
+
+    def per_query(q: Embeddings, g: Embeddings) -> tuple:
+        metrics, scores = labels.per_query(q, g)
+        return {key: metrics["map"], "queries": len(q)}, scores
+
+    return Protocol("renamed", evaluate, key, per_query)
+
+
+def test_chain_and_backfill_read_the_headline_key() -> None:
+    versions = _chain_versions()
+    by_map = chain_matrix(versions)
+    np.testing.assert_array_equal(chain_matrix(versions, _headline_only("score").evaluate, key="score"), by_map)
+    old, new, _ = _galleries()
+    curve = backfill_curve(new, old, new, [0.0, 1.0], evaluate=_headline_only("score").evaluate, key="score")
+    assert [set(point) for point in curve] == [{"fraction", "score", "queries"}] * 2
+
+
+def test_chain_report() -> None:
+    versions = _chain_versions()
+    report = chain_report(versions, make_protocol())
+    m = chain_matrix(versions)
+    assert report == {"metric": "map", "matrix": m.tolist(), **chain_scores(m)}
+    assert list(report) == ["metric", "matrix", "ac", "bc"]
+    renamed = chain_report(versions, _headline_only("map@100"))
+    assert renamed == {**report, "metric": "map@100"}
+    table = chain_table(renamed)
+    assert table.title == "M[i][j] (map@100, gallery by column)" and table.columns == ("v1", "v2", "v3")
+    assert table.rows["v3 queries"] == {f"v{j + 1}": m[2, j] for j in range(3)}
+
+
+def test_backfill_report(tmp_path) -> None:
+    (oq, og), (nq, ng), _ = _chain_versions()
+    ng = _emb(ng.embeddings, ng.labels, og.ids, "v2")  # the same gallery images
+    protocol = make_protocol()
+    report = backfill_report(nq, og, ng, protocol, [0.0, 0.5, 1.0], seed=4, old_query=oq)
+    assert list(report) == ["metric", "seed", "m_oo", "m_nn", "curve", "plot"]
+    assert report["metric"] == "map" and report["seed"] == 4 and report["plot"] is None
+    assert report["curve"] == backfill_curve(nq, og, ng, [0.0, 0.5, 1.0], seed=4)
+    assert report["m_oo"] == evaluate_retrieval(oq, og)["map"] and report["m_nn"] == evaluate_retrieval(nq, ng)["map"]
+    assert report["curve"][-1]["map"] == report["m_nn"]
+    assert backfill_report(nq, og, ng, protocol, [0.0], old_query=None)["m_oo"] is None
+
+    renamed = backfill_report(nq, og, ng, _headline_only("map@100"), [0.0, 1.0], seed=4, old_query=oq)
+    assert renamed["metric"] == "map@100" and renamed["m_oo"] == report["m_oo"]
+    assert [c["map@100"] for c in renamed["curve"]] == [report["curve"][0]["map"], report["m_nn"]]
+    assert backfill_table(renamed) == Table("partial backfill (map@100)", {
+        "0.00": {"map@100": report["curve"][0]["map"]}, "1.00": {"map@100": report["m_nn"]}}, ("map@100",))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    out = tmp_path / "curve.png"
+    drawn = backfill_report(nq, og, ng, _headline_only("map@100"), [0.0, 1.0], plot=out)
+    assert drawn["plot"] == str(out) and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compatibility_table() -> None:
+    models = _compat_models()
+    report = compatibility_evaluation(models["old"], models["new"], _headline_only("map@100"), bootstrap=0)
+    assert report["metric"] == "map@100" and report["m_no"] == report["results"]["new/old"]["map@100"]
+    table = compatibility_table(report)
+    assert table.title == "compatibility (map@100)" and table.columns == ("map@100",)
+    assert table.rows == {pair: {"map@100": r["map@100"]} for pair, r in report["results"].items()}
+
+
 # --- plot -------------------------------------------------------------------------------------
 
 
@@ -434,6 +507,8 @@ def test_plot_backfill_writes_png(tmp_path) -> None:
     plot_backfill(curve, out, old_map=0.3, new_map=0.7)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.parent.iterdir()] == ["backfill.png"]
+    plot_backfill([{"fraction": f, "map@100": 0.5} for f in (0.0, 1.0)], out, key="map@100")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_backfill_without_matplotlib(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

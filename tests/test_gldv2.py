@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from bctool.cli import app
 from bctool.data import load_image_set
-from bctool.embeddings import Embeddings
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import DataError, EmbeddingsError
-from bctool.evaluate.gldv2 import (
+from bctool.data.gldv2 import (
     GLDv2Solution,
-    evaluate_gldv2,
-    evaluate_gldv2_per_query,
     gldv2_image_path,
+    is_train_csv,
+    read_image_csv,
     read_index_or_test_csv,
     read_retrieval_solution,
     read_train_csv,
+    write_gldv2_list,
     write_list_file,
 )
-from bctool.evaluate.protocol import make_protocol
+from bctool.evaluate.gldv2 import evaluate_gldv2, evaluate_gldv2_per_query
+from bctool.evaluate.protocols import make_protocol
 
 
 def embeddings(vectors: np.ndarray, ids: list[str]) -> Embeddings:
@@ -298,6 +303,41 @@ def test_read_index_or_test_csv(tmp_path: Path) -> None:
         read_index_or_test_csv(test)
 
 
+def test_read_image_csv_tells_train_from_index_by_the_header(tmp_path: Path) -> None:
+    train = tmp_path / "train.csv"
+    train.write_text('id,url,landmark_id\n00aa,"http://x/a,b.jpg",7\n')
+    clean = tmp_path / "train_clean.csv"
+    clean.write_text("landmark_id,images\n1,00aa 00bb\n")
+    index = tmp_path / "index.csv"
+    index.write_text("id,url\n00cc,http://x\n")
+    assert is_train_csv(train) and is_train_csv(clean) and not is_train_csv(index)
+    assert read_image_csv(train) == (("00aa",), ("7",))
+    assert read_image_csv(clean) == (("00aa", "00bb"), ("1", "1"))
+    assert read_image_csv(index) == (("00cc",), None)
+    # Neither a file nor readable as one: read as an index/test CSV, which says what is wrong.
+    assert not is_train_csv(tmp_path / "absent.csv") and not is_train_csv(tmp_path)
+    with pytest.raises(DataError, match=r"index/test CSV .*absent\.csv' does not exist"):
+        read_image_csv(tmp_path / "absent.csv")
+    # Only the header decides: a train CSV whose rows are broken is still read as one.
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"id,landmark_id\n00aa,7\n\xff\xfe\n")
+    assert is_train_csv(broken)
+    with pytest.raises(DataError, match="train CSV .*is not UTF-8 text"):
+        read_image_csv(broken)
+
+
+def test_write_gldv2_list_summary(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("id,landmark_id\nabc123,7\nabd456,9\n")
+    (tmp_path / "test.csv").write_text("id\nfff000\n")
+    out = tmp_path / "lists" / "train.txt"
+    assert write_gldv2_list(tmp_path / "train.csv", tmp_path / "img", out) == {
+        "out": str(out), "images": 2, "labelled": True}
+    assert out.read_text() == "../img/a/b/c/abc123.jpg\t7\n../img/a/b/d/abd456.jpg\t9\n"
+    test = write_gldv2_list(tmp_path / "test.csv", tmp_path / "img", tmp_path / "test.txt")
+    assert test == {"out": str(tmp_path / "test.txt"), "images": 1, "labelled": False}
+    assert (tmp_path / "test.txt").read_text() == "img/f/f/f/fff000.jpg\n"
+
+
 # --- image layout and list files --------------------------------------------------------------
 
 
@@ -342,3 +382,87 @@ def test_list_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'zzz' must be a hexadecimal"):
         write_list_file(tmp_path, ["aaa", "zzz"], None, tmp_path / "l.txt")
     assert not (tmp_path / "l.txt").exists()
+
+
+# --- reports on the command line: every one uses mAP@100 --------------------------------------
+
+runner = CliRunner()
+
+
+def _run(args: list[str]) -> tuple[dict, str]:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"{args}: {result.stderr}{result.exception!r}"
+    return json.loads(result.stdout), " ".join(result.stderr.split())  # rich wraps titles
+
+
+def _two_models(tmp_path: Path) -> tuple[dict[str, Path], Path]:
+    """Old (noisy) and new (clean) query/gallery files of one set of landmarks, and a solution.
+
+    Queries and gallery images of both models share their ids (the same images); the gallery is
+    stored in the GLDv2 layout. Queries alternate Public and Private; one is Ignored.
+    """
+    rng = np.random.default_rng(11)
+    n_landmarks, n_gallery, n_query, dim = 4, 24, 10, 8
+    centers = rng.normal(size=(n_landmarks, dim))
+    g_landmark = np.arange(n_gallery) % n_landmarks
+    q_landmark = rng.integers(0, n_landmarks, size=n_query)
+    gallery_names = [hex_id(rng) for _ in range(n_gallery)]
+    query_names = [hex_id(rng) for _ in range(n_query)]
+    files = {}
+    for model, noise in (("old", 1.0), ("new", 0.3)):
+        q = centers[q_landmark] + noise * rng.normal(size=(n_query, dim))
+        g = centers[g_landmark] + noise * rng.normal(size=(n_gallery, dim))
+        files[f"{model}_query"] = tmp_path / f"{model}_query.safetensors"
+        files[f"{model}_gallery"] = tmp_path / f"{model}_gallery.safetensors"
+        save_embeddings(embeddings(q, query_names), files[f"{model}_query"])
+        save_embeddings(embeddings(g, [layout_id(n) for n in gallery_names]), files[f"{model}_gallery"])
+    rows = []
+    for i, name in enumerate(query_names):
+        relevant = " ".join(gallery_names[j] for j in np.flatnonzero(g_landmark == q_landmark[i]))
+        rows.append((name, "None", "Ignored") if i == 0 else (name, relevant, ("Public", "Private")[i % 2]))
+    return files, write_solution(tmp_path / "retrieval_solution.csv", rows)
+
+
+def test_every_report_uses_map_at_100_under_solution(tmp_path: Path) -> None:
+    files, solution = _two_models(tmp_path)
+    sol = read_retrieval_solution(solution)
+    emb = {name: load_embeddings(path) for name, path in files.items()}
+
+    def m(query: str, gallery: str) -> float:
+        return evaluate_gldv2(emb[f"{query}_query"], emb[f"{gallery}_gallery"], sol)["map@100"]
+
+    m_oo, m_nn, m_no = m("old", "old"), m("new", "new"), m("new", "old")
+    assert m_no != m_oo and m_nn != m_no  # the checks below tell the pairs apart
+    common = ["--solution", str(solution)]
+    backfill, err = _run(["evaluate", "--backfill", "0,0.5,1", "--query", str(files["new_query"]),
+                          "--old-query", str(files["old_query"]), "--old-gallery", str(files["old_gallery"]),
+                          "--new-gallery", str(files["new_gallery"]), "--plot", str(tmp_path / "b.png"), *common])
+    assert list(backfill) == ["metric", "seed", "m_oo", "m_nn", "curve", "plot"]
+    assert backfill["metric"] == "map@100" and backfill["m_oo"] == m_oo and backfill["m_nn"] == m_nn
+    curve = backfill["curve"]
+    assert [c["fraction"] for c in curve] == [0.0, 0.5, 1.0] and "map" not in curve[0]
+    assert curve[0]["map@100"] == m_no and curve[-1]["map@100"] == m_nn
+    assert {"map@100_public", "queries_private"} <= set(curve[1]) and curve[1]["queries"] == 9
+    assert "partial backfill (map@100)" in err and "mAP@100" in err
+    if backfill["plot"]:  # matplotlib is optional
+        assert Path(backfill["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+    chain, err = _run(["evaluate", "--chain", f"{files['old_query']},{files['old_gallery']}",
+                       f"{files['new_query']},{files['new_gallery']}", *common])
+    assert chain == {"metric": "map@100", "matrix": [[m_oo, m("old", "new")], [m_no, m_nn]],
+                     "ac": 1.0 if m_no > m_oo else 0.0, "bc": m_no - m_oo}
+    assert "map@100, gallery by column" in err
+
+    report, err = _run(["evaluate", "--old-query", str(files["old_query"]), "--old-gallery", str(files["old_gallery"]),
+                        "--new-query", str(files["new_query"]), "--new-gallery", str(files["new_gallery"]),
+                        "--bootstrap", "200", *common])
+    assert report["metric"] == "map@100" and list(report["results"]) == ["old/old", "new/new", "new/old"]
+    assert (report["m_oo"], report["m_nn"], report["m_no"]) == (m_oo, m_nn, m_no)
+    assert report["results"]["new/old"]["queries_public"] + report["results"]["new/old"]["queries_private"] == 9
+    assert report["delta"] == pytest.approx(m_no - m_oo, abs=1e-12) and report["bootstrap"] == 200
+    assert "compatibility (map@100)" in err
+
+    pair, err = _run(["evaluate", "--query", str(files["new_query"]), "--gallery", str(files["old_gallery"]), *common])
+    assert pair == {"query_file": str(files["new_query"]), "gallery_file": str(files["old_gallery"]),
+                    **evaluate_gldv2(emb["new_query"], emb["old_gallery"], sol)}
+    assert "┃ mAP@100 ┃ queries ┃" in err and "│ public │" in err and "│ private │" in err

@@ -14,6 +14,8 @@ from bctool.evaluate import (
     rank_gallery,
     recall_at_k,
 )
+from bctool.evaluate.inputs import check_same_dim
+from bctool.evaluate.search import build_index, iter_index_rankings
 
 # ---------------------------------------------------------------- slow references
 
@@ -176,7 +178,7 @@ def test_rank_gallery_edge_cases() -> None:
     assert scores.shape == indices.shape == (0, 2)
     scores, indices = rank_gallery(gallery[:1], gallery[:1], 5, exclude=np.array([0]))
     assert indices.shape == (1, 0)
-    with pytest.raises(EmbeddingsError, match="dimension 2 differs from gallery dimension 3"):
+    with pytest.raises(EmbeddingsError, match="dimension 2 but gallery embeddings have dimension 3"):
         rank_gallery(np.ones((1, 2), np.float32), gallery, 1)
     with pytest.raises(EmbeddingsError, match=r"exclude values must lie in \[-1, 2\]"):
         rank_gallery(gallery, gallery, 1, exclude=np.array([0, 1, 3]))
@@ -272,6 +274,20 @@ def test_evaluate_retrieval_dimension_mismatch() -> None:
         match=r"dimension 8 \(arch=resnet18\).*dimension 4 \(unknown model\).*same embedding dimension",
     ):
         evaluate_retrieval(q, g)
+
+
+def test_one_dimension_check_for_every_evaluator() -> None:
+    check_same_dim(4, 4)
+    with pytest.raises(EmbeddingsError, match=r"^query embeddings have dimension 8 but gallery embeddings have "
+                                              r"dimension 4; extract query and gallery with models of the same "
+                                              r"embedding dimension$"):
+        check_same_dim(8, 4)
+    with pytest.raises(EmbeddingsError, match=r"dimension 8 \(old\) but gallery embeddings have dimension 4 \(new\)"):
+        check_same_dim(8, 4, "old", "new")
+    # The search functions (arrays, a built index) raise the same error.
+    gallery = np.eye(4, dtype=np.float32)
+    with pytest.raises(EmbeddingsError, match="dimension 3 but gallery embeddings have dimension 4"):
+        next(iter_index_rankings(build_index(gallery), np.ones((1, 3), np.float32), 1))
 
 
 def test_evaluate_retrieval_empty_and_no_positives() -> None:

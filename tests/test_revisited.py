@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -9,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from bctool.embeddings import Embeddings
+from bctool.cli import app
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import DataError, EmbeddingsError
-from bctool.evaluate.gnd import RevisitedGroundTruth, load_gnd, match_rows
-from bctool.evaluate.protocol import make_protocol
+from bctool.data.gnd import RevisitedGroundTruth, load_gnd
+from bctool.evaluate.inputs import id_stem, match_rows
+from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.revisited import (
     PROTOCOLS,
     evaluate_revisited,
@@ -407,6 +411,11 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
 # --- matching names to embedding rows ---------------------------------------------------------
 
 
+def test_id_stem() -> None:
+    assert id_stem("jpg/all_souls_000013") == "all_souls_000013"
+    assert id_stem("a/b/c/abc123") == "abc123" and id_stem("plain") == "plain" and id_stem("dir/") == ""
+
+
 def test_match_rows() -> None:
     emb = embeddings(np.eye(4), ["jpg/a", "jpg/b", "c", "x/y/d"])
     assert match_rows(emb, ["d", "a", "c", "jpg/b"], "gallery").tolist() == [3, 0, 2, 1]
@@ -427,3 +436,57 @@ def test_match_rows_ambiguous_stem() -> None:
     with pytest.raises(EmbeddingsError, match="matches 2 embedding rows"):
         match_rows(emb, ["a"], "gallery")
     assert match_rows(emb, ["two/a"], "gallery").tolist() == [1]
+
+
+# --- reports on the command line under --gnd --------------------------------------------------
+
+
+def test_every_report_uses_the_medium_map_under_gnd(tmp_path: Path) -> None:
+    """Backfill, chain and compatibility report under --gnd, each against the library's value."""
+    rng = np.random.default_rng(3)
+    n_landmarks, n_gallery, n_query, dim = 3, 18, 6, 8
+    centers = rng.normal(size=(n_landmarks, dim))
+    g_landmark = np.arange(n_gallery) % n_landmarks
+    q_landmark = np.arange(n_query) % n_landmarks
+    entries = []
+    for landmark in q_landmark:
+        same = np.flatnonzero(g_landmark == landmark)
+        entries.append({"easy": same[:3].tolist(), "hard": same[3:5].tolist(), "junk": same[5:].tolist(),
+                        "bbx": [0.0, 0.0, 10.0, 10.0]})
+    gnd_dict = {"imlist": [f"img_{i}" for i in range(n_gallery)], "qimlist": [f"q_{i}" for i in range(n_query)],
+                "gnd": entries}
+    gnd_path = write_pickle(tmp_path / "gnd.pkl", gnd_dict)
+    files = {}
+    for model, noise in (("old", 1.2), ("new", 0.4)):
+        for part, names, landmark in (("query", gnd_dict["qimlist"], q_landmark),
+                                      ("gallery", gnd_dict["imlist"], g_landmark)):
+            vectors = centers[landmark] + noise * rng.normal(size=(len(names), dim))
+            files[f"{model}_{part}"] = tmp_path / f"{model}_{part}.safetensors"
+            save_embeddings(embeddings(vectors, [f"jpg/{n}" for n in names]), files[f"{model}_{part}"])
+    gnd = load_gnd(gnd_path)
+    emb = {name: load_embeddings(path) for name, path in files.items()}
+
+    def m(query: str, gallery: str) -> float:
+        return evaluate_revisited(emb[f"{query}_query"], emb[f"{gallery}_gallery"], gnd)["map"]
+
+    def run(args: list[str]) -> dict:
+        result = CliRunner().invoke(app, ["evaluate", *args, "--gnd", str(gnd_path), "-q"])
+        assert result.exit_code == 0, f"{args}: {result.stderr}{result.exception!r}"
+        return json.loads(result.stdout)
+
+    m_oo, m_nn, m_no = m("old", "old"), m("new", "new"), m("new", "old")
+    assert len({m_oo, m_nn, m_no}) == 3
+    backfill = run(["--backfill", "0,1", "--query", str(files["new_query"]), "--old-query", str(files["old_query"]),
+                    "--old-gallery", str(files["old_gallery"]), "--new-gallery", str(files["new_gallery"])])
+    assert backfill["metric"] == "map" and (backfill["m_oo"], backfill["m_nn"]) == (m_oo, m_nn)
+    assert [c["map"] for c in backfill["curve"]] == [m_no, m_nn]
+    assert backfill["curve"][0]["map_medium"] == m_no and "mp@5_hard" in backfill["curve"][0]
+    chain = run(["--chain", f"{files['old_query']},{files['old_gallery']}",
+                 f"{files['new_query']},{files['new_gallery']}"])
+    assert chain["metric"] == "map" and chain["matrix"] == [[m_oo, m("old", "new")], [m_no, m_nn]]
+    report = run(["--old-query", str(files["old_query"]), "--old-gallery", str(files["old_gallery"]),
+                  "--new-query", str(files["new_query"]), "--new-gallery", str(files["new_gallery"]),
+                  "--bootstrap", "100"])
+    assert report["metric"] == "map" and (report["m_oo"], report["m_nn"], report["m_no"]) == (m_oo, m_nn, m_no)
+    assert report["results"]["old/old"]["map_hard"] == evaluate_revisited(emb["old_query"], emb["old_gallery"],
+                                                                          gnd)["map_hard"]

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from bctool import __version__
 from bctool.cli.errors import reports_errors
 from bctool.cli.output import RichProgress, emit_json, metrics_table, setup_logging, stderr
+
+if TYPE_CHECKING:
+    from bctool.evaluate.protocols import Protocol, Table
 
 app = typer.Typer(
     name="bctool",
@@ -36,7 +39,6 @@ Device = Annotated[
     str, typer.Option(help="Where to run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 ]
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")]
-METRIC_KEYS = ["map", "map@100", "recall@1", "recall@5", "recall@10", "queries", "gallery"]
 
 
 def _version(value: bool) -> None:
@@ -195,7 +197,7 @@ def extract(
     checkpoint = load_checkpoint(model, device=resolve_device(device))
     if gnd is not None:
         from bctool.data.sources import image_set_from_names
-        from bctool.evaluate.gnd import load_gnd
+        from bctool.data.gnd import load_gnd
 
         truth = load_gnd(gnd)
         if queries:
@@ -282,9 +284,9 @@ def evaluate(
     Relevance: the same label name, or with --gnd / --solution the benchmark's ground truth.
     """
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.protocol import make_protocol
+    from bctool.evaluate.protocols import make_protocol
 
-    protocol = make_protocol(gnd, solution, top_k, index=index, nprobe=nprobe, ef_search=ef_search)
+    protocol = make_protocol(gnd=gnd, solution=solution, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search)
     if chain:
         _evaluate_chain(pairs or [], protocol, quiet)
     elif pairs:
@@ -301,27 +303,19 @@ def evaluate(
         # The gallery is read memory-mapped: a million rows need not fit twice in memory.
         metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery, mmap=True))
         if not quiet:
-            stderr.print(_metrics_rows(f"{query.name} -> {gallery.name}", metrics, protocol.name))
+            _print_table(protocol.table(f"{query.name} -> {gallery.name}", metrics))
         emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
 
 
-def _metrics_rows(title: str, metrics: dict, protocol: str):  # noqa: ANN202 - a rich Table
-    if protocol == "revisited":
-        from bctool.evaluate.revisited import PROTOCOLS
-
-        rows = {p: {"map": metrics[f"map_{p}"], **{f"mp@{k}": metrics[f"mp@{k}_{p}"] for k in (1, 5, 10)},
-                    "queries": metrics[f"queries_{p}"]} for p in PROTOCOLS}
-        return metrics_table(title, rows, ["map", "mp@1", "mp@5", "mp@10", "queries"])
-    if protocol == "gldv2":
-        rows = {u: {"map@100": metrics[f"map@100{s}"], "queries": metrics[f"queries{s}"]}
-                for u, s in (("all", ""), ("public", "_public"), ("private", "_private"))}
-        return metrics_table(title, rows, ["map@100", "queries"])
-    return metrics_table(title, {"": metrics}, METRIC_KEYS)
+def _print_table(table: Table) -> None:
+    """A library table (title, rows, columns) drawn on stderr."""
+    stderr.print(metrics_table(table.title, table.rows, list(table.columns)))
 
 
-def _evaluate_compat(files: dict, protocol, bootstrap: int, seed: int, quiet: bool) -> None:  # noqa: ANN001
+def _evaluate_compat(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.compat import DEFAULT_LEVEL, compatibility_evaluation
+    from bctool.evaluate.reports import compatibility_table
 
     for name in ("old", "new"):
         if None in files[name]:
@@ -333,8 +327,7 @@ def _evaluate_compat(files: dict, protocol, bootstrap: int, seed: int, quiet: bo
     report = compatibility_evaluation(emb["old"], emb["new"], protocol, independent=emb.get("independent"),
                                       bootstrap=bootstrap, seed=seed, level=DEFAULT_LEVEL)
     if not quiet:
-        key, results = report["metric"], report["results"]
-        stderr.print(metrics_table(f"compatibility ({key})", {p: {key: r[key]} for p, r in results.items()}, [key]))
+        _print_table(compatibility_table(report))
         stderr.print(f"compatible (M(n,o) > M(o,o)): {'yes' if report['compatible'] else 'no'}", highlight=False)
         stderr.print(_delta_line(report, DEFAULT_LEVEL), markup=False, highlight=False)
     emit_json(report)
@@ -350,26 +343,24 @@ def _delta_line(report: dict, level: float) -> str:
             f"({verdict})")
 
 
-def _evaluate_chain(pairs: list[str], protocol, quiet: bool) -> None:  # noqa: ANN001
+def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.compat import chain_matrix, chain_scores
+    from bctool.evaluate.reports import chain_report, chain_table
 
     if len(pairs) < 2:
         raise typer.BadParameter("--chain needs at least two QUERY,GALLERY pairs (model versions)")
     models = [tuple(load_embeddings(p) for p in _pair(text)) for text in pairs]
-    key = protocol.headline
-    matrix = chain_matrix(models, evaluate=lambda q, g: {"map": protocol.evaluate(q, g)[key]})
-    scores = chain_scores(matrix)
+    report = chain_report(models, protocol)
     if not quiet:
-        rows = {f"v{i + 1} queries": {f"v{j + 1}": float(v) for j, v in enumerate(row)} for i, row in enumerate(matrix)}
-        stderr.print(metrics_table(f"M[i][j] ({key}, gallery by column)", rows, [f"v{j + 1}" for j in range(len(pairs))]))
-    emit_json({"metric": key, "matrix": matrix.tolist(), **scores})
+        _print_table(chain_table(report))
+    emit_json(report)
 
 
-def _evaluate_backfill(query, old_query, old_gallery, new_gallery, fractions: str, seed: int, plot,  # noqa: ANN001
-                       protocol, quiet: bool) -> None:
+def _evaluate_backfill(query: Path | None, old_query: Path | None, old_gallery: Path | None,
+                       new_gallery: Path | None, fractions: str, seed: int, plot: Path | None,
+                       protocol: Protocol, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.compat import backfill_curve, plot_backfill
+    from bctool.evaluate.reports import backfill_report, backfill_table
 
     if query is None or old_gallery is None or new_gallery is None:
         raise typer.BadParameter("--backfill needs --query (new model), --old-gallery and --new-gallery")
@@ -377,18 +368,13 @@ def _evaluate_backfill(query, old_query, old_gallery, new_gallery, fractions: st
         values = [float(f) for f in fractions.split(",")]
     except ValueError:
         raise typer.BadParameter(f"--backfill {fractions!r}: expected comma-separated fractions such as 0,0.25,0.5,0.75,1") from None
-    q, old, new = load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery)
-    curve = backfill_curve(q, old, new, values, seed=seed, evaluate=protocol.evaluate)
-    key = protocol.headline
-    # Reference lines: the old system as it is (old queries, old gallery) and the full upgrade.
-    m_oo = protocol.evaluate(load_embeddings(old_query), old)[key] if old_query else None
-    m_nn = protocol.evaluate(q, new)[key]
-    if plot is not None:
-        plot_backfill([{**c, "map": c[key]} for c in curve], plot, old_map=m_oo, new_map=m_nn)
+    report = backfill_report(
+        load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol, values,
+        seed=seed, old_query=load_embeddings(old_query) if old_query else None, plot=plot,
+    )
     if not quiet:
-        stderr.print(metrics_table(f"partial backfill ({key})", {f"{c['fraction']:.2f}": {key: c[key]} for c in curve}, [key]))
-    emit_json({"metric": key, "seed": seed, "m_oo": m_oo, "m_nn": m_nn, "curve": curve,
-               "plot": str(plot) if plot else None})
+        _print_table(backfill_table(report))
+    emit_json(report)
 
 
 @dataset_app.command("emoji")
@@ -435,20 +421,9 @@ def dataset_gldv2(
     out: Annotated[Path, typer.Option("--out", "-o", help="List file to write (paths relative to its folder).")],
 ) -> None:
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
-    from bctool.evaluate.gldv2 import read_index_or_test_csv, read_train_csv, write_list_file
+    from bctool.data.gldv2 import write_gldv2_list
 
-    # Only the header line decides the kind: train.csv is hundreds of MB, read it once, below.
-    header = ""
-    if csv_file.is_file():
-        with open(csv_file, encoding="utf-8", errors="replace") as fh:
-            header = fh.readline()
-    labelled = "landmark_id" in header
-    if labelled:
-        ids, labels = read_train_csv(csv_file)
-    else:
-        ids, labels = read_index_or_test_csv(csv_file), None
-    count = write_list_file(images, ids, labels, out)
-    emit_json({"out": str(out), "images": count, "labelled": labelled})
+    emit_json(write_gldv2_list(csv_file, images, out))
 
 
 @app.command()
@@ -477,6 +452,7 @@ def demo(
     """
     from bctool.demo import DemoConfig, run_demo, with_overrides
     from bctool.evaluate.compat import DEFAULT_LEVEL
+    from bctool.evaluate.protocols.labels import COLUMNS
 
     setup_logging(verbose)
     config = with_overrides(
@@ -489,7 +465,7 @@ def demo(
             config.train_config(method=name, old_embeddings="-")
     summary = run_demo(workdir, config, RichProgress(not quiet))
     if not quiet:
-        stderr.print(metrics_table("emoji upgrade (query model / gallery model)", summary["results"], METRIC_KEYS))
+        stderr.print(metrics_table("emoji upgrade (query model / gallery model)", summary["results"], list(COLUMNS)))
         verdict = "yes" if summary["compatible"] else "no"
         start = "warm start, " if summary["warm_start"] else ""
         stderr.print(

@@ -20,7 +20,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.protocol import Protocol
+from bctool.evaluate.protocols import Protocol
 from bctool.evaluate.retrieval import evaluate_retrieval
 from bctool.plotting import pyplot, save_png
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 Evaluate = Callable[[Embeddings, Embeddings], dict[str, Any]]
 
 _PAPER_KEYS = ("m_oo", "m_nn", "m_no", "m_star")
+_METRIC_NAMES = {"map": "mAP", "map@100": "mAP@100"}
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_LEVEL = 0.95
 # Most (resamples x queries) bootstrap indices drawn at once.
@@ -291,8 +292,10 @@ def compatibility_evaluation(
 def chain_matrix(
     models: Sequence[tuple[Embeddings, Embeddings]],
     evaluate: Evaluate = evaluate_retrieval,
+    key: str = "map",
 ) -> np.ndarray:
-    """T x T matrix M with M[i][j] = mAP of model i's queries against model j's gallery.
+    """T x T matrix M with M[i][j] = metric ``key`` (by default mAP) of model i's queries
+    against model j's gallery, as ``evaluate`` reports it.
 
     ``models[i]`` is the (query, gallery) pair embedded by model version i+1 (v1..vT, oldest first).
     """
@@ -302,7 +305,7 @@ def chain_matrix(
     matrix = np.zeros((t, t), dtype=np.float64)
     for i, (query, _) in enumerate(models):
         for j, (_, gallery) in enumerate(models):
-            matrix[i, j] = float(evaluate(query, gallery)["map"])
+            matrix[i, j] = float(evaluate(query, gallery)[key])
             logger.info("chain M[%d][%d] = %.4f", i + 1, j + 1, matrix[i, j])
     return matrix
 
@@ -403,16 +406,18 @@ def backfill_curve(
     fractions: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     seed: int = 0,
     evaluate: Evaluate = evaluate_retrieval,
+    key: str = "map",
 ) -> list[dict[str, Any]]:
     """Retrieval metrics of ``query`` against the partially backfilled gallery, per fraction.
 
-    Each entry is ``{"fraction": f, "map": ..., ...}`` with every metric ``evaluate`` returns.
+    Each entry is ``{"fraction": f, "map": ..., ...}`` with every metric ``evaluate`` returns;
+    ``key`` is the headline metric it logs (``map@100`` for GLDv2).
     """
     curve = []
     for fraction in fractions:
         gallery = partial_backfill(old_gallery, new_gallery, float(fraction), seed)
         result = evaluate(query, gallery)
-        logger.info("backfill %.0f%%: mAP %.4f", 100 * fraction, result["map"])
+        logger.info("backfill %.0f%%: %s %.4f", 100 * fraction, key, result[key])
         curve.append({"fraction": float(fraction), **result})
     return curve
 
@@ -422,8 +427,10 @@ def plot_backfill(
     out_path: str | os.PathLike[str],
     old_map: float | None = None,
     new_map: float | None = None,
+    key: str = "map",
 ) -> None:
-    """Draw mAP against the backfilled fraction as a PNG at ``out_path`` (needs matplotlib).
+    """Draw metric ``key`` (by default mAP) against the backfilled fraction as a PNG at
+    ``out_path`` (needs matplotlib).
 
     ``old_map`` and ``new_map`` (e.g. M(o,o) and M(n,n)) are drawn as horizontal references.
     """
@@ -431,7 +438,7 @@ def plot_backfill(
     if not curve:
         raise ConfigError("the backfill curve is empty; evaluate at least one fraction before plotting")
     x = [100.0 * point["fraction"] for point in curve]
-    y = [100.0 * point["map"] for point in curve]
+    y = [100.0 * point[key] for point in curve]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(x, y, marker="o", label="new queries vs mixed gallery")
     if old_map is not None:
@@ -439,7 +446,7 @@ def plot_backfill(
     if new_map is not None:
         ax.axhline(100.0 * new_map, color="black", linestyle=":", label="new / new")
     ax.set_xlabel("gallery re-embedded with the new model (%)")
-    ax.set_ylabel("mAP (%)")
+    ax.set_ylabel(f"{_METRIC_NAMES.get(key, key)} (%)")
     ax.set_xlim(0, 100)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")

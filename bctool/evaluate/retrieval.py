@@ -9,6 +9,7 @@ import numpy as np
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate.inputs import check_same_dim
 from bctool.evaluate.metrics import QueryAP, average_precision, average_precision_at_k, recall_at_k
 from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, build_index, iter_index_rankings
 
@@ -37,12 +38,7 @@ def _check_inputs(
         raise EmbeddingsError("the query embeddings have 0 rows; extract at least one query image")
     if len(gallery) == 0:
         raise EmbeddingsError("the gallery embeddings have 0 rows; extract at least one gallery image")
-    if query.dim != gallery.dim:
-        raise EmbeddingsError(
-            f"query embeddings have dimension {query.dim} ({_describe_model(query.model)}) but gallery "
-            f"embeddings have dimension {gallery.dim} ({_describe_model(gallery.model)}); extract "
-            "query and gallery with models of the same embedding dimension"
-        )
+    check_same_dim(query.dim, gallery.dim, _describe_model(query.model), _describe_model(gallery.model))
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be at least 1 (or None for the whole gallery), got {top_k}")
     if not ks or any(k < 1 for k in ks):

@@ -22,9 +22,10 @@ import logging
 
 import numpy as np
 
+from bctool.data.gnd import RevisitedGroundTruth
 from bctool.embeddings import Embeddings
-from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.evaluate.gnd import RevisitedGroundTruth, match_rows
+from bctool.errors import ConfigError, DataError
+from bctool.evaluate.inputs import check_same_dim, match_rows
 from bctool.evaluate.metrics import QueryAP
 from bctool.evaluate.search import iter_rankings
 
@@ -147,11 +148,7 @@ def _block_mask(
 
 
 def _check_inputs(query: Embeddings, gallery: Embeddings, ks: tuple[int, ...]) -> None:
-    if query.dim != gallery.dim:
-        raise EmbeddingsError(
-            f"query embeddings have dimension {query.dim} but gallery embeddings have dimension "
-            f"{gallery.dim}; extract query and gallery with models of the same embedding dimension"
-        )
+    check_same_dim(query.dim, gallery.dim)
     if not ks or any(int(k) < 1 for k in ks):
         raise ConfigError(f"ks must be a non-empty list of ranks >= 1, got {tuple(ks)}")
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from bctool.embeddings import normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError
+from bctool.evaluate.inputs import check_same_dim
 
 logger = logging.getLogger(__name__)
 
@@ -214,11 +215,7 @@ def iter_index_rankings(
     several query sets.
     """
     q = _as_matrix(query, "query")
-    if q.shape[1] != index.d:
-        raise EmbeddingsError(
-            f"query dimension {q.shape[1]} differs from gallery dimension {index.d}; "
-            "search with embeddings of the same dimension"
-        )
+    check_same_dim(q.shape[1], index.d)
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if block_size < 1:
@@ -273,11 +270,7 @@ def iter_rankings(
     """
     q = _as_matrix(query, "query")
     g = _check_gallery(gallery)
-    if q.shape[1] != g.shape[1]:
-        raise EmbeddingsError(
-            f"query dimension {q.shape[1]} differs from gallery dimension {g.shape[1]}; "
-            "search with embeddings of the same dimension"
-        )
+    check_same_dim(q.shape[1], g.shape[1])
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     if block_size < 1:

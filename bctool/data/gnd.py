@@ -15,15 +15,13 @@ import _codecs
 import logging
 import os
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings
-from bctool.errors import DataError, EmbeddingsError
+from bctool.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -262,42 +260,3 @@ def load_gnd(path: str | os.PathLike[str]) -> RevisitedGroundTruth:
     )
     return gnd
 
-
-def _stem(image_id: str) -> str:
-    return image_id.rsplit("/", 1)[-1]
-
-
-def match_rows(emb: Embeddings, names: Sequence[str], what: str) -> np.ndarray:
-    """Row of ``emb`` for every name, ``(len(names),)`` int64.
-
-    A row matches a name when its id equals the name or its file stem (the part of the id after
-    the last '/') does. ``what`` says which images these are ("query", "gallery") in errors.
-    """
-    by_id = {image_id: i for i, image_id in reversed(list(enumerate(emb.ids)))}
-    by_stem: dict[str, list[int]] = {}
-    for i, image_id in enumerate(emb.ids):
-        by_stem.setdefault(_stem(image_id), []).append(i)
-    rows = np.full(len(names), -1, dtype=np.int64)
-    missing: list[str] = []
-    for j, name in enumerate(names):
-        if name in by_id:
-            rows[j] = by_id[name]
-            continue
-        found = by_stem.get(name, [])
-        if len(found) > 1:
-            clash = [emb.ids[i] for i in found[:5]]
-            raise EmbeddingsError(
-                f"{what} image {name!r} matches {len(found)} embedding rows ({clash}); extract the "
-                "dataset's jpg folder alone with `bctool extract` so every image name is unique"
-            )
-        if found:
-            rows[j] = found[0]
-        else:
-            missing.append(name)
-    if missing:
-        raise EmbeddingsError(
-            f"{len(missing)} of {len(names)} {what} images have no embedding row (e.g. {missing[:5]}; "
-            "rows match by id or by file name without extension); extract the dataset's jpg folder "
-            "with `bctool extract`"
-        )
-    return rows
