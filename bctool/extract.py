@@ -226,75 +226,23 @@ def extract_to_file(
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(rows):
         raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))
-    dim = checkpoint.config.embedding_dim
-    all_labels = np.asarray(images.labels, dtype=np.int64)
-    ids = images.ids
-    shard_meta = None
-    if shard is not None:
-        shard_meta = {
-            "index": shard.index, "count": shard.count, "start": rows.start, "stop": rows.stop,
-            "total": len(images), "list": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        }
-    meta: dict[str, Any] = {
-        "labels": all_labels[rows.start : rows.stop], "ids": ids[rows.start : rows.stop],
-        "label_names": list(images.label_names), "dim": dim, "model": checkpoint.identity(),
-        "root": os.path.abspath(images.root), "shard": shard_meta,
-    }
+    meta = _file_meta(images, checkpoint, rows, shard)
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
-    resumed_from = done
-    try:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(partial, "r+b" if resume else "w+b")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise ConfigError(f"cannot write {str(partial)!r}: {exc.strerror or exc}; choose a writable --out") from exc
-    with fh:
-        if resume:
-            try:
-                writer = EmbeddingsWriter.reopen(fh, **meta)
-            except EmbeddingsError as exc:
-                raise ConfigError(f"--resume: {str(partial)!r}: {exc}; start again without --resume") from exc
-        else:
-            writer = EmbeddingsWriter.create(fh, **meta)
-        fingerprint = _fingerprint(writer.head, images, rows)
-        if resume and _read_state(state).get("fingerprint") != fingerprint:
+    with _open_partial(partial, resume) as fh:
+        writer = _writer(fh, partial, meta, resume)
+        progress_file = _Progress(fh, state, _fingerprint(writer.head, images, rows), done, failed)
+        if resume and _read_state(state).get("fingerprint") != progress_file.fingerprint:
             raise ConfigError(
                 f"--resume: {str(partial)!r} was started with other crop boxes; start again without --resume"
             )
-
-        def save_state() -> None:
-            fh.flush()
-            os.fsync(fh.fileno())
-            atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "rows_done": done, "failed": failed}))
-
         with _writing(partial):
-            save_state()
+            progress_file.save()
         progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
         progress.advance(done)
-        last_save = time.monotonic()
         try:
-            with StopSignals() as stop:
-                for start, emb, failures in _embed_batches(images, checkpoint, rows[done:], batch_size, workers, strict):
-                    with _writing(partial):
-                        writer.write(start - rows.start, emb)
-                    failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path),
-                                   "error": e} for r, e in failures)
-                    done = start - rows.start + len(emb)
-                    progress.advance(len(emb))
-                    if stop.signal_number:
-                        raise Interrupted(
-                            f"{stop.name}: stopped after {done} of {len(rows)} images; they are saved in "
-                            f"{str(partial)!r}: continue with the same command and --resume", stop.signal_number)
-                    if time.monotonic() - last_save >= save_every:
-                        with _writing(partial):
-                            save_state()
-                        last_save = time.monotonic()
-        except BaseException:
-            # A resumed run continues after the last finished batch; if even that cannot be
-            # written (a full disk), the last saved progress still describes the file.
-            with contextlib.suppress(OSError, BctoolError):
-                save_state()
-            raise
+            _stream_rows(images, checkpoint, rows, writer, progress_file, partial,
+                         batch_size, workers, strict, save_every, progress)
         finally:
             progress.stop()
         with _writing(partial):
@@ -302,9 +250,96 @@ def extract_to_file(
             os.fsync(fh.fileno())
     result = _finish(partial, state, out, meta, failed)
     result.shard = str(shard) if shard else None
-    result.resumed_from_row = resumed_from
+    result.resumed_from_row = done
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Shard | None) -> dict[str, Any]:
+    """The output file's header: the rows' labels and ids, the model, and which shard it is."""
+    ids = images.ids
+    shard_meta = None
+    if shard is not None:
+        shard_meta = {
+            "index": shard.index, "count": shard.count, "start": rows.start, "stop": rows.stop,
+            "total": len(images), "list": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        }
+    labels = np.asarray(images.labels, dtype=np.int64)
+    return {
+        "labels": labels[rows.start : rows.stop], "ids": ids[rows.start : rows.stop],
+        "label_names": list(images.label_names), "dim": checkpoint.config.embedding_dim,
+        "model": checkpoint.identity(), "root": os.path.abspath(images.root), "shard": shard_meta,
+    }
+
+
+def _open_partial(partial: Path, resume: bool):  # noqa: ANN202 - a binary file object
+    """``OUT.partial``, opened to continue (``resume``) or new."""
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        return open(partial, "r+b" if resume else "w+b")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(partial)!r}: {exc.strerror or exc}; choose a writable --out") from exc
+
+
+def _writer(fh: Any, partial: Path, meta: dict[str, Any], resume: bool) -> EmbeddingsWriter:
+    """The writer of the partial file: its header written anew, or checked on ``resume``."""
+    if not resume:
+        return EmbeddingsWriter.create(fh, **meta)
+    try:
+        return EmbeddingsWriter.reopen(fh, **meta)
+    except EmbeddingsError as exc:
+        raise ConfigError(f"--resume: {str(partial)!r}: {exc}; start again without --resume") from exc
+
+
+@dataclass
+class _Progress:
+    """How far the partial file goes: rows done and images skipped, saved to ``OUT.partial.json``
+    after the rows themselves are synced."""
+
+    fh: Any
+    path: Path
+    fingerprint: str
+    done: int
+    failed: list[dict[str, Any]]
+
+    def save(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows_done": self.done,
+                                                 "failed": self.failed}))
+
+
+def _stream_rows(
+    images: ImageSet, checkpoint: Checkpoint, rows: range, writer: EmbeddingsWriter, state: _Progress,
+    partial: Path, batch_size: int, workers: int, strict: bool, save_every: float, progress: Progress,
+) -> None:
+    """Embed the rows after ``state.done`` into ``writer``, saving ``state`` every
+    ``save_every`` seconds, on an error and on a stop signal."""
+    ids = images.ids
+    last_save = time.monotonic()
+    try:
+        with StopSignals() as stop:
+            for start, emb, failures in _embed_batches(images, checkpoint, rows[state.done:], batch_size, workers, strict):
+                with _writing(partial):
+                    writer.write(start - rows.start, emb)
+                state.failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path),
+                                     "error": e} for r, e in failures)
+                state.done = start - rows.start + len(emb)
+                progress.advance(len(emb))
+                if stop.signal_number:
+                    raise Interrupted(
+                        f"{stop.name}: stopped after {state.done} of {len(rows)} images; they are saved in "
+                        f"{str(partial)!r}: continue with the same command and --resume", stop.signal_number)
+                if time.monotonic() - last_save >= save_every:
+                    with _writing(partial):
+                        state.save()
+                    last_save = time.monotonic()
+    except BaseException:
+        # A resumed run continues after the last finished batch; if even that cannot be
+        # written (a full disk), the last saved progress still describes the file.
+        with contextlib.suppress(OSError, BctoolError):
+            state.save()
+        raise
 
 
 @contextlib.contextmanager
