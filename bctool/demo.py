@@ -53,12 +53,12 @@ class DemoConfig:
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The training config of one of the demo's models (a fresh start unless overridden)."""
-        base = TrainConfig(
+        base = TrainConfig.from_options(
             arch=self.arch, embedding_dim=self.embedding_dim, epochs=self.epochs,
             batch_size=self.batch_size, lr=COLD_LR, image_size=self.image_size, seed=self.seed,
             device=self.device, workers=self.workers,
         )
-        return replace(base, **overrides)
+        return base.replace(**overrides)
 
     def runs(self, lists: dict[str, Path], old_model: Path, old_emb: Path) -> dict[str, tuple[Path, TrainConfig]]:
         """Every model the demo trains: name -> (training list, config), in training order."""
@@ -125,7 +125,7 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
     embeddings: dict[str, dict[str, Embeddings]] = {}
     for name, (list_file, train_config) in runs.items():
         model_path = workdir / f"{name}_model.safetensors"
-        logger.info("training the %s model (%s) on %s", name, train_config.method, list_file)
+        logger.info("training the %s model (%s) on %s", name, train_config.compat.method, list_file)
         trained[name] = train(load_image_set(list_file), train_config, model_path, progress).to_dict()
         # The old model also embeds the new training list: the new models train against it.
         splits = ("query", "gallery", "new_train") if name == "old" else ("query", "gallery")

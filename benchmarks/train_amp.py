@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> dict:
     classes = _fake_classes(args.classes)
     states = {}
     for amp in modes:
-        config = TrainConfig(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, amp=amp,
+        config = TrainConfig.from_options(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, amp=amp,
                              device=str(device), workers=0)
         torch.manual_seed(0)
         task = ClassificationTask(build_model(classes, config)[0]).to(device)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         config, task, optimizer, scaler = states[amp]
         _sync(device)
         t0 = time.perf_counter()
-        with _autocast(device, config.amp):
+        with _autocast(device, config.optim.amp):
             parts = task(images, labels, indices)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

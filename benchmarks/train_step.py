@@ -8,8 +8,8 @@ Writes the embedded emoji set (``EmojiSplit(limit=400)``) into a temporary folde
 ``make_loader``), three tasks on the same data and the same seeded model:
 
 * ``independent``: the classification task alone;
-* ``advbct`` with precomputed old embeddings (``TrainConfig(old_embeddings=...)``);
-* ``advbct`` with the old model run on every batch (``TrainConfig(old_model=...)``).
+* ``advbct`` with precomputed old embeddings (``TrainConfig.from_options(old_embeddings=...)``);
+* ``advbct`` with the old model run on every batch (``TrainConfig.from_options(old_model=...)``).
 
 The old model is a seeded, untrained ``small`` checkpoint over the same classes (its weights do
 not change the step's cost). Batches are drawn once through ``make_loader`` (workers=0,
@@ -46,7 +46,7 @@ from bctool.train.loop import build_model, build_task, lr_at, make_loader, seed_
 
 
 def _config(args: argparse.Namespace, **kw) -> TrainConfig:  # noqa: ANN003
-    return TrainConfig(
+    return TrainConfig.from_options(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, embedding_dim=args.dim,
         epochs=1, workers=0, device="cpu", seed=0, **kw,
     )
@@ -66,12 +66,12 @@ def _write_old_side(images, args: argparse.Namespace, folder: Path) -> tuple[str
 
 def _prepare(images, config: TrainConfig, batches: int):  # noqa: ANN001, ANN202
     """Task, optimizer and a fixed in-memory list of batches for ``config``."""
-    generator = seed_everything(config.seed)
-    preprocess = Preprocess(image_size=config.image_size)
+    generator = seed_everything(config.optim.seed)
+    preprocess = Preprocess(image_size=config.model.image_size)
     model, _ = build_model(images, config)
     task, _ = build_task(images, config, model, preprocess, torch.device("cpu"))
     params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
     data = []
     while len(data) < batches:
         for batch in make_loader(images, config, preprocess, generator, pin=False):
@@ -86,8 +86,8 @@ def _step(task, optimizer, config: TrainConfig, batch, step: int, total: int) ->
     """One training step as ``_train_epoch`` runs it."""
     images, labels, indices = batch
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, total, 0, config.lr)
-    task.set_progress(0, config.epochs, step, total)
+        group["lr"] = lr_at(step, total, 0, config.optim.lr)
+    task.set_progress(0, config.optim.epochs, step, total)
     parts = task(images, labels, indices)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()

@@ -19,7 +19,6 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from bctool.checkpoint import load_checkpoint
@@ -59,7 +58,7 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
     old = sdir / "old.safetensors"
     if not old.exists():
         log.info("seed %d: training the old model", seed)
-        train(load_image_set(lists["old_train"]), replace(base, seed=seed, epochs=old_epochs), old)
+        train(load_image_set(lists["old_train"]), base.replace(seed=seed, epochs=old_epochs), old)
     embed(old, lists, ["new_train", "query", "gallery"], sdir / "old")
     results = {"old/old": _eval(sdir / "old_query.safetensors", sdir / "old_gallery.safetensors")}
     for method in methods:
@@ -69,7 +68,7 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
             continue
         log.info("seed %d: training %s", seed, method)
         model = sdir / f"{method}.safetensors"
-        config = replace(base, seed=seed, method=method,
+        config = base.replace(seed=seed, method=method,
                          old_embeddings=str(sdir / "old_new_train.safetensors"))
         start = time.perf_counter()
         summary = train(load_image_set(lists["new_train"]), config, model)
@@ -131,7 +130,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N emoji classes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
+    base = TrainConfig.from_options(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
                        batch_size=128, device="auto", workers=2)
     old_epochs = args.old_epochs or args.epochs
     per_seed = {s: run_seed(args.workdir, s, args.methods, base, args.limit, old_epochs) for s in args.seeds}

@@ -45,7 +45,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from bctool.checkpoint import load_checkpoint
@@ -129,12 +129,12 @@ def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str,
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
     """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
     old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
-    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.epochs}-seed{seed}"
+    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.optim.epochs}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "old.safetensors"
     if not model.exists():
         log.info("old model %s", folder.name)
-        train(load_image_set(data / setting.old_list), replace(base, arch=setting.old_arch, seed=seed), model)
+        train(load_image_set(data / setting.old_list), base.replace(arch=setting.old_arch, seed=seed), model)
     return {**_embed(model, data, ["new_train", "query", "gallery"], "old"), "model": model}
 
 
@@ -145,8 +145,8 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     setting = SETTINGS[name]
     if cache.exists():
         row = json.loads(cache.read_text())
-        asked = {"lr": base.lr, "epochs": base.epochs, "old_epochs": old_base.epochs, "old_seed": old_seed,
-                 "compat_weight": base.compat_weight}
+        asked = {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "old_seed": old_seed,
+                 "compat_weight": base.compat.compat_weight}
         differ = {key: (row.get(key), value) for key, value in asked.items() if row.get(key, value) != value}
         if differ:
             raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
@@ -154,13 +154,13 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         return row
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
-    tag = (f"-lr{base.lr:g}" if setting.warm else "") + (f"-cw{base.compat_weight:g}" if base.compat_weight != 1 else "")
-    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.epochs}{tag}"
+    tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
+    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
-    config = replace(base, arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]),
+    config = base.replace(arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]),
                      log_dir=str(folder / f"{method}-log"),
                      init_from=str(old["model"]) if setting.warm else None, diagnostics=diagnostics)
     summary = train(load_image_set(data / "new_train.txt"), config, model)
@@ -171,8 +171,8 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "setting": name, "seed": seed, "old_seed": old_seed, "method": method,
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
-        "epochs": base.epochs, "old_epochs": old_base.epochs, "lr": config.lr, "warm": setting.warm,
-        "compat_weight": config.compat_weight,
+        "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
+        "compat_weight": config.compat.compat_weight,
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
         "cross": evaluate_retrieval(query, old_gallery),
@@ -353,10 +353,10 @@ def main() -> None:
                 log.warning("skipping %s: no Fashion-MNIST in %s (apt install dataset-fashion-mnist)",
                             name, DEFAULT_SOURCE)
                 continue
-            base = TrainConfig(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
+            base = TrainConfig.from_options(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
                                device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
                                compat_weight=args.compat_weight)
-            old_base = replace(base, epochs=args.old_epochs or base.epochs, lr=0.1, compat_weight=1.0)
+            old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0)
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,

@@ -51,7 +51,7 @@ def main() -> None:
             for seed in args.seeds:
                 model = args.workdir / f"{arch}-{size}px-seed{seed}.safetensors"
                 if not model.exists():
-                    config = TrainConfig(arch=arch, image_size=size, epochs=args.epochs, batch_size=128, seed=seed)
+                    config = TrainConfig.from_options(arch=arch, image_size=size, epochs=args.epochs, batch_size=128, seed=seed)
                     train(load_image_set(data / "old_train.txt"), config, model)
                 ckpt = load_checkpoint(model)
                 maps.append(evaluate_retrieval(extract(query, ckpt), extract(gallery, ckpt))["map"])

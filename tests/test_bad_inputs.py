@@ -233,7 +233,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_state(
 
     monkeypatch.setattr(ClassificationTask, "forward", nan_at_step_5)
     out = tmp_path / "m.safetensors"
-    config = TrainConfig(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu")
+    config = TrainConfig.from_options(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu")
     with pytest.raises(BctoolError, match=r"loss became non-finite at epoch 2, step 5 \(parts \['cls', 'loss'\]\).*kept for --resume"):
         train(load_image_set(emoji_dir / "new_train.txt"), config, out)
     assert not out.exists() and state_path(out).exists()

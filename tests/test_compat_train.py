@@ -171,7 +171,7 @@ def test_warm_start_is_skipped_when_the_old_checkpoint_is_gone_or_does_not_fit(
     from bctool.train.recipe import COLD_LR, resolve_recipe
 
     other = _config(old, arch="resnet18", embedding_dim=256, init_from="auto", lr=None)
-    assert (resolve_recipe(other).init_from, resolve_recipe(other).lr) == (None, COLD_LR)  # the old one is small
+    assert (resolve_recipe(other).model.init_from, resolve_recipe(other).optim.lr) == (None, COLD_LR)  # the old one is small
     moved = tmp_path / "emb.safetensors"
     moved.write_bytes(old["embeddings"].read_bytes())
     gone = old["work"] / "gone.safetensors"
@@ -182,7 +182,7 @@ def test_warm_start_is_skipped_when_the_old_checkpoint_is_gone_or_does_not_fit(
 
     save_embeddings(emb, moved)
     gone.unlink()
-    assert resolve_recipe(_config(old, old_embeddings=str(moved), init_from="auto", lr=None)).init_from is None
+    assert resolve_recipe(_config(old, old_embeddings=str(moved), init_from="auto", lr=None)).model.init_from is None
 
 
 def test_old_model_on_the_fly(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
@@ -231,15 +231,15 @@ def test_dimension_mismatch_names_both(emoji_dir: Path, tmp_path: Path, old: dic
 
 def test_method_needs_an_old_side() -> None:
     with pytest.raises(ConfigError, match="method 'bct' trains against an old model: pass --old-embeddings"):
-        TrainConfig(method="bct")
+        TrainConfig.from_options(method="bct")
     with pytest.raises(ConfigError, match=r"unknown method 'bct2'; choose one of \['advbct'"):
-        TrainConfig(method="bct2", old_embeddings="x")
+        TrainConfig.from_options(method="bct2", old_embeddings="x")
 
 
 def _config(old: dict, **kw: object) -> TrainConfig:
-    base = TrainConfig(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu",
+    base = TrainConfig.from_options(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu",
                        method="advbct", old_embeddings=str(old["embeddings"]))
-    return replace(base, **kw)
+    return base.replace(**kw)
 
 
 def _interrupted_run(images, config: TrainConfig, out: Path, epochs_done: int) -> None:  # noqa: ANN001
@@ -343,7 +343,7 @@ def test_bf16_autocast_trains_on_the_cpu(emoji_dir: Path, old: dict, tmp_path: P
 
 def test_unknown_amp_mode_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"--amp 'fp8' is unknown; choose one of \['off', 'bf16', 'fp16'\]"):
-        TrainConfig(amp="fp8")
+        TrainConfig.from_options(amp="fp8")
 
 
 def test_compat_weight_scales_every_part_and_the_total() -> None:

@@ -71,7 +71,7 @@ def test_global_batch_must_split_over_the_processes() -> None:
 @pytest.fixture(scope="module")
 def old_embeddings(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("dist_old")
-    config = TrainConfig(arch="small", image_size=32, epochs=2, batch_size=16, workers=0, device="cpu")
+    config = TrainConfig.from_options(arch="small", image_size=32, epochs=2, batch_size=16, workers=0, device="cpu")
     train(load_image_set(emoji_dir / "old_train.txt"), config, work / "old.safetensors")
     checkpoint = load_checkpoint(work / "old.safetensors")
     emb = extract(load_image_set(emoji_dir / "new_train.txt"), checkpoint, batch_size=64, workers=0)

@@ -21,7 +21,7 @@ runner = CliRunner()
 
 
 def _config(log_dir: Path, **kw: object) -> TrainConfig:
-    return TrainConfig(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu",
+    return TrainConfig.from_options(arch="small", image_size=32, epochs=3, batch_size=16, workers=0, device="cpu",
                        log_dir=str(log_dir), **kw)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,20 +81,20 @@ def test_refuses_another_architecture_or_dimension_naming_both(tmp_path: Path) -
     with pytest.raises(ModelError, match="does not exist"):
         warm_start(_new_model(), NEW_NAMES, tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="only one of --init-from .* and --pretrained"):
-        TrainConfig(init_from=str(path), pretrained="weights.safetensors")
+        TrainConfig.from_options(init_from=str(path), pretrained="weights.safetensors")
 
 
 def _config(old_model: Path, **kw: object) -> TrainConfig:
-    base = TrainConfig(arch="small", image_size=32, epochs=2, batch_size=16, workers=0, device="cpu",
+    base = TrainConfig.from_options(arch="small", image_size=32, epochs=2, batch_size=16, workers=0, device="cpu",
                        lr=0.01, init_from=str(old_model))
-    return replace(base, **kw)
+    return base.replace(**kw)
 
 
 @pytest.fixture(scope="module")
 def old_model(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("warm") / "old.safetensors"
     train(load_image_set(emoji_dir / "old_train.txt"),
-          TrainConfig(arch="small", image_size=32, epochs=1, batch_size=16, workers=0, device="cpu"), path)
+          TrainConfig.from_options(arch="small", image_size=32, epochs=1, batch_size=16, workers=0, device="cpu"), path)
     return path
 
 

@@ -106,31 +106,25 @@ def train(
     from bctool.data import load_image_set
     from bctool.train import TrainConfig
     from bctool.train import train as run_train
+    from bctool.train.config import OPTION_GROUP
     from bctool.train.distributed import launched_rank, process_group
     from bctool.train.recipe import default_method
 
+    # Every parameter of this command named like a training option is one (the CLI's names).
+    options = {name: value for name, value in locals().items() if name in OPTION_GROUP}
     main_rank = launched_rank().is_main
     setup_logging(verbose and main_rank)
     if not main_rank:  # other ranks report only errors
         logging.getLogger().setLevel(logging.ERROR)
-    config = TrainConfig(
-        arch=arch, embedding_dim=embedding_dim, head=head, head_scale=head_scale,
-        head_margin=head_margin, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
-        augment=augment, seed=seed, device=device, workers=workers,
-        pretrained=str(pretrained) if pretrained else None,
-        init_from=None if init_from == "none" else init_from,
-        method=method or default_method(bool(old_embeddings or old_model)),
-        old_embeddings=str(old_embeddings) if old_embeddings else None,
-        old_model=str(old_model) if old_model else None,
-        old_classes=str(old_classes) if old_classes else None,
-        method_params=_method_params(param, boundary_threshold), compat_weight=compat_weight, amp=amp, sync_bn=sync_bn,
-        save_every=save_every, strict=strict, log_dir=str(log_dir) if log_dir else None, resume=resume,
-        diagnostics=diagnostics,
-    )
+    config = TrainConfig.from_options(**{
+        **options,
+        "init_from": None if init_from == "none" else init_from,
+        "method": method or default_method(bool(old_embeddings or old_model)),
+        "method_params": _method_params(param, boundary_threshold),
+    })
     config.model_config(num_classes=1)  # fail on a bad arch/head before reading any image
     images = load_image_set(data, require_labels=True)
-    with process_group(config.device):
+    with process_group(config.run.device):
         result = run_train(images, config, out, RichProgress(not quiet and main_rank))
     if main_rank:
         if result.skipped and not quiet:

@@ -1,13 +1,27 @@
-"""The training configuration: built once from CLI options, written into the checkpoint."""
+"""The training configuration: four frozen groups built from the options by one function.
+
+* :class:`ModelOptions`: what model is trained and how it starts (the checkpoint's structure,
+  its input size, pretrained weights or a warm start);
+* :class:`OptimOptions`: how it is optimised (schedule, batch, seed, data loading, precision);
+* :class:`CompatOptions`: what it must stay compatible with (the method, its parameters, the
+  old side);
+* :class:`RunOptions`: how this process runs (device, saving, logging, resuming). These alone
+  may change when an interrupted run resumes (:data:`RESUMABLE_CHANGES` is their field names).
+
+:meth:`TrainConfig.from_options` takes every option by its flat name (the CLI's, less the
+dashes); :meth:`TrainConfig.replace` changes some. The checkpoint records the flat dict of
+every option (:meth:`TrainConfig.to_dict`), as before the groups existed.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig
-
 
 AMP_MODES = ("off", "bf16", "fp16")
 # Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
@@ -21,70 +35,84 @@ def default_arch(image_size: int) -> str:
     return "small" if image_size < SMALL_IMAGE_SIDE else "resnet18"
 
 
+def _check(group: object, rules: dict[str, tuple[bool, str]]) -> None:
+    for name, (ok, rule) in rules.items():
+        if not ok:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(group, name)!r} must be {rule}")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train one model. Defaults follow the AdvBCT paper where it states them."""
+class ModelOptions:
+    """The model: its structure, its input size and where its weights start."""
 
     arch: str = "auto"  # resolved from image_size by default_arch
     embedding_dim: int = 256
     head: str = "linear"
     head_scale: float = 30.0
     head_margin: float = 0.3
+    image_size: int = 224
+    pretrained: str | None = None
+    init_from: str | None = None  # old bctool checkpoint to warm-start from, or "auto" (the recipe)
+
+    def __post_init__(self) -> None:
+        if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
+            object.__setattr__(self, "arch", default_arch(self.image_size))
+        _check(self, {"image_size": (self.image_size >= 8, "at least 8")})
+        if self.init_from not in (None, "auto") and self.pretrained:
+            raise ConfigError(
+                "pass only one of --init-from (a bctool checkpoint: backbone, neck and head rows) "
+                "and --pretrained (backbone weights only)"
+            )
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The optimisation. Defaults follow the AdvBCT paper where it states them."""
+
     epochs: int = 30
     batch_size: int = 128
     lr: float | None = 0.1  # None: the recipe's (0.1 from scratch, less for a warm start)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
-    image_size: int = 224
     augment: bool = True
     seed: int = 0
-    device: str = "auto"
+    # Not resumable: augmentation draws from per-worker seeds, so a change alters the data.
     workers: int = 2
-    pretrained: str | None = None
-    init_from: str | None = None  # old bctool checkpoint to warm-start from, or "auto" (the recipe)
-    method: str = "independent"
-    old_embeddings: str | None = None
-    old_model: str | None = None
-    old_classes: str | None = None
-    method_params: dict[str, Any] = field(default_factory=dict)  # over the method's defaults; resolved
-    compat_weight: float = 1.0
     amp: str = "off"
     sync_bn: bool = False
-    save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
     strict: bool = False  # an unreadable image stops training (default: left out, reported)
-    log_dir: str | None = None  # where steps.jsonl and epochs.jsonl go (bctool plot draws them)
-    diagnostics: bool = False  # also log gradient norms per loss part and the method's facts
-    resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
-            object.__setattr__(self, "arch", default_arch(self.image_size))
-        rules = {
+        _check(self, {
             "epochs": (self.epochs >= 1, "at least 1"),
             "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm needs two samples)"),
             "lr": (self.lr is None or self.lr > 0, "positive"),
-            "image_size": (self.image_size >= 8, "at least 8"),
             "workers": (self.workers >= 0, "0 or more"),
             "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
             "weight_decay": (self.weight_decay >= 0, "0 or more"),
-            "compat_weight": (self.compat_weight >= 0, "0 or more"),
-            "save_every": (self.save_every >= 0, "0 (epochs only) or more"),
-        }
-        for name, (ok, rule) in rules.items():
-            if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be {rule}")
+        })
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")
+
+
+@dataclass(frozen=True)
+class CompatOptions:
+    """What the new model must stay compatible with, and by which method."""
+
+    method: str = "independent"
+    method_params: dict[str, Any] = field(default_factory=dict)  # over the method's defaults; resolved
+    old_embeddings: str | None = None
+    old_model: str | None = None
+    old_classes: str | None = None
+    compat_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self, {"compat_weight": (self.compat_weight >= 0, "0 or more")})
         from bctool.train.methods import resolve_params
 
         # Every parameter of the method, defaults filled in: what the checkpoint records.
         object.__setattr__(self, "method_params", asdict(resolve_params(self.method, self.method_params)))
-        if self.init_from not in (None, "auto") and self.pretrained:
-            raise ConfigError(
-                "pass only one of --init-from (a bctool checkpoint: backbone, neck and head rows) "
-                "and --pretrained (backbone weights only)"
-            )
         if self.old_embeddings and self.old_model:
             raise ConfigError("pass only one of --old-embeddings and --old-model")
         if self.compatible and not (self.old_embeddings or self.old_model):
@@ -94,24 +122,79 @@ class TrainConfig:
                 "list) or --old-model OLD.safetensors"
             )
 
-    def model_config(self, num_classes: int) -> ModelConfig:
-        """The model structure this config trains, for ``num_classes`` classes."""
-        return ModelConfig(
-            arch=self.arch,
-            embedding_dim=self.embedding_dim,
-            num_classes=num_classes,
-            head=self.head,
-            head_scale=self.head_scale,
-            head_margin=self.head_margin,
-        )
-
     @property
     def compatible(self) -> bool:
-        """True when the run trains against an old side."""
+        """True when the method trains against an old side."""
         from bctool.train.methods import method_class
 
         return method_class(self.method).needs_old_side
 
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How this process runs the training; these may change when a run resumes."""
+
+    device: str = "auto"
+    save_every: int = 0  # steps between mid-epoch saves of the training state (0: epochs only)
+    log_dir: str | None = None  # where steps.jsonl and epochs.jsonl go (bctool plot draws them)
+    diagnostics: bool = False  # also log gradient norms per loss part and the method's facts
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self, {"save_every": (self.save_every >= 0, "0 (epochs only) or more")})
+
+
+GROUPS = {"model": ModelOptions, "optim": OptimOptions, "compat": CompatOptions, "run": RunOptions}
+# Which group each option belongs to, by its flat name.
+OPTION_GROUP = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+# Options that may change between an interrupted run and its resumption: the run group's.
+RESUMABLE_CHANGES = frozenset(f.name for f in dataclasses.fields(RunOptions))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one model: the four option groups."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    compat: CompatOptions = field(default_factory=CompatOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """The config of the options given by flat name (``epochs=10``, ``method="bct"``), each
+        in its group, defaults elsewhere; an unknown name is a :class:`ConfigError`, and paths
+        (``os.PathLike``) are stored as strings."""
+        return cls(**{name: GROUPS[name](**values) for name, values in _by_group(options).items()})
+
+    def replace(self, **options: Any) -> TrainConfig:
+        """A copy with the options given by flat name changed, each changed group checked again.
+        (``arch`` stays as resolved: pass ``arch="auto"`` with a new ``image_size`` to choose again.)"""
+        groups = {name: dataclasses.replace(getattr(self, name), **values) for name, values in _by_group(options).items()}
+        return dataclasses.replace(self, **groups)
+
+    @property
+    def compatible(self) -> bool:
+        """True when the run trains against an old side."""
+        return self.compat.compatible
+
+    def model_config(self, num_classes: int) -> ModelConfig:
+        """The model structure this config trains, for ``num_classes`` classes."""
+        m = self.model
+        return ModelConfig(arch=m.arch, embedding_dim=m.embedding_dim, num_classes=num_classes, head=m.head,
+                           head_scale=m.head_scale, head_margin=m.head_margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option by its flat name, JSON-ready (what checkpoints and training states record)."""
+        return {name: value for group in GROUPS for name, value in asdict(getattr(self, group)).items()}
+
+
+def _by_group(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat options split into their groups; an unknown name is a :class:`ConfigError`."""
+    unknown = sorted(set(options) - set(OPTION_GROUP))
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(OPTION_GROUP)}")
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in options.items():
+        groups.setdefault(OPTION_GROUP[name], {})[name] = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return groups

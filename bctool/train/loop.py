@@ -140,14 +140,14 @@ def make_loader(
     augmentation depend only on the generator state saved with the training state. Under
     multi-process training each rank loads its share of every global batch (``--batch-size``).
     """
-    transform = TrainTransform(preprocess) if config.augment else EvalTransform(preprocess)
-    batch_size = per_rank_batch(min(config.batch_size, len(images)), rank)
+    transform = TrainTransform(preprocess) if config.optim.augment else EvalTransform(preprocess)
+    batch_size = per_rank_batch(min(config.optim.batch_size, len(images)), rank)
     return DataLoader(
         ImageDataset(images, transform),
         batch_size=batch_size,
         sampler=ShardedShuffle(len(images), generator, rank),
         drop_last=True,
-        num_workers=config.workers,
+        num_workers=config.optim.workers,
         generator=generator,
         pin_memory=pin,
         worker_init_fn=functools.partial(seed_worker_for_rank, rank.rank) if rank.rank else None,
@@ -158,15 +158,15 @@ def build_model(images: ImageSet, config: TrainConfig) -> tuple[EmbeddingModel, 
     """A fresh model for ``images``' classes, with pretrained backbone weights or warm-started
     from an old checkpoint if asked; and the warm start's record (None without one)."""
     model = create_model(config.model_config(num_classes=len(images.label_names)))
-    if config.pretrained:
+    if config.model.pretrained:
         from bctool.models.pretrained import load_backbone_weights
 
-        report = load_backbone_weights(model.backbone, config.pretrained)
-        logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.pretrained)
-    if config.init_from:
+        report = load_backbone_weights(model.backbone, config.model.pretrained)
+        logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.model.pretrained)
+    if config.model.init_from:
         from bctool.train.warm_start import warm_start
 
-        return model, warm_start(model, images.label_names, config.init_from).to_dict()
+        return model, warm_start(model, images.label_names, config.model.init_from).to_dict()
     return model, None
 
 
@@ -174,7 +174,7 @@ def build_task(
     images: ImageSet, config: TrainConfig, model: EmbeddingModel, preprocess: Preprocess,
     device: torch.device, progress: Progress = NULL_PROGRESS,
 ) -> tuple[ClassificationTask, dict[str, Any]]:
-    """The task of ``config.method`` and the facts the checkpoint records about it."""
+    """The task of ``config.compat.method`` and the facts the checkpoint records about it."""
     if not config.compatible:
         return ClassificationTask(model), {}
     from bctool.train.compat import compute_old_stats
@@ -182,10 +182,10 @@ def build_task(
     from bctool.train.old_side import load_old_side
 
     old = load_old_side(
-        images, config.embedding_dim, preprocess, device,
-        old_embeddings=config.old_embeddings, old_model=config.old_model,
-        old_classes=config.old_classes, need_old_head=method_class(config.method).uses_old_head,
-        workers=config.workers, progress=progress,
+        images, config.model.embedding_dim, preprocess, device,
+        old_embeddings=config.compat.old_embeddings, old_model=config.compat.old_model,
+        old_classes=config.compat.old_classes, need_old_head=method_class(config.compat.method).uses_old_head,
+        workers=config.optim.workers, progress=progress,
     )
     labels = torch.tensor(images.labels, dtype=torch.int64)
     stats = compute_old_stats(old.embeddings, labels, len(images.label_names), old.old_classes)
@@ -196,14 +196,14 @@ def build_task(
         old_head=old.old_head.to(device) if old.old_head is not None else None,
         old_label_index=old.old_label_index.to(device) if old.old_label_index is not None else None,
     )
-    compat = create_method(config.method, context, config.method_params)
+    compat = create_method(config.compat.method, context, config.compat.method_params)
     facts = {
         "old": old.description,
         "old_classes": int(old.old_classes.sum()),
         "old_classifier": "old checkpoint head" if old.old_head is not None else "none",
     }
-    logger.info("compatible training with %s against %s", config.method, old.description)
-    return CompatibleTask(model, old.module, compat, weight=config.compat_weight, diagnose=config.diagnostics), facts
+    logger.info("compatible training with %s against %s", config.compat.method, old.description)
+    return CompatibleTask(model, old.module, compat, weight=config.compat.compat_weight, diagnose=config.run.diagnostics), facts
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -218,7 +218,7 @@ def _readable(
 ) -> tuple[ImageSet, list[dict[str, Any]]]:
     """``images`` without the unreadable ones, and those (reported in ``OUT.failed.tsv``). Each
     rank decodes every W-th image; all ranks then leave out the same ones."""
-    mine = find_unreadable(images, range(rank.rank, len(images), rank.world_size), config.workers, progress)
+    mine = find_unreadable(images, range(rank.rank, len(images), rank.world_size), config.optim.workers, progress)
     failed = sorted(gather_lists(mine), key=lambda f: f["row"])
     if rank.is_main:
         report = write_report(out, failed)
@@ -236,19 +236,19 @@ def train(
     """Train a model on ``images`` with ``config``; write the checkpoint to ``out``.
 
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
-    ``config.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
-    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.resume`` continues
+    ``config.run.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
+    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.run.resume`` continues
     from it, mid-epoch included; it is removed once the checkpoint is written. Unreadable images
-    are left out first (listed in ``OUT.failed.tsv``) unless ``config.strict``.
+    are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.
     """
     check_output_path(out)
     config = resolve_recipe(config)
     rank = current_rank()
-    images, failed = _readable(images, config, out, rank, progress) if not config.strict else (images, [])
+    images, failed = _readable(images, config, out, rank, progress) if not config.optim.strict else (images, [])
     _check_trainable(images)
-    device = rank_device(config.device)
-    generator = seed_everything(config.seed)
-    preprocess = Preprocess(image_size=config.image_size)
+    device = rank_device(config.run.device)
+    generator = seed_everything(config.optim.seed)
+    preprocess = Preprocess(image_size=config.model.image_size)
     model, init = build_model(images, config)
     task, facts = build_task(images, config, model, preprocess, device, progress)
     task.to(device)
@@ -256,12 +256,12 @@ def train(
         task.to(memory_format=torch.channels_last)
     forward = _distribute(task, config, device, rank)
     params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" and device.type == "cuda" else None
+    optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if config.optim.amp == "fp16" and device.type == "cuda" else None
     loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
     steps_per_epoch = len(loader)
-    total = steps_per_epoch * config.epochs
-    warmup = min(total // 2, round(config.warmup_epochs * steps_per_epoch))
+    total = steps_per_epoch * config.optim.epochs
+    warmup = min(total // 2, round(config.optim.warmup_epochs * steps_per_epoch))
     resume_path = state_path(out)
     # What the run depends on: the options and the exact data (ids and labels, in order).
     # A warm start's record holds the old file's sha256: --resume refuses a changed file.
@@ -269,12 +269,12 @@ def train(
                    "init_from": init}
     history: list[dict[str, float]] = []
     step, start_epoch, partial = 0, 0, None
-    if config.resume:
+    if config.run.resume:
         saved = load_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator, config_dict)
         start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
         partial = saved.get("partial")
         logger.info("resuming at epoch %d, step %d", start_epoch + 1, step)
-    log = TrainLog(config.log_dir, step if config.resume else None) if config.log_dir and rank.is_main else None
+    log = TrainLog(config.run.log_dir, step if config.run.resume else None) if config.run.log_dir and rank.is_main else None
 
     def save_state(epoch: int, step: int, epoch_rng: torch.Tensor, partial: dict | None) -> None:
         if rank.is_main:
@@ -283,11 +283,11 @@ def train(
                              config_dict)
 
     start = time.perf_counter()
-    progress.start(f"train {config.method} {config.arch}", total)
+    progress.start(f"train {config.compat.method} {config.model.arch}", total)
     progress.advance(step)
     try:
         with StopSignals() as stop:
-            for epoch in range(start_epoch, config.epochs):
+            for epoch in range(start_epoch, config.optim.epochs):
                 epoch_start = time.perf_counter()
                 epoch_rng = generator.get_state()  # the epoch's data order is drawn from it
                 done = partial if epoch == start_epoch else None
@@ -321,15 +321,15 @@ def train(
         save_checkpoint(
             out, model, preprocess, list(images.label_names),
             train_config={**config.to_dict(), "data": images.source, "init_from": init},
-            extra={"trained_classes": list(images.label_names), "method": config.method,
+            extra={"trained_classes": list(images.label_names), "method": config.compat.method,
                    "processes": rank.world_size, **facts},
         )
         resume_path.unlink(missing_ok=True)
-        if config.diagnostics and config.log_dir and isinstance(task, CompatibleTask):
-            atomic_write_text(Path(config.log_dir) / "compat.json", json.dumps(task.compat.summary()))
+        if config.run.diagnostics and config.run.log_dir and isinstance(task, CompatibleTask):
+            atomic_write_text(Path(config.run.log_dir) / "compat.json", json.dumps(task.compat.summary()))
     barrier()  # every rank returns once the checkpoint exists
     return TrainResult(
-        out=str(Path(out)), method=config.method, epochs=config.epochs, steps=step, images=len(images),
+        out=str(Path(out)), method=config.compat.method, epochs=config.optim.epochs, steps=step, images=len(images),
         classes=len(images.label_names), device=str(device), seconds=seconds,
         resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
         final=history[-1] if history else {}, history=history,
@@ -344,11 +344,11 @@ def _distribute(task: nn.Module, config: TrainConfig, device: torch.device, rank
     running statistics are rank 0's (DDP broadcasts them every step) unless ``--sync-bn``
     computes them over the global batch.
     """
-    if config.sync_bn and rank.distributed:
+    if config.optim.sync_bn and rank.distributed:
         for name, child in task.named_children():
             if name != "old":  # the frozen old model runs in eval mode
                 setattr(task, name, sync_batchnorm(child, device))
-    elif config.sync_bn:
+    elif config.optim.sync_bn:
         logger.info("--sync-bn has no effect in a single process")
     if not rank.distributed:
         return task
@@ -397,7 +397,7 @@ class _EpochRun:
         seeded by (seed, rank, step), so a resumed run draws what an uninterrupted one would;
         rank 0 keeps the one-process stream, saved with the training state."""
         if self.rank.rank:
-            torch.manual_seed((self.config.seed * 1_000_003 + self.rank.rank) * 1_000_033 + self.step)
+            torch.manual_seed((self.config.optim.seed * 1_000_003 + self.rank.rank) * 1_000_033 + self.step)
 
     def means(self) -> dict[str, float]:
         """The mean of every loss part over the epoch, averaged over ranks."""
@@ -410,7 +410,7 @@ class _EpochRun:
     def train(self, loader: DataLoader, stop: StopSignals, save: Callable[[_EpochRun], None]) -> bool:
         """Run the epoch's remaining steps; False if a signal stopped it after a finished step.
 
-        ``save`` is called every ``config.save_every`` steps, except at the epoch's last step
+        ``save`` is called every ``config.run.save_every`` steps, except at the epoch's last step
         (the caller saves the finished epoch).
         """
         config, device, task = self.config, self.device, self.task
@@ -418,12 +418,12 @@ class _EpochRun:
         self._seed_rank()
         for images, labels, indices in loader:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.total, self.warmup, config.lr)
-            task.set_progress(self.epoch, config.epochs, self.step, self.total)
+                group["lr"] = lr_at(self.step, self.total, self.warmup, config.optim.lr)
+            task.set_progress(self.epoch, config.optim.epochs, self.step, self.total)
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, config.amp):
+            with _autocast(device, config.optim.amp):
                 parts = self.forward(images, labels.to(device, non_blocking=True),
                                      indices.to(device, non_blocking=True))
             self.optimizer.zero_grad(set_to_none=True)
@@ -445,14 +445,14 @@ class _EpochRun:
                 bad = [k for k, v in parts.items() if not torch.isfinite(v.detach()).all()]
                 raise BctoolError(
                     f"loss became non-finite at epoch {self.epoch + 1}, step {self.step + 1} (parts {bad}); "
-                    f"lower --lr (now {config.lr}) or check the old embeddings; the last saved state "
+                    f"lower --lr (now {config.optim.lr}) or check the old embeddings; the last saved state "
                     "is kept for --resume"
                 )
             for k, v in parts.items():
                 self.sums[k] = self.sums.get(k, torch.zeros((), device=device)) + v.detach().float()
             self.batches += 1
             self.step += 1
-            self.progress.advance(1, f"epoch {self.epoch + 1}/{config.epochs} loss {loss:.3f}")
+            self.progress.advance(1, f"epoch {self.epoch + 1}/{config.optim.epochs} loss {loss:.3f}")
             self._seed_rank()  # before the loader fetches the next batch
             if self.log is not None:
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -461,6 +461,6 @@ class _EpochRun:
                 if not stop.signal_number:
                     stop.signal_number = signal.SIGTERM  # another rank was stopped
                 return False
-            if config.save_every and self.step % config.save_every == 0 and self.batches < len(loader):
+            if config.run.save_every and self.step % config.run.save_every == 0 and self.batches < len(loader):
                 save(self)
         return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 
 from bctool.checkpoint import read_checkpoint_metadata
 from bctool.errors import BctoolError
@@ -34,20 +33,20 @@ def default_method(compatible: bool) -> str:
 def known_old_checkpoint(config: TrainConfig) -> str | None:
     """The old checkpoint of a compatible run, when it is known: ``old_model``, or the checkpoint
     that made ``old_embeddings`` if it is still where it was and unchanged."""
-    if config.old_model:
-        return config.old_model
-    if not config.old_embeddings:
+    if config.compat.old_model:
+        return config.compat.old_model
+    if not config.compat.old_embeddings:
         return None
     from bctool.embeddings import load_embeddings
     from bctool.train.old_side import checkpoint_path_of
 
-    return checkpoint_path_of(load_embeddings(config.old_embeddings, mmap=True))
+    return checkpoint_path_of(load_embeddings(config.compat.old_embeddings, mmap=True))
 
 
 def _warm_start_source(config: TrainConfig) -> str | None:
     """What ``init_from="auto"`` means for ``config``: the known old checkpoint when it has the
     run's architecture and embedding dimension, else nothing (a fresh start, logged)."""
-    if not config.compatible or config.pretrained:
+    if not config.compatible or config.model.pretrained:
         return None
     path = known_old_checkpoint(config)
     if path is None:
@@ -57,10 +56,10 @@ def _warm_start_source(config: TrainConfig) -> str | None:
         model = json.loads(read_checkpoint_metadata(path)["model"])
     except (BctoolError, KeyError, ValueError):
         return None
-    if (model.get("arch"), model.get("embedding_dim")) != (config.arch, config.embedding_dim):
+    if (model.get("arch"), model.get("embedding_dim")) != (config.model.arch, config.model.embedding_dim):
         logger.warning(
             "no warm start: the old checkpoint %s is a %s with dimension %s, this run a %s with %s",
-            path, model.get("arch"), model.get("embedding_dim"), config.arch, config.embedding_dim,
+            path, model.get("arch"), model.get("embedding_dim"), config.model.arch, config.model.embedding_dim,
         )
         return None
     return path
@@ -70,8 +69,8 @@ def resolve_recipe(config: TrainConfig) -> TrainConfig:
     """``config`` with ``init_from="auto"`` and ``lr=None`` made concrete: warm-start from the
     known old checkpoint when it fits (see :func:`known_old_checkpoint`), and the learning rate
     of a warm (:data:`WARM_LR`) or a fresh (:data:`COLD_LR`) start."""
-    init_from = _warm_start_source(config) if config.init_from == AUTO else config.init_from
-    lr = config.lr if config.lr is not None else (WARM_LR if init_from else COLD_LR)
-    if init_from != config.init_from or lr != config.lr:
+    init_from = _warm_start_source(config) if config.model.init_from == AUTO else config.model.init_from
+    lr = config.optim.lr if config.optim.lr is not None else (WARM_LR if init_from else COLD_LR)
+    if init_from != config.model.init_from or lr != config.optim.lr:
         logger.info("recipe: %s, lr %g", f"warm start from {init_from}" if init_from else "fresh start", lr)
-    return replace(config, init_from=init_from, lr=lr)
+    return config.replace(init_from=init_from, lr=lr)

@@ -17,11 +17,9 @@ from safetensors import SafetensorError, safe_open
 
 from bctool.errors import ConfigError
 from bctool.io import save_safetensors
+from bctool.train.config import RESUMABLE_CHANGES  # the run group's options
 
 FORMAT = "bctool.train-state"
-# Fields that may change between an interrupted run and its resumption.
-# (``workers`` is not one: augmentation draws from per-worker seeds, so a change alters the data.)
-RESUMABLE_CHANGES = frozenset({"resume", "device", "save_every", "log_dir", "diagnostics"})
 
 
 def state_path(out: str | os.PathLike[str]) -> Path:
