@@ -246,94 +246,151 @@ def train(
     rank = current_rank()
     images, failed = _readable(images, config, out, rank, progress) if not config.optim.strict else (images, [])
     _check_trainable(images)
-    device = rank_device(config.run.device)
-    generator = seed_everything(config.optim.seed)
-    preprocess = Preprocess(image_size=config.model.image_size)
-    model, init = build_model(images, config)
-    task, facts = build_task(images, config, model, preprocess, device, progress)
-    task.to(device)
-    if device.type == "cuda":
-        task.to(memory_format=torch.channels_last)
-    forward = _distribute(task, config, device, rank)
-    params = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if config.optim.amp == "fp16" and device.type == "cuda" else None
-    loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
-    steps_per_epoch = len(loader)
-    total = steps_per_epoch * config.optim.epochs
-    warmup = min(total // 2, round(config.optim.warmup_epochs * steps_per_epoch))
-    resume_path = state_path(out)
-    # What the run depends on: the options and the exact data (ids and labels, in order).
-    # A warm start's record holds the old file's sha256: --resume refuses a changed file.
-    config_dict = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
-                   "init_from": init}
-    history: list[dict[str, float]] = []
-    step, start_epoch, partial = 0, 0, None
-    if config.run.resume:
-        saved = load_train_state(resume_path, task.trainable_state(), optimizer, scaler, generator, config_dict)
-        start_epoch, step, history = saved["epoch"], saved["step"], saved["history"]
-        partial = saved.get("partial")
-        logger.info("resuming at epoch %d, step %d", start_epoch + 1, step)
-    log = TrainLog(config.run.log_dir, step if config.run.resume else None) if config.run.log_dir and rank.is_main else None
-
-    def save_state(epoch: int, step: int, epoch_rng: torch.Tensor, partial: dict | None) -> None:
-        if rank.is_main:
-            save_train_state(resume_path, task.trainable_state(), optimizer, scaler, epoch_rng,
-                             {"epoch": epoch, "step": step, "history": history, "partial": partial},
-                             config_dict)
-
+    session = _Session.start(images, config, out, rank, progress)
+    start_epoch, step, partial = session.resume()
     start = time.perf_counter()
-    progress.start(f"train {config.compat.method} {config.model.arch}", total)
+    progress.start(f"train {config.compat.method} {config.model.arch}", session.total)
     progress.advance(step)
     try:
-        with StopSignals() as stop:
-            for epoch in range(start_epoch, config.optim.epochs):
-                epoch_start = time.perf_counter()
-                epoch_rng = generator.get_state()  # the epoch's data order is drawn from it
-                done = partial if epoch == start_epoch else None
-                if done:
-                    loader.sampler.skip = done["batches"] * loader.batch_size
-                run = _EpochRun(task, forward, optimizer, scaler, config, device, epoch, total, warmup, progress,
-                                step, done, log, rank)
-                finished = run.train(loader, stop, lambda r: save_state(epoch, r.step, epoch_rng, r.partial()))
-                step = run.step
-                if not finished:
-                    save_state(epoch, step, epoch_rng, run.partial())
-                    raise Interrupted(
-                        f"{stop.name}: stopped after step {step} of {total} (epoch {epoch + 1}); the training "
-                        f"state is saved in {str(resume_path)!r}: continue with the same command and --resume",
-                        stop.signal_number,
-                    )
-                history.append(run.means())
-                logger.info("epoch %d: %s", epoch + 1, history[-1])
-                if log is not None:
-                    seconds = time.perf_counter() - epoch_start
-                    images_done = (run.batches - (done["batches"] if done else 0)) * loader.batch_size * rank.world_size
-                    log.epoch({"epoch": epoch + 1, "step": step, "seconds": round(seconds, 3),
-                               "images_per_second": round(images_done / max(seconds, 1e-9), 1), **history[-1]})
-                save_state(epoch + 1, step, generator.get_state(), None)
+        step = session.run_epochs(start_epoch, step, partial)
     finally:
         progress.stop()
-        if log is not None:
-            log.close()
+        if session.log is not None:
+            session.log.close()
     seconds = time.perf_counter() - start
     if rank.is_main:
-        save_checkpoint(
-            out, model, preprocess, list(images.label_names),
-            train_config={**config.to_dict(), "data": images.source, "init_from": init},
-            extra={"trained_classes": list(images.label_names), "method": config.compat.method,
-                   "processes": rank.world_size, **facts},
-        )
-        resume_path.unlink(missing_ok=True)
-        if config.run.diagnostics and config.run.log_dir and isinstance(task, CompatibleTask):
-            atomic_write_text(Path(config.run.log_dir) / "compat.json", json.dumps(task.compat.summary()))
+        session.write_checkpoint(out, images)
     barrier()  # every rank returns once the checkpoint exists
+    history = session.history
     return TrainResult(
         out=str(Path(out)), method=config.compat.method, epochs=config.optim.epochs, steps=step, images=len(images),
-        classes=len(images.label_names), device=str(device), seconds=seconds,
+        classes=len(images.label_names), device=str(session.device), seconds=seconds,
         resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
         final=history[-1] if history else {}, history=history,
     )
+
+
+@dataclass
+class _Session:
+    """What every epoch of one run shares: the task and the module a step calls (the task or
+    its DDP wrapper), the optimizer, the data, the schedule, and where the state is saved."""
+
+    config: TrainConfig
+    rank: Rank
+    device: torch.device
+    model: EmbeddingModel
+    preprocess: Preprocess
+    task: ClassificationTask
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loader: DataLoader
+    generator: torch.Generator
+    total: int  # steps of the whole run
+    warmup: int  # steps of linear warm-up
+    state_file: Path
+    # What the run depends on: the options and the exact data (ids and labels, in order). A
+    # warm start's record holds the old file's sha256: --resume refuses a changed file.
+    identity: dict[str, Any]
+    init: dict[str, Any] | None  # the warm start's record
+    facts: dict[str, Any]  # what the checkpoint records about the compatibility method
+    progress: Progress
+    log: TrainLog | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], rank: Rank,
+              progress: Progress) -> _Session:
+        """Build the model, the task, the optimizer and the loader of a run (seeded first)."""
+        device = rank_device(config.run.device)
+        generator = seed_everything(config.optim.seed)
+        preprocess = Preprocess(image_size=config.model.image_size)
+        model, init = build_model(images, config)
+        task, facts = build_task(images, config, model, preprocess, device, progress)
+        task.to(device)
+        if device.type == "cuda":
+            task.to(memory_format=torch.channels_last)
+        forward = _distribute(task, config, device, rank)
+        optim = config.optim
+        params = [p for p in task.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        scaler = torch.amp.GradScaler(device.type) if optim.amp == "fp16" and device.type == "cuda" else None
+        loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
+        total = len(loader) * optim.epochs
+        warmup = min(total // 2, round(optim.warmup_epochs * len(loader)))
+        identity = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
+                    "init_from": init}
+        return cls(config, rank, device, model, preprocess, task, forward, optimizer, scaler, loader, generator,
+                   total, warmup, state_path(out), identity, init, facts, progress)
+
+    def resume(self) -> tuple[int, int, dict[str, Any] | None]:
+        """Restore an interrupted run's state when resuming; open the log. Returns the epoch
+        and step to start at, and what the interrupted epoch had done (or None)."""
+        step, start_epoch, partial = 0, 0, None
+        run = self.config.run
+        if run.resume:
+            saved = load_train_state(self.state_file, self.task.trainable_state(), self.optimizer, self.scaler,
+                                     self.generator, self.identity)
+            start_epoch, step, self.history = saved["epoch"], saved["step"], saved["history"]
+            partial = saved.get("partial")
+            logger.info("resuming at epoch %d, step %d", start_epoch + 1, step)
+        if run.log_dir and self.rank.is_main:
+            self.log = TrainLog(run.log_dir, step if run.resume else None)
+        return start_epoch, step, partial
+
+    def save_state(self, epoch: int, step: int, epoch_rng: torch.Tensor, partial: dict | None) -> None:
+        """Save the state after ``epoch`` finished epochs (and ``partial`` of the next)."""
+        if self.rank.is_main:
+            save_train_state(self.state_file, self.task.trainable_state(), self.optimizer, self.scaler, epoch_rng,
+                             {"epoch": epoch, "step": step, "history": self.history, "partial": partial},
+                             self.identity)
+
+    def run_epochs(self, start_epoch: int, step: int, partial: dict[str, Any] | None) -> int:
+        """Train from ``start_epoch`` (``partial``: what an interrupted run did of it) to the
+        end; return the step reached. A stop signal saves the state and raises Interrupted."""
+        loader, config = self.loader, self.config
+        with StopSignals() as stop:
+            for epoch in range(start_epoch, config.optim.epochs):
+                epoch_start = time.perf_counter()
+                epoch_rng = self.generator.get_state()  # the epoch's data order is drawn from it
+                done = partial if epoch == start_epoch else None
+                if done:
+                    loader.sampler.skip = done["batches"] * loader.batch_size
+                run = _EpochRun(self, epoch, step, done)
+                finished = run.train(loader, stop, lambda r: self.save_state(epoch, r.step, epoch_rng, r.partial()))
+                step = run.step
+                if not finished:
+                    self.save_state(epoch, step, epoch_rng, run.partial())
+                    raise Interrupted(
+                        f"{stop.name}: stopped after step {step} of {self.total} (epoch {epoch + 1}); the training "
+                        f"state is saved in {str(self.state_file)!r}: continue with the same command and --resume",
+                        stop.signal_number,
+                    )
+                self.history.append(run.means())
+                logger.info("epoch %d: %s", epoch + 1, self.history[-1])
+                if self.log is not None:
+                    seconds = time.perf_counter() - epoch_start
+                    batches = run.batches - (done["batches"] if done else 0)
+                    images_done = batches * loader.batch_size * self.rank.world_size
+                    self.log.epoch({"epoch": epoch + 1, "step": step, "seconds": round(seconds, 3),
+                                    "images_per_second": round(images_done / max(seconds, 1e-9), 1),
+                                    **self.history[-1]})
+                self.save_state(epoch + 1, step, self.generator.get_state(), None)
+        return step
+
+    def write_checkpoint(self, out: str | os.PathLike[str], images: ImageSet) -> None:
+        """The checkpoint (and, under diagnostics, the method's final state); the training
+        state is removed then."""
+        config = self.config
+        save_checkpoint(
+            out, self.model, self.preprocess, list(images.label_names),
+            train_config={**config.to_dict(), "data": images.source, "init_from": self.init},
+            extra={"trained_classes": list(images.label_names), "method": config.compat.method,
+                   "processes": self.rank.world_size, **self.facts},
+        )
+        self.state_file.unlink(missing_ok=True)
+        if config.run.diagnostics and config.run.log_dir and isinstance(self.task, CompatibleTask):
+            atomic_write_text(Path(config.run.log_dir) / "compat.json", json.dumps(self.task.compat.summary()))
 
 
 def _distribute(task: nn.Module, config: TrainConfig, device: torch.device, rank: Rank) -> nn.Module:
@@ -372,18 +429,13 @@ class _EpochRun:
     """One pass over the data through ``forward`` (the task or its DDP wrapper), possibly the rest
     of a pass an earlier run began (``done``: its batch count and loss sums)."""
 
-    def __init__(
-        self, task: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler | None, config: TrainConfig, device: torch.device, epoch: int,
-        total: int, warmup: int, progress: Progress, step: int, done: dict[str, Any] | None,
-        log: TrainLog | None = None, rank: Rank = Rank(),
-    ) -> None:
-        self.task, self.forward, self.optimizer, self.scaler, self.log = task, forward, optimizer, scaler, log
-        self.rank = rank
-        self.config, self.device, self.epoch, self.total, self.warmup = config, device, epoch, total, warmup
-        self.progress, self.step = progress, step
+    def __init__(self, session: _Session, epoch: int, step: int, done: dict[str, Any] | None) -> None:
+        self.task, self.forward, self.optimizer = session.task, session.forward, session.optimizer
+        self.scaler, self.log, self.rank, self.progress = session.scaler, session.log, session.rank, session.progress
+        self.config, self.device, self.total, self.warmup = session.config, session.device, session.total, session.warmup
+        self.epoch, self.step = epoch, step
         self.batches = int(done["batches"]) if done else 0
-        self.sums = {k: torch.tensor(v, device=device) for k, v in (done["sums"] if done else {}).items()}
+        self.sums = {k: torch.tensor(v, device=self.device) for k, v in (done["sums"] if done else {}).items()}
 
     def partial(self) -> dict[str, Any]:
         """What a resumed run needs to finish this epoch: batches done and the loss sums,
