@@ -178,20 +178,36 @@ def load_old_side(
                 len(unknown), len(set(explicit)), ", ".join(map(repr, unknown[:5])), " ..." if len(unknown) > 5 else "",
             )
     if old_model:
-        checkpoint = load_checkpoint(old_model, device=device)
-        dim = checkpoint.config.embedding_dim
-        _check_dim(dim, embedding_dim, old_model)
-        module: nn.Module = OnTheFlyOld(checkpoint, preprocess)
-        # Statistics come from the old model on un-augmented training images, as with a file.
-        from bctool.extract import extract
-
-        table = torch.from_numpy(extract(images, checkpoint, workers=workers, progress=progress).embeddings)
-        trained = explicit if explicit is not None else checkpoint.extra.get("trained_classes")
-        mask = old_class_mask(images.label_names, trained, checkpoint.class_names, f"--old-model {old_model}")
-        head = _frozen_head(checkpoint)
-        mapping = _head_mapping(images.label_names, checkpoint.class_names, mask) if head else None
-        return OldSide(module, table, mask, head, mapping, f"old model {old_model}")
+        return _from_model(images, embedding_dim, preprocess, device, old_model, explicit, workers, progress)
     assert old_embeddings is not None
+    return _from_embeddings(images, embedding_dim, device, old_embeddings, explicit, need_old_head)
+
+
+def _from_model(
+    images: ImageSet, embedding_dim: int, preprocess: Preprocess, device: torch.device, old_model: str,
+    explicit: list[str] | None, workers: int, progress: Progress,
+) -> OldSide:
+    """The old checkpoint run on every batch; its statistics from un-augmented training images."""
+    checkpoint = load_checkpoint(old_model, device=device)
+    _check_dim(checkpoint.config.embedding_dim, embedding_dim, old_model)
+    module: nn.Module = OnTheFlyOld(checkpoint, preprocess)
+    # Statistics come from the old model on un-augmented training images, as with a file.
+    from bctool.extract import extract
+
+    table = torch.from_numpy(extract(images, checkpoint, workers=workers, progress=progress).embeddings)
+    trained = explicit if explicit is not None else checkpoint.extra.get("trained_classes")
+    mask = old_class_mask(images.label_names, trained, checkpoint.class_names, f"--old-model {old_model}")
+    head = _frozen_head(checkpoint)
+    mapping = _head_mapping(images.label_names, checkpoint.class_names, mask) if head else None
+    return OldSide(module, table, mask, head, mapping, f"old model {old_model}")
+
+
+def _from_embeddings(
+    images: ImageSet, embedding_dim: int, device: torch.device, old_embeddings: str, explicit: list[str] | None,
+    need_old_head: bool,
+) -> OldSide:
+    """Precomputed old embeddings matched to the training images by id; the old classifier
+    from the checkpoint the file names, when the method uses it and that file is unchanged."""
     emb = load_embeddings(old_embeddings)
     _check_dim(emb.dim, embedding_dim, old_embeddings)
     table = match_by_id(images, emb, old_embeddings)
@@ -208,10 +224,10 @@ def load_old_side(
         if checkpoint is not None and checkpoint.model.head is not None:
             head = _frozen_head(checkpoint)
             mapping = _head_mapping(images.label_names, checkpoint.class_names, mask)
-            logger.info("bct: using the classifier of %s", checkpoint.path)
+            logger.info("using the old classifier of %s", checkpoint.path)
         else:
             logger.warning(
-                "bct: the old checkpoint named in %s (%s) is not there or has changed, so its "
+                "the old checkpoint named in %s (%s) is not there or has changed, so its "
                 "classifier is not available; using the old class centers as prototypes "
                 "(pass --old-model to use the old classifier)",
                 old_embeddings, emb.model.get("path", "unknown"),
