@@ -1,0 +1,96 @@
+"""Is M(n,o) > M(o,o) real? Bootstrap intervals of delta = M(n,o) - M(o,o) for the paper table's runs.
+
+    python examples/compat_significance.py --settings extended-class-warm extended-data-fashion-warm
+
+For every setting, method and seed that ``examples/paper_table.py`` trained (its ``--workdir``
+keeps the query and gallery embeddings), the per-query AP of the new and the old queries
+against the old gallery gives delta with a paired bootstrap 95% interval (1,000 resamples,
+seeded by the seed), as ``bctool evaluate`` reports it. Over the seeds, the pooled delta is the
+mean of the seeds' deltas, and its interval comes from a stratified bootstrap: each resample
+draws queries within every seed and averages the seeds' resampled means, so each old model
+keeps its weight. Writes ``docs/paper/significance.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from bctool.embeddings import load_embeddings
+from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_means, paired_delta
+from bctool.evaluate.retrieval import evaluate_retrieval_per_query
+from paper_table import SETTINGS  # this folder is on sys.path when the script runs
+
+
+def _per_query(query: Path, gallery: Path):  # noqa: ANN202 - a QueryAP
+    return evaluate_retrieval_per_query(load_embeddings(query), load_embeddings(gallery))[1]
+
+
+def seed_deltas(workdir: Path, setting: str, method: str, n: int) -> dict[int, dict]:
+    """Per seed: delta, its interval, and the per-query differences (new AP - old AP)."""
+    spec = SETTINGS[setting]
+    out = {}
+    for folder in sorted((workdir / setting).iterdir()):
+        # paper_table's layout: SETTING/seedS-oldO-eE[-lrL][-cwW] beside old/DATA-LIST-ARCH-eE-seedO
+        found = re.match(r"seed(\d+)-old(\d+)-e(\d+)", folder.name)
+        query = folder / f"{method}_query.safetensors"
+        if not found or not query.exists():
+            continue
+        seed, old_seed, old_epochs = (int(g) for g in found.groups())
+        old = workdir / "old" / f"{spec.dataset}-{Path(spec.old_list).stem}-{spec.old_arch}-e{old_epochs}-seed{old_seed}"
+        old_ap = _per_query(old / "old_query.safetensors", old / "old_gallery.safetensors")
+        new_ap = _per_query(query, old / "old_gallery.safetensors")
+        report = paired_delta(old_ap, new_ap, n=n, seed=seed)
+        report["diff"] = np.asarray(new_ap.ap, dtype=np.float64) - np.asarray(old_ap.ap, dtype=np.float64)
+        out[seed] = report
+    return out
+
+
+def pooled(per_seed: dict[int, dict], n: int, level: float = DEFAULT_LEVEL) -> dict[str, float]:
+    """The mean of the seeds' deltas and its stratified bootstrap interval."""
+    means = np.mean([bootstrap_means(r["diff"], n, seed) for seed, r in sorted(per_seed.items())], axis=0)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    delta = float(np.mean([r["delta"] for r in per_seed.values()]))
+    return {"delta": delta, "delta_low": float(low), "delta_high": float(high), "significant": bool(low > 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=["extended-class-warm", "extended-data-fashion-warm"])
+    parser.add_argument("--methods", nargs="+", default=["independent", "bct", "advbct"])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="paper_table.py's --workdir")
+    parser.add_argument("--extra-workdirs", type=Path, nargs="*", default=[],
+                        help="more workdirs searched for a setting missing from --workdir")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="resamples")
+    parser.add_argument("--out", type=Path, default=Path("docs/paper/significance.json"))
+    args = parser.parse_args()
+    rows, record = ["| setting | method | delta per seed (95% interval), points | compatible | pooled delta (95% interval) |",
+                    "| --- | --- | --- | --- | --- |"], {}
+    for setting in args.settings:
+        workdir = next((w for w in [args.workdir, *args.extra_workdirs] if (w / setting).is_dir()), None)
+        if workdir is None:
+            continue
+        for method in args.methods:
+            per_seed = seed_deltas(workdir, setting, method, args.bootstrap)
+            if not per_seed:
+                continue
+            both = pooled(per_seed, args.bootstrap)
+            record.setdefault(setting, {})[method] = {
+                "seeds": {s: {k: v for k, v in r.items() if k != "diff"} for s, r in per_seed.items()},
+                "pooled": both}
+            seeds = "; ".join(f"{100 * r['delta']:+.2f} [{100 * r['delta_low']:+.2f}, {100 * r['delta_high']:+.2f}]"
+                              for _, r in sorted(per_seed.items()))
+            wins = sum(r["delta"] > 0 for r in per_seed.values())
+            rows.append(f"| {setting} | {method} | {seeds} | {wins}/{len(per_seed)} | "
+                        f"{100 * both['delta']:+.2f} [{100 * both['delta_low']:+.2f}, {100 * both['delta_high']:+.2f}] |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
