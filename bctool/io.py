@@ -145,3 +145,27 @@ def check_output_path(out: str | os.PathLike[str], example: str = "model.safeten
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {str(path)!r}: cannot write into {str(existing)!r}; choose a writable folder")
+
+
+def check_not_an_input(
+    out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | list | tuple | None]
+) -> None:
+    """Refuse, before any work, an ``out`` that is one of the command's inputs: the same path
+    once links are resolved, or the same file (a hard link). ``inputs`` maps each option's name
+    to its path, a list of paths, or None (not given)."""
+    target = Path(out)
+    resolved = os.path.realpath(target)
+    for option, given in inputs.items():
+        paths = given if isinstance(given, (list, tuple)) else [given]
+        for path in paths:
+            if path is None:
+                continue
+            same = os.path.realpath(path) == resolved
+            if not same and target.exists() and Path(path).exists():
+                with contextlib.suppress(OSError):
+                    same = os.path.samefile(path, target)
+            if same:
+                raise ConfigError(
+                    f"--out {str(out)!r} is the {option} input {str(path)!r}: writing it would destroy that "
+                    "input; choose another --out"
+                )

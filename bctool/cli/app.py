@@ -14,6 +14,7 @@ import typer
 from bctool import __version__
 from bctool.cli.errors import reports_errors
 from bctool.cli.output import RichProgress, emit_json, metrics_table, setup_logging, stderr
+from bctool.io import check_not_an_input
 
 if TYPE_CHECKING:
     from bctool.evaluate.protocols import Protocol, Table
@@ -206,6 +207,42 @@ def extract(
     if result.failed and not quiet:
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")
+    emit_json(result.to_dict())
+
+
+@app.command()
+@reports_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="Checkpoint written by `bctool train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the exported model (model.onnx, model.pt).")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
+    normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
+    images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
+    check: Annotated[int, typer.Option(min=1, help="Images the exported model is checked on against `bctool extract`.")] = 8,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest allowed difference from `bctool extract`, relative to the embedding norm.")] = 1e-4,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export a checkpoint's embedding model (ONNX or TorchScript, dynamic batch axis) for serving;
+    refuse it unless its outputs match `bctool extract`'s; print a JSON summary.
+
+    The input is (N, 3, S, S) float32 RGB of the checkpoint's image size S, resized (shorter side
+    to S) and centre-cropped; the output is the raw (N, D) embeddings, to L2-normalise. The
+    checkpoint's metadata (class names aside) goes into the file's metadata under "bctool".
+    """
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data import load_image_set
+    from bctool.export import export_model
+
+    setup_logging(verbose)
+    check_not_an_input(out, {"MODEL": model, "--images": images})
+    checkpoint = load_checkpoint(model)
+    image_set = load_image_set(images, require_labels=False) if images is not None else None
+    result = export_model(checkpoint, out, format, normalize=normalize, images=image_set, check=check,
+                          tolerance=tolerance)
+    if not quiet:
+        stderr.print(f"exported {format} to {out}: largest difference {result.max_difference:.2e} of the embedding "
+                     f"norm on {result.images_checked} images (tolerance {tolerance:g})", highlight=False, markup=False)
     emit_json(result.to_dict())
 
 

@@ -1,0 +1,271 @@
+"""Export: the embedding model of a checkpoint as ONNX or TorchScript, checked against bctool.
+
+The exported model maps a batch of images, ``(N, 3, S, S)`` float32 RGB with S the checkpoint's
+image size (any N: the batch axis is dynamic), to raw embeddings ``(N, D)``; retrieval
+L2-normalises them, as ``bctool extract`` does. Resizing and cropping stay outside the graph
+(resize the shorter side to S with bilinear filtering, centre-crop a square): they depend on
+each image's size. The per-channel normalisation is outside too, unless ``normalize`` puts it
+inside, so that the input is the image's RGB in [0, 1].
+
+Before the file is written to its place, the exported model runs on a few images (the ones
+given, else seeded random images) in its own runtime (onnxruntime, the TorchScript runtime) and
+its embeddings are compared with ``bctool extract``'s; the largest difference, relative to the
+embedding's norm, must stay within the tolerance (1e-4), or the export is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bctool.checkpoint import Checkpoint, read_checkpoint_metadata
+from bctool.data.dataset import load_record
+from bctool.data.sources import ImageSet
+from bctool.data.transforms import EvalTransform, Preprocess
+from bctool.errors import BctoolError, ConfigError
+from bctool.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+TOLERANCE = 1e-4  # largest |exported - bctool| / |bctool| allowed, per embedding
+INPUT, OUTPUT = "images", "embeddings"
+METADATA_KEY = "bctool"  # ONNX metadata_props key / TorchScript extra file holding the metadata
+_ONNX_EXTRA = "pip install -e \".[export]\" (onnx, onnxscript and onnxruntime)"
+
+
+class Embedder(nn.Module):
+    """What is exported: images -> raw embeddings, with the normalisation inside if asked."""
+
+    def __init__(self, checkpoint: Checkpoint, normalize: bool) -> None:
+        super().__init__()
+        self.model = checkpoint.model
+        pre = checkpoint.preprocess
+        self.normalize = normalize
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            images = (images - self.mean) / self.std
+        return self.model.embed(images)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and measured."""
+
+    out: str
+    format: str
+    input: dict[str, Any]  # name, shape, dtype and what the values must be
+    output: dict[str, Any]
+    images_checked: int
+    max_difference: float  # largest |exported - bctool| / |bctool| over the checked images
+    tolerance: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return asdict(self)
+
+
+def export_metadata(checkpoint_path: str | os.PathLike[str], normalize: bool) -> dict[str, Any]:
+    """The checkpoint's metadata (class names aside) and how to feed the exported model."""
+    meta = read_checkpoint_metadata(checkpoint_path)
+    record: dict[str, Any] = {}
+    for key, value in meta.items():
+        if key == "class_names":
+            continue
+        try:
+            record[key] = json.loads(value)
+        except ValueError:
+            record[key] = value
+    record["export"] = {"normalize_included": normalize, "input": INPUT, "output": OUTPUT}
+    return record
+
+
+def _input_spec(pre: Preprocess, normalize: bool) -> dict[str, Any]:
+    values = ("RGB in [0, 1]" if normalize else
+              f"RGB in [0, 1], then (x - mean) / std per channel, mean {list(pre.mean)}, std {list(pre.std)}")
+    return {"name": INPUT, "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
+            "values": values,
+            "resize": f"shorter side to {pre.image_size} px (bilinear), then a centre crop of {pre.image_size} x {pre.image_size}"}
+
+
+def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, normalize: bool,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported model's input for ``count`` images and what ``bctool extract`` gives for
+    them: the first images of ``images``, else seeded random images (uniform RGB)."""
+    pre = checkpoint.preprocess
+    raw = Preprocess(image_size=pre.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    if images is not None and len(images):
+        records = images.records[:count]
+        unit = torch.stack([EvalTransform(raw)(load_record(r)) for r in records])
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        unit = torch.rand(count, 3, pre.image_size, pre.image_size, generator=generator)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    normalized = (unit - mean) / std
+    with torch.inference_mode():
+        expected = checkpoint.model.embed(normalized).float()
+    return (unit if normalize else normalized), expected
+
+
+def _relative_difference(got: np.ndarray, expected: torch.Tensor) -> float:
+    want = expected.numpy().astype(np.float64)
+    norms = np.linalg.norm(want, axis=1).clip(min=1e-12)
+    return float((np.abs(got.astype(np.float64) - want).max(axis=1) / norms).max())
+
+
+def _require_onnx() -> None:
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"--format onnx needs {', '.join(missing)}, which is not installed: {_ONNX_EXTRA}")
+
+
+def _export_onnx(module: Embedder, example: torch.Tensor, path: Path, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    # The exporter reports its steps on stdout, which is for JSON here, and logs warnings about
+    # packages bctool does not use (torchvision): both go to the log, at debug level.
+    quiet = logging.getLogger("torch.onnx").getEffectiveLevel() > logging.DEBUG
+    with contextlib.redirect_stdout(sys.stderr if not quiet else io.StringIO()), _torch_logs_quiet(quiet):
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                                    dynamic_shapes={"images": {0: batch}}, verbose=False)
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _torch_logs_quiet(quiet: bool):  # noqa: ANN202 - a context manager
+    """Torch's own loggers at ERROR while exporting, unless bctool logs at debug level."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch")]
+    levels = [lg.level for lg in loggers]
+    if quiet:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            if quiet:  # the exporter's own deprecation notices, not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT], {INPUT: images.numpy()})[0]
+
+
+def _export_torchscript(module: Embedder, example: torch.Tensor, path: Path, metadata: dict[str, Any]) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still served
+        traced = torch.jit.trace(module, example)
+        torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+
+
+def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu")(images).numpy()
+
+
+def read_exported_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bctool metadata of an exported file (ONNX or TorchScript)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[METADATA_KEY])
+    extra = {f"{METADATA_KEY}.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[f"{METADATA_KEY}.json"])
+
+
+def export_model(
+    checkpoint: Checkpoint,
+    out: str | os.PathLike[str],
+    fmt: str = "onnx",
+    normalize: bool = False,
+    images: ImageSet | None = None,
+    check: int = 8,
+    tolerance: float = TOLERANCE,
+) -> ExportResult:
+    """Export ``checkpoint``'s embedding model to ``out`` in ``fmt`` after checking it.
+
+    The exported file runs in its own runtime on ``check`` images (the first of ``images``,
+    else seeded random ones) in a batch of another size than the export's example, so the
+    dynamic batch axis is exercised too. A difference above ``tolerance`` (relative to the
+    embedding norm) is an error and leaves nothing at ``out``.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; choose one of {list(FORMATS)}")
+    if check < 1:
+        raise ConfigError(f"--check {check} must be at least 1: the export is always checked")
+    if fmt == "onnx":
+        _require_onnx()
+    started = time.perf_counter()
+    model = checkpoint.model.to("cpu").eval()
+    checkpoint.model = model
+    module = Embedder(checkpoint, normalize).eval()
+    inputs, expected = check_batch(checkpoint, images, check, normalize)
+    example = inputs[:2] if len(inputs) > 2 else torch.cat([inputs, inputs])[:2]
+    metadata = export_metadata(checkpoint.path, normalize)
+    export, run = (_export_onnx, _run_onnx) if fmt == "onnx" else (_export_torchscript, _run_torchscript)
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    with atomic_path(out) as tmp:
+        staged = tmp.with_name(tmp.name + suffix)  # exporters and runtimes look at the suffix
+        try:
+            export(module, example, staged, metadata)
+            got = run(staged, inputs)
+            difference = _relative_difference(got, expected)
+            if not np.isfinite(difference) or difference > tolerance:
+                raise BctoolError(
+                    f"the exported {fmt} model differs from bctool extract by {difference:.3g} (relative to the "
+                    f"embedding norm) on {len(inputs)} images, above the tolerance {tolerance:g}; nothing was "
+                    "written. Try the other --format, or report it with the checkpoint's arch"
+                )
+            os.replace(staged, tmp)
+        finally:
+            staged.unlink(missing_ok=True)
+    logger.info("exported %s to %s: largest relative difference %.3g on %d images", fmt, out, difference, len(inputs))
+    pre = checkpoint.preprocess
+    return ExportResult(
+        out=str(out), format=fmt, input=_input_spec(pre, normalize),
+        output={"name": OUTPUT, "shape": ["batch", checkpoint.config.embedding_dim], "dtype": "float32",
+                "values": "raw embeddings: L2-normalise them before searching"},
+        images_checked=len(inputs), max_difference=difference, tolerance=tolerance,
+        seconds=round(time.perf_counter() - started, 2),
+    )
