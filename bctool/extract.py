@@ -77,7 +77,7 @@ class _Rows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         row = self.rows[i]
         try:
-            return self.transform(load_record(self.images.records[row])), row, ""
+            return self.transform(load_record(self.images.records[row], self.transform.source_side)), row, ""
         except DataError as exc:
             if self.strict:
                 raise

@@ -24,14 +24,25 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         record = self.images.records[index]
-        return self.transform(load_record(record)), record.label, index
+        return self.transform(load_record(record, source_side(self.transform))), record.label, index
 
 
-def load_record(record: ImageRecord) -> Image.Image:
+def source_side(transform: object) -> int | None:
+    """The shorter side a transform needs of its input image to lose nothing (its
+    ``source_side``), None when it does not say."""
+    return getattr(transform, "source_side", None)
+
+
+def load_record(record: ImageRecord, min_side: int | None = None) -> Image.Image:
     """The record's image as RGB, cut to its crop box when it has one (training and extraction
-    read every image through here)."""
-    image = load_rgb(record.path)
-    return crop_box(image, record.crop) if record.crop is not None else image
+    read every image through here). With ``min_side``, a large JPEG is decoded at a reduced
+    scale that leaves the image, or its crop box, at least that side (see ``load_rgb``)."""
+    if record.crop is None:
+        return load_rgb(record.path, min_side)
+    x1, y1, x2, y2 = record.crop
+    image = load_rgb(record.path, min_side, box_side=min(x2 - x1, y2 - y1))
+    scale = image.info.get("draft_scale", 1.0)  # the box is in full-size pixels
+    return crop_box(image, (x1 * scale, y1 * scale, x2 * scale, y2 * scale) if scale != 1.0 else record.crop)
 
 
 def crop_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:

@@ -43,6 +43,11 @@ class EvalTransform:
     def __init__(self, pre: Preprocess) -> None:
         self.pre = pre
 
+    @property
+    def source_side(self) -> int:
+        """The input's shorter side that this transform resizes down to: ``image_size``."""
+        return self.pre.image_size
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         size = self.pre.image_size
         w, h = img.size
@@ -67,6 +72,13 @@ class TrainTransform:
         jitter: float = 0.2,
     ) -> None:
         self.pre, self.scale, self.ratio, self.jitter = pre, scale, ratio, jitter
+
+    @property
+    def source_side(self) -> int:
+        """The input's shorter side that keeps the smallest crop at least ``image_size``: a
+        crop covers a ``scale[0]`` share of the area at worst, at the extreme aspect ratio."""
+        smallest = math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1]))
+        return math.ceil(self.pre.image_size / smallest)
 
     def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
         area = w * h
