@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
@@ -180,6 +182,8 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
                      for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
         "final": summary.final,
         "seconds": round(time.perf_counter() - start, 1),
+        # Results are bit-for-bit the same for the same torch thread count, not across counts.
+        "torch_threads": torch.get_num_threads(),
     }
     if diagnostics:  # every epoch's loss parts and side measurements, and the loss's final state
         row["history"] = summary.history
