@@ -148,7 +148,8 @@ def check_output_path(out: str | os.PathLike[str], example: str = "model.safeten
 
 
 def check_not_an_input(
-    out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | list | tuple | None]
+    out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | list | tuple | None],
+    flag: str = "--out",
 ) -> None:
     """Refuse, before any work, an ``out`` that is one of the command's inputs: the same path
     once links are resolved, or the same file (a hard link). ``inputs`` maps each option's name
@@ -166,6 +167,20 @@ def check_not_an_input(
                     same = os.path.samefile(path, target)
             if same:
                 raise ConfigError(
-                    f"--out {str(out)!r} is the {option} input {str(path)!r}: writing it would destroy that "
-                    "input; choose another --out"
+                    f"{flag} {str(out)!r} is the {option} input {str(path)!r}: writing it would destroy that "
+                    f"input; choose another {flag}"
                 )
+
+
+def unused_path(wanted: str | os.PathLike[str]) -> Path:
+    """``wanted``, or ``NAME-2.EXT``, ``NAME-3.EXT``... beside it if it exists: a name to put in a
+    suggested command, which must never overwrite a file the user has."""
+    path = Path(wanted)
+    if not path.exists():
+        return path
+    suffix = "".join(path.suffixes[-1:])
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    n = 2
+    while (candidate := path.with_name(f"{stem}-{n}{suffix}")).exists():
+        n += 1
+    return candidate

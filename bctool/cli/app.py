@@ -113,6 +113,9 @@ def train(
 
     # Every parameter of this command named like a training option is one (the CLI's names).
     options = {name: value for name, value in locals().items() if name in OPTION_GROUP}
+    check_not_an_input(out, {"DATA": data, "--old-embeddings": old_embeddings, "--old-model": old_model,
+                             "--init-from": None if init_from in ("auto", "none") else init_from,
+                             "--pretrained": pretrained, "--old-classes": old_classes})
     main_rank = launched_rank().is_main
     setup_logging(verbose and main_rank)
     if not main_rank:  # other ranks report only errors
@@ -186,6 +189,7 @@ def extract(
     from bctool.extract import Shard, extract_to_file
 
     setup_logging(verbose)
+    check_not_an_input(out, {"DATA": data, "--model": model, "--gnd": gnd})
     if queries and gnd is None:
         raise typer.BadParameter("--queries selects the query images of a --gnd ground truth; pass --gnd too")
     part = Shard.parse(shard) if shard is not None else None
@@ -255,6 +259,8 @@ def plot(
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
     from bctool.train.log import plot_training
 
+    if out is not None:
+        check_not_an_input(out, {"LOG_DIR": [log_dir / "steps.jsonl", log_dir / "epochs.jsonl"]})
     emit_json(plot_training(log_dir, out))
 
 
@@ -267,6 +273,7 @@ def merge(
     """Join the parts of a sharded extraction into one embeddings file, in list order."""
     from bctool.embeddings import merge_shards
 
+    check_not_an_input(out, {"PARTS": list(parts)})
     emit_json(merge_shards(list(parts), out))
 
 
@@ -317,6 +324,12 @@ def evaluate(
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.protocols import make_protocol
 
+    if plot is not None:
+        check_not_an_input(plot, flag="--plot", inputs={
+            "--query": query, "--gallery": gallery, "--old-query": old_query, "--old-gallery": old_gallery,
+            "--new-query": new_query, "--new-gallery": new_gallery, "--independent-query": independent_query,
+            "--independent-gallery": independent_gallery, "--gnd": gnd, "--solution": solution,
+            "QUERY,GALLERY": [path for text in pairs or [] for path in text.split(",") if path]})
     protocol = make_protocol(gnd=gnd, solution=solution, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search)
     if chain:
         _evaluate_chain(pairs or [], protocol, quiet)
@@ -454,6 +467,7 @@ def dataset_gldv2(
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
     from bctool.data.gldv2 import write_gldv2_list
 
+    check_not_an_input(out, {"CSV_FILE": csv_file})
     emit_json(write_gldv2_list(csv_file, images, out))
 
 

@@ -21,6 +21,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import Preprocess
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
+from bctool.io import unused_path
 from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,14 @@ def match_by_id(images: ImageSet, old: Embeddings, source: str) -> torch.Tensor:
     rows = [row_of.get(image_id, -1) for image_id in images.ids]
     missing = [image_id for image_id, r in zip(images.ids, rows) if r < 0]
     if missing:
+        # A new file beside the old one: the suggested command must not overwrite anything.
+        suggestion = unused_path(Path(source).with_name(f"{Path(images.source).stem}_old_emb.safetensors"))
         shown = ", ".join(repr(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise EmbeddingsError(
             f"{len(missing)} of {len(images)} training images have no old embedding in "
             f"{source!r} ({shown}{more}); extract the old embeddings over the same training "
-            f"list: bctool extract {images.source} --model OLD.safetensors --out {source}"
+            f"list: bctool extract {images.source} --model OLD.safetensors --out {suggestion}"
         )
     return torch.from_numpy(old.embeddings[rows].copy())
 
