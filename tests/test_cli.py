@@ -331,7 +331,8 @@ def test_evaluate_index_choices(tmp_path: Path) -> None:
                for ix in ("flat", "hnsw")}
     assert results["flat"]["recall@1"] == 1.0 and results["hnsw"]["recall@1"] >= 0.95
     result = runner.invoke(app, ["evaluate", "--query", str(path), "--gallery", str(path), "--index", "lsh"])
-    assert result.exit_code == 1 and "flat, ivf, hnsw" in result.stderr
+    assert result.exit_code == 2 and "'lsh' is unknown; choose one of ['flat', 'ivf', 'hnsw']" in " ".join(
+        result.stderr.replace("│", " ").split())
 
 
 def test_dataset_gldv2_writes_list_files(tmp_path: Path) -> None:
@@ -350,3 +351,21 @@ def test_dataset_gldv2_writes_list_files(tmp_path: Path) -> None:
     result = runner.invoke(app, ["dataset", "gldv2", str(tmp_path / "missing.csv"), "--images", "x",
                                  "--out", str(tmp_path / "o.txt")])
     assert result.exit_code == 1 and "Error:" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "x", "--out", "y", "--arch", "resnet9"], "'resnet9' is unknown; choose one of ['auto'"),
+    (["train", "x", "--out", "y", "--method", "bct2"], "'bct2' is unknown; choose one of ['advbct'"),
+    (["train", "x", "--out", "y", "--amp", "fp8"], "'fp8' is unknown; choose one of ['off', 'bf16', 'fp16']"),
+    (["train", "x", "--out", "y", "--head", "dot"], "'dot' is unknown; choose one of ['linear'"),
+    (["train", "x", "--out", "y", "--lr", "nan"], "nan must be a positive, finite number"),
+    (["train", "x", "--out", "y", "--lr", "-1"], "-1.0 must be a positive, finite number"),
+    (["extract", "x", "-m", "y", "-o", "z", "--shard", "3/2"], "'3/2': I must lie in 0..N-1"),
+    (["export", "x", "-o", "y", "-f", "tflite"], "'tflite' is unknown; choose one of ['onnx', 'torchscript']"),
+    (["evaluate", "--query", "a", "--gallery", "b", "--index", "lsh"], "'lsh' is unknown; choose one of ['flat', 'ivf', 'hnsw']"),
+    (["demo", "--method", "nope"], "'nope' is unknown; choose one of"),
+])
+def test_invalid_choices_are_usage_errors(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert message in " ".join(result.stderr.replace("│", " ").split())

@@ -270,7 +270,7 @@ def test_cli_shards_and_merge(images: Path, checkpoint: Checkpoint, tmp_path: Pa
     assert result.exit_code == 1 and "shards 1/2 are missing" in result.stderr
     result = runner.invoke(app, ["extract", str(images), "-m", checkpoint.path, "-o", str(tmp_path / "y.safetensors"),
                                  "--shard", "2/2"])
-    assert result.exit_code == 1 and "--shard '2/2': I must lie in 0..N-1" in result.stderr
+    assert result.exit_code == 2 and "'2/2': I must lie in 0..N-1" in result.stderr  # a usage error
 
 
 def test_merge_refuses_corrupt_shard_metadata(tmp_path: Path) -> None:

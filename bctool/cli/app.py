@@ -6,6 +6,7 @@ stdout carries exactly one JSON document per command; people read stderr.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -42,6 +43,60 @@ Device = Annotated[
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")]
 
 
+def _one_of(allowed: tuple[str, ...]):  # noqa: ANN202 - a click callback
+    """A callback refusing a value outside ``allowed`` as a usage error (exit 2)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is unknown; choose one of {list(allowed)}")
+        return value
+
+    return check
+
+
+def _arch_choice(value: str | None) -> str | None:
+    """A registered backbone, auto, or package.module:factory (checked when it is built)."""
+    from bctool.models.model import BACKBONES, is_import_spec
+
+    if value is not None and value != "auto" and value not in BACKBONES and not is_import_spec(value):
+        raise typer.BadParameter(
+            f"{value!r} is unknown; choose one of {['auto', *sorted(BACKBONES)]}, or name your own as package.module:factory"
+        )
+    return value
+
+
+def _method_choice(value: str | None) -> str | None:
+    """A registered compatibility method."""
+    if value is None:
+        return value
+    from bctool.train.methods import METHODS
+
+    if value not in METHODS:
+        raise typer.BadParameter(f"{value!r} is unknown; choose one of {sorted(METHODS)} (`bctool methods` describes them)")
+    return value
+
+
+def _positive_finite(value: float | None) -> float | None:
+    """A positive, finite number (NaN and inf are refused)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value!r} must be a positive, finite number")
+    return value
+
+
+def _shard_choice(value: str | None) -> str | None:
+    """I/N with 0 <= I < N."""
+    if value is None:
+        return value
+    from bctool.errors import ConfigError
+    from bctool.extract import Shard
+
+    try:
+        Shard.parse(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--shard ")) from None
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"bctool {__version__}")
@@ -63,14 +118,14 @@ def _root(
 def train(
     data: Annotated[Path, typer.Argument(help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
-    arch: Annotated[str, typer.Option(help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
+    arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
-    head: Annotated[str, typer.Option(help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
+    head: Annotated[str, typer.Option(callback=_one_of(("linear", "cosine", "arcface", "cosface")), help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
     head_margin: Annotated[float, typer.Option(help="Margin m of the arcface/cosface heads.")] = 0.3,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 30,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 128,
-    lr: Annotated[Optional[float], typer.Option(help="Peak SGD learning rate (linear warm-up, then cosine decay); default 0.1, or 0.03 for a warm start (--init-from).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(callback=_positive_finite, help="Peak SGD learning rate (linear warm-up, then cosine decay); default 0.1, or 0.03 for a warm start (--init-from).", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     warmup_epochs: Annotated[float, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 1.0,
     image_size: Annotated[int, typer.Option(min=8, help="Training and extraction image side in pixels.")] = 224,
@@ -82,12 +137,12 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every (augmented) batch instead of --old-embeddings.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Compatibility method (`bctool methods` lists every registered one with its parameters): bct is the recommended default with an old side (warm-started: see --init-from), advbct the AdvBCT paper's, independent the default without an old side.")] = None,
+    method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method (`bctool methods` lists every registered one with its parameters): bct is the recommended default with an old side (warm-started: see --init-from), advbct the AdvBCT paper's, independent the default without an old side.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
-    amp: Annotated[str, typer.Option(help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
+    amp: Annotated[str, typer.Option(callback=_one_of(("off", "bf16", "fp16")), help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="With --log-dir: also log, per step, the gradient norm of every loss part at the embedding (grad_PART) and the method's own measurements (AdvBCT: discriminator accuracy disc_acc, share of old-class samples outside their boundary, mean elastic radius), and write the final boundary radii to LOG_DIR/compat.json.")] = False,
@@ -170,7 +225,7 @@ def extract(
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
     queries: Annotated[bool, typer.Option("--queries", help="With --gnd: embed the query images (qimlist), cropped to their bounding boxes.")] = False,
     crop: Annotated[bool, typer.Option(help="With --gnd --queries: crop queries to their bbx (the standard protocol); --no-crop as in the AdvBCT paper.")] = True,
-    shard: Annotated[Optional[str], typer.Option(help="Embed only part I of N of the list (I/N, 0-based), e.g. one per GPU or machine; join the parts with `bctool merge`.")] = None,
+    shard: Annotated[Optional[str], typer.Option(callback=_shard_choice, help="Embed only part I of N of the list (I/N, 0-based), e.g. one per GPU or machine; join the parts with `bctool merge`.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it (skipped images are listed in OUT.failed.tsv).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.partial (its progress is saved every 30 s and on errors or Ctrl-C).")] = False,
     device: Device = "auto",
@@ -219,7 +274,7 @@ def extract(
 def export(
     model: Annotated[Path, typer.Argument(help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the exported model (model.onnx, model.pt).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
+    format: Annotated[str, typer.Option("--format", "-f", callback=_one_of(("onnx", "torchscript")), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
     normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
     check: Annotated[int, typer.Option(min=1, help="Images the exported model is checked on against `bctool extract`.")] = 8,
@@ -311,7 +366,7 @@ def evaluate(
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
-    index: Annotated[str, typer.Option(help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
+    index: Annotated[str, typer.Option(callback=_one_of(("flat", "ivf", "hnsw")), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(min=1, help="With --index ivf: inverted lists visited per query.")] = 32,
     ef_search: Annotated[int, typer.Option(min=1, help="With --index hnsw: search breadth per query.")] = 128,
     quiet: Quiet = False,
@@ -475,12 +530,12 @@ def dataset_gldv2(
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
-    method: Annotated[str, typer.Option(help="Compatibility method of the new model (default: the recommended bct; any method of `bctool train --method`).")] = "bct",
+    method: Annotated[str, typer.Option(callback=_method_choice, help="Compatibility method of the new model (default: the recommended bct; any method of `bctool train --method`).")] = "bct",
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
     published: Annotated[str, typer.Option(help="Also train this method as published (from scratch) for comparison; none to skip.")] = "advbct",
     bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of every model.")] = 30,
-    arch: Annotated[str, typer.Option(help="Backbone of every model.")] = "small",
+    arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone of every model.")] = "small",
     image_size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
     limit: Annotated[Optional[int], typer.Option(min=10, help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
     device: Device = "auto",
