@@ -25,3 +25,11 @@ class EmbeddingsError(BctoolError):
 
 class ConfigError(BctoolError):
     """Invalid option values (device not available, bad sizes)."""
+
+
+def shown(items: object, limit: int = 5) -> str:
+    """The first ``limit`` items, quoted, then "and N more": a list in a message never runs to
+    hundreds of names."""
+    items = list(items)  # type: ignore[call-overload]
+    text = ", ".join(repr(i) for i in items[:limit])
+    return text + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -29,7 +29,12 @@ from bctool.data.check import write_report
 from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
-from bctool.embeddings import Embeddings, EmbeddingsWriter, load_embeddings, write_embeddings
+from bctool.embeddings import (
+    Embeddings,
+    EmbeddingsWriter,
+    load_embeddings,
+    write_embeddings,
+)
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.interrupt import Interrupted, StopSignals
 from bctool.io import atomic_write_text, check_output_path
@@ -176,7 +181,8 @@ class ExtractResult:
             "resumed_from_row": self.resumed_from_row,
             "seconds": round(self.seconds, 2),
             "images_per_second": round(embedded / max(self.seconds, 1e-9), 1),
-            "model": self.model,
+            # The class list travels in the file; on stdout its size is enough.
+            "model": {k: (len(v) if k == "trained_classes" else v) for k, v in self.model.items()},
         }
 
 

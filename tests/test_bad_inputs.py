@@ -266,3 +266,37 @@ def test_a_list_too_long_for_one_file_fails_before_embedding(
     monkeypatch.setattr(extract_module, "_embed_batches", lambda *a, **k: pytest.fail("embedded first"))
     with pytest.raises(EmbeddingsError, match=r"12 ids: the file's header would take .* over safetensors' limit of 1,000 .*--shard I/N"):
         extract_to_file(load_image_set(emoji_dir / "gallery.txt"), checkpoint, tmp_path / "e.safetensors", workers=0)
+
+
+def test_a_file_where_a_folder_is_needed_is_a_clear_error(tmp_path: Path) -> None:
+    taken = tmp_path / "afile"
+    taken.write_text("not a folder")
+    result = runner.invoke(app, ["dataset", "emoji", str(taken), "--limit", "5"])
+    assert result.exit_code == 1
+    assert "a file stands where a folder is needed" in result.stderr and "unexpected" not in result.stderr
+    assert taken.read_text() == "not a folder"
+
+
+def test_long_lists_are_capped_in_messages_and_stdout(tmp_path: Path) -> None:
+    """A class list of 400 names shows a few and a count, in errors and on stdout."""
+    names = [f"class_{i:03d}" for i in range(400)]
+    query = _emb(np.ones((3, 4), np.float32), {"arch": "small", "trained_classes": names})
+    gallery = _emb(np.ones((3, 8), np.float32), {"arch": "small", "trained_classes": names})
+    with pytest.raises(EmbeddingsError) as caught:
+        evaluate_retrieval(query, gallery)
+    message = str(caught.value)
+    assert "'class_000', 'class_001', 'class_002' and 397 more" in message and "class_399" not in message
+    assert len(message) < 600
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="small", embedding_dim=4, num_classes=400)).eval()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, Preprocess(image_size=16), names, extra={"trained_classes": names})
+    listing = tmp_path / "one.txt"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "a.png")
+    listing.write_text("a.png class_000\n")
+    result = runner.invoke(app, ["extract", str(listing), "-m", str(path), "-o", str(tmp_path / "e.safetensors"),
+                                 "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model"]["trained_classes"] == 400
+    assert load_embeddings(tmp_path / "e.safetensors").model["trained_classes"] == names  # the file keeps them

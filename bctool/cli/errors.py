@@ -39,6 +39,22 @@ def _label() -> str:
     return "Error" if rank in ("", "0") else f"Error (rank {rank})"
 
 
+_PATH_FIXES = {
+    FileNotFoundError: "check the path",
+    NotADirectoryError: "a file stands where a folder is needed: pass a folder, or remove the file",
+    IsADirectoryError: "a folder stands where a file is needed: pass a file name",
+    PermissionError: "choose a path this user may read and write",
+    FileExistsError: "choose a path that does not exist yet",
+}
+
+
+def _path_error(exc: OSError) -> str:
+    """``cannot use 'PATH': <reason>; <fix>`` for an operating-system error on a path."""
+    fix = next((text for kind, text in _PATH_FIXES.items() if isinstance(exc, kind)), "check the path and the disk")
+    where = f" {str(exc.filename)!r}" if exc.filename else ""
+    return f"cannot use{where}: {exc.strerror or exc}; {fix}"
+
+
 def reports_errors(func: F) -> F:
     """Wrap a command: library errors exit 1 with one ``Error:`` line; Ctrl-C exits 130."""
 
@@ -62,6 +78,12 @@ def reports_errors(func: F) -> F:
         except KeyboardInterrupt:
             stderr.print("Interrupted.")
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path the library did not check: still a clear error
+            if debug_enabled():
+                raise
+            stderr.print(f"[bold red]{_label()}:[/] {escape(_path_error(exc))}", markup=True, highlight=False,
+                         soft_wrap=True)
+            raise typer.Exit(1) from None
         except Exception as exc:  # noqa: BLE001 - last resort: no traceback for users
             if debug_enabled():
                 raise

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bctool.embeddings import Embeddings
-from bctool.errors import ConfigError, EmbeddingsError
+from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.metrics import QueryAP
 from bctool.evaluate.protocols import Protocol
 from bctool.evaluate.retrieval import evaluate_retrieval
@@ -181,7 +181,7 @@ def _paired_rows(old: QueryAP, new: QueryAP) -> tuple[np.ndarray, np.ndarray]:
         if len(set(scores.ids)) != len(scores.ids):
             twice = sorted(i for i, c in Counter(scores.ids).items() if c > 1)
             raise EmbeddingsError(
-                f"the {name} queries list {len(twice)} ids more than once ({_shown(twice)}); each "
+                f"the {name} queries list {len(twice)} ids more than once ({shown(twice)}); each "
                 "query must appear once to be paired with the other model's"
             )
     row_of = {image_id: i for i, image_id in enumerate(new.ids)}
@@ -190,7 +190,7 @@ def _paired_rows(old: QueryAP, new: QueryAP) -> tuple[np.ndarray, np.ndarray]:
     if old_rows.size == 0:
         raise EmbeddingsError(
             f"the old and new models share no evaluated query: {len(old)} old queries "
-            f"({_shown(old.ids) or 'none'}) and {len(new)} new ones ({_shown(new.ids) or 'none'}); "
+            f"({shown(old.ids) or 'none'}) and {len(new)} new ones ({shown(new.ids) or 'none'}); "
             "embed the same query images (same list, same ids) with both models"
         )
     if old_rows.size != len(old) or new_rows.size != len(new):
@@ -330,12 +330,6 @@ def chain_scores(matrix: np.ndarray) -> dict[str, float | None]:
     return {"ac": ac, "bc": bc}
 
 
-def _shown(ids: Iterable[str], limit: int = 5) -> str:
-    ids = list(ids)
-    text = ", ".join(repr(i) for i in ids[:limit])
-    return text + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
 def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
     """Index into ``new``'s rows giving, for each of ``old``'s rows, the row with the same id."""
     old_count, new_count = Counter(old.ids), Counter(new.ids)
@@ -344,8 +338,8 @@ def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
         only_new = sorted((new_count - old_count).elements())
         raise EmbeddingsError(
             f"the old and new galleries must hold the same ids: {len(only_old)} ids are only in the "
-            f"old gallery ({_shown(only_old) or 'none'}) and {len(only_new)} only in the new one "
-            f"({_shown(only_new) or 'none'}); embed the same gallery images with both models"
+            f"old gallery ({shown(only_old) or 'none'}) and {len(only_new)} only in the new one "
+            f"({shown(only_new) or 'none'}); embed the same gallery images with both models"
         )
     # Stable sorts pair repeated ids in their order of appearance.
     old_order = np.argsort(np.array(old.ids, dtype=object), kind="stable")

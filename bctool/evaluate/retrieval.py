@@ -8,10 +8,20 @@ from typing import Any
 import numpy as np
 
 from bctool.embeddings import Embeddings
-from bctool.errors import ConfigError, EmbeddingsError
+from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.inputs import check_same_dim
-from bctool.evaluate.metrics import QueryAP, average_precision, average_precision_at_k, recall_at_k
-from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, build_index, iter_index_rankings
+from bctool.evaluate.metrics import (
+    QueryAP,
+    average_precision,
+    average_precision_at_k,
+    recall_at_k,
+)
+from bctool.evaluate.search import (
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
+    build_index,
+    iter_index_rankings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +37,8 @@ def _describe_model(model: dict[str, Any]) -> str:
         value = model[key]
         if key == "sha256" and isinstance(value, str):
             value = value[:12]
+        elif isinstance(value, (list, tuple)):  # trained_classes: hundreds of names
+            value = f"[{len(value)}: {shown(value, 3)}]"
         parts.append(f"{key}={value}")
     return ", ".join(parts)
 
