@@ -300,3 +300,42 @@ def test_long_lists_are_capped_in_messages_and_stdout(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["model"]["trained_classes"] == 400
     assert load_embeddings(tmp_path / "e.safetensors").model["trained_classes"] == names  # the file keeps them
+
+
+def test_queries_without_positives_are_counted_in_the_table_and_warned(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A one-image gallery: 11 of 12 queries have no relevant item; the warning and the table say so."""
+    rng = np.random.default_rng(0)
+    query = Embeddings(rng.normal(size=(12, 4)).astype(np.float32), np.arange(12), [f"q{i}" for i in range(12)],
+                       [f"c{i}" for i in range(12)], {})
+    gallery = Embeddings(rng.normal(size=(1, 4)).astype(np.float32), np.zeros(1, np.int64), ["g0"], ["c0"], {})
+    save_embeddings(query, tmp_path / "q.safetensors")
+    save_embeddings(gallery, tmp_path / "g.safetensors")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_retrieval(query, gallery)["queries_without_positives"] == 11
+    assert "11 of 12 queries have no relevant gallery item" in caplog.text
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "q.safetensors"), "--gallery",
+                                 str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 0
+    text = " ".join(result.stderr.split())
+    assert "11 of 12 queries have no relevant" in text and "│ 11 │" in text  # the table's "no positive" column
+
+
+def test_a_folder_with_one_class_folder_warns_how_labels_are_given(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / "data" / "images" / f"{i}.png")
+    with caplog.at_level(logging.WARNING):
+        images = load_image_set(tmp_path / "data", require_labels=False)
+    assert images.label_names == ("images",)
+    assert "has one subfolder, 'images': each of its 3 images is labelled 'images'" in caplog.text
+
+
+def test_float_tiff_is_scaled_by_its_range_or_refused(tmp_path: Path) -> None:
+    unit = np.full((4, 4), 0.5, np.float32)
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    assert load_rgb(tmp_path / "unit.tif").getpixel((0, 0)) == (128, 128, 128)  # not near-black
+    Image.fromarray(np.full((4, 4), 200.0, np.float32), mode="F").save(tmp_path / "bytes.tif")
+    assert load_rgb(tmp_path / "bytes.tif").getpixel((0, 0)) == (200, 200, 200)
+    Image.fromarray(np.full((4, 4), -3.0, np.float32), mode="F").save(tmp_path / "odd.tif")
+    with pytest.raises(DataError, match=r"odd.tif.*float image with values from -3 to -3: its range is unclear"):
+        load_rgb(tmp_path / "odd.tif")

@@ -379,6 +379,7 @@ def evaluate(
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.protocols import make_protocol
 
+    setup_logging(False)  # warnings (queries without a relevant item, ...) reach stderr
     if plot is not None:
         check_not_an_input(plot, flag="--plot", inputs={
             "--query": query, "--gallery": gallery, "--old-query": old_query, "--old-gallery": old_gallery,

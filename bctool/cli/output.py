@@ -75,7 +75,7 @@ class RichProgress:
 
 
 HEADERS = {"map": "mAP", "map@100": "mAP@100", "recall@1": "R@1", "recall@5": "R@5",
-           "recall@10": "R@10", "queries": "queries", "gallery": "gallery",
+           "recall@10": "R@10", "queries": "queries", "queries_without_positives": "no positive", "gallery": "gallery",
            "mp@1": "mP@1", "mp@5": "mP@5", "mp@10": "mP@10"}
 
 

@@ -26,7 +26,8 @@ def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
 
 def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = None) -> Image.Image:
     """Open an image as 8-bit RGB; transparent pixels are composited on white, 16-bit
-    greyscale is scaled to 8 bits (not clipped), CMYK and palettes are converted.
+    greyscale is scaled to 8 bits (not clipped), float greyscale by its range (0-1 times 255,
+    0-255 as is, up to 65535 divided by 257; others refused), CMYK and palettes are converted.
 
     With ``min_side``, a JPEG whose shorter side is at least twice that is decoded at a reduced
     scale (1/2, 1/4 or 1/8, by the decoder itself) that keeps its shorter side at least
@@ -62,6 +63,14 @@ def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = N
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """A decoded image as 8-bit RGB (see :func:`load_rgb`)."""
+    if img.mode == "F":  # 32-bit float greyscale (TIFF): 0-1, 0-255 or 0-65535 by its values
+        values = np.asarray(img, dtype=np.float64)
+        top = float(np.nanmax(values)) if values.size else 0.0
+        if not np.isfinite(values).all() or values.min() < 0 or top > 65535:
+            raise ValueError(f"float image with values from {np.nanmin(values):g} to {top:g}: its range is unclear; "
+                             "save it as 8- or 16-bit, or as floats in 0-1")
+        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 1 / 257.0)
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in _WIDE_MODES:
         wide = np.asarray(img).astype(np.float64)
         return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")

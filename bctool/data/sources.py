@@ -7,6 +7,8 @@ with every artifact, so two files can be compared by label name.
 
 from __future__ import annotations
 
+import logging
+
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -16,6 +18,8 @@ from bctool.errors import DataError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,13 @@ def read_image_folder(root: Path) -> ImageSet:
             for fname in sorted(filenames):
                 if Path(fname).suffix.lower() in IMAGE_EXTENSIONS:
                     entries.append((Path(dirpath) / fname, name))
+    if len(classes) == 1:
+        logger.warning(
+            "folder %r has one subfolder, %r: each of its %d images is labelled %r (a folder's "
+            "subfolders are its classes); for other labels pass a list file (`PATH LABEL` lines) "
+            "or the folder that holds one subfolder per class",
+            str(root), classes[0], len(entries), classes[0],
+        )
     return _make_set(entries, root, str(root))
 
 

@@ -210,6 +210,12 @@ def _evaluate(
     n_evaluated = int(evaluated.size)
     result: dict[str, float | int] = {name: total / n_evaluated for name, total in sums.items()}
     result.update(queries=n_evaluated, gallery=n_gallery, queries_without_positives=skipped)
+    if skipped:
+        logger.warning(
+            "%d of %d queries have no relevant gallery item (no label, or none of the gallery's "
+            "labels) and are left out: the metrics are over the other %d",
+            skipped, skipped + n_evaluated, n_evaluated,
+        )
     logger.info(
         "evaluated %d queries against %d gallery rows (%d queries skipped: no label or no positive)",
         n_evaluated,
