@@ -369,3 +369,16 @@ def test_invalid_choices_are_usage_errors(args: list[str], message: str) -> None
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.stderr
     assert message in " ".join(result.stderr.replace("│", " ").split())
+
+
+def test_every_command_takes_quiet() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = {name: cmd for name, cmd in group.commands.items()}
+    commands.update({f"dataset {n}": c for n, c in group.commands["dataset"].commands.items()})
+    for name, command in commands.items():
+        if hasattr(command, "commands"):  # the dataset group itself
+            continue
+        flags = {flag for param in command.params for flag in getattr(param, "opts", [])}
+        assert {"-q", "--quiet"} <= flags, name

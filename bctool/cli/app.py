@@ -185,10 +185,7 @@ def train(
     images = load_image_set(data, require_labels=True)
     with process_group(config.run.device):
         result = run_train(images, config, out, RichProgress(not quiet and main_rank))
-    if main_rank:
-        if result.skipped and not quiet:
-            stderr.print(f"[yellow]Left out {result.skipped} unreadable images[/] (listed in "
-                         f"{out.name}.failed.tsv); --strict stops at the first one instead.")
+    if main_rank:  # unreadable images left out were logged as a warning, with the report's name
         emit_json(result.to_dict())
 
 
@@ -208,7 +205,7 @@ def _method_params(pairs: list[str] | None, threshold: float | None) -> dict[str
 
 @app.command()
 @reports_errors
-def methods() -> None:
+def methods(quiet: Quiet = False) -> None:
     """List the compatibility methods: name, what it does, its parameters and defaults (JSON)."""
     from bctool.train.methods import describe_methods
 
@@ -310,6 +307,7 @@ def export(
 def plot(
     log_dir: Annotated[Path, typer.Argument(help="The folder given to `bctool train --log-dir`.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: LOG_DIR/training.png).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
     from bctool.train.log import plot_training
@@ -324,6 +322,7 @@ def plot(
 def merge(
     parts: Annotated[list[Path], typer.Argument(help="The part files of `bctool extract --shard I/N`, in any order.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the joined embeddings file (.safetensors).")],
+    quiet: Quiet = False,
 ) -> None:
     """Join the parts of a sharded extraction into one embeddings file, in list order."""
     from bctool.embeddings import merge_shards
@@ -485,6 +484,7 @@ def dataset_emoji(
     test_fraction: Annotated[float, typer.Option(help="Share of classes held out for query/gallery.")] = 0.3,
     old_fraction: Annotated[float, typer.Option(help="Share of the training classes the old model sees.")] = 0.3,
     limit: Annotated[Optional[int], typer.Option(min=3, help="Keep only the first N emoji (quick experiments).")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Write the embedded emoji set (Google and Twitter renderings) with extended-class lists."""
     from bctool.data.emoji import EmojiSplit, write_emoji_dataset
@@ -504,6 +504,7 @@ def dataset_fashion_mnist(
     train_per_class: Annotated[Optional[int], typer.Option(min=2, help="Training images per class for the new model (default: all 6,000).")] = None,
     old_fraction: Annotated[float, typer.Option(help="Share of every class's training images the old model sees (extended-data).")] = 0.3,
     query_per_class: Annotated[int, typer.Option(min=1, help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
+    quiet: Quiet = False,
 ) -> None:
     """Write Fashion-MNIST as PNGs with extended-data lists (old model on a share of every class)."""
     from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
@@ -519,6 +520,7 @@ def dataset_gldv2(
     csv_file: Annotated[Path, typer.Argument(help="A GLDv2 CSV: train.csv / train_clean.csv (labelled), or index.csv / test.csv.")],
     images: Annotated[Path, typer.Option(help="Folder holding the images in GLDv2's a/b/c/abc....jpg layout.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="List file to write (paths relative to its folder).")],
+    quiet: Quiet = False,
 ) -> None:
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
     from bctool.data.gldv2 import write_gldv2_list

@@ -223,7 +223,8 @@ def _readable(
     if rank.is_main:
         report = write_report(out, failed)
         if failed:
-            logger.warning("%d unreadable images are left out of training; see %s", len(failed), report)
+            logger.warning("%d unreadable images are left out of training (listed in %s); --strict stops at the "
+                           "first one instead", len(failed), report)
     return without(images, failed), failed
 
 
