@@ -131,6 +131,8 @@ def _check_header_size(path: Path) -> None:
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The raw metadata of a checkpoint, checked to be a bctool checkpoint."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"checkpoint {str(p)!r} is a folder; pass the checkpoint file in it (MODEL.safetensors)")
     if not p.is_file():
         raise ModelError(f"checkpoint {str(p)!r} does not exist; train one with `bctool train`")
     _check_header_size(p)

@@ -339,3 +339,28 @@ def test_float_tiff_is_scaled_by_its_range_or_refused(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), -3.0, np.float32), mode="F").save(tmp_path / "odd.tif")
     with pytest.raises(DataError, match=r"odd.tif.*float image with values from -3 to -3: its range is unclear"):
         load_rgb(tmp_path / "odd.tif")
+
+
+def test_help_and_messages_read_as_written(tmp_path: Path) -> None:
+    """No Rich markup eaten, no type placeholders on flags, upper-case argument names; a folder
+    as --model and a Latin-1 list file get errors that say what they are."""
+    chain_help = runner.invoke(app, ["evaluate", "--help"], terminal_width=200).stdout
+    assert "the matrix M[i][j]" in chain_help and "<bool>" not in chain_help
+    assert "Usage: bctool train [OPTIONS] {DATA}" in runner.invoke(app, ["train", "--help"]).stdout
+    extract_help = " ".join(runner.invoke(app, ["extract", "--help"], terminal_width=200).stdout.split())
+    assert "--verbose Log what happens to stderr: files read and written" in extract_help.replace("-v, ", "")
+    assert "loss parts" not in extract_help
+    folder = tmp_path / "models"
+    folder.mkdir()
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("caf\xe9.png a\n".encode("latin-1"))
+    result = runner.invoke(app, ["extract", str(listing), "-m", str(folder), "-o", str(tmp_path / "e.safetensors")])
+    assert result.exit_code == 1 and "is a folder; pass the checkpoint file in it" in result.stderr
+    from bctool.errors import DataError as Data
+
+    with pytest.raises(Data, match=r"is not UTF-8 text \(byte 0xe9 on line 1\); save it as UTF-8"):
+        load_image_set(listing)
+    png = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(png)
+    with pytest.raises(Data, match="is an image, not a list file"):
+        load_image_set(png)

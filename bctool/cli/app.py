@@ -30,13 +30,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: option text is shown as written ("M[i][j]" is not Rich markup) and
+    # flags carry no type placeholder.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 dataset_app = typer.Typer(help="Write built-in datasets to disk.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens (each epoch's loss parts, files read) to stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, steps taken.")]
+TrainVerbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, and each epoch's loss parts.")]
 Device = Annotated[
     str, typer.Option(help="Where to run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 ]
@@ -116,7 +120,7 @@ def _root(
 @app.command()
 @reports_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
@@ -150,7 +154,7 @@ def train(
     save_every: Annotated[int, typer.Option(min=0, help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
     quiet: Quiet = False,
-    verbose: Verbose = False,
+    verbose: TrainVerbose = False,
 ) -> None:
     """Train a model on labelled images, alone or compatible with an old model; print a JSON summary.
 
@@ -215,7 +219,7 @@ def methods(quiet: Quiet = False) -> None:
 @app.command()
 @reports_errors
 def extract(
-    data: Annotated[Path, typer.Argument(help="Images to embed: a list file (labels optional) or a class-folder tree.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Images to embed: a list file (labels optional) or a class-folder tree.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the embeddings (.safetensors).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
@@ -269,7 +273,7 @@ def extract(
 @app.command()
 @reports_errors
 def export(
-    model: Annotated[Path, typer.Argument(help="Checkpoint written by `bctool train`.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the exported model (model.onnx, model.pt).")],
     format: Annotated[str, typer.Option("--format", "-f", callback=_one_of(("onnx", "torchscript")), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
     normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
@@ -305,7 +309,7 @@ def export(
 @app.command()
 @reports_errors
 def plot(
-    log_dir: Annotated[Path, typer.Argument(help="The folder given to `bctool train --log-dir`.")],
+    log_dir: Annotated[Path, typer.Argument(metavar="LOG_DIR", help="The folder given to `bctool train --log-dir`.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: LOG_DIR/training.png).")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -320,7 +324,7 @@ def plot(
 @app.command()
 @reports_errors
 def merge(
-    parts: Annotated[list[Path], typer.Argument(help="The part files of `bctool extract --shard I/N`, in any order.")],
+    parts: Annotated[list[Path], typer.Argument(metavar="PARTS", help="The part files of `bctool extract --shard I/N`, in any order.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the joined embeddings file (.safetensors).")],
     quiet: Quiet = False,
 ) -> None:
@@ -348,7 +352,7 @@ def _not_negative(value: int) -> int:
 @app.command()
 @reports_errors
 def evaluate(
-    pairs: Annotated[Optional[list[str]], typer.Argument(help="With --chain: one QUERY,GALLERY pair of embeddings files per model version, oldest first.", show_default=False)] = None,
+    pairs: Annotated[Optional[list[str]], typer.Argument(metavar="QUERY,GALLERY", help="With --chain: one QUERY,GALLERY pair of embeddings files per model version, oldest first.", show_default=False)] = None,
     query: Annotated[Optional[Path], typer.Option("--query", help="Query embeddings file (from `bctool extract`); with --backfill, the new model's queries.")] = None,
     gallery: Annotated[Optional[Path], typer.Option("--gallery", help="Gallery embeddings file; may be the query file itself (self matches are skipped).")] = None,
     old_query: Annotated[Optional[Path], typer.Option(help="Compatibility report: the old model's queries (with --backfill: for the old/old reference line).")] = None,
@@ -479,7 +483,7 @@ def _evaluate_backfill(query: Path | None, old_query: Path | None, old_gallery: 
 @dataset_app.command("emoji")
 @reports_errors
 def dataset_emoji(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and the list files into.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images/ and the list files into.")],
     seed: Annotated[int, typer.Option(help="Seed of the class split.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Share of classes held out for query/gallery.")] = 0.3,
     old_fraction: Annotated[float, typer.Option(help="Share of the training classes the old model sees.")] = 0.3,
@@ -498,7 +502,7 @@ def dataset_emoji(
 @dataset_app.command("fashion-mnist")
 @reports_errors
 def dataset_fashion_mnist(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and the list files into.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images/ and the list files into.")],
     source: Annotated[Optional[Path], typer.Option(help="Folder with the four Fashion-MNIST IDX files, gzipped or not (default: /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist installs them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
     train_per_class: Annotated[Optional[int], typer.Option(min=2, help="Training images per class for the new model (default: all 6,000).")] = None,
@@ -517,7 +521,7 @@ def dataset_fashion_mnist(
 @dataset_app.command("gldv2")
 @reports_errors
 def dataset_gldv2(
-    csv_file: Annotated[Path, typer.Argument(help="A GLDv2 CSV: train.csv / train_clean.csv (labelled), or index.csv / test.csv.")],
+    csv_file: Annotated[Path, typer.Argument(metavar="CSV_FILE", help="A GLDv2 CSV: train.csv / train_clean.csv (labelled), or index.csv / test.csv.")],
     images: Annotated[Path, typer.Option(help="Folder holding the images in GLDv2's a/b/c/abc....jpg layout.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="List file to write (paths relative to its folder).")],
     quiet: Quiet = False,

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgressBar
+from rich.markup import escape
 from rich.table import Table
 
 stderr = Console(stderr=True)
@@ -81,7 +82,7 @@ HEADERS = {"map": "mAP", "map@100": "mAP@100", "recall@1": "R@1", "recall@5": "R
 
 def metrics_table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) -> Table:
     """A table of metric rows (row name -> {metric: value}, fractions shown as %) for stderr."""
-    table = Table(title=title)
+    table = Table(title=escape(title))  # "M[i][j]" is text, not Rich markup
     table.add_column("")
     for key in keys:
         table.add_column(HEADERS.get(key, key), justify="right")

@@ -105,7 +105,15 @@ def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
         # and a byte-order mark from Windows editors is not part of the first path.
         lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except UnicodeDecodeError as exc:
-        raise DataError(f"list file {str(path)!r} is not UTF-8 text; is it an image?") from exc
+        raw = path.read_bytes()
+        if raw[:4] in (b"\x89PNG", b"GIF8") or raw[:3] == b"\xff\xd8\xff" or raw[:4] == b"RIFF":
+            raise DataError(f"{str(path)!r} is an image, not a list file; pass a list file (`PATH LABEL` lines) "
+                            "or the folder that holds the images") from exc
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"list file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} on line {line}); save it as "
+            "UTF-8, e.g. iconv -f latin1 -t utf-8 OLD > NEW"
+        ) from exc
     except OSError as exc:
         raise DataError(f"cannot read list file {str(path)!r}: {exc.strerror}") from exc
     root = path.parent
