@@ -88,7 +88,7 @@ def test_tables_follow_the_protocol(tmp_path: Path) -> None:
     metrics = labels.evaluate(LABELLED, LABELLED)
     table = labels.table("q -> g", metrics)
     assert table == Table("q -> g", {"": metrics}, ("map", "map@100", "recall@1", "recall@5", "recall@10",
-                                                   "queries", "gallery"))
+                                                   "queries", "queries_without_positives", "gallery"))
     revisited = make_protocol(gnd=_gnd(tmp_path / "gnd.pkl"))
     metrics = {f"{m}_{p}": 0.5 for m in ("map", "mp@1", "mp@5", "mp@10") for p in ("easy", "medium", "hard")}
     metrics.update({f"queries_{p}": 1 for p in ("easy", "medium", "hard")})
