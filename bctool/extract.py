@@ -247,8 +247,8 @@ def extract_to_file(
         progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
         progress.advance(done)
         try:
-            _stream_rows(images, checkpoint, rows, writer, progress_file, partial,
-                         batch_size, workers, strict, save_every, progress)
+            job = _Job(images, checkpoint, rows, batch_size, workers, strict)
+            _stream_rows(job, writer, progress_file, partial, save_every, progress)
         finally:
             progress.stop()
         with _writing(partial):
@@ -315,17 +315,30 @@ class _Progress:
                                                  "failed": self.failed}))
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What to embed: the rows of ``images`` with ``checkpoint``, and how to load them."""
+
+    images: ImageSet
+    checkpoint: Checkpoint
+    rows: range
+    batch_size: int
+    workers: int
+    strict: bool
+
+
 def _stream_rows(
-    images: ImageSet, checkpoint: Checkpoint, rows: range, writer: EmbeddingsWriter, state: _Progress,
-    partial: Path, batch_size: int, workers: int, strict: bool, save_every: float, progress: Progress,
+    job: _Job, writer: EmbeddingsWriter, state: _Progress, partial: Path, save_every: float, progress: Progress,
 ) -> None:
     """Embed the rows after ``state.done`` into ``writer``, saving ``state`` every
     ``save_every`` seconds, on an error and on a stop signal."""
+    images, rows = job.images, job.rows
     ids = images.ids
     last_save = time.monotonic()
     try:
         with StopSignals() as stop:
-            for start, emb, failures in _embed_batches(images, checkpoint, rows[state.done:], batch_size, workers, strict):
+            batches = _embed_batches(images, job.checkpoint, rows[state.done:], job.batch_size, job.workers, job.strict)
+            for start, emb, failures in batches:
                 with _writing(partial):
                     writer.write(start - rows.start, emb)
                 state.failed.extend({"row": r - rows.start, "id": ids[r], "path": str(images.records[r].path),

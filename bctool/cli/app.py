@@ -395,7 +395,8 @@ def evaluate(
     elif pairs:
         raise typer.BadParameter("QUERY,GALLERY arguments are only for --chain")
     elif backfill is not None:
-        _evaluate_backfill(query, old_query, old_gallery, new_gallery, backfill, seed, plot, protocol, quiet)
+        _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
+                            "new-gallery": new_gallery}, backfill, seed, plot, protocol, quiet)
     elif old_query or new_query:
         _evaluate_compat(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
@@ -459,12 +460,13 @@ def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> None:
     emit_json(report)
 
 
-def _evaluate_backfill(query: Path | None, old_query: Path | None, old_gallery: Path | None,
-                       new_gallery: Path | None, fractions: str, seed: int, plot: Path | None,
+def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int, plot: Path | None,
                        protocol: Protocol, quiet: bool) -> None:
+    """``files``: the paths of --query, --old-query, --old-gallery and --new-gallery (by option name)."""
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.reports import backfill_report, backfill_table
 
+    query, old_query, old_gallery, new_gallery = (files[k] for k in ("query", "old-query", "old-gallery", "new-gallery"))
     if query is None or old_gallery is None or new_gallery is None:
         raise typer.BadParameter("--backfill needs --query (new model), --old-gallery and --new-gallery")
     try:

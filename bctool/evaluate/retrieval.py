@@ -155,6 +155,40 @@ def evaluate_retrieval_per_query(
     return result, QueryAP(tuple(query.ids[i] for i in evaluated), ap[evaluated])
 
 
+def _rankings(g_index, q_emb: np.ndarray, evaluated: np.ndarray, exclude: np.ndarray, depth: int):  # noqa: ANN001, ANN202
+    """``(query rows, gallery indices)`` blocks of the top ``depth`` of every evaluated query.
+
+    Queries with a self row lose one gallery item to the exclusion, so they are ranked apart:
+    the others keep the whole gallery.
+    """
+    block_size = max(1, min(4096, _BLOCK_ELEMENTS // depth))
+    with_self = exclude[evaluated] >= 0
+    for rows, ex in ((evaluated[with_self], exclude[evaluated[with_self]]), (evaluated[~with_self], None)):
+        if rows.size == 0:
+            continue
+        for start, _, indices in iter_index_rankings(g_index, q_emb[rows], depth, ex, block_size):
+            yield rows[start : start + indices.shape[0]], indices
+
+
+def _metric_sums(
+    rankings, q_lab: np.ndarray, g_lab: np.ndarray, n_pos: np.ndarray, map_depth: int,  # noqa: ANN001
+    ks: tuple[int, ...], ap_out: np.ndarray | None,
+) -> dict[str, float]:
+    """Sums over the ranked queries of AP (to ``map_depth``), AP@100 and recall@k."""
+    sums = {"map": 0.0, "map@100": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
+    for block, indices in rankings:
+        # -1 marks a slot an approximate index left empty: never relevant.
+        relevance = (g_lab[indices] == q_lab[block, None]) & (indices >= 0)
+        ap = average_precision(relevance[:, :map_depth], n_pos[block])
+        sums["map"] += float(np.sum(ap))
+        if ap_out is not None:
+            ap_out[block] = ap
+        sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
+        for k, hit in recall_at_k(relevance, ks).items():
+            sums[f"recall@{k}"] += float(np.sum(hit))
+    return sums
+
+
 def _evaluate(
     query: Embeddings,
     gallery: Embeddings,
@@ -183,29 +217,9 @@ def _evaluate(
     n_gallery = len(gallery)
     map_depth = n_gallery if top_k is None else min(top_k, n_gallery)
     depth = min(n_gallery, max(map_depth, 100, *ks))
-    q_emb = query.normalized_embeddings()
     g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
-    block_size = max(1, min(4096, _BLOCK_ELEMENTS // depth))
-
-    sums = {"map": 0.0, "map@100": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
-    # Queries with a self row lose one gallery item to the exclusion, so they are ranked apart:
-    # the others keep the whole gallery.
-    with_self = exclude[evaluated] >= 0
-    groups = ((evaluated[with_self], exclude[evaluated[with_self]]), (evaluated[~with_self], None))
-    for rows, ex in groups:
-        if rows.size == 0:
-            continue
-        for start, _, indices in iter_index_rankings(g_index, q_emb[rows], depth, ex, block_size):
-            block = rows[start : start + indices.shape[0]]
-            # -1 marks a slot an approximate index left empty: never relevant.
-            relevance = (g_lab[indices] == q_lab[block, None]) & (indices >= 0)
-            ap = average_precision(relevance[:, :map_depth], n_pos[block])
-            sums["map"] += float(np.sum(ap))
-            if ap_out is not None:
-                ap_out[block] = ap
-            sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
-            for k, hit in recall_at_k(relevance, ks).items():
-                sums[f"recall@{k}"] += float(np.sum(hit))
+    rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
+    sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out)
 
     n_evaluated = int(evaluated.size)
     result: dict[str, float | int] = {name: total / n_evaluated for name, total in sums.items()}

@@ -183,6 +183,22 @@ def evaluate_revisited_per_query(
     return result, QueryAP(tuple(gnd.query_names[i] for i in evaluated), medium_ap[evaluated])
 
 
+def _means(ap_sum: dict, pr_sum: dict, counted: dict, ks: tuple[int, ...]) -> dict[str, float | int]:
+    """mAP and mP@k per protocol from their sums; the Medium protocol's also unsuffixed."""
+    result: dict[str, float | int] = {}
+    for protocol in PROTOCOLS:
+        n = counted[protocol]
+        result[f"map_{protocol}"] = ap_sum[protocol] / n if n else float("nan")
+        for k in ks:
+            result[f"mp@{k}_{protocol}"] = pr_sum[(protocol, k)] / n if n else float("nan")
+        result[f"queries_{protocol}"] = n
+    result["map"] = result["map_medium"]
+    for k in ks:
+        result[f"mp@{k}"] = result[f"mp@{k}_medium"]
+    result["queries"] = counted["medium"]
+    return result
+
+
 def _evaluate(
     query: Embeddings, gallery: Embeddings, gnd: RevisitedGroundTruth, ks: tuple[int, ...]
 ) -> tuple[dict[str, float | int], np.ndarray]:
@@ -223,17 +239,7 @@ def _evaluate(
             "has a positive gallery image in any protocol; check that it is a Revisited "
             "Oxford/Paris ground-truth file"
         )
-    result: dict[str, float | int] = {}
-    for protocol in PROTOCOLS:
-        n = counted[protocol]
-        result[f"map_{protocol}"] = ap_sum[protocol] / n if n else float("nan")
-        for k in ks:
-            result[f"mp@{k}_{protocol}"] = pr_sum[(protocol, k)] / n if n else float("nan")
-        result[f"queries_{protocol}"] = n
-    result["map"] = result["map_medium"]
-    for k in ks:
-        result[f"mp@{k}"] = result[f"mp@{k}_medium"]
-    result["queries"] = counted["medium"]
+    result = _means(ap_sum, pr_sum, counted, ks)
     result["gallery"] = n_gallery
     logger.info(
         "revisited evaluation: %d queries against %d gallery images, mAP E/M/H %.4f/%.4f/%.4f",
