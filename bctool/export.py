@@ -237,8 +237,7 @@ def export_model(
     if fmt == "onnx":
         _require_onnx()
     started = time.perf_counter()
-    model = checkpoint.model.to("cpu").eval()
-    checkpoint.model = model
+    checkpoint.model.to("cpu").eval()  # exported and checked on the CPU, where the runtimes run
     module = Embedder(checkpoint, normalize).eval()
     inputs, expected = check_batch(checkpoint, images, check, normalize)
     example = inputs[:2] if len(inputs) > 2 else torch.cat([inputs, inputs])[:2]
