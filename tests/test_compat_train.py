@@ -92,6 +92,9 @@ def test_method_parameters_are_options_recorded_in_the_checkpoint(emoji_dir: Pat
     _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out), "--old-embeddings", str(old["embeddings"]),
              "--method", "hotrefresh", "--param", "negatives=3", "--param", "temperature=0.05", *TINY])
     assert load_checkpoint(out).train_config["method_params"] == {"negatives": 3, "temperature": 0.05}
+    _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out), "--old-embeddings", str(old["embeddings"]),
+             "--method", "advbct", "--boundary-threshold", "0.5", *TINY])  # the older spelling of --param threshold
+    assert load_checkpoint(out).train_config["method_params"] == {"threshold": 0.5}
     base = ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "x.safetensors"),
             "--old-embeddings", str(old["embeddings"]), *TINY]
     wrong = runner.invoke(app, [*base, "--method", "bct", "--param", "threshold=0.5"])
