@@ -145,3 +145,27 @@ def test_benchmark_protocols_load_neither_torch_nor_pil() -> None:
             "bctool.data.gnd; print(sorted({'torch', 'PIL', 'torchvision'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_new_protocol_is_reached_from_the_cli_with_truth(registry: dict, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from bctool.cli import app
+    from bctool.embeddings import save_embeddings
+
+    @register_protocol("toy", title="a toy benchmark", headline="hits", columns=("hits",), option="toy_truth")
+    def build(options: ProtocolOptions) -> tuple:
+        lines = Path(options.given()["toy_truth"]).read_text().split()
+        return (lambda q, g: {"hits": float(len(lines))}), (lambda q, g: ({"hits": 1.0}, QueryAP(("q",), np.ones(1))))
+
+    (tmp_path / "truth.txt").write_text("a b c")
+    save_embeddings(LABELLED, tmp_path / "e.safetensors")
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--query", str(tmp_path / "e.safetensors"), "--gallery",
+                                 str(tmp_path / "e.safetensors"), "--truth", f"toy_truth={tmp_path / 'truth.txt'}", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["hits"] == 3.0
+    bad = runner.invoke(app, ["evaluate", "--query", "x", "--gallery", "y", "--truth", "toy_truth"])
+    assert bad.exit_code == 2 and "expected OPTION=PATH" in bad.stderr

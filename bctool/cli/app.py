@@ -369,6 +369,7 @@ def evaluate(
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
+    truth: Annotated[Optional[list[str]], typer.Option("--truth", help="The ground truth of any registered protocol as OPTION=PATH, repeatable: --truth gnd=FILE is --gnd FILE; a protocol added to bctool.evaluate.protocols is reached this way with no other change.")] = None,
     index: Annotated[str, typer.Option(callback=_one_of(("flat", "ivf", "hnsw")), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(min=1, help="With --index ivf: inverted lists visited per query.")] = 32,
     ef_search: Annotated[int, typer.Option(min=1, help="With --index hnsw: search breadth per query.")] = 128,
@@ -388,8 +389,10 @@ def evaluate(
             "--query": query, "--gallery": gallery, "--old-query": old_query, "--old-gallery": old_gallery,
             "--new-query": new_query, "--new-gallery": new_gallery, "--independent-query": independent_query,
             "--independent-gallery": independent_gallery, "--gnd": gnd, "--solution": solution,
+            "--truth": list(_truth_files(truth).values()),
             "QUERY,GALLERY": [path for text in pairs or [] for path in text.split(",") if path]})
-    protocol = make_protocol(gnd=gnd, solution=solution, top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search)
+    truths = {"gnd": gnd, "solution": solution, **_truth_files(truth)}
+    protocol = make_protocol(top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search, **truths)
     if chain:
         _evaluate_chain(pairs or [], protocol, quiet)
     elif pairs:
@@ -415,6 +418,16 @@ def _print_table(table: Table) -> None:
     """A library table (title, rows, columns) drawn on stderr."""
     stderr.print(metrics_table(table.title, table.rows, list(table.columns)))
 
+
+def _truth_files(pairs: list[str] | None) -> dict[str, Path]:
+    """``--truth OPTION=PATH`` options as ``{option: path}``."""
+    files: dict[str, Path] = {}
+    for text in pairs or []:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--truth {text!r}: expected OPTION=PATH, e.g. gnd=gnd_roxford5k.pkl")
+        files[name] = Path(path)
+    return files
 
 def _evaluate_compat(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
