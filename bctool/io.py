@@ -178,9 +178,7 @@ def unused_path(wanted: str | os.PathLike[str]) -> Path:
     path = Path(wanted)
     if not path.exists():
         return path
-    suffix = "".join(path.suffixes[-1:])
-    stem = path.name[: -len(suffix)] if suffix else path.name
     n = 2
-    while (candidate := path.with_name(f"{stem}-{n}{suffix}")).exists():
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
         n += 1
     return candidate

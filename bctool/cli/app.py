@@ -47,12 +47,16 @@ Device = Annotated[
 Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")]
 
 
-def _one_of(allowed: tuple[str, ...]):  # noqa: ANN202 - a click callback
-    """A callback refusing a value outside ``allowed`` as a usage error (exit 2)."""
+def _one_of(module: str, name: str):  # noqa: ANN202 - a click callback
+    """A callback refusing, as a usage error (exit 2), a value outside the choices the library
+    defines as ``module.name`` (imported when the option is parsed, not for ``--help``)."""
 
     def check(value: str | None) -> str | None:
+        import importlib
+
+        allowed = list(getattr(importlib.import_module(module), name))
         if value is not None and value not in allowed:
-            raise typer.BadParameter(f"{value!r} is unknown; choose one of {list(allowed)}")
+            raise typer.BadParameter(f"{value!r} is unknown; choose one of {allowed}")
         return value
 
     return check
@@ -124,7 +128,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
-    head: Annotated[str, typer.Option(callback=_one_of(("linear", "cosine", "arcface", "cosface")), help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
+    head: Annotated[str, typer.Option(callback=_one_of("bctool.models.heads", "HEADS"), help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
     head_margin: Annotated[float, typer.Option(help="Margin m of the arcface/cosface heads.")] = 0.3,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 30,
@@ -146,7 +150,7 @@ def train(
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
     compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
-    amp: Annotated[str, typer.Option(callback=_one_of(("off", "bf16", "fp16")), help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
+    amp: Annotated[str, typer.Option(callback=_one_of("bctool.train.config", "AMP_MODES"), help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="With --log-dir: also log, per step, the gradient norm of every loss part at the embedding (grad_PART) and the method's own measurements (AdvBCT: discriminator accuracy disc_acc, share of old-class samples outside their boundary, mean elastic radius), and write the final boundary radii to LOG_DIR/compat.json.")] = False,
@@ -193,15 +197,21 @@ def train(
         emit_json(result.to_dict())
 
 
+def _name_values(option: str, pairs: list[str] | None, example: str) -> dict[str, str]:
+    """Repeated ``NAME=VALUE`` options as a dict; a pair without ``=`` is a usage error."""
+    values: dict[str, str] = {}
+    for text in pairs or []:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise typer.BadParameter(f"{option} {text!r}: expected {example}")
+        values[name.strip()] = value.strip()
+    return values
+
+
 def _method_params(pairs: list[str] | None, threshold: float | None) -> dict[str, str | float]:
     """``--param NAME=VALUE`` options (and ``--boundary-threshold``) as a dict; the method's
     ``Params`` converts and checks the values."""
-    params: dict[str, str | float] = {}
-    for text in pairs or []:
-        name, sep, value = text.partition("=")
-        if not sep or not name.strip():
-            raise typer.BadParameter(f"--param {text!r}: expected NAME=VALUE, e.g. threshold=0.5")
-        params[name.strip()] = value.strip()
+    params: dict[str, str | float] = {**_name_values("--param", pairs, "NAME=VALUE, e.g. threshold=0.5")}
     if threshold is not None:
         params["threshold"] = threshold
     return params
@@ -275,7 +285,7 @@ def extract(
 def export(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the exported model (model.onnx, model.pt).")],
-    format: Annotated[str, typer.Option("--format", "-f", callback=_one_of(("onnx", "torchscript")), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
+    format: Annotated[str, typer.Option("--format", "-f", callback=_one_of("bctool.export", "FORMATS"), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
     normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
     check: Annotated[int, typer.Option(min=1, help="Images the exported model is checked on against `bctool extract`.")] = 8,
@@ -370,7 +380,7 @@ def evaluate(
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
     truth: Annotated[Optional[list[str]], typer.Option("--truth", help="The ground truth of any registered protocol as OPTION=PATH, repeatable: --truth gnd=FILE is --gnd FILE; a protocol added to bctool.evaluate.protocols is reached this way with no other change.")] = None,
-    index: Annotated[str, typer.Option(callback=_one_of(("flat", "ivf", "hnsw")), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
+    index: Annotated[str, typer.Option(callback=_one_of("bctool.evaluate.search", "INDEX_KINDS"), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(min=1, help="With --index ivf: inverted lists visited per query.")] = 32,
     ef_search: Annotated[int, typer.Option(min=1, help="With --index hnsw: search breadth per query.")] = 128,
     quiet: Quiet = False,
@@ -421,13 +431,9 @@ def _print_table(table: Table) -> None:
 
 def _truth_files(pairs: list[str] | None) -> dict[str, Path]:
     """``--truth OPTION=PATH`` options as ``{option: path}``."""
-    files: dict[str, Path] = {}
-    for text in pairs or []:
-        name, sep, path = text.partition("=")
-        if not sep or not name or not path:
-            raise typer.BadParameter(f"--truth {text!r}: expected OPTION=PATH, e.g. gnd=gnd_roxford5k.pkl")
-        files[name] = Path(path)
-    return files
+    return {name: Path(path) for name, path in
+            _name_values("--truth", pairs, "OPTION=PATH, e.g. gnd=gnd_roxford5k.pkl").items()}
+
 
 def _evaluate_compat(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings

@@ -42,7 +42,7 @@ def load_record(record: ImageRecord, min_side: int | None = None) -> Image.Image
     x1, y1, x2, y2 = record.crop
     image = load_rgb(record.path, min_side, box_side=min(x2 - x1, y2 - y1))
     scale = image.info.get("draft_scale", 1.0)  # the box is in full-size pixels
-    return crop_box(image, (x1 * scale, y1 * scale, x2 * scale, y2 * scale) if scale != 1.0 else record.crop)
+    return crop_box(image, (x1 * scale, y1 * scale, x2 * scale, y2 * scale))
 
 
 def crop_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
