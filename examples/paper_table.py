@@ -131,7 +131,8 @@ def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str,
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
     """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
     old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
-    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.optim.epochs}-seed{seed}"
+    view = "" if base.optim.augment else "-noaug"
+    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.optim.epochs}{view}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "old.safetensors"
     if not model.exists():
@@ -148,7 +149,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     if cache.exists():
         row = json.loads(cache.read_text())
         asked = {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "old_seed": old_seed,
-                 "compat_weight": base.compat.compat_weight}
+                 "compat_weight": base.compat.compat_weight, "augment": base.optim.augment}
         differ = {key: (row.get(key), value) for key, value in asked.items() if row.get(key, value) != value}
         if differ:
             raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
@@ -157,6 +158,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
+    tag += "" if base.optim.augment else "-noaug"
     folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
@@ -174,7 +176,8 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
-        "compat_weight": config.compat.compat_weight,
+        "compat_weight": config.compat.compat_weight, "augment": config.optim.augment,
+        "revision": _revision(),
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
         "cross": evaluate_retrieval(query, old_gallery),
@@ -193,6 +196,17 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _revision() -> str | None:
+    """The git commit the code ran at (None outside a git checkout), recorded in every run."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
@@ -339,6 +353,9 @@ def main() -> None:
     parser.add_argument("--warm-lr", type=float, default=WARM_LR,
                         help="peak learning rate of the new models of the warm-start settings (default: the recipe's)")
     parser.add_argument("--compat-weight", type=float, default=1.0, help="multiplier of the compatibility terms")
+    parser.add_argument("--augment", choices=["crop", "none"], default="crop",
+                        help="training views of the old and every new model: random resized crops and colour jitter "
+                             "(crop), or the clean image (none, as the AdvBCT authors train); give none its own --results")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
@@ -359,7 +376,7 @@ def main() -> None:
                 continue
             base = TrainConfig.from_options(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
                                device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
-                               compat_weight=args.compat_weight)
+                               compat_weight=args.compat_weight, augment=args.augment == "crop")
             old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0)
             for seed in args.seeds:
                 for method in args.methods:
