@@ -100,7 +100,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(
     one and two threads in one process, so its gathering is checked step by step below.)"""
     args = [str(emoji_dir / "new_train.txt"), "--old-embeddings", str(old_embeddings),
             "--init-from", "none", "--method", "advbct", "--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--lr", "0.01",
-            "--no-augment", "--workers", "0", "--device", "cpu", "--sync-bn", "-q"]
+            "--augment", "none", "--workers", "0", "--device", "cpu", "--sync-bn", "-q"]
     one = _train_cli([], [*args, "--out", str(tmp_path / "one.safetensors")])
     two = _train_cli(TORCHRUN, [*args, "--out", str(tmp_path / "two.safetensors")])
     assert one.returncode == 0, one.stderr

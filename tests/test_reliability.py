@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from bctool.train.state import state_path
 
 TRAIN = ["--arch", "small", "--image-size", "32", "--epochs", "6", "--batch-size", "8", "--workers", "0",
-         "--device", "cpu", "--no-augment", "-q"]
+         "--device", "cpu", "--augment", "none", "-q"]
 
 
 def _bctool(*args: str) -> subprocess.Popen:
@@ -140,7 +140,7 @@ def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_
     """Two processes, one command: identical files; the metadata names seed, versions, command."""
     from bctool.checkpoint import read_checkpoint_metadata
 
-    args = ["train", str(emoji_dir / "old_train.txt"), *TRAIN[:5], "2", *TRAIN[6:], "--workers", "1", "--augment"]
+    args = ["train", str(emoji_dir / "old_train.txt"), *TRAIN[:5], "2", *TRAIN[6:], "--workers", "1", "--augment", "crop"]
     outputs = []
     out = tmp_path / "m.safetensors"  # the same command line twice (it is in the metadata)
     for name in ("a", "b"):
@@ -153,7 +153,7 @@ def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_
     env = json.loads(meta["environment"])
     assert env["torch"] == torch.__version__ and {"python", "numpy", "safetensors", "bctool"} <= set(env)
     assert meta["command"].startswith("__main__.py train ") or meta["command"].startswith("bctool train ")
-    assert "--augment" in meta["command"]
+    assert "--augment crop" in meta["command"]
 
 
 def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""Preprocessing in plain torch and PIL: resize, random resized crop, colour jitter, normalise."""
+"""Preprocessing in plain torch and PIL: resize, random resized crop, colour jitter, normalise.
+
+Training views (:data:`TRAINING_VIEWS`, the ``--augment`` choices): ``none`` (the clean image,
+exactly what extraction sees), ``flip`` (the clean image mirrored left-right half the time) and
+``crop`` (a random resized crop with colour jitter).
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,14 @@ class EvalTransform:
         return _to_tensor(img, self.pre)
 
 
+class FlipTransform(EvalTransform):
+    """The clean image, mirrored left-right with probability 1/2 (torch's global RNG)."""
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = super().__call__(img)
+        return x.flip(-1) if bool(torch.rand(()) < 0.5) else x
+
+
 class TrainTransform:
     """Random resized crop plus mild colour jitter; randomness from torch's global RNG.
 
@@ -108,3 +121,11 @@ class TrainTransform:
         mean_t = torch.tensor(self.pre.mean).view(3, 1, 1)
         std_t = torch.tensor(self.pre.std).view(3, 1, 1)
         return ((x - mean_t) / std_t).contiguous()
+
+
+# The training views by ``--augment`` name.
+TRAINING_VIEWS: dict[str, type[EvalTransform] | type[TrainTransform]] = {
+    "none": EvalTransform,
+    "flip": FlipTransform,
+    "crop": TrainTransform,
+}

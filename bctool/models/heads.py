@@ -30,11 +30,12 @@ def arcface_target(cos_target: torch.Tensor, margin: float) -> torch.Tensor:
 
 
 class LinearHead(nn.Module):
-    """Plain linear softmax classifier on the raw embedding (the AdvBCT paper's default)."""
+    """Plain linear softmax classifier on the raw embedding; the AdvBCT authors' has no bias
+    (``bias=False``, the ``paper`` regime)."""
 
-    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3) -> None:
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3, bias: bool = True) -> None:
         super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(dim, num_classes, bias=bias)
 
     def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, C)."""
@@ -44,8 +45,8 @@ class LinearHead(nn.Module):
 class CosineHead(nn.Module):
     """Scaled cosine classifier: s * cos(f, w_c); subclasses add a margin on the target."""
 
-    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3) -> None:
-        super().__init__()
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.3, bias: bool = False) -> None:
+        super().__init__()  # ``bias`` is accepted for a uniform signature; a cosine has none
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.xavier_uniform_(self.weight)
         self.scale, self.margin = scale, margin
@@ -89,10 +90,10 @@ HEADS: dict[str, type[nn.Module]] = {
 }
 
 
-def create_head(name: str, dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:
-    """Build a head by name."""
+def create_head(name: str, dim: int, num_classes: int, scale: float, margin: float, bias: bool = True) -> nn.Module:
+    """Build a head by name (``bias``: the linear head's; the cosine family has none)."""
     if name not in HEADS:
         raise ModelError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
     if num_classes < 1:
         raise ModelError(f"a {name} head needs at least one class, got {num_classes}")
-    return HEADS[name](dim, num_classes, scale=scale, margin=margin)
+    return HEADS[name](dim, num_classes, scale=scale, margin=margin, bias=bias)

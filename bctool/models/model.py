@@ -106,6 +106,7 @@ class ModelConfig:
     head: str = "linear"
     head_scale: float = 30.0
     head_margin: float = 0.3
+    head_bias: bool = True  # the linear head's bias (checkpoints from before this field had one)
 
     def __post_init__(self) -> None:
         backbone_factory(self.arch)  # a registered name, or an importable package.module:factory
@@ -139,7 +140,8 @@ class EmbeddingModel(nn.Module):
         )
         self.head = (
             create_head(
-                config.head, config.embedding_dim, config.num_classes, config.head_scale, config.head_margin
+                config.head, config.embedding_dim, config.num_classes, config.head_scale, config.head_margin,
+                config.head_bias,
             )
             if config.num_classes > 0
             else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig
+from bctool.train.regime import AUGMENTATIONS, SCHEDULES, regime, regime_parts
 
 AMP_MODES = ("off", "bf16", "fp16")
 # Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
@@ -53,6 +54,7 @@ class ModelOptions:
     image_size: int = 224
     pretrained: str | None = None
     init_from: str | None = None  # old bctool checkpoint to warm-start from, or "auto" (the recipe)
+    head_bias: bool | None = None  # the linear head's bias; None: the regime's
 
     def __post_init__(self) -> None:
         if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
@@ -67,15 +69,18 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class OptimOptions:
-    """The optimisation. Defaults follow the AdvBCT paper where it states them."""
+    """The optimisation. SGD's settings are the AdvBCT authors'; ``regime`` gives the defaults of
+    the parts left None (``augment``, ``schedule``, ``warmup_epochs``; see :mod:`bctool.train.regime`)."""
 
     epochs: int = 30
     batch_size: int = 128
     lr: float | None = 0.1  # None: the recipe's (0.1 from scratch, less for a warm start)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    augment: bool = True
+    regime: str = "bctool"
+    warmup_epochs: float | None = None  # None: the regime's
+    augment: str | None = None  # training views: none, flip or crop; None: the regime's
+    schedule: str | None = None  # cosine or step; None: the regime's
     seed: int = 0
     # Not resumable: augmentation draws from per-worker seeds, so a change alters the data.
     workers: int = 2
@@ -89,11 +94,14 @@ class OptimOptions:
             "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm needs two samples)"),
             "lr": (self.lr is None or self.lr > 0, "positive"),
             "workers": (self.workers >= 0, "0 or more"),
-            "warmup_epochs": (self.warmup_epochs >= 0, "0 or more"),
+            "warmup_epochs": (self.warmup_epochs is None or self.warmup_epochs >= 0, "0 or more"),
+            "augment": (self.augment is None or self.augment in AUGMENTATIONS, f"one of {list(AUGMENTATIONS)}"),
+            "schedule": (self.schedule is None or self.schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
             "weight_decay": (self.weight_decay >= 0, "0 or more"),
         })
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp {self.amp!r} is unknown; choose one of {list(AMP_MODES)}")
+        regime(self.regime)  # a known name
 
 
 @dataclass(frozen=True)
@@ -178,11 +186,18 @@ class TrainConfig:
         """True when the run trains against an old side."""
         return self.compat.compatible
 
+    def with_regime(self) -> TrainConfig:
+        """This config with every part its regime sets made concrete; the parts given stay."""
+        given = {"augment": self.optim.augment, "schedule": self.optim.schedule,
+                 "warmup_epochs": self.optim.warmup_epochs, "head_bias": self.model.head_bias}
+        return self.replace(**regime_parts(self.optim.regime, given, precomputed_old=bool(self.compat.old_embeddings)))
+
     def model_config(self, num_classes: int) -> ModelConfig:
         """The model structure this config trains, for ``num_classes`` classes."""
         m = self.model
+        bias = m.head_bias if m.head_bias is not None else regime(self.optim.regime).head_bias
         return ModelConfig(arch=m.arch, embedding_dim=m.embedding_dim, num_classes=num_classes, head=m.head,
-                           head_scale=m.head_scale, head_margin=m.head_margin)
+                           head_scale=m.head_scale, head_margin=m.head_margin, head_bias=bias)
 
     def to_dict(self) -> dict[str, Any]:
         """Every option by its flat name, JSON-ready (what checkpoints and training states record)."""

@@ -26,7 +26,7 @@ from bctool.checkpoint import save_checkpoint
 from bctool.data.check import find_unreadable, without, write_report
 from bctool.data.dataset import ImageDataset
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
+from bctool.data.transforms import TRAINING_VIEWS, Preprocess
 from bctool.errors import BctoolError, DataError
 from bctool.interrupt import Interrupted, StopSignals
 from bctool.io import atomic_write_text, check_output_path
@@ -47,6 +47,7 @@ from bctool.train.distributed import (
 )
 from bctool.train.log import TrainLog
 from bctool.train.recipe import resolve_recipe
+from bctool.train.regime import STEP_GAMMA, step_milestones
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
 
@@ -70,6 +71,7 @@ class TrainResult:
     skipped: int = 0  # unreadable images left out (listed in OUT.failed.tsv)
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    consistency: dict[str, Any] = field(default_factory=dict)  # --diagnostics: the consistency floor
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary, with the per-epoch mean of every loss part."""
@@ -89,6 +91,7 @@ class TrainResult:
             "images_per_second": round(trained_epochs * self.images / max(self.seconds, 1e-9), 1),
             "final": {k: round(v, 6) for k, v in self.final.items()},
             "history": [{k: round(v, 6) for k, v in epoch.items()} for epoch in self.history],
+            **({"consistency": self.consistency} if self.consistency else {}),
         }
 
 
@@ -122,10 +125,13 @@ def _check_trainable(images: ImageSet) -> None:
         raise DataError(f"{images.source!r} has {len(images)} image; training needs at least 2")
 
 
-def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
-    """Linear warm-up then cosine decay to zero."""
+def lr_at(step: int, total: int, warmup: int, base_lr: float, milestones: tuple[int, ...] | None = None) -> float:
+    """The learning rate of ``step`` (0-based) of ``total``: linear warm-up over ``warmup`` steps,
+    then cosine decay to zero; with ``milestones`` (steps), step decay instead: x0.1 from each."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
+    if milestones is not None:
+        return base_lr * STEP_GAMMA ** sum(step >= m for m in milestones)
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -140,7 +146,7 @@ def make_loader(
     augmentation depend only on the generator state saved with the training state. Under
     multi-process training each rank loads its share of every global batch (``--batch-size``).
     """
-    transform = TrainTransform(preprocess) if config.optim.augment else EvalTransform(preprocess)
+    transform = TRAINING_VIEWS[config.optim.augment](preprocess)
     batch_size = per_rank_batch(min(config.optim.batch_size, len(images)), rank)
     return DataLoader(
         ImageDataset(images, transform),
@@ -201,9 +207,56 @@ def build_task(
         "old": old.description,
         "old_classes": int(old.old_classes.sum()),
         "old_classifier": "old checkpoint head" if old.old_head is not None else "none",
+        "old_view": _old_view(config),
     }
     logger.info("compatible training with %s against %s", config.compat.method, old.description)
     return CompatibleTask(model, old.module, compat, weight=config.compat.compat_weight, diagnose=config.run.diagnostics), facts
+
+
+def _old_view(config: TrainConfig) -> str:
+    """Which views the old embeddings a run trains against are of; a warning when they are not
+    the views the new model sees (precomputed from clean images, new views augmented)."""
+    if config.compat.old_model:
+        return "same: the old model runs on every training batch"
+    if config.optim.augment == "none":
+        return "same: clean images on both sides"
+    logger.warning(
+        "--augment %s with --old-embeddings: the old embeddings were made from clean images, so the new model is "
+        "trained against old embeddings of other views than it sees (a discriminator tells the old model's own "
+        "%s views from them; --diagnostics measures it). Use --augment none, or --old-model to run the old model "
+        "on the same views", config.optim.augment, config.optim.augment,
+    )
+    return f"different: the new model sees {config.optim.augment} views, the old embeddings are of clean images"
+
+
+def _consistency(
+    images: ImageSet, config: TrainConfig, task: ClassificationTask, preprocess: Preprocess, device: torch.device,
+) -> dict[str, Any]:
+    """The consistency floor of a compatible run against precomputed old embeddings (see
+    :mod:`bctool.train.consistency`), when the old checkpoint is known; else why not."""
+    from bctool.train.old_side import PrecomputedOld
+
+    if not isinstance(task, CompatibleTask):
+        return {}
+    if not isinstance(task.old, PrecomputedOld):
+        return {"skipped": "the old model runs on every training batch: the same views by construction"}
+    from bctool.checkpoint import load_checkpoint
+    from bctool.train.consistency import consistency_floor
+    from bctool.train.old_side import OnTheFlyOld
+    from bctool.train.recipe import known_old_checkpoint
+
+    path = known_old_checkpoint(config)
+    if path is None:
+        return {"skipped": "the old checkpoint is not known (keep the one the embeddings file names, unchanged)"}
+    old = OnTheFlyOld(load_checkpoint(path, device=device), preprocess).to(device)
+    seed = config.optim.seed + 1  # its own draws: the training's are left alone
+    loader = make_loader(images, config, preprocess, torch.Generator().manual_seed(seed), pin=False)
+    labels = torch.tensor(images.labels, dtype=torch.int64)
+    floor = consistency_floor(old, loader, task.old.table.cpu(), labels, task.compat.ctx.stats, config.optim.augment,
+                              device, seed=seed).to_dict()
+    logger.info("consistency floor (the old model's own %s views against the old embeddings): %s",
+                config.optim.augment, floor)
+    return floor
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -243,7 +296,7 @@ def train(
     are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.
     """
     check_output_path(out)
-    config = resolve_recipe(config)
+    config = resolve_recipe(config.with_regime())
     rank = current_rank()
     images, failed = _readable(images, config, out, rank, progress) if not config.optim.strict else (images, [])
     _check_trainable(images)
@@ -267,7 +320,7 @@ def train(
         out=str(Path(out)), method=config.compat.method, epochs=config.optim.epochs, steps=step, images=len(images),
         classes=len(images.label_names), device=str(session.device), seconds=seconds,
         resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
-        final=history[-1] if history else {}, history=history,
+        final=history[-1] if history else {}, history=history, consistency=session.facts.get("consistency", {}),
     )
 
 
@@ -289,6 +342,7 @@ class _Session:
     generator: torch.Generator
     total: int  # steps of the whole run
     warmup: int  # steps of linear warm-up
+    milestones: tuple[int, ...] | None  # steps where the step schedule decays (None: cosine)
     state_file: Path
     # What the run depends on: the options and the exact data (ids and labels, in order). A
     # warm start's record holds the old file's sha256: --resume refuses a changed file.
@@ -309,6 +363,8 @@ class _Session:
         model, init = build_model(images, config)
         task, facts = build_task(images, config, model, preprocess, device, progress)
         task.to(device)
+        if config.run.diagnostics and rank.is_main:
+            facts["consistency"] = _consistency(images, config, task, preprocess, device)
         if device.type == "cuda":
             task.to(memory_format=torch.channels_last)
         forward = _distribute(task, config, device, rank)
@@ -319,10 +375,12 @@ class _Session:
         loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
         total = len(loader) * optim.epochs
         warmup = min(total // 2, round(optim.warmup_epochs * len(loader)))
+        milestones = (tuple(m * len(loader) for m in step_milestones(optim.epochs)) if optim.schedule == "step"
+                      else None)
         identity = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
                     "init_from": init}
         return cls(config, rank, device, model, preprocess, task, forward, optimizer, scaler, loader, generator,
-                   total, warmup, state_path(out), identity, init, facts, progress)
+                   total, warmup, milestones, state_path(out), identity, init, facts, progress)
 
     def resume(self) -> tuple[int, int, dict[str, Any] | None]:
         """Restore an interrupted run's state when resuming; open the log. Returns the epoch
@@ -434,6 +492,7 @@ class _EpochRun:
         self.task, self.forward, self.optimizer = session.task, session.forward, session.optimizer
         self.scaler, self.log, self.rank, self.progress = session.scaler, session.log, session.rank, session.progress
         self.config, self.device, self.total, self.warmup = session.config, session.device, session.total, session.warmup
+        self.milestones = session.milestones
         self.epoch, self.step = epoch, step
         self.batches = int(done["batches"]) if done else 0
         self.sums = {k: torch.tensor(v, device=self.device) for k, v in (done["sums"] if done else {}).items()}
@@ -471,7 +530,7 @@ class _EpochRun:
         self._seed_rank()
         for images, labels, indices in loader:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.total, self.warmup, config.optim.lr)
+                group["lr"] = lr_at(self.step, self.total, self.warmup, config.optim.lr, self.milestones)
             task.set_progress(self.epoch, config.optim.epochs, self.step, self.total)
             images = images.to(device, non_blocking=True)
             if device.type == "cuda":

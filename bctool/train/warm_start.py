@@ -43,7 +43,7 @@ class WarmStart:
 def _head_rows(head: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The per-class tensors of a head, by state-dict name: (C, D) weights and (C,) biases."""
     if isinstance(head, LinearHead):
-        return {"fc.weight": head.fc.weight, "fc.bias": head.fc.bias}
+        return {"fc.weight": head.fc.weight, **({"fc.bias": head.fc.bias} if head.fc.bias is not None else {})}
     if isinstance(head, CosineHead):
         return {"weight": head.weight}
     raise ModelError(f"cannot warm-start a head of type {type(head).__name__}")
@@ -52,7 +52,8 @@ def _head_rows(head: torch.nn.Module) -> dict[str, torch.Tensor]:
 def copy_head_rows(
     new_head: torch.nn.Module, new_names: Sequence[str], old_head: torch.nn.Module, old_names: Sequence[str]
 ) -> int:
-    """Copy the old head's row of every class named in both lists; return how many."""
+    """Copy the old head's row of every class named in both lists; return how many. A bias only
+    one of the heads has is left as it is (fresh, or unused)."""
     old_index = {name: i for i, name in enumerate(old_names)}
     pairs = [(i, old_index[name]) for i, name in enumerate(new_names) if name in old_index]
     if not pairs:
@@ -61,6 +62,8 @@ def copy_head_rows(
     old_tensors = _head_rows(old_head)
     with torch.no_grad():
         for key, target in _head_rows(new_head).items():
+            if key not in old_tensors:
+                continue
             target[new_rows] = old_tensors[key].detach().to(target.device, target.dtype)[old_rows]
     return len(pairs)
 

@@ -1,5 +1,10 @@
 """``advbct`` (Pan et al., CVPR 2023): adversarial learning behind a gradient-reversal layer
-plus an elastic boundary around each old class center, exactly as published."""
+plus an elastic boundary around each old class center.
+
+The loss is the authors' (Ashespt/AdvBCT) term for term. Trained as they train it (the
+``paper`` regime: clean views, step decay, no warm-up, a head without bias) from an
+ImageNet-pretrained backbone, it is the published method; bctool cannot ship those weights
+(``--pretrained`` loads them)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ from torch import Tensor, nn
 from bctool.train.compat.grl import grad_reverse, grl_alpha
 from bctool.train.methods.base import Method, MethodContext, register_method
 from bctool.train.methods.parts import masked_mean
+
+
+def make_discriminator(dim: int) -> nn.Sequential:
+    """AdvBCT's domain discriminator: Linear(D, 100) -> BatchNorm1d -> ReLU -> Linear(100, 2),
+    log-softmax scores (class 0: new, 1: old)."""
+    return nn.Sequential(nn.Linear(dim, 100), nn.BatchNorm1d(100), nn.ReLU(), nn.Linear(100, 2), nn.LogSoftmax(dim=1))
 
 
 @dataclass(frozen=True)
@@ -30,13 +41,7 @@ class AdvBCT(Method):
     def __init__(self, ctx: MethodContext, params: AdvBCTParams | None = None) -> None:
         super().__init__(ctx, params)
         dim, device = ctx.model.embedding_dim, ctx.stats.centers.device
-        self.discriminator = nn.Sequential(
-            nn.Linear(dim, 100),
-            nn.BatchNorm1d(100),
-            nn.ReLU(),
-            nn.Linear(100, 2),
-            nn.LogSoftmax(dim=1),
-        ).to(device)
+        self.discriminator = make_discriminator(dim).to(device)
         self.boundary_weight = nn.Parameter(torch.empty(ctx.stats.num_classes, device=device).uniform_(-1, 1))
 
     @property
