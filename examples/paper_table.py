@@ -61,6 +61,7 @@ from bctool.extract import extract
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
 from bctool.train.recipe import WARM_LR
+from bctool.train.regime import AUGMENTATIONS, REGIMES
 
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
@@ -131,8 +132,7 @@ def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str,
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
     """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
     old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
-    view = "" if base.optim.augment else "-noaug"
-    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.optim.epochs}{view}-seed{seed}"
+    folder = workdir / "old" / f"{data.name}-{Path(setting.old_list).stem}-{setting.old_arch}-e{base.optim.epochs}{_tag(base)}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / "old.safetensors"
     if not model.exists():
@@ -149,8 +149,9 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     if cache.exists():
         row = json.loads(cache.read_text())
         asked = {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "old_seed": old_seed,
-                 "compat_weight": base.compat.compat_weight, "augment": base.optim.augment}
-        differ = {key: (row.get(key), value) for key, value in asked.items() if row.get(key, value) != value}
+                 "compat_weight": base.compat.compat_weight, **_views(base, old_base)}
+        differ = {key: (_recorded(row, key), value) for key, value in asked.items()
+                  if _recorded(row, key, value) != value}
         if differ:
             raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
                              "give these options another --results folder")
@@ -158,7 +159,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
-    tag += "" if base.optim.augment else "-noaug"
+    tag += _tag(base.replace(old_embeddings=str(old["new_train"]))) + _tag(old_base, "old-")
     folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
@@ -176,7 +177,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
-        "compat_weight": config.compat.compat_weight, "augment": config.optim.augment,
+        "compat_weight": config.compat.compat_weight, **_views(base, old_base),
         "revision": _revision(),
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
@@ -196,6 +197,32 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _views(base: TrainConfig, old_base: TrainConfig) -> dict[str, str]:
+    """The regime, and the training views of the new models (against precomputed old embeddings)
+    and of the old model, as the regime resolves them."""
+    new = base.replace(old_embeddings="old.safetensors").with_regime()
+    return {"regime": base.optim.regime, "augment": new.optim.augment, "old_augment": old_base.with_regime().optim.augment}
+
+
+def _recorded(row: dict, key: str, default: object = None) -> object:
+    """A run's recorded option; runs from before the regime options recorded none of them (the
+    bctool regime, crops for every model) or augmentation as a bool."""
+    if key == "regime":
+        return row.get(key, "bctool")
+    if key in ("augment", "old_augment"):
+        value = row.get(key, row.get("augment", True))
+        return {True: "crop", False: "none"}.get(value, value)
+    return row.get(key, default)
+
+
+def _tag(config: TrainConfig, prefix: str = "") -> str:
+    """A folder-name tag of a config's regime and views; empty for the original table's (the
+    bctool regime with crops)."""
+    resolved = config.with_regime()
+    tag = "" if resolved.optim.regime == "bctool" else f"-{resolved.optim.regime}"
+    return tag + ("" if resolved.optim.augment == "crop" else f"-{prefix}{resolved.optim.augment}")
 
 
 def _revision() -> str | None:
@@ -353,9 +380,13 @@ def main() -> None:
     parser.add_argument("--warm-lr", type=float, default=WARM_LR,
                         help="peak learning rate of the new models of the warm-start settings (default: the recipe's)")
     parser.add_argument("--compat-weight", type=float, default=1.0, help="multiplier of the compatibility terms")
-    parser.add_argument("--augment", choices=["crop", "none"], default="crop",
-                        help="training views of the old and every new model: random resized crops and colour jitter "
-                             "(crop), or the clean image (none, as the AdvBCT authors train); give none its own --results")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="bctool",
+                        help="training regime of every model (paper: the AdvBCT authors')")
+    parser.add_argument("--augment", choices=list(AUGMENTATIONS), default=None,
+                        help="training views of the new models (default: the regime's; bctool: none against the "
+                             "precomputed old embeddings, which are of clean images)")
+    parser.add_argument("--old-augment", choices=list(AUGMENTATIONS), default=None,
+                        help="training views of the old models (default: the regime's; bctool: crop)")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
@@ -376,8 +407,9 @@ def main() -> None:
                 continue
             base = TrainConfig.from_options(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
                                device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
-                               compat_weight=args.compat_weight, augment=args.augment == "crop")
-            old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0)
+                               compat_weight=args.compat_weight, regime=args.regime, augment=args.augment)
+            old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0,
+                                    augment=args.old_augment)
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
