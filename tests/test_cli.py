@@ -144,10 +144,15 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     new, published = summary["models"]["new"], summary["models"]["advbct"]
     assert (new["method"], published["method"], summary["models"]["independent"]["method"]) == (
         "bct", "advbct", "independent")
-    # The recommended new model starts from the old one; AdvBCT as published from scratch.
+    # The recommended new model starts from the old one, on the clean views its old embeddings
+    # are of; AdvBCT in the authors' regime from scratch; the old model on crops.
     init = load_checkpoint(tmp_path / "new_model.safetensors").train_config
     assert init["init_from"]["sha256"] == file_sha256(tmp_path / "old_model.safetensors") and init["lr"] == 0.03
-    assert load_checkpoint(tmp_path / "advbct_model.safetensors").train_config["init_from"] is None
+    assert (init["regime"], init["augment"]) == ("bctool", "none")
+    paper = load_checkpoint(tmp_path / "advbct_model.safetensors").train_config
+    assert paper["init_from"] is None and (paper["regime"], paper["schedule"], paper["head_bias"]) == ("paper", "step", False)
+    assert load_checkpoint(tmp_path / "old_model.safetensors").train_config["augment"] == "crop"
+    assert summary["published"]["regime"] == "paper"
     assert (tmp_path / "new_query.safetensors").is_file()
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])

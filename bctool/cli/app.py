@@ -152,7 +152,7 @@ def train(
     param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
-    compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method as published).")] = 1.0,
+    compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method's terms at their published weights).")] = 1.0,
     amp: Annotated[str, typer.Option(callback=_one_of("bctool.train.config", "AMP_MODES"), help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
@@ -563,7 +563,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
     method: Annotated[str, typer.Option(callback=_method_choice, help="Compatibility method of the new model (default: the recommended bct; any method of `bctool train --method`).")] = "bct",
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
-    published: Annotated[str, typer.Option(help="Also train this method as published (from scratch) for comparison; none to skip.")] = "advbct",
+    published: Annotated[str, typer.Option(help="Also train this method in the AdvBCT authors' regime (--regime paper, from scratch: no ImageNet weights here) for comparison; none to skip.")] = "advbct",
     bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs of every model.")] = 30,
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone of every model.")] = "small",
@@ -576,7 +576,7 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Run a whole model upgrade on the embedded emoji set: an old model, a new model with the
-    recommended recipe, AdvBCT as published, and an independent new model.
+    recommended recipe, AdvBCT in the authors' regime (from scratch), and an independent new model.
 
     Prints M(o,o), M(n,n), M(n,o) and M(*,*) (the independent model), whether the new model is
     compatible, M(n,o) > M(o,o), and the bootstrap interval of the difference.
@@ -608,7 +608,7 @@ def demo(
         )
         if summary["published"]:
             ref = summary["published"]
-            stderr.print(f"{ref['method']} as published: M(n,n) {100 * ref['M(n,n)']:.2f}  M(n,o) "
+            stderr.print(f"{ref['method']} in the paper's regime, from scratch: M(n,n) {100 * ref['M(n,n)']:.2f}  M(n,o) "
                          f"{100 * ref['M(n,o)']:.2f}, compatible: {'yes' if ref['compatible'] else 'no'}",
                          highlight=False, markup=False)
         stderr.print(f"{summary['seconds']} s", highlight=False)

@@ -20,7 +20,7 @@ from bctool.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 RECOMMENDED_METHOD = "bct"  # the compatibility method with an old side
-COLD_LR = 0.1  # peak learning rate from a fresh initialisation (the AdvBCT paper's)
+COLD_LR = 0.1  # peak learning rate from a fresh initialisation (the AdvBCT authors' SGD rate)
 WARM_LR = 0.03  # peak learning rate of a warm start: fine-tuning, not training anew
 AUTO = "auto"
 
