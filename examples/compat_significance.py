@@ -23,6 +23,7 @@ import numpy as np
 from bctool.embeddings import load_embeddings
 from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_means, paired_delta
 from bctool.evaluate.retrieval import evaluate_retrieval_per_query
+from bctool.train.recipe import WARM_LR
 from paper_table import SETTINGS  # this folder is on sys.path when the script runs
 
 
@@ -30,18 +31,27 @@ def _per_query(query: Path, gallery: Path):  # noqa: ANN202 - a QueryAP
     return evaluate_retrieval_per_query(load_embeddings(query), load_embeddings(gallery))[1]
 
 
-def seed_deltas(workdir: Path, setting: str, method: str, n: int) -> dict[int, dict]:
-    """Per seed: delta, its interval, and the per-query differences (new AP - old AP)."""
+def old_tag(tag: str) -> str:
+    """The old model's folder tag of a new-model folder's ``tag`` (paper_table's ``_tag``): the
+    regime (``-paper``) and the old views (``-old-none`` there, ``-none`` here); crops untagged."""
+    regime = "-paper" if "-paper" in tag else ""
+    views = re.search(r"-old-(none|flip|crop)", tag)
+    return regime + (f"-{views.group(1)}" if views else "")
+
+
+def seed_deltas(workdir: Path, setting: str, method: str, n: int, tag: str = "") -> dict[int, dict]:
+    """Per seed: delta, its interval, and the per-query differences (new AP - old AP), of the
+    runs whose folder name ends in ``tag`` after the seeds and epochs (``-lr0.03-none``...)."""
     spec = SETTINGS[setting]
     out = {}
     for folder in sorted((workdir / setting).iterdir()):
-        # paper_table's layout: SETTING/seedS-oldO-eE[-lrL][-cwW] beside old/DATA-LIST-ARCH-eE-seedO
-        found = re.match(r"seed(\d+)-old(\d+)-e(\d+)", folder.name)
+        # paper_table's layout: SETTING/seedS-oldO-eE[-lrL][-cwW][TAGS] beside old/DATA-LIST-ARCH-eE[TAGS]-seedO
+        found = re.fullmatch(r"seed(\d+)-old(\d+)-e(\d+)(.*)", folder.name)
         query = folder / f"{method}_query.safetensors"
-        if not found or not query.exists():
+        if not found or found.group(4) != tag or not query.exists():
             continue
-        seed, old_seed, old_epochs = (int(g) for g in found.groups())
-        old = workdir / "old" / f"{spec.dataset}-{Path(spec.old_list).stem}-{spec.old_arch}-e{old_epochs}-seed{old_seed}"
+        seed, old_seed, old_epochs = (int(g) for g in found.groups()[:3])
+        old = workdir / "old" / f"{spec.dataset}-{Path(spec.old_list).stem}-{spec.old_arch}-e{old_epochs}{old_tag(tag)}-seed{old_seed}"
         old_ap = _per_query(old / "old_query.safetensors", old / "old_gallery.safetensors")
         new_ap = _per_query(query, old / "old_gallery.safetensors")
         report = paired_delta(old_ap, new_ap, n=n, seed=seed)
@@ -65,17 +75,22 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="paper_table.py's --workdir")
     parser.add_argument("--extra-workdirs", type=Path, nargs="*", default=[],
                         help="more workdirs searched for a setting missing from --workdir")
+    parser.add_argument("--tags", nargs="*", default=None,
+                        help="per setting, the run-folder tag after seedS-oldO-eE (default: -lrL for a warm setting, "
+                             "empty for a fresh one: the original table's runs), e.g. -lr0.03-none for clean views")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="resamples")
     parser.add_argument("--out", type=Path, default=Path("docs/paper/significance.json"))
     args = parser.parse_args()
     rows, record = ["| setting | method | delta per seed (95% interval), points | compatible | pooled delta (95% interval) |",
                     "| --- | --- | --- | --- | --- |"], {}
-    for setting in args.settings:
+    for i, setting in enumerate(args.settings):
+        default_tag = f"-lr{WARM_LR:g}" if SETTINGS[setting].warm else ""
+        tag = args.tags[i] if args.tags else default_tag
         workdir = next((w for w in [args.workdir, *args.extra_workdirs] if (w / setting).is_dir()), None)
         if workdir is None:
             continue
         for method in args.methods:
-            per_seed = seed_deltas(workdir, setting, method, args.bootstrap)
+            per_seed = seed_deltas(workdir, setting, method, args.bootstrap, tag)
             if not per_seed:
                 continue
             both = pooled(per_seed, args.bootstrap)

@@ -166,7 +166,7 @@ def train(
     """Train a model on labelled images, alone or compatible with an old model; print a JSON summary.
 
     With --old-embeddings (or --old-model) the new model is trained so that its embeddings can
-    be searched against the old model's gallery (AdvBCT by default). Under
+    be searched against the old model's gallery (the recommended recipe by default: see --method and --init-from). Under
     `torchrun --nproc-per-node N -m bctool train ...` it trains with DistributedDataParallel;
     --batch-size is then the global batch and only rank 0 writes files and output.
     """
