@@ -142,14 +142,15 @@ def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: Train
 
 
 def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, method: str,
-               base: TrainConfig, old_base: TrainConfig, old_seed: int, diagnostics: bool = False) -> dict:
+               base: TrainConfig, old_base: TrainConfig, old_seed: int, diagnostics: bool = False,
+               old_source: str = "embeddings") -> dict:
     """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
     cache = results / name / f"seed{seed}" / f"{method}.json"
     setting = SETTINGS[name]
     if cache.exists():
         row = json.loads(cache.read_text())
         asked = {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "old_seed": old_seed,
-                 "compat_weight": base.compat.compat_weight, **_views(base, old_base)}
+                 "compat_weight": base.compat.compat_weight, **_views(base, old_base, old_source)}
         differ = {key: (_recorded(row, key), value) for key, value in asked.items()
                   if _recorded(row, key, value) != value}
         if differ:
@@ -159,13 +160,14 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
-    tag += _tag(base.replace(old_embeddings=str(old["new_train"]))) + _tag(old_base, "old-")
+    side = {"old_model": str(old["model"])} if old_source == "model" else {"old_embeddings": str(old["new_train"])}
+    tag += _tag(base.replace(**side)) + _tag(old_base, "old-") + ("-oldmodel" if old_source == "model" else "")
     folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
-    config = base.replace(arch=setting.new_arch, seed=seed, method=method, old_embeddings=str(old["new_train"]),
+    config = base.replace(arch=setting.new_arch, seed=seed, method=method, **side,
                      log_dir=str(folder / f"{method}-log"),
                      init_from=str(old["model"]) if setting.warm else None, diagnostics=diagnostics)
     summary = train(load_image_set(data / "new_train.txt"), config, model)
@@ -177,7 +179,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
-        "compat_weight": config.compat.compat_weight, **_views(base, old_base),
+        "compat_weight": config.compat.compat_weight, **_views(base, old_base, old_source),
         "revision": _revision(),
         "old": evaluate_retrieval(old_query, old_gallery),
         "self": evaluate_retrieval(query, gallery),
@@ -199,11 +201,13 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     return row
 
 
-def _views(base: TrainConfig, old_base: TrainConfig) -> dict[str, str]:
-    """The regime, and the training views of the new models (against precomputed old embeddings)
-    and of the old model, as the regime resolves them."""
-    new = base.replace(old_embeddings="old.safetensors").with_regime()
-    return {"regime": base.optim.regime, "augment": new.optim.augment, "old_augment": old_base.with_regime().optim.augment}
+def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
+    """The regime, where the new models' old embeddings come from, and the training views of the
+    new models and of the old model, as the regime resolves them."""
+    side = {"old_model" if old_source == "model" else "old_embeddings": "old.safetensors"}
+    new = base.replace(**side).with_regime()
+    return {"regime": base.optim.regime, "old_source": old_source, "augment": new.optim.augment,
+            "old_augment": old_base.with_regime().optim.augment}
 
 
 def _recorded(row: dict, key: str, default: object = None) -> object:
@@ -211,6 +215,8 @@ def _recorded(row: dict, key: str, default: object = None) -> object:
     bctool regime, crops for every model) or augmentation as a bool."""
     if key == "regime":
         return row.get(key, "bctool")
+    if key == "old_source":
+        return row.get(key, "embeddings")
     if key in ("augment", "old_augment"):
         value = row.get(key, row.get("augment", True))
         return {True: "crop", False: "none"}.get(value, value)
@@ -387,6 +393,9 @@ def main() -> None:
                              "precomputed old embeddings, which are of clean images)")
     parser.add_argument("--old-augment", choices=list(AUGMENTATIONS), default=None,
                         help="training views of the old models (default: the regime's; bctool: crop)")
+    parser.add_argument("--old-side", choices=["embeddings", "model"], default="embeddings",
+                        help="the new models train against the old model's precomputed embeddings of the clean "
+                             "images, or run the old model on their own training views (--old-model)")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
@@ -413,7 +422,7 @@ def main() -> None:
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
-                               seed + args.old_seed_offset, args.diagnostics)
+                               seed + args.old_seed_offset, args.diagnostics, args.old_side)
     finished = collect(args.results)
     sections, summaries = report(finished)
     if not sections:

@@ -102,3 +102,38 @@ def test_pooled_delta_is_a_stratified_bootstrap_over_seeds(paper) -> None:  # no
     assert both["delta_high"] - both["delta_low"] < 0.75 * (one["delta_high"] - one["delta_low"])
     flat = module.pooled({s: {"diff": np.full(50, 0.02), "delta": 0.02} for s in range(2)}, n=100)
     assert flat["delta_low"] == pytest.approx(0.02) and flat["delta_high"] == pytest.approx(0.02) and flat["significant"]
+
+
+def test_a_cached_run_of_other_views_or_old_side_is_refused(paper, tmp_path: Path) -> None:  # noqa: ANN001
+    """Runs from before the regime options (crops for every model, no record) and runs against
+    another old side are not silently reused for a table of clean views."""
+    from bctool.train import TrainConfig
+
+    base = TrainConfig.from_options(image_size=32, lr=0.03, epochs=30)
+    old_base = base.replace(lr=0.1)
+    legacy = {**_row("extended-class-warm", 0, "bct", 0.5, 0.6, 0.55), "lr": 0.03, "epochs": 30, "old_epochs": 30,
+              "old_seed": 1000, "compat_weight": 1.0}
+    path = tmp_path / "extended-class-warm" / "seed0" / "bct.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(legacy))
+    with pytest.raises(SystemExit, match=r"augment crop there, none asked"):
+        paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000)
+    # against the old model on the same views, bctool's views are crops: the legacy run matches but its old side
+    with pytest.raises(SystemExit, match=r"old_source embeddings there, model asked"):
+        paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000,
+                         old_source="model")
+    path.write_text(json.dumps({**legacy, **paper._views(base, old_base, "embeddings")}))
+    assert paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000)["seed"] == 0
+
+
+def test_significance_finds_the_old_model_of_a_tagged_run() -> None:
+    spec = importlib.util.spec_from_file_location("compat_significance", SCRIPT.parent / "compat_significance.py")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert module.old_tag("-lr0.03") == "" and module.old_tag("-lr0.03-none") == ""  # old model on crops
+    assert module.old_tag("-lr0.03-none-old-none") == "-none"
+    assert module.old_tag("-paper-paper-old-none") == "-paper-none"
