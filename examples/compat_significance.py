@@ -75,17 +75,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="paper_table.py's --workdir")
     parser.add_argument("--extra-workdirs", type=Path, nargs="*", default=[],
                         help="more workdirs searched for a setting missing from --workdir")
-    parser.add_argument("--tags", nargs="*", default=None,
-                        help="per setting, the run-folder tag after seedS-oldO-eE (default: -lrL for a warm setting, "
-                             "empty for a fresh one: the original table's runs), e.g. -lr0.03-none for clean views")
+    parser.add_argument("--tag", default=None,
+                        help="the run-folder tag after seedS-oldO-eE[-lrL] of the runs to read (default: none, the "
+                             "original table's runs), e.g. --tag=-none for new models on clean views")
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="resamples")
     parser.add_argument("--out", type=Path, default=Path("docs/paper/significance.json"))
     args = parser.parse_args()
     rows, record = ["| setting | method | delta per seed (95% interval), points | compatible | pooled delta (95% interval) |",
                     "| --- | --- | --- | --- | --- |"], {}
-    for i, setting in enumerate(args.settings):
-        default_tag = f"-lr{WARM_LR:g}" if SETTINGS[setting].warm else ""
-        tag = args.tags[i] if args.tags else default_tag
+    for setting in args.settings:
+        tag = (f"-lr{WARM_LR:g}" if SETTINGS[setting].warm else "") + (args.tag or "")
         workdir = next((w for w in [args.workdir, *args.extra_workdirs] if (w / setting).is_dir()), None)
         if workdir is None:
             continue
