@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from bctool.checkpoint import file_sha256, load_checkpoint
 from bctool.cli import app
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+from bctool.train.recipe import RECOMMENDED_METHOD
 
 runner = CliRunner()
 TINY = ["--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
@@ -143,7 +144,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= metrics["map"] <= 1.0 and metrics["queries"] == 9
     new, published = summary["models"]["new"], summary["models"]["advbct"]
     assert (new["method"], published["method"], summary["models"]["independent"]["method"]) == (
-        "bct", "advbct", "independent")
+        RECOMMENDED_METHOD, "advbct", "independent")
     # The recommended new model starts from the old one, on the clean views its old embeddings
     # are of; AdvBCT in the authors' regime from scratch; the old model on crops.
     init = load_checkpoint(tmp_path / "new_model.safetensors").train_config

@@ -109,9 +109,11 @@ def test_method_parameters_are_options_recorded_in_the_checkpoint(emoji_dir: Pat
 
 def test_methods_command_lists_the_registry() -> None:
     from bctool.train.methods import METHODS
+    from bctool.train.recipe import RECOMMENDED_METHOD
 
-    listed = _invoke(["methods"])["methods"]
-    assert [m["name"] for m in listed] == sorted(METHODS)
+    output = _invoke(["methods"])
+    listed = output["methods"]
+    assert [m["name"] for m in listed] == sorted(METHODS) and output["recommended"] == RECOMMENDED_METHOD
     advbct = next(m for m in listed if m["name"] == "advbct")
     assert advbct["params"] == {"threshold": 1.0} and advbct["description"].startswith("AdvBCT")
     assert all(m["description"] for m in listed)
@@ -160,10 +162,12 @@ def test_the_recommended_recipe_is_the_default_with_an_old_side(emoji_dir: Path,
     recipe = trained("n.safetensors", "--old-embeddings", str(old["embeddings"]))
     assert (recipe["method"], recipe["lr"]) == (RECOMMENDED_METHOD, WARM_LR)
     assert recipe["init_from"]["sha256"] == file_sha256(old["model"])
+    assert (recipe["regime"], recipe["augment"]) == ("bctool", "none")  # the clean views its old embeddings are of
     fresh = trained("f.safetensors", "--old-embeddings", str(old["embeddings"]), "--init-from", "none")
     assert (fresh["method"], fresh["lr"], fresh["init_from"]) == (RECOMMENDED_METHOD, COLD_LR, None)
     explicit = trained("e.safetensors", "--old-model", str(old["model"]), "--lr", "0.05", "--method", "bct")
     assert (explicit["lr"], explicit["init_from"]["sha256"]) == (0.05, file_sha256(old["model"]))
+    assert explicit["augment"] == "crop"  # the old model runs on the very crops the new model sees
     plain = trained("p.safetensors")
     assert (plain["method"], plain["lr"], plain["init_from"]) == ("independent", COLD_LR, None)
 

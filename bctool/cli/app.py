@@ -148,7 +148,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every training batch, on the very views the new model sees, instead of --old-embeddings.")] = None,
-    method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method (`bctool methods` lists every registered one with its parameters): bct is the recommended default with an old side (warm-started: see --init-from), advbct the AdvBCT paper's, independent the default without an old side.")] = None,
+    method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method (`bctool methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
@@ -223,10 +223,12 @@ def _method_params(pairs: list[str] | None, threshold: float | None) -> dict[str
 @app.command()
 @reports_errors
 def methods(quiet: Quiet = False) -> None:
-    """List the compatibility methods: name, what it does, its parameters and defaults (JSON)."""
+    """List the compatibility methods: name, what it does, its parameters and defaults, and the
+    recommended one (JSON)."""
     from bctool.train.methods import describe_methods
+    from bctool.train.recipe import RECOMMENDED_METHOD
 
-    emit_json({"methods": describe_methods()})
+    emit_json({"methods": describe_methods(), "recommended": RECOMMENDED_METHOD})
 
 
 @app.command()
@@ -561,7 +563,7 @@ def dataset_gldv2(
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
-    method: Annotated[str, typer.Option(callback=_method_choice, help="Compatibility method of the new model (default: the recommended bct; any method of `bctool train --method`).")] = "bct",
+    method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method of the new model (default: the recommended one, as `bctool methods` names it; any method of `bctool train --method`).", show_default=False)] = None,
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
     published: Annotated[str, typer.Option(help="Also train this method in the AdvBCT authors' regime (--regime paper, from scratch: no ImageNet weights here) for comparison; none to skip.")] = "advbct",
     bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
