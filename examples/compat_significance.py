@@ -39,7 +39,8 @@ def old_tag(tag: str) -> str:
     return regime + (f"-{views.group(1)}" if views else "")
 
 
-def seed_deltas(workdir: Path, setting: str, method: str, n: int, tag: str = "") -> dict[int, dict]:
+def seed_deltas(workdir: Path, setting: str, method: str, n: int, tag: str = "",
+                seeds: list[int] | None = None) -> dict[int, dict]:
     """Per seed: delta, its interval, and the per-query differences (new AP - old AP), of the
     runs whose folder name ends in ``tag`` after the seeds and epochs (``-lr0.03-none``...)."""
     spec = SETTINGS[setting]
@@ -51,6 +52,8 @@ def seed_deltas(workdir: Path, setting: str, method: str, n: int, tag: str = "")
         if not found or found.group(4) != tag or not query.exists():
             continue
         seed, old_seed, old_epochs = (int(g) for g in found.groups()[:3])
+        if seeds is not None and seed not in seeds:
+            continue
         old = workdir / "old" / f"{spec.dataset}-{Path(spec.old_list).stem}-{spec.old_arch}-e{old_epochs}{old_tag(tag)}-seed{old_seed}"
         old_ap = _per_query(old / "old_query.safetensors", old / "old_gallery.safetensors")
         new_ap = _per_query(query, old / "old_gallery.safetensors")
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="paper_table.py's --workdir")
     parser.add_argument("--extra-workdirs", type=Path, nargs="*", default=[],
                         help="more workdirs searched for a setting missing from --workdir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the seeds to read (100: the pilot)")
     parser.add_argument("--tag", default=None,
                         help="the run-folder tag after seedS-oldO-eE[-lrL] of the runs to read (default: none, the "
                              "original table's runs), e.g. --tag=-none for new models on clean views")
@@ -89,7 +93,7 @@ def main() -> None:
         if workdir is None:
             continue
         for method in args.methods:
-            per_seed = seed_deltas(workdir, setting, method, args.bootstrap, tag)
+            per_seed = seed_deltas(workdir, setting, method, args.bootstrap, tag, args.seeds)
             if not per_seed:
                 continue
             both = pooled(per_seed, args.bootstrap)
