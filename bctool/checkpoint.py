@@ -153,6 +153,18 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return meta
 
 
+def _check_finite_weights(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """A :class:`ModelError` naming the first tensor (in file order) with a NaN or inf value and
+    how many tensors have one: such a model embeds every image to NaN."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelError(
+            f"checkpoint {str(path)!r} holds NaN or inf weights: tensor {bad[0]!r}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; it cannot embed anything. Train it again "
+            "(a lower --lr keeps a loss finite), or use the checkpoint before it went wrong"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model of a checkpoint file, in eval mode, on ``device``."""
     meta = read_checkpoint_metadata(path)
@@ -168,6 +180,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         raise ModelError(f"checkpoint {str(path)!r}: {exc}") from exc
     model = create_model(config)
     state = load_file(str(path))
+    _check_finite_weights(state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -64,6 +64,9 @@ class Embeddings:
     normalized: bool = False
     root: str = ""  # dataset root the ids are relative to; "" when unknown
     shard: dict[str, Any] | None = None  # set in the part files of `bctool extract --shard`
+    # False for a file without ids: ``ids`` are then row numbers, which name no image, so no row
+    # is ever taken for the same image as a row of another file (retrieval, training).
+    ids_known: bool = True
 
     def __post_init__(self) -> None:
         emb, labels = self.embeddings, self.labels
@@ -380,6 +383,7 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         normalized=normalized,
         root=meta.get("root", ""),
         shard=shard if isinstance(shard, dict) else None,
+        ids_known="ids" in meta,
     )
 
 

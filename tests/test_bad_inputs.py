@@ -364,3 +364,42 @@ def test_help_and_messages_read_as_written(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(png)
     with pytest.raises(Data, match="is an image, not a list file"):
         load_image_set(png)
+
+
+def test_embeddings_without_ids_never_match_rows_by_number(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A query and a gallery file without ids: query row i is not gallery row i's image, so no
+    gallery row is dropped (mAP as with distinct ids, not the 1.0 of a self-match), with a
+    warning; training refuses such a file as old embeddings."""
+    from types import SimpleNamespace
+
+    from safetensors.numpy import save_file
+
+    from bctool.train.old_side import match_by_id
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 3).astype(np.int64)
+    query, gallery = rng.normal(size=(12, 8)).astype(np.float32), rng.normal(size=(12, 8)).astype(np.float32)
+    meta = {"format": "bctool.embeddings", "label_names": json.dumps(["a", "b", "c", "d"])}
+    for name, rows in (("q", query), ("g", gallery)):
+        save_file({"embeddings": rows, "labels": labels}, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+    q, g = load_embeddings(tmp_path / "q.safetensors"), load_embeddings(tmp_path / "g.safetensors")
+    assert not q.ids_known and not g.ids_known
+    with caplog.at_level(logging.WARNING):
+        got = evaluate_retrieval(q, g)
+    assert "has no ids, so no gallery row is taken for a query's own image" in caplog.text
+    named = evaluate_retrieval(Embeddings(query, labels, [f"q{i}" for i in range(12)], ["a", "b", "c", "d"]),
+                               Embeddings(gallery, labels, [f"g{i}" for i in range(12)], ["a", "b", "c", "d"]))
+    assert got["map"] == pytest.approx(named["map"]) and got["queries"] == 12 and got["gallery"] == 12
+    with pytest.raises(EmbeddingsError, match="has no ids, so its rows cannot be matched"):
+        match_by_id(SimpleNamespace(source="train.txt", ids=[str(i) for i in range(12)]), g, "g.safetensors")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path: Path) -> None:
+    model = create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3))
+    with torch.no_grad():
+        model.neck[0].weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "m.safetensors", model, Preprocess(image_size=16), ["a", "b", "c"], train_config={})
+    with pytest.raises(BctoolError, match=r"holds NaN or inf weights: tensor 'neck.0.weight'; it cannot embed"):
+        load_checkpoint(tmp_path / "m.safetensors")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "tensor 'neck.0.weight'" in result.output

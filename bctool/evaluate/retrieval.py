@@ -86,8 +86,16 @@ def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
     """Per query, the gallery row with the same id (first one if ids repeat), or -1.
 
     Ids are relative to their dataset root, so files extracted from two different roots never
-    share an image, whatever their ids; an unknown root (``""``) matches any.
+    share an image, whatever their ids; an unknown root (``""``) matches any. A file without ids
+    shares no image with any file: row numbers name no image (a warning says so).
     """
+    if not (query.ids_known and gallery.ids_known):
+        logger.warning(
+            "the %s file has no ids, so no gallery row is taken for a query's own image (row numbers name no "
+            "image); if the queries are also in the gallery, each finds itself: re-extract with `bctool extract`, "
+            "which records ids", "query" if not query.ids_known else "gallery",
+        )
+        return np.full(len(query), -1, dtype=np.int64)
     if query.root and gallery.root and query.root != gallery.root:
         return np.full(len(query), -1, dtype=np.int64)
     # Only ids that some query has are kept, so a large gallery costs one pass and a small dict.

@@ -82,6 +82,12 @@ class OldSide:
 
 def match_by_id(images: ImageSet, old: Embeddings, source: str) -> torch.Tensor:
     """Rows of ``old`` in the order of ``images``; every training image needs one."""
+    if not old.ids_known:
+        raise EmbeddingsError(
+            f"{source!r} has no ids, so its rows cannot be matched to the training images; extract the old "
+            f"embeddings with `bctool extract {images.source} --model OLD.safetensors --out OLD_EMB.safetensors`, "
+            "which records them"
+        )
     row_of = {image_id: i for i, image_id in enumerate(old.ids)}
     rows = [row_of.get(image_id, -1) for image_id in images.ids]
     missing = [image_id for image_id, r in zip(images.ids, rows) if r < 0]
