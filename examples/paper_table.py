@@ -168,7 +168,10 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
-    config = base.replace(arch=setting.new_arch, seed=seed, method=method, **side,
+    # A method without an old side trains on the views the compatible methods see.
+    views = base.replace(**side).with_regime().optim.augment
+    config = base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
+                     **(side if REGISTERED[method].needs_old_side else {}),
                      log_dir=str(folder / f"{method}-log"),
                      init_from=str(old["model"]) if setting.warm else None, diagnostics=diagnostics)
     summary = train(load_image_set(data / "new_train.txt"), config, model)

@@ -403,3 +403,12 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path: Pa
         load_checkpoint(tmp_path / "m.safetensors")
     result = CliRunner().invoke(app, ["export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "tensor 'neck.0.weight'" in result.output
+
+
+def test_an_old_side_given_to_a_method_without_one_is_refused(tmp_path: Path) -> None:
+    """`--method independent --old-embeddings X` used to ignore X (even a missing one) and record it."""
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "m.safetensors"),
+                                      "--method", "independent", "--old-embeddings", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 1
+    assert "method 'independent' trains without an old side, so --old-embeddings" in result.output
+    assert "would be ignored: drop it" in result.output and not (tmp_path / "m.safetensors").exists()

@@ -123,6 +123,13 @@ class CompatOptions:
         object.__setattr__(self, "method_params", asdict(resolve_params(self.method, self.method_params)))
         if self.old_embeddings and self.old_model:
             raise ConfigError("pass only one of --old-embeddings and --old-model")
+        given = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name in ("old_embeddings", "old_model")
+                 if getattr(self, name)]
+        if given and not self.compatible:
+            raise ConfigError(
+                f"method {self.method!r} trains without an old side, so {given[0]} would be ignored: drop it, or "
+                "pick a compatible method (`bctool methods` lists them)"
+            )
         if self.compatible and not (self.old_embeddings or self.old_model):
             raise ConfigError(
                 f"method {self.method!r} trains against an old model: pass --old-embeddings "
