@@ -412,3 +412,33 @@ def test_an_old_side_given_to_a_method_without_one_is_refused(tmp_path: Path) ->
     assert result.exit_code == 1
     assert "method 'independent' trains without an old side, so --old-embeddings" in result.output
     assert "would be ignored: drop it" in result.output and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--boundary-threshold", "nan"], "advbct parameter threshold=nan must be a finite number"),
+    (["--param", "threshold=-1"], "advbct parameter threshold=-1.0 must be positive"),
+    (["--method", "hotrefresh", "--param", "temperature=inf"], "hotrefresh parameter temperature='inf' must be a finite number"),
+    (["--method", "unibct", "--param", "margin=nan"], "unibct parameter margin='nan' must be a finite number"),
+    (["--head-scale", "0"], "--head-scale 0.0 must be a positive finite number"),
+    (["--head-scale", "nan"], "--head-scale nan must be a positive finite number"),
+    (["--head-margin", "-5"], "--head-margin -5.0 must be in [0, pi)"),
+])
+def test_values_that_would_switch_a_term_off_are_refused(args: list[str], message: str, tmp_path: Path) -> None:
+    """NaN, inf and out-of-range method or head parameters used to train with a term switched
+    off (or fail at step 1 blaming --lr); each is refused before any work, naming option and value."""
+    base = ["train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "m.safetensors"), "--old-embeddings",
+            str(tmp_path / "old.safetensors"), "--method", "advbct"]
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "Invalid value for '--batch-size': 0 is below 2; pass 2 or more"),
+    (["--epochs", "0"], "Invalid value for '--epochs': 0 is below 1; pass 1 or more"),
+    (["--embedding-dim", "-5"], "Invalid value for '--embedding-dim': -5 is below 1; pass 1 or more"),
+    (["--compat-weight", "nan"], "Invalid value for '--compat-weight': nan must be a finite number, 0.0 or more"),
+])
+def test_numbers_out_of_range_are_usage_errors_naming_option_and_value(args: list[str], message: str,
+                                                                       tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "m.safetensors"), *args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

@@ -38,13 +38,30 @@ app = typer.Typer(
 dataset_app = typer.Typer(help="Write built-in datasets to disk.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 
+
+def _at_least(low: float):  # noqa: ANN202 - a click callback
+    """A callback refusing, as a usage error naming the value, a number below ``low`` (and NaN
+    or inf for a float option)."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{value!r} must be a finite number, {low} or more")
+        if value < low:
+            raise typer.BadParameter(f"{value!r} is below {low}; pass {low} or more")
+        return value
+
+    return check
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, steps taken.")]
 TrainVerbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, and each epoch's loss parts.")]
 Device = Annotated[
     str, typer.Option(help="Where to run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 ]
-Workers = Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images.")]
+Workers = Annotated[int, typer.Option(callback=_at_least(0), help="DataLoader worker processes decoding images.")]
 
 
 def _one_of(module: str, name: str):  # noqa: ANN202 - a click callback
@@ -127,20 +144,20 @@ def train(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
-    embedding_dim: Annotated[int, typer.Option(min=1, help="Embedding dimension D.")] = 256,
+    embedding_dim: Annotated[int, typer.Option(callback=_at_least(1), help="Embedding dimension D.")] = 256,
     head: Annotated[str, typer.Option(callback=_one_of("bctool.models.heads", "HEADS"), help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
     head_margin: Annotated[float, typer.Option(help="Margin m of the arcface/cosface heads.")] = 0.3,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 30,
-    batch_size: Annotated[int, typer.Option(min=2, help="Images per step.")] = 128,
+    epochs: Annotated[int, typer.Option(callback=_at_least(1), help="Passes over the training images.")] = 30,
+    batch_size: Annotated[int, typer.Option(callback=_at_least(2), help="Images per step.")] = 128,
     lr: Annotated[Optional[float], typer.Option(callback=_positive_finite, help="Peak SGD learning rate (see --schedule); default 0.1, or 0.03 for a warm start (--init-from).", show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     regime: Annotated[str, typer.Option(callback=_one_of("bctool.train.regime", "REGIMES"), help="Defaults of --augment, --schedule, --warmup-epochs and --head-bias. bctool: views matching the old side (none with --old-embeddings, else crop), cosine, 1, with bias. paper: the AdvBCT authors' training: none, step, 0, without bias (with the default SGD 0.1, momentum 0.9, weight decay 5e-4 and 30 epochs).")] = "bctool",
     augment: Annotated[Optional[str], typer.Option(callback=_one_of("bctool.data.transforms", "TRAINING_VIEWS"), help="Training views: none (the clean image, as extraction sees it), flip (mirrored left-right half the time) or crop (random resized crops and colour jitter). Default: the regime's (bctool: none with --old-embeddings, which are made from clean images, crop otherwise; paper: none). With --old-embeddings anything but none trains against old embeddings of other views than the new model sees (a warning says so); --old-model runs the old model on the same views.", show_default=False)] = None,
     schedule: Annotated[Optional[str], typer.Option(callback=_one_of("bctool.train.regime", "SCHEDULES"), help="Learning-rate schedule after the warm-up: cosine (decay to zero) or step (x0.1 at epochs 5, 10 and 20 of 30, scaled to --epochs). Default: the regime's.", show_default=False)] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help="Epochs of linear learning-rate warm-up. Default: the regime's (bctool 1, paper 0).", show_default=False)] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(callback=_at_least(0.0), help="Epochs of linear learning-rate warm-up. Default: the regime's (bctool 1, paper 0).", show_default=False)] = None,
     head_bias: Annotated[Optional[bool], typer.Option("--head-bias/--no-head-bias", help="Give the linear head a bias. Default: the regime's (bctool yes, paper no).", show_default=False)] = None,
-    image_size: Annotated[int, typer.Option(min=8, help="Training and extraction image side in pixels.")] = 224,
+    image_size: Annotated[int, typer.Option(callback=_at_least(8), help="Training and extraction image side in pixels.")] = 224,
     pretrained: Annotated[Optional[Path], typer.Option(help="Backbone weights (.safetensors) with timm or torchvision ResNet key names.")] = None,
     init_from: Annotated[str, typer.Option(help="Warm start: initialise from this old bctool checkpoint (same --arch and --embedding-dim; backbone and neck copied, head rows of the classes it knows copied by name). auto: with an old side, from the old checkpoint when it is known (--old-model, or the one that made --old-embeddings, unchanged) and fits; none: a fresh start.")] = "auto",
     device: Device = "auto",
@@ -152,13 +169,13 @@ def train(
     param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(help="AdvBCT's elastic-boundary threshold T (default 1.0); the same as --param threshold=T.", show_default=False)] = None,
-    compat_weight: Annotated[float, typer.Option(min=0.0, help="Multiplier of the compatibility loss parts (1.0: each method's terms at their published weights).")] = 1.0,
+    compat_weight: Annotated[float, typer.Option(callback=_at_least(0.0), help="Multiplier of the compatibility loss parts (1.0: each method's terms at their published weights).")] = 1.0,
     amp: Annotated[str, typer.Option(callback=_one_of("bctool.train.config", "AMP_MODES"), help="Mixed precision: off, bf16 or fp16 (fp16 uses a grad scaler on CUDA).")] = "off",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.state.safetensors (saved after every epoch).")] = False,
     log_dir: Annotated[Optional[Path], typer.Option(help="Write per-step loss parts (steps.jsonl) and per-epoch means (epochs.jsonl) here; draw them with `bctool plot DIR`.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="With --log-dir: also log, per step, the gradient norm of every loss part at the embedding (grad_PART) and the method's own measurements (AdvBCT: discriminator accuracy disc_acc, share of old-class samples outside their boundary, mean elastic radius), and write the final boundary radii to LOG_DIR/compat.json.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of checking every image first and leaving the unreadable ones out (listed in OUT.failed.tsv).")] = False,
-    save_every: Annotated[int, typer.Option(min=0, help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
+    save_every: Annotated[int, typer.Option(callback=_at_least(0), help="Also save the training state every N steps (0: after every epoch only; SIGINT/SIGTERM always save).")] = 0,
     sync_bn: Annotated[bool, typer.Option(help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm), so N processes train as one.")] = False,
     quiet: Quiet = False,
     verbose: TrainVerbose = False,
@@ -237,7 +254,7 @@ def extract(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Images to embed: a list file (labels optional) or a class-folder tree.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the embeddings (.safetensors).")],
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    batch_size: Annotated[int, typer.Option(callback=_at_least(1), help="Images per forward pass.")] = 256,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
     queries: Annotated[bool, typer.Option("--queries", help="With --gnd: embed the query images (qimlist), cropped to their bounding boxes.")] = False,
     crop: Annotated[bool, typer.Option(help="With --gnd --queries: crop queries to their bbx (the standard protocol); --no-crop as in the AdvBCT paper.")] = True,
@@ -293,8 +310,8 @@ def export(
     format: Annotated[str, typer.Option("--format", "-f", callback=_one_of("bctool.export", "FORMATS"), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
     normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
-    check: Annotated[int, typer.Option(min=1, help="Images the exported model is checked on against `bctool extract`.")] = 8,
-    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest allowed difference from `bctool extract`, relative to the embedding norm.")] = 1e-4,
+    check: Annotated[int, typer.Option(callback=_at_least(1), help="Images the exported model is checked on against `bctool extract`.")] = 8,
+    tolerance: Annotated[float, typer.Option(callback=_at_least(0.0), help="Largest allowed difference from `bctool extract`, relative to the embedding norm.")] = 1e-4,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -381,13 +398,13 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
     bootstrap: Annotated[int, typer.Option(callback=_not_negative, help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(help="With --backfill: draw the curve to this PNG file (needs matplotlib).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(callback=_at_least(1), help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
     truth: Annotated[Optional[list[str]], typer.Option("--truth", help="The ground truth of any registered protocol as OPTION=PATH, repeatable: --truth gnd=FILE is --gnd FILE; a protocol added to bctool.evaluate.protocols is reached this way with no other change.")] = None,
     index: Annotated[str, typer.Option(callback=_one_of("bctool.evaluate.search", "INDEX_KINDS"), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
-    nprobe: Annotated[int, typer.Option(min=1, help="With --index ivf: inverted lists visited per query.")] = 32,
-    ef_search: Annotated[int, typer.Option(min=1, help="With --index hnsw: search breadth per query.")] = 128,
+    nprobe: Annotated[int, typer.Option(callback=_at_least(1), help="With --index ivf: inverted lists visited per query.")] = 32,
+    ef_search: Annotated[int, typer.Option(callback=_at_least(1), help="With --index hnsw: search breadth per query.")] = 128,
     quiet: Quiet = False,
 ) -> None:
     """Retrieval quality of queries against a gallery, a compatibility report, a model chain or
@@ -513,7 +530,7 @@ def dataset_emoji(
     seed: Annotated[int, typer.Option(help="Seed of the class split.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Share of classes held out for query/gallery.")] = 0.3,
     old_fraction: Annotated[float, typer.Option(help="Share of the training classes the old model sees.")] = 0.3,
-    limit: Annotated[Optional[int], typer.Option(min=3, help="Keep only the first N emoji (quick experiments).")] = None,
+    limit: Annotated[Optional[int], typer.Option(callback=_at_least(3), help="Keep only the first N emoji (quick experiments).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Write the embedded emoji set (Google and Twitter renderings) with extended-class lists."""
@@ -531,9 +548,9 @@ def dataset_fashion_mnist(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images/ and the list files into.")],
     source: Annotated[Optional[Path], typer.Option(help="Folder with the four Fashion-MNIST IDX files, gzipped or not (default: /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist installs them).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
-    train_per_class: Annotated[Optional[int], typer.Option(min=2, help="Training images per class for the new model (default: all 6,000).")] = None,
+    train_per_class: Annotated[Optional[int], typer.Option(callback=_at_least(2), help="Training images per class for the new model (default: all 6,000).")] = None,
     old_fraction: Annotated[float, typer.Option(help="Share of every class's training images the old model sees (extended-data).")] = 0.3,
-    query_per_class: Annotated[int, typer.Option(min=1, help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
+    query_per_class: Annotated[int, typer.Option(callback=_at_least(1), help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
     quiet: Quiet = False,
 ) -> None:
     """Write Fashion-MNIST as PNGs with extended-data lists (old model on a share of every class)."""
@@ -566,11 +583,11 @@ def demo(
     method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method of the new model (default: the recommended one, as `bctool methods` names it; any method of `bctool train --method`).", show_default=False)] = None,
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
     published: Annotated[str, typer.Option(help="Also train this method in the AdvBCT authors' regime (--regime paper, from scratch: no ImageNet weights here) for comparison; none to skip.")] = "advbct",
-    bootstrap: Annotated[int, typer.Option(min=0, help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs of every model.")] = 30,
+    bootstrap: Annotated[int, typer.Option(callback=_at_least(0), help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,
+    epochs: Annotated[int, typer.Option(callback=_at_least(1), help="Epochs of every model.")] = 30,
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone of every model.")] = "small",
-    image_size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 32,
-    limit: Annotated[Optional[int], typer.Option(min=10, help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
+    image_size: Annotated[int, typer.Option(callback=_at_least(8), help="Image side in pixels.")] = 32,
+    limit: Annotated[Optional[int], typer.Option(callback=_at_least(10), help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Annotated[int, typer.Option(help="Random seed of the split, the training and the bootstrap.")] = 0,

@@ -16,6 +16,7 @@ every option (:meth:`TrainConfig.to_dict`), as before the groups existed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -59,7 +60,10 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
             object.__setattr__(self, "arch", default_arch(self.image_size))
-        _check(self, {"image_size": (self.image_size >= 8, "at least 8")})
+        _check(self, {"image_size": (self.image_size >= 8, "at least 8"),
+                      "head_scale": (math.isfinite(self.head_scale) and self.head_scale > 0, "a positive finite number"),
+                      "head_margin": (math.isfinite(self.head_margin) and 0 <= self.head_margin < math.pi,
+                                      "in [0, pi) (an angle for arcface, a cosine offset for cosface)")})
         if self.init_from not in (None, "auto") and self.pretrained:
             raise ConfigError(
                 "pass only one of --init-from (a bctool checkpoint: backbone, neck and head rows) "
@@ -116,7 +120,8 @@ class CompatOptions:
     compat_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self, {"compat_weight": (self.compat_weight >= 0, "0 or more")})
+        _check(self, {"compat_weight": (math.isfinite(self.compat_weight) and self.compat_weight >= 0,
+                                        "a finite number, 0 or more")})
         from bctool.train.methods import resolve_params
 
         # Every parameter of the method, defaults filled in: what the checkpoint records.

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bctool.errors import ConfigError
 from bctool.train.compat.grl import grad_reverse, grl_alpha
 from bctool.train.methods.base import Method, MethodContext, register_method
 from bctool.train.methods.parts import masked_mean
@@ -30,6 +31,10 @@ class AdvBCTParams:
     """The elastic boundary's threshold."""
 
     threshold: float = 1.0  # T: each class's radius r_max moves towards T (the paper's value, for GLDv2)
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise ConfigError(f"advbct parameter threshold={self.threshold!r} must be positive (a radius)")
 
 
 @register_method("advbct")

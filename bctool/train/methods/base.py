@@ -19,6 +19,7 @@ Adding a method is one file in this package that defines such a class under
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -118,7 +119,8 @@ def method_class(name: str) -> type[Method]:
 def _coerce(method: str, field: dataclasses.Field, value: Any) -> Any:
     """``value`` as the field's type (options arrive as strings)."""
     kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool}.get(str(field.type), str)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) and not (
+            kind is float and not math.isfinite(value)):
         return value
     try:
         if kind is bool:
@@ -130,9 +132,13 @@ def _coerce(method: str, field: dataclasses.Field, value: Any) -> Any:
             if not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        return kind(value)
+        converted = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{method} parameter {field.name}={value!r} is not a valid {kind.__name__}") from None
+    if kind is float and not math.isfinite(converted):
+        # NaN or inf switches a term off or makes it constant without a word: never what was meant.
+        raise ConfigError(f"{method} parameter {field.name}={value!r} must be a finite number")
+    return converted
 
 
 def resolve_params(method: str, given: Mapping[str, Any] | None = None) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -22,6 +24,8 @@ class UniBCTParams:
     def __post_init__(self) -> None:
         if not self.scale > 0:
             raise ConfigError(f"unibct parameter scale={self.scale!r} must be positive")
+        if not 0 <= self.margin < math.pi:
+            raise ConfigError(f"unibct parameter margin={self.margin!r} must lie in [0, pi) (an angle)")
 
 
 @register_method("unibct")
