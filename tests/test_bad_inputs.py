@@ -442,3 +442,25 @@ def test_numbers_out_of_range_are_usage_errors_naming_option_and_value(args: lis
                                                                        tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "m.safetensors"), *args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize("args", [["demo", "--seed", "-1"], ["train", "x.txt", "--out", "m.safetensors", "--seed", str(2**70)],
+                                  ["evaluate", "--query", "q", "--gallery", "g", "--seed", "-1"]])
+def test_seeds_out_of_range_are_usage_errors_before_any_work(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "is outside [0, 4294967295]; pass a seed in that range" in result.output
+
+
+def test_a_checkpoint_with_image_size_0_is_corrupt_metadata(tmp_path: Path) -> None:
+    model = create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2))
+    save_checkpoint(tmp_path / "m.safetensors", model, Preprocess(image_size=16), ["a", "b"], train_config={})
+    tensors, meta = {}, {}
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["preprocess"] = json.dumps({**json.loads(meta["preprocess"]), "image_size": 0})
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(BctoolError, match=r"has corrupt metadata \(image_size 0 must be at least 1\); re-train it"):
+        load_checkpoint(tmp_path / "bad.safetensors")

@@ -55,6 +55,16 @@ def _at_least(low: float):  # noqa: ANN202 - a click callback
     return check
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; torch's, Python's and the split's take them too
+
+
+def _seed_range(value: int | None) -> int | None:
+    """A seed in [0, 2**32 - 1], checked before any work (numpy refuses others, after minutes)."""
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise typer.BadParameter(f"{value} is outside [0, {MAX_SEED}]; pass a seed in that range")
+    return value
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables on stderr.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, steps taken.")]
 TrainVerbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr: files read and written, and each epoch's loss parts.")]
@@ -162,7 +172,7 @@ def train(
     init_from: Annotated[str, typer.Option(help="Warm start: initialise from this old bctool checkpoint (same --arch and --embedding-dim; backbone and neck copied, head rows of the classes it knows copied by name). auto: with an old side, from the old checkpoint when it is known (--old-model, or the one that made --old-embeddings, unchanged) and fits; none: a fresh start.")] = "auto",
     device: Device = "auto",
     workers: Workers = 2,
-    seed: Annotated[int, typer.Option(help="Random seed (weights, data order, augmentation).")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every training batch, on the very views the new model sees, instead of --old-embeddings.")] = None,
     method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method (`bctool methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
@@ -395,7 +405,7 @@ def evaluate(
     independent_gallery: Annotated[Optional[Path], typer.Option(help="Compatibility report: that independent model's gallery.")] = None,
     chain: Annotated[bool, typer.Option("--chain", help="Evaluate every model version against every other: the matrix M[i][j] and AC/BC (pass the QUERY,GALLERY pairs as arguments).")] = False,
     backfill: Annotated[Optional[str], typer.Option(help="Partial backfill: comma-separated fractions of the gallery re-embedded by the new model, e.g. 0,0.25,0.5,0.75,1.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
     bootstrap: Annotated[int, typer.Option(callback=_not_negative, help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(help="With --backfill: draw the curve to this PNG file (needs matplotlib).")] = None,
     top_k: Annotated[Optional[int], typer.Option(callback=_at_least(1), help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
@@ -527,7 +537,7 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
 @reports_errors
 def dataset_emoji(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images/ and the list files into.")],
-    seed: Annotated[int, typer.Option(help="Seed of the class split.")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the class split.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Share of classes held out for query/gallery.")] = 0.3,
     old_fraction: Annotated[float, typer.Option(help="Share of the training classes the old model sees.")] = 0.3,
     limit: Annotated[Optional[int], typer.Option(callback=_at_least(3), help="Keep only the first N emoji (quick experiments).")] = None,
@@ -547,7 +557,7 @@ def dataset_emoji(
 def dataset_fashion_mnist(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images/ and the list files into.")],
     source: Annotated[Optional[Path], typer.Option(help="Folder with the four Fashion-MNIST IDX files, gzipped or not (default: /usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist installs them).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the image selection.")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the image selection.")] = 0,
     train_per_class: Annotated[Optional[int], typer.Option(callback=_at_least(2), help="Training images per class for the new model (default: all 6,000).")] = None,
     old_fraction: Annotated[float, typer.Option(help="Share of every class's training images the old model sees (extended-data).")] = 0.3,
     query_per_class: Annotated[int, typer.Option(callback=_at_least(1), help="Test images per class used as queries; the rest of the test set is the gallery.")] = 100,
@@ -590,7 +600,7 @@ def demo(
     limit: Annotated[Optional[int], typer.Option(callback=_at_least(10), help="Use only the first N emoji classes (a quicker, smaller run).")] = None,
     device: Device = "auto",
     workers: Workers = 2,
-    seed: Annotated[int, typer.Option(help="Random seed of the split, the training and the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Random seed of the split, the training and the bootstrap.")] = 0,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:

@@ -26,6 +26,12 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        if not self.image_size >= 1:
+            raise ValueError(f"image_size {self.image_size!r} must be at least 1")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError(f"mean {self.mean!r} and std {self.std!r} must be 3 values each, std positive")
+
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         """Rebuild from the JSON stored in a checkpoint."""
