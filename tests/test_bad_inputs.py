@@ -464,3 +464,14 @@ def test_a_checkpoint_with_image_size_0_is_corrupt_metadata(tmp_path: Path) -> N
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(BctoolError, match=r"has corrupt metadata \(image_size 0 must be at least 1\); re-train it"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_a_closed_stdout_ends_the_command_quietly_with_status_0() -> None:
+    """`bctool methods | head -0`: the reader is gone before the JSON is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "bctool", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader closes the pipe before the command writes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -24,9 +25,16 @@ stderr = Console(stderr=True)
 
 
 def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout (the only thing commands print there)."""
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
-    sys.stdout.flush()
+    """Write one JSON document to stdout (the only thing commands print there). A reader that
+    closed the pipe (``bctool methods | head -0``) ends the command quietly with status 0, as
+    standard tools do: the work is done, only the reader is gone."""
+    try:
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
 
 
 def setup_logging(verbose: bool) -> None:
