@@ -37,7 +37,7 @@ from bctool.embeddings import (
 )
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text, check_output_path
+from bctool.io import atomic_write_text, check_output_path, output_lock
 from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,16 @@ def extract_to_file(
     started = time.perf_counter()
     out = Path(out)
     check_output_path(out, "emb.safetensors")
+    with output_lock(out):  # one writer per output: OUT.partial is shared by every run on OUT
+        return _extract_locked(images, checkpoint, out, started, shard=shard, batch_size=batch_size,
+                               workers=workers, strict=strict, resume=resume, save_every=save_every,
+                               progress=progress)
+
+
+def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started: float, *, shard: Shard | None,
+                    batch_size: int, workers: int, strict: bool, resume: bool, save_every: float,
+                    progress: Progress) -> ExtractResult:
+    """:func:`extract_to_file` once its output is checked and locked."""
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(rows):
         raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))

@@ -1,10 +1,12 @@
-"""Atomic file output: write to a temporary file beside the target, then rename."""
+"""Atomic file output: write to a temporary file beside the target, then rename; one writer
+per output at a time (:func:`output_lock`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,91 @@ from bctool.errors import BctoolError, ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are not locked
+    fcntl = None  # type: ignore[assignment]
+
+# Output locks this process holds (path -> depth): taking one again is a no-op, so a command
+# and the library function it calls may both lock the same output.
+_HELD: dict[str, int] = {}
+
+
+def lock_path(out: str | os.PathLike[str]) -> Path:
+    """The lock file of an output: ``OUT.lock`` beside it."""
+    return Path(f"{os.fspath(out)}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``OUT.lock`` while ``out`` (and its partial and state files) is being written.
+
+    A second process writing the same output is refused at once with a :class:`BctoolError`
+    naming the lock and the holder's pid, so neither run's file is torn. The lock is an
+    ``flock`` on the file: the kernel releases it when the holder exits or dies, so a killed run
+    leaves no stale lock. The lock file is removed when the holder is done.
+    """
+    key = os.path.realpath(os.fspath(out))
+    if fcntl is None or key in _HELD:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    lock = lock_path(out)
+    fd = _acquire(lock, out)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: str | os.PathLike[str]) -> int:
+    """An open descriptor of ``lock`` holding its exclusive flock, with this pid written in."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise BctoolError(f"cannot write {str(out)!r}: {exc.strerror or exc}; choose an output path in a "
+                              "writable folder") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BctoolError(
+                f"{str(out)!r} is being written by another process (pid {holder}, holding {str(lock)!r}); "
+                "wait for it to finish, or choose another output path"
+            ) from None
+        with contextlib.suppress(OSError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # still the lock file, not one its holder removed
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        os.close(fd)
+
+
+def _refuse_special(out: str | os.PathLike[str], flag: str) -> None:
+    """A device, FIFO or socket as an output would be replaced by a regular file (outputs are
+    written beside it and renamed onto it): refuse it."""
+    with contextlib.suppress(OSError):
+        mode = os.stat(out).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a socket")
+            raise ConfigError(
+                f"{flag} {str(out)!r} is {kind}, not a file: bctool writes its outputs to a new file and renames it "
+                f"into place, which would replace {str(out)!r}; pass a regular file path"
+            )
 
 
 @contextlib.contextmanager
@@ -141,6 +228,7 @@ def check_output_path(out: str | os.PathLike[str], example: str = "model.safeten
     path = Path(out)
     if path.is_dir():
         raise ConfigError(f"--out {str(path)!r} is a folder; pass a file name such as {str(path / example)!r}")
+    _refuse_special(out, "--out")
     folder = path.parent if str(path.parent) else Path(".")
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK):
@@ -154,6 +242,7 @@ def check_not_an_input(
     """Refuse, before any work, an ``out`` that is one of the command's inputs: the same path
     once links are resolved, or the same file (a hard link). ``inputs`` maps each option's name
     to its path, a list of paths, or None (not given)."""
+    _refuse_special(out, flag)
     target = Path(out)
     resolved = os.path.realpath(target)
     for option, given in inputs.items():

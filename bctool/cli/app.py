@@ -15,7 +15,7 @@ import typer
 from bctool import __version__
 from bctool.cli.errors import reports_errors
 from bctool.cli.output import RichProgress, emit_json, metrics_table, setup_logging, stderr
-from bctool.io import check_not_an_input
+from bctool.io import check_not_an_input, output_lock
 
 if TYPE_CHECKING:
     from bctool.evaluate.protocols import Protocol, Table
@@ -338,10 +338,11 @@ def export(
 
     setup_logging(verbose)
     check_not_an_input(out, {"MODEL": model, "--images": images})
-    checkpoint = load_checkpoint(model)
-    image_set = load_image_set(images, require_labels=False) if images is not None else None
-    result = export_model(checkpoint, out, format, normalize=normalize, images=image_set, check=check,
-                          tolerance=tolerance)
+    with output_lock(out):
+        checkpoint = load_checkpoint(model)
+        image_set = load_image_set(images, require_labels=False) if images is not None else None
+        result = export_model(checkpoint, out, format, normalize=normalize, images=image_set, check=check,
+                              tolerance=tolerance)
     if not quiet:
         stderr.print(f"exported {format} to {out}: largest difference {result.max_difference:.2e} of the embedding "
                      f"norm on {result.images_checked} images (tolerance {tolerance:g})", highlight=False, markup=False)
@@ -360,7 +361,9 @@ def plot(
 
     if out is not None:
         check_not_an_input(out, {"LOG_DIR": [log_dir / "steps.jsonl", log_dir / "epochs.jsonl"]})
-    emit_json(plot_training(log_dir, out))
+    with output_lock(out if out is not None else log_dir / "training.png"):
+        result = plot_training(log_dir, out)
+    emit_json(result)
 
 
 @app.command()
@@ -374,7 +377,9 @@ def merge(
     from bctool.embeddings import merge_shards
 
     check_not_an_input(out, {"PARTS": list(parts)})
-    emit_json(merge_shards(list(parts), out))
+    with output_lock(out):
+        result = merge_shards(list(parts), out)
+    emit_json(result)
 
 
 def _pair(text: str) -> tuple[Path, Path]:
@@ -583,7 +588,9 @@ def dataset_gldv2(
     from bctool.data.gldv2 import write_gldv2_list
 
     check_not_an_input(out, {"CSV_FILE": csv_file})
-    emit_json(write_gldv2_list(csv_file, images, out))
+    with output_lock(out):
+        result = write_gldv2_list(csv_file, images, out)
+    emit_json(result)
 
 
 @app.command()

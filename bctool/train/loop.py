@@ -29,7 +29,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import TRAINING_VIEWS, Preprocess
 from bctool.errors import BctoolError, DataError
 from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text, check_output_path
+from bctool.io import atomic_write_text, check_output_path, output_lock
 from bctool.models import EmbeddingModel, create_model
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
@@ -296,6 +296,14 @@ def train(
     are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.
     """
     check_output_path(out)
+    # One writer per checkpoint (and its state file): another process training into the same
+    # OUT is refused at once. Only rank 0 writes, so only rank 0 locks.
+    with output_lock(out) if current_rank().is_main else contextlib.nullcontext():
+        return _train(images, config, out, progress)
+
+
+def _train(images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], progress: Progress) -> TrainResult:
+    """:func:`train` once its output is checked and locked."""
     config = resolve_recipe(config.with_regime())
     rank = current_rank()
     images, failed = _readable(images, config, out, rank, progress) if not config.optim.strict else (images, [])
