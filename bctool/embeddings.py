@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from bctool.io import atomic_path, read_safetensors_header, safetensors_header
 
 FORMAT = "bctool.embeddings"
 FORMAT_VERSION = "1"
+logger = logging.getLogger(__name__)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -48,8 +50,12 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     """
     emb = np.asarray(x, dtype=np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows stay NaN; callers check
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        return emb / np.maximum(norms, 1e-12)
+        # Each row is first divided by its largest magnitude, so a row of 3e38 does not overflow
+        # its norm to inf (and come out as zeros).
+        peak = np.abs(emb).max(axis=1, keepdims=True) if emb.size else np.ones((len(emb), 1), np.float32)
+        unit = emb / np.where(peak > 0, peak, 1).astype(np.float32)
+        norms = np.linalg.norm(unit, axis=1, keepdims=True)
+        return unit / np.maximum(norms, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,15 @@ class Embeddings:
                 f"{int(bad.sum())} embedding rows hold NaN or inf values, first {self.ids[first]!r} "
                 f"(row {first}); re-extract them (`bctool extract`) from the model "
                 f"{self.model.get('path', '') or 'that made them'}"
+            )
+        zero = ~rows.any(axis=1)
+        if zero.any() and not getattr(self, "_warned_zero", False):
+            object.__setattr__(self, "_warned_zero", True)  # once per file, not per block
+            first = start + int(np.flatnonzero(zero)[0])
+            logger.warning(
+                "%d embedding rows are all zero (first %r, row %d): they score 0 against every query and rank only "
+                "by tie order; re-extract them (`bctool extract`) or leave them out", int(zero.sum()),
+                self.ids[first], first,
             )
         return rows
 

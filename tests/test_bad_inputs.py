@@ -475,3 +475,16 @@ def test_a_closed_stdout_ends_the_command_quietly_with_status_0() -> None:
     proc.stdout.close()  # the reader closes the pipe before the command writes
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == b""
+
+
+def test_zero_rows_are_warned_about_and_huge_rows_keep_their_direction(caplog: pytest.LogCaptureFixture) -> None:
+    """A gallery row of zeros scores by tie order alone (warned, naming it); a row of 3e38 used
+    to overflow its norm and silently become zeros."""
+    rows = np.array([[3e38, 3e38, 0], [0, 0, 0], [1, 2, 2]], np.float32)
+    emb = Embeddings(rows, np.zeros(3, np.int64), ["huge", "empty", "plain"], ["k"])
+    with caplog.at_level(logging.WARNING):
+        unit = emb.normalized_embeddings()
+        list(emb.iter_normalized_blocks(1))
+    np.testing.assert_allclose(unit[0], [2**-0.5, 2**-0.5, 0], rtol=1e-6)
+    np.testing.assert_allclose(unit[2], [1 / 3, 2 / 3, 2 / 3], rtol=1e-6)
+    assert caplog.text.count("1 embedding rows are all zero (first 'empty', row 1)") == 1  # once per file
