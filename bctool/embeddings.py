@@ -83,6 +83,12 @@ class Embeddings:
             raise EmbeddingsError(f"labels must have shape ({n},), got {labels.shape}")
         if len(self.ids) != n:
             raise EmbeddingsError(f"{n} embeddings but {len(self.ids)} ids; they must match")
+        if n and not self.label_names and labels.max(initial=-1) >= 0:
+            raise EmbeddingsError(
+                f"{int((labels >= 0).sum())} rows have labels but there are no label names (the file's "
+                "'label_names' metadata is missing or empty); add the names, one per label, or set the labels "
+                "of unlabelled rows to -1"
+            )
         if n and (labels.max(initial=-1) >= len(self.label_names) or labels.min(initial=0) < -1):
             raise EmbeddingsError(
                 f"labels must lie in [-1, {len(self.label_names) - 1}] "
@@ -294,6 +300,14 @@ def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) 
     return dtype, shape, begin, end
 
 
+def _load_converted(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of ``path``, read whole, ``embeddings`` as float32."""
+    meta = _checked_metadata(path)
+    tensors = load_file(str(path))
+    tensors["embeddings"] = tensors["embeddings"].astype(np.float32)
+    return tensors, meta
+
+
 def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors of ``path`` with ``embeddings`` memory-mapped (read-only); other tensors read."""
     header, data_start = _read_header(path)
@@ -303,6 +317,11 @@ def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     for name in header:
         dtype, shape, begin, end = _tensor_span(path, header, name, data_size)
         if name == "embeddings":
+            if dtype in ("F16", "F64") and len(shape) == 2:
+                # Another float width cannot be mapped as float32: read it whole and convert, as
+                # for a query file (float32 in memory; the caller's streaming still works).
+                logger.info("%s: 'embeddings' is %s, read whole and converted to float32", path, dtype)
+                return _load_converted(path)
             if dtype != "F32" or len(shape) != 2:
                 raise EmbeddingsError(
                     f"{str(path)!r}: 'embeddings' is {dtype} of shape {shape}; memory-mapped loading "

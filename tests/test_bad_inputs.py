@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +489,38 @@ def test_zero_rows_are_warned_about_and_huge_rows_keep_their_direction(caplog: p
     np.testing.assert_allclose(unit[0], [2**-0.5, 2**-0.5, 0], rtol=1e-6)
     np.testing.assert_allclose(unit[2], [1 / 3, 2 / 3, 2 / 3], rtol=1e-6)
     assert caplog.text.count("1 embedding rows are all zero (first 'empty', row 1)") == 1  # once per file
+
+
+def test_data_that_is_a_link_loop_fifo_or_device_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    os.mkfifo(tmp_path / "fifo")
+    expected = {tmp_path / "a": "is a symbolic link that loops or points nowhere",
+                tmp_path / "fifo": "is a FIFO (a named pipe), not a file", Path("/dev/null"): "is a device, not a file",
+                tmp_path / "missing": "does not exist"}
+    for path, words in expected.items():
+        with pytest.raises(DataError, match=f"data '{path}' {re.escape(words)}; pass a list file"):
+            load_image_set(path)
+
+
+def test_float16_and_float64_files_work_as_gallery_as_they_do_as_query(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    emb = Embeddings(rng.normal(size=(9, 4)).astype(np.float32), np.arange(9) % 3, [f"i{i}" for i in range(9)],
+                     ["a", "b", "c"])
+    save_embeddings(emb, tmp_path / "f32.safetensors")
+    expected = evaluate_retrieval(emb, emb)["map"]
+    with safe_open(str(tmp_path / "f32.safetensors"), "np") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for dtype in (np.float16, np.float64):
+        path = tmp_path / f"{np.dtype(dtype).name}.safetensors"
+        save_file({**tensors, "embeddings": tensors["embeddings"].astype(dtype)}, str(path), metadata=meta)
+        result = CliRunner().invoke(app, ["evaluate", "--query", str(tmp_path / "f32.safetensors"), "--gallery", str(path), "-q"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["map"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_labels_without_label_names_say_so() -> None:
+    with pytest.raises(EmbeddingsError, match=r"3 rows have labels but there are no label names"):
+        Embeddings(np.zeros((3, 2), np.float32), np.array([0, 1, 1]), ["a", "b", "c"], [])

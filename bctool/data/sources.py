@@ -213,7 +213,24 @@ def load_image_set(path: str | os.PathLike[str], require_labels: bool = True) ->
         return read_image_folder(p)
     if p.is_file():
         return read_list_file(p, require_labels=require_labels)
-    raise DataError(
-        f"data {str(p)!r} does not exist; pass a list file (`PATH LABEL` lines) or a folder "
-        "with one subfolder per class"
-    )
+    raise DataError(f"data {str(p)!r} {_what_is_there(p)}; pass a list file (`PATH LABEL` lines) or a folder "
+                    "with one subfolder per class")
+
+
+def _what_is_there(p: Path) -> str:
+    """Why ``p`` is neither a file nor a folder, in words: missing, a symbolic-link loop or a
+    dangling link, a FIFO, a device, a socket."""
+    import errno
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except OSError as exc:
+        if p.is_symlink() and exc.errno in (errno.ELOOP, errno.ENOENT):
+            return "is a symbolic link that loops or points nowhere"
+        return "does not exist" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (a named pipe), not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is a socket, not a file"
