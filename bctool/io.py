@@ -243,6 +243,8 @@ def check_not_an_input(
     once links are resolved, or the same file (a hard link). ``inputs`` maps each option's name
     to its path, a list of paths, or None (not given)."""
     _refuse_special(out, flag)
+    if os.fspath(out).endswith(os.sep) or Path(out).is_dir():
+        raise ConfigError(f"{flag} {str(out)!r} is a folder; pass the name of a file (in it, for example)")
     target = Path(out)
     resolved = os.path.realpath(target)
     for option, given in inputs.items():

@@ -359,8 +359,11 @@ def plot(
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
     from bctool.train.log import plot_training
 
+    from bctool.plotting import plot_format
+
     if out is not None:
         check_not_an_input(out, {"LOG_DIR": [log_dir / "steps.jsonl", log_dir / "epochs.jsonl"]})
+        plot_format(out)
     with output_lock(out if out is not None else log_dir / "training.png"):
         result = plot_training(log_dir, out)
     emit_json(result)
@@ -438,6 +441,9 @@ def evaluate(
             "--independent-gallery": independent_gallery, "--gnd": gnd, "--solution": solution,
             "--truth": list(_truth_files(truth).values()),
             "QUERY,GALLERY": [path for text in pairs or [] for path in text.split(",") if path]})
+        from bctool.plotting import plot_format
+
+        plot_format(plot)
     truths = {"gnd": gnd, "solution": solution, **_truth_files(truth)}
     protocol = make_protocol(top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search, **truths)
     if chain:
