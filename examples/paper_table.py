@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
+    shutil.rmtree(folder / f"{method}-log", ignore_errors=True)  # an interrupted run's log: this run's starts anew
     # A method without an old side trains on the views the compatible methods see.
     views = base.replace(**side).with_regime().optim.augment
     config = base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,

@@ -21,7 +21,7 @@ from bctool.cli import app
 from bctool.data import load_image_set, load_rgb
 from bctool.data.transforms import Preprocess
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
-from bctool.errors import BctoolError, DataError, EmbeddingsError
+from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
 from bctool.evaluate.retrieval import evaluate_retrieval
 from bctool.extract import extract_to_file, partial_paths
 from bctool.models import ModelConfig, create_model
@@ -549,3 +549,47 @@ def test_a_plot_is_written_in_the_format_its_suffix_names(tmp_path: Path) -> Non
     assert (tmp_path / "c.svg").read_bytes().lstrip().startswith(b"<?xml")
     result = CliRunner().invoke(app, ["plot", str(log), "--out", str(tmp_path / "c.jpg")])
     assert result.exit_code == 1 and "name a .png, .svg or .pdf file" in result.output
+
+
+def test_dataset_emoji_refuses_a_folder_holding_another_image_under_an_emoji_name(tmp_path: Path) -> None:
+    from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+
+    write_emoji_dataset(tmp_path / "e", EmojiSplit(seed=0, limit=12))
+    write_emoji_dataset(tmp_path / "e", EmojiSplit(seed=0, limit=12))  # a rerun finds its own images
+    victim = sorted((tmp_path / "e" / "images" / "google").glob("*.png"))[0]
+    Image.new("RGB", (64, 64), "red").save(victim)
+    with pytest.raises(DataError, match=r"is already there and is not the google .* emoji bctool ships"):
+        write_emoji_dataset(tmp_path / "e", EmojiSplit(seed=0, limit=12))
+
+
+def test_a_reused_log_dir_is_refused_instead_of_truncated(tmp_path: Path) -> None:
+    from bctool.train.log import TrainLog
+
+    (tmp_path / "steps.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=r"holds another run's log \(steps.jsonl\); a new run would overwrite it"):
+        TrainLog(tmp_path)
+    assert (tmp_path / "steps.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    TrainLog(tmp_path, resume_step=1).close()  # a resumed run continues its own log
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A file stored sideways with EXIF orientation 6 (rotate 90 clockwise to display) loads as
+    its upright copy."""
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, size=(20, 40, 3), dtype=np.uint8))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a camera held sideways writes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "sideways.png", exif=exif)
+    loaded = load_rgb(tmp_path / "sideways.png")
+    assert loaded.size == upright.size and loaded.tobytes() == upright.tobytes()
+
+
+def test_a_listed_file_whose_name_starts_with_hash_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "#x.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "y.png")
+    (tmp_path / "list.txt").write_text("#x.png a\n# a real comment\ny.png b\n./#x.png a\n")
+    with caplog.at_level(logging.WARNING):
+        images = load_image_set(tmp_path / "list.txt")
+    assert "list.txt:1: '#x.png' is skipped as a comment" in caplog.text and "write ./#x.png" in caplog.text
+    assert caplog.text.count("skipped as a comment") == 1 and len(images) == 2  # ./#x.png is listed

@@ -21,7 +21,9 @@ from rich.progress import Progress as RichProgressBar
 from rich.markup import escape
 from rich.table import Table
 
-stderr = Console(stderr=True)
+# A redirected stderr (a log file, CI) has no width: rich would assume 80 columns and cut the
+# tables' row labels ("advbc…"); such a log gets room for a whole table.
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def emit_json(obj: Any) -> None:

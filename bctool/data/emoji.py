@@ -75,6 +75,16 @@ def split_classes(names: list[str], split: EmojiSplit) -> dict[str, list[str]]:
     return {"test": sorted(test), "train": sorted(train), "old": sorted(old)}
 
 
+def _same_pixels(path: Path, tile: Image.Image) -> bool:
+    """True when the image file at ``path`` holds exactly ``tile``'s pixels (a rerun into the
+    same folder); False for other pixels or an unreadable file."""
+    try:
+        with Image.open(path) as existing:
+            return existing.size == tile.size and existing.convert("RGBA").tobytes() == tile.convert("RGBA").tobytes()
+    except (OSError, ValueError):
+        return False
+
+
 def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -> dict:
     """Write PNGs under ``OUT/images/VENDOR/`` and list files ``old_train.txt``,
     ``new_train.txt``, ``query.txt``, ``gallery.txt``; return a summary dict."""
@@ -95,9 +105,15 @@ def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -
         for i, name in enumerate(names):
             x, y = (i % columns) * size, (i // columns) * size
             target = folder / f"{name}.png"
+            tile = sheet.crop((x, y, x + size, y + size))
             if not target.exists():
                 with atomic_path(target) as tmp:  # a killed run leaves no torn PNG
-                    sheet.crop((x, y, x + size, y + size)).save(tmp, format="PNG")
+                    tile.save(tmp, format="PNG")
+            elif not _same_pixels(target, tile):
+                raise DataError(
+                    f"{str(target)!r} is already there and is not the {vendor} {name} emoji bctool ships; it would be "
+                    f"listed as that emoji. Write the dataset into an empty folder, or remove {str(folder)!r} first"
+                )
     parts = split_classes(names, split)
 
     def lines(classes: list[str], vendors: list[str]) -> str:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bctool.errors import DataError
 
@@ -25,9 +25,10 @@ def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
 
 
 def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB; transparent pixels are composited on white, 16-bit
-    greyscale is scaled to 8 bits (not clipped), float greyscale by its range (0-1 times 255,
-    0-255 as is, up to 65535 divided by 257; others refused), CMYK and palettes are converted.
+    """Open an image as 8-bit RGB, turned as its EXIF orientation says; transparent pixels are
+    composited on white, 16-bit greyscale is scaled to 8 bits (not clipped), float greyscale by
+    its range (0-1 times 255, 0-255 as is, up to 65535 divided by 257; others refused), CMYK and
+    palettes are converted.
 
     With ``min_side``, a JPEG whose shorter side is at least twice that is decoded at a reduced
     scale (1/2, 1/4 or 1/8, by the decoder itself) that keeps its shorter side at least
@@ -45,7 +46,9 @@ def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = N
                 img.draft("RGB", draft_size(full, need))
             img.load()
             scale = img.size[0] / full[0]
-            out = _to_rgb(img)
+            # As displayed: an EXIF orientation (a phone's rotated JPEG) is applied, so a rotated
+            # file embeds like its upright copy.
+            out = _to_rgb(ImageOps.exif_transpose(img))
             if scale != 1.0:
                 out.info["draft_scale"] = scale
             return out

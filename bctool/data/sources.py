@@ -98,6 +98,14 @@ def _parse_line(line: str, lineno: int, source: Path) -> tuple[str, str | None] 
     )
 
 
+def _warn_if_a_file(line: str, lineno: int, source: Path) -> None:
+    """A comment line (``#...``) whose first field is a file beside the list: say it is skipped."""
+    fields = line.strip().split("\t") if "\t" in line else line.split()
+    if fields and fields[0].startswith("#") and (source.parent / fields[0]).is_file():
+        logger.warning("%s:%d: %r is skipped as a comment (it starts with #), though a file of that name is there; "
+                       "to list it, write ./%s", source, lineno, fields[0], fields[0])
+
+
 def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
     """Read a list file: one ``PATH [LABEL]`` per line, PATH relative to the file's folder."""
     try:
@@ -121,6 +129,7 @@ def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
     for lineno, line in enumerate(lines, start=1):
         parsed = _parse_line(line, lineno, path)
         if parsed is None:
+            _warn_if_a_file(line, lineno, path)
             continue
         rel, label = parsed
         if require_labels and label is None:

@@ -26,6 +26,13 @@ class TrainLog:
         """Open the log in ``folder``; a fresh run (``resume_step`` None) starts empty files, a
         resumed one keeps the records up to ``resume_step``."""
         self.folder = Path(folder)
+        earlier = [self.folder / n for n in ("steps.jsonl", "epochs.jsonl") if (self.folder / n).is_file()
+                   and (self.folder / n).stat().st_size]
+        if resume_step is None and earlier:
+            raise ConfigError(
+                f"--log-dir {str(self.folder)!r} holds another run's log ({earlier[0].name}); a new run would "
+                "overwrite it: pass another folder, or remove that one first (--resume continues its own log)"
+            )
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._steps = self._open("steps.jsonl", resume_step)
