@@ -70,8 +70,9 @@ def _acquire(lock: Path, out: str | os.PathLike[str]) -> int:
             lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise BctoolError(f"cannot write {str(out)!r}: {exc.strerror or exc}; choose an output path in a "
-                              "writable folder") from exc
+            blocker = next((p for p in lock.parents if p.exists() and not p.is_dir()), None)
+            reason = f"{str(blocker)!r} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+            raise BctoolError(f"cannot write {str(out)!r}: {reason}; choose a writable --out") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -70,7 +70,7 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
         model = sdir / f"{method}.safetensors"
         side = {"old_embeddings": str(sdir / "old_new_train.safetensors")}
         # A method without an old side trains on the views the compatible methods see.
-        config = base.replace(seed=seed, method=method, augment=base.replace(**side).with_regime().optim.augment,
+        config = base.replace(seed=seed, method=method, augment=base.with_regime(precomputed_old=True).optim.augment,
                               **(side if REGISTERED[method].needs_old_side else {}))
         start = time.perf_counter()
         summary = train(load_image_set(lists["new_train"]), config, model)

@@ -163,7 +163,8 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
     side = {"old_model": str(old["model"])} if old_source == "model" else {"old_embeddings": str(old["new_train"])}
-    tag += _tag(base.replace(**side)) + _tag(old_base, "old-") + ("-oldmodel" if old_source == "model" else "")
+    tag += _tag(base, precomputed_old=old_source == "embeddings") + _tag(old_base, "old-")
+    tag += "-oldmodel" if old_source == "model" else ""
     folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
@@ -171,7 +172,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     start = time.perf_counter()
     shutil.rmtree(folder / f"{method}-log", ignore_errors=True)  # an interrupted run's log: this run's starts anew
     # A method without an old side trains on the views the compatible methods see.
-    views = base.replace(**side).with_regime().optim.augment
+    views = base.with_regime(precomputed_old=old_source == "embeddings").optim.augment
     config = base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
                      **(side if REGISTERED[method].needs_old_side else {}),
                      log_dir=str(folder / f"{method}-log"),
@@ -210,8 +211,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
 def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
     """The regime, where the new models' old embeddings come from, and the training views of the
     new models and of the old model, as the regime resolves them."""
-    side = {"old_model" if old_source == "model" else "old_embeddings": "old.safetensors"}
-    new = base.replace(**side).with_regime()
+    new = base.with_regime(precomputed_old=old_source == "embeddings")
     return {"regime": base.optim.regime, "old_source": old_source, "augment": new.optim.augment,
             "old_augment": old_base.with_regime().optim.augment}
 
@@ -229,10 +229,11 @@ def _recorded(row: dict, key: str, default: object = None) -> object:
     return row.get(key, default)
 
 
-def _tag(config: TrainConfig, prefix: str = "") -> str:
-    """A folder-name tag of a config's regime and views; empty for the original table's (the
-    bctool regime with crops)."""
-    resolved = config.with_regime()
+def _tag(config: TrainConfig, prefix: str = "", precomputed_old: bool = False) -> str:
+    """A folder-name tag of a config's regime and views (those of a run against precomputed old
+    embeddings when ``precomputed_old``); empty for the original table's (the bctool regime with
+    crops)."""
+    resolved = config.with_regime(precomputed_old=precomputed_old)
     tag = "" if resolved.optim.regime == "bctool" else f"-{resolved.optim.regime}"
     return tag + ("" if resolved.optim.augment == "crop" else f"-{prefix}{resolved.optim.augment}")
 

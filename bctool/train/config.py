@@ -198,11 +198,14 @@ class TrainConfig:
         """True when the run trains against an old side."""
         return self.compat.compatible
 
-    def with_regime(self) -> TrainConfig:
-        """This config with every part its regime sets made concrete; the parts given stay."""
+    def with_regime(self, precomputed_old: bool | None = None) -> TrainConfig:
+        """This config with every part its regime sets made concrete; the parts given stay.
+        ``precomputed_old`` overrides whether the run trains against precomputed old embeddings
+        (what the bctool regime's views follow; default: whether ``old_embeddings`` is set)."""
         given = {"augment": self.optim.augment, "schedule": self.optim.schedule,
                  "warmup_epochs": self.optim.warmup_epochs, "head_bias": self.model.head_bias}
-        return self.replace(**regime_parts(self.optim.regime, given, precomputed_old=bool(self.compat.old_embeddings)))
+        precomputed = bool(self.compat.old_embeddings) if precomputed_old is None else precomputed_old
+        return self.replace(**regime_parts(self.optim.regime, given, precomputed_old=precomputed))
 
     def model_config(self, num_classes: int) -> ModelConfig:
         """The model structure this config trains, for ``num_classes`` classes."""
