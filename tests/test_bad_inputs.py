@@ -593,3 +593,12 @@ def test_a_listed_file_whose_name_starts_with_hash_is_warned_about(tmp_path: Pat
         images = load_image_set(tmp_path / "list.txt")
     assert "list.txt:1: '#x.png' is skipped as a comment" in caplog.text and "write ./#x.png" in caplog.text
     assert caplog.text.count("skipped as a comment") == 1 and len(images) == 2  # ./#x.png is listed
+
+
+@pytest.mark.parametrize("command", [["train", "d.txt"], ["extract", "d.txt", "--model", "m.safetensors"],
+                                     ["export", "m.safetensors"], ["merge", "p.safetensors"], ["plot", "log"]])
+def test_an_out_ending_in_a_slash_is_a_usage_error(command: list[str], tmp_path: Path) -> None:
+    """`--out newdir/` used to write a file named newdir."""
+    result = CliRunner().invoke(app, [*command, "--out", f"{tmp_path}/newdir/"])
+    assert result.exit_code == 2 and "ends with a path separator, so it names a folder" in " ".join(result.output.split())
+    assert not (tmp_path / "newdir").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -111,6 +112,14 @@ def _method_choice(value: str | None) -> str | None:
     return value
 
 
+def _output_file(text: str) -> Path:
+    """An output file's path; a name ending in a path separator names a folder, refused as a
+    usage error (a Path would drop the separator and write a file of the folder's name)."""
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{text!r} ends with a path separator, so it names a folder; pass the name of a file")
+    return Path(text)
+
+
 def _positive_finite(value: float | None) -> float | None:
     """A positive, finite number (NaN and inf are refused)."""
     if value is not None and not (math.isfinite(value) and value > 0):
@@ -152,7 +161,7 @@ def _root(
 @reports_errors
 def train(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the checkpoint (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the checkpoint (.safetensors).")],
     arch: Annotated[str, typer.Option(callback=_arch_choice, help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map: at 32 px on the emoji set small scores 61.3 mAP, resnet18 54.5, raw pixels 44.9), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(callback=_at_least(1), help="Embedding dimension D.")] = 256,
     head: Annotated[str, typer.Option(callback=_one_of("bctool.models.heads", "HEADS"), help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
@@ -263,7 +272,7 @@ def methods(quiet: Quiet = False) -> None:
 def extract(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Images to embed: a list file (labels optional) or a class-folder tree.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the embeddings (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the embeddings (.safetensors).")],
     batch_size: Annotated[int, typer.Option(callback=_at_least(1), help="Images per forward pass.")] = 256,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
     queries: Annotated[bool, typer.Option("--queries", help="With --gnd: embed the query images (qimlist), cropped to their bounding boxes.")] = False,
@@ -316,7 +325,7 @@ def extract(
 @reports_errors
 def export(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint written by `bctool train`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the exported model (model.onnx, model.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the exported model (model.onnx, model.pt).")],
     format: Annotated[str, typer.Option("--format", "-f", callback=_one_of("bctool.export", "FORMATS"), help="onnx (run it with onnxruntime; needs the export extra: pip install -e \".[export]\") or torchscript (torch.jit.load).")] = "onnx",
     normalize: Annotated[bool, typer.Option(help="Put the per-channel normalisation inside the model, so it takes RGB in [0, 1]; without it the input is already normalised, as the JSON says.")] = False,
     images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
@@ -353,7 +362,7 @@ def export(
 @reports_errors
 def plot(
     log_dir: Annotated[Path, typer.Argument(metavar="LOG_DIR", help="The folder given to `bctool train --log-dir`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: LOG_DIR/training.png).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=_output_file, help="Plot to write, PNG, SVG or PDF by its suffix (default: LOG_DIR/training.png).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
@@ -373,7 +382,7 @@ def plot(
 @reports_errors
 def merge(
     parts: Annotated[list[Path], typer.Argument(metavar="PARTS", help="The part files of `bctool extract --shard I/N`, in any order.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the joined embeddings file (.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the joined embeddings file (.safetensors).")],
     quiet: Quiet = False,
 ) -> None:
     """Join the parts of a sharded extraction into one embeddings file, in list order."""
@@ -415,7 +424,7 @@ def evaluate(
     backfill: Annotated[Optional[str], typer.Option(help="Partial backfill: comma-separated fractions of the gallery re-embedded by the new model, e.g. 0,0.25,0.5,0.75,1.")] = None,
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
     bootstrap: Annotated[int, typer.Option(callback=_not_negative, help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
-    plot: Annotated[Optional[Path], typer.Option(help="With --backfill: draw the curve to this PNG file (needs matplotlib).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(parser=_output_file, help="With --backfill: draw the curve to this file, PNG, SVG or PDF by its suffix (needs matplotlib).")] = None,
     top_k: Annotated[Optional[int], typer.Option(callback=_at_least(1), help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
@@ -587,7 +596,7 @@ def dataset_fashion_mnist(
 def dataset_gldv2(
     csv_file: Annotated[Path, typer.Argument(metavar="CSV_FILE", help="A GLDv2 CSV: train.csv / train_clean.csv (labelled), or index.csv / test.csv.")],
     images: Annotated[Path, typer.Option(help="Folder holding the images in GLDv2's a/b/c/abc....jpg layout.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="List file to write (paths relative to its folder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="List file to write (paths relative to its folder).")],
     quiet: Quiet = False,
 ) -> None:
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
