@@ -10,6 +10,7 @@ contiguous part of the list, images that cannot be read are skipped and listed i
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -246,7 +247,14 @@ def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
     with _open_partial(partial, resume) as fh:
-        writer = _writer(fh, partial, meta, resume)
+        try:
+            writer = _writer(fh, partial, meta, resume)
+        except OSError as exc:  # the header, or the file at its full size, could not be written
+            with contextlib.suppress(OSError):  # its buffered bytes cannot be written either
+                fh.close()
+            if not resume:  # nothing in it to resume: leave no partial file behind
+                partial.unlink(missing_ok=True)
+            raise BctoolError(f"cannot write {str(partial)!r}: {_why(exc)}, then run the command again") from exc
         progress_file = _Progress(fh, state, _fingerprint(writer.head, images, rows), done, failed)
         if resume and _read_state(state).get("fingerprint") != progress_file.fingerprint:
             raise ConfigError(
@@ -377,10 +385,14 @@ def _writing(partial: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise BctoolError(
-            f"cannot write {str(partial)!r}: {exc.strerror or exc}; free disk space (or fix the "
-            "folder's permissions), then continue with --resume"
-        ) from exc
+        raise BctoolError(f"cannot write {str(partial)!r}: {_why(exc)}, then continue with --resume") from exc
+
+
+def _why(exc: OSError) -> str:
+    """What stopped a write, and what frees the way."""
+    if exc.errno == errno.EFBIG:
+        return "the file-size limit is reached (File too large); raise it (ulimit -f) or write to another file system"
+    return f"{exc.strerror or exc}; free disk space (or fix the folder's permissions)"
 
 
 def _read_state(state: Path) -> dict[str, Any]:

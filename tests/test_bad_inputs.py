@@ -602,3 +602,23 @@ def test_an_out_ending_in_a_slash_is_a_usage_error(command: list[str], tmp_path:
     result = CliRunner().invoke(app, [*command, "--out", f"{tmp_path}/newdir/"])
     assert result.exit_code == 2 and "ends with a path separator, so it names a folder" in " ".join(result.output.split())
     assert not (tmp_path / "newdir").exists()
+
+
+def test_extract_under_a_file_size_limit_names_the_file_and_leaves_nothing_to_resume(
+    emoji_dir: Path, checkpoint_path: Path, tmp_path: Path
+) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "e.safetensors"
+
+    def small_files() -> None:  # in the child: files of 256 bytes at most (the header is larger)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256))
+
+    proc = subprocess.run([sys.executable, "-m", "bctool", "extract", str(emoji_dir / "new_train.txt"), "--model",
+                           str(checkpoint_path), "--out", str(out), "--workers", "0", "-q"],
+                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert proc.returncode == 1
+    assert f"cannot write '{out}.partial': the file-size limit is reached" in " ".join(proc.stderr.split())
+    assert not list(tmp_path.glob("e.safetensors*"))  # no partial file that --resume could not use
