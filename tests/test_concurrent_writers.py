@@ -95,14 +95,23 @@ def test_every_command_writing_a_file_refuses_a_held_output(emoji_dir: Path, mod
     csv = tmp_path / "index.csv"
     csv.write_text("id\n0123456789abcdef\n")
     out = tmp_path / "held.out"
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data import load_image_set
+    from bctool.embeddings import save_embeddings
+    from bctool.extract import extract
+
+    emb = tmp_path / "q.safetensors"
+    save_embeddings(extract(load_image_set(emoji_dir / "query.txt"), load_checkpoint(model), workers=0), emb)
     commands = {
         "export": ["export", str(model), "--out", str(out.with_suffix(".onnx"))],
         "merge": ["merge", str(model), "--out", str(out.with_suffix(".safetensors"))],
         "plot": ["plot", str(log_dir), "--out", str(out.with_suffix(".png"))],
         "dataset gldv2": ["dataset", "gldv2", str(csv), "--images", str(tmp_path), "--out", str(out.with_suffix(".txt"))],
+        "evaluate --plot": ["evaluate", "--backfill", "0,1", "--query", str(emb), "--old-gallery", str(emb),
+                            "--new-gallery", str(emb), "--plot", str(out.with_suffix(".svg"))],
     }
     for name, args in commands.items():
-        target = Path(args[args.index("--out") + 1])
+        target = Path(args[args.index("--out" if "--out" in args else "--plot") + 1])
         holder = _holder(target)
         try:
             result = CliRunner().invoke(app, args)

@@ -5,6 +5,7 @@ stdout carries exactly one JSON document per command; people read stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -544,10 +545,11 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
         values = [float(f) for f in fractions.split(",")]
     except ValueError:
         raise typer.BadParameter(f"--backfill {fractions!r}: expected comma-separated fractions such as 0,0.25,0.5,0.75,1") from None
-    report = backfill_report(
-        load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol, values,
-        seed=seed, old_query=load_embeddings(old_query) if old_query else None, plot=plot,
-    )
+    with output_lock(plot) if plot is not None else contextlib.nullcontext():
+        report = backfill_report(
+            load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol, values,
+            seed=seed, old_query=load_embeddings(old_query) if old_query else None, plot=plot,
+        )
     if not quiet:
         _print_table(backfill_table(report))
     emit_json(report)
