@@ -38,6 +38,8 @@ def _frozen_while_holding(proc: subprocess.Popen, out: Path) -> None:
         assert time.monotonic() < deadline, "the first writer never took the lock"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGSTOP)
+    # Still holding it (not finished between the check and the stop): the test sees a real overlap.
+    assert lock_path(out).exists() and lock_path(out).read_text().strip() == str(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,9 @@ def test_a_second_writer_is_refused_and_the_first_file_is_intact(command: str, e
     if command == "extract":
         args = ["extract", str(emoji_dir / "new_train.txt"), "--model", str(model), "--out", str(out), "--batch-size",
                 "1", "--workers", "0", "--device", "cpu", "-q"]
-    else:
-        args = ["train", str(emoji_dir / "old_train.txt"), "--out", str(out), *TRAIN]
+    else:  # long enough (a second or two) that the first run is caught holding its lock
+        args = ["train", str(emoji_dir / "new_train.txt"), "--out", str(out), *TRAIN[:3], "32", *TRAIN[4:5], "3",
+                *TRAIN[6:]]
     alone = _run(*args)
     assert alone.returncode == 0, alone.stderr
     reference = out.read_bytes()
