@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--views", nargs="+", default=list(AUGMENTATIONS), choices=list(AUGMENTATIONS))
     parser.add_argument("--old", nargs="*", default=None,
                         help="old-model folder names under WORKDIR/old (default: every one trained with crops)")
+    parser.add_argument("--old-seeds", type=int, nargs="+", default=[1000, 1001, 1002],
+                        help="seeds of the old models to measure (paper_table's seeds 0-2 plus its offset)")
     parser.add_argument("--out", type=Path, default=Path("docs/paper/consistency/results.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -53,6 +55,7 @@ def main() -> None:
         folders = [p for p in folders if p.name in args.old]
     else:  # paper_table tags old models trained on other views (-noaug, -old-none...): the default's are untagged
         folders = [p for p in folders if "-e" in p.name and p.name.split("-seed")[0].split("-e")[-1].isdigit()]
+    folders = [p for p in folders if int(p.name.rsplit("-seed", 1)[1]) in args.old_seeds]
     rows = []
     for folder in folders:
         dataset = "emoji" if folder.name.startswith("emoji") else "fashion-mnist"
