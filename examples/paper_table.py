@@ -19,6 +19,13 @@ The table has the paper's layout: one section per allocation setting, self / cro
 dataset, and P_up, P_comp, P_1 summarised over the setting's datasets (extended-data: emoji and
 Fashion-MNIST) for every seed.
 
+Training views follow ``--regime`` (bctool by default): new models train on the clean images their
+precomputed old embeddings are of, old models on random crops; ``--augment`` and ``--old-augment``
+choose others, ``--old-side model`` runs the old model on the new models' own views, and
+``--regime paper`` trains every model as the AdvBCT authors do. Each run records them, with the
+git revision it ran at; a cached run made with other ones is refused (use another ``--results``).
+Folders in ``--workdir`` carry a tag per choice (``-none``, ``-flip``, ``-oldmodel``, ``-paper``...).
+
 The old model of seed s is trained with seed s + ``--old-seed-offset`` (1000): with the same
 seed, old and new models start from the same initial weights, and that alone makes an
 independently trained new model partly compatible (46 cross mAP in extended-data, where both
