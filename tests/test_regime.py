@@ -207,3 +207,18 @@ def test_discriminator_accuracy_leaves_the_random_streams_alone() -> None:
     a = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     discriminator_accuracy(a, a + 1, steps=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_readme_names_every_regime_and_the_method_table_names_advbcts() -> None:
+    """The README's regime table lists every registered regime with its parts, and the method
+    table says which regime trains AdvBCT as its authors do."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| regime | `--augment` |"):]
+    table = table[:table.index("\n\n")]
+    for name, chosen in REGIMES.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}`"))
+        assert f"`{chosen.augment}`" in row and f"`{chosen.schedule}`" in row, name
+        assert f"| {chosen.warmup_epochs:g} |" in row and ("| yes |" if chosen.head_bias else "| no |") in row, name
+    methods = readme[readme.index("| method | compatibility term |"):readme.index("**Adding a method**")]
+    advbct = next(line for line in methods.splitlines() if line.startswith("| `advbct` |"))
+    assert "`--regime paper`" in advbct
