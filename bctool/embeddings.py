@@ -50,12 +50,15 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     """
     emb = np.asarray(x, dtype=np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows stay NaN; callers check
-        # Each row is first divided by its largest magnitude, so a row of 3e38 does not overflow
-        # its norm to inf (and come out as zeros).
-        peak = np.abs(emb).max(axis=1, keepdims=True) if emb.size else np.ones((len(emb), 1), np.float32)
-        unit = emb / np.where(peak > 0, peak, 1).astype(np.float32)
-        norms = np.linalg.norm(unit, axis=1, keepdims=True)
-        return unit / np.maximum(norms, 1e-12)
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        out = emb / np.maximum(norms, 1e-12)
+        # A finite row whose norm overflowed (values near 3e38) would come out as zeros: divide
+        # it by its largest magnitude first. Other rows keep the plain formula's exact values.
+        overflowed = np.isinf(norms[:, 0]) & np.isfinite(emb).all(axis=1) if emb.size else np.zeros(0, bool)
+        if overflowed.any():
+            rows = emb[overflowed] / np.abs(emb[overflowed]).max(axis=1, keepdims=True)
+            out[overflowed] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return out
 
 
 @dataclass(frozen=True)
