@@ -33,13 +33,21 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def _frozen_while_holding(proc: subprocess.Popen, out: Path) -> None:
     """Wait until ``proc`` holds the lock of ``out``, then stop it there (SIGSTOP)."""
     deadline = time.monotonic() + 120
-    while not lock_path(out).exists():
+    while not _holder_pid(out) == str(proc.pid):  # its pid is written once it holds the flock
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the first writer never took the lock"
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGSTOP)
     # Still holding it (not finished between the check and the stop): the test sees a real overlap.
-    assert lock_path(out).exists() and lock_path(out).read_text().strip() == str(proc.pid)
+    assert _holder_pid(out) == str(proc.pid)
+
+
+def _holder_pid(out: Path) -> str | None:
+    """The pid written in ``out``'s lock file, or None when there is none (yet)."""
+    try:
+        return lock_path(out).read_text().strip() or None
+    except OSError:
+        return None
 
 
 @pytest.fixture(scope="module")
