@@ -526,25 +526,18 @@ def test_labels_without_label_names_say_so() -> None:
         Embeddings(np.zeros((3, 2), np.float32), np.array([0, 1, 1]), ["a", "b", "c"], [])
 
 
-def test_a_folder_as_out_is_refused_before_the_work(tmp_path: Path) -> None:
+def test_a_folder_as_out_is_refused_before_the_work(tmp_path: Path, training_log: Path) -> None:
+    out = str(tmp_path / "dir")
     (tmp_path / "dir").mkdir()
-    log = tmp_path / "log"
-    log.mkdir()
-    (log / "steps.jsonl").write_text('{"step": 1, "epoch": 1, "lr": 0.1, "loss": 1.0}\n')
-    (log / "epochs.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
-    for out in (str(tmp_path / "dir"),):
-        for args in (["export", str(tmp_path / "missing.safetensors"), "--out", out], ["plot", str(log), "--out", out],
-                     ["merge", str(tmp_path / "p.safetensors"), "--out", out]):
-            result = CliRunner().invoke(app, args)
-            assert result.exit_code == 1 and "is a folder; pass the name of a file" in result.output, (args, result.output)
+    for args in (["export", str(tmp_path / "missing.safetensors"), "--out", out], ["plot", str(training_log), "--out", out],
+                 ["merge", str(tmp_path / "p.safetensors"), "--out", out]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and "is a folder; pass the name of a file" in result.output, (args, result.output)
 
 
-def test_a_plot_is_written_in_the_format_its_suffix_names(tmp_path: Path) -> None:
+def test_a_plot_is_written_in_the_format_its_suffix_names(tmp_path: Path, training_log: Path) -> None:
     pytest.importorskip("matplotlib")
-    log = tmp_path / "log"
-    log.mkdir()
-    (log / "steps.jsonl").write_text("".join(f'{{"step": {i}, "epoch": 1, "lr": 0.1, "loss": {1 / i}}}\n' for i in range(1, 5)))
-    (log / "epochs.jsonl").write_text('{"epoch": 1, "step": 4, "loss": 0.5}\n')
+    log = training_log
     assert CliRunner().invoke(app, ["plot", str(log), "--out", str(tmp_path / "c.svg"), "-q"]).exit_code == 0
     assert (tmp_path / "c.svg").read_bytes().lstrip().startswith(b"<?xml")
     result = CliRunner().invoke(app, ["plot", str(log), "--out", str(tmp_path / "c.jpg")])

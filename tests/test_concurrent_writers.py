@@ -98,11 +98,9 @@ def _holder(out: Path) -> subprocess.Popen:
     return proc
 
 
-def test_every_command_writing_a_file_refuses_a_held_output(emoji_dir: Path, model: Path, tmp_path: Path) -> None:
-    log_dir = tmp_path / "log"
-    log_dir.mkdir()
-    (log_dir / "steps.jsonl").write_text('{"step": 1, "epoch": 1, "lr": 0.1, "loss": 1.0}\n')
-    (log_dir / "epochs.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+def test_every_command_writing_a_file_refuses_a_held_output(emoji_dir: Path, model: Path, tmp_path: Path,
+                                                            training_log: Path) -> None:
+    log_dir = training_log
     csv = tmp_path / "index.csv"
     csv.write_text("id\n0123456789abcdef\n")
     out = tmp_path / "held.out"

@@ -402,13 +402,6 @@ def _pair(text: str) -> tuple[Path, Path]:
     return Path(parts[0]), Path(parts[1])
 
 
-def _not_negative(value: int) -> int:
-    # click's own range check no longer names the value it refuses.
-    if value < 0:
-        raise typer.BadParameter(f"{value} is negative; pass 0 (no interval) or N >= 1 resamples")
-    return value
-
-
 @app.command()
 @reports_errors
 def evaluate(
@@ -424,7 +417,7 @@ def evaluate(
     chain: Annotated[bool, typer.Option("--chain", help="Evaluate every model version against every other: the matrix M[i][j] and AC/BC (pass the QUERY,GALLERY pairs as arguments).")] = False,
     backfill: Annotated[Optional[str], typer.Option(help="Partial backfill: comma-separated fractions of the gallery re-embedded by the new model, e.g. 0,0.25,0.5,0.75,1.")] = None,
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
-    bootstrap: Annotated[int, typer.Option(callback=_not_negative, help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
+    bootstrap: Annotated[int, typer.Option(callback=_at_least(0), help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(parser=_output_file, help="With --backfill: draw the curve to this file, PNG, SVG or PDF by its suffix (needs matplotlib).")] = None,
     top_k: Annotated[Optional[int], typer.Option(callback=_at_least(1), help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
