@@ -267,7 +267,7 @@ def test_compatibility_report_chain_and_backfill(tmp_path: Path) -> None:
     assert json.loads(off.stdout)["delta"] == report["delta"]
     assert not {"delta_low", "delta_high", "bootstrap", "compatible_significant"} & set(json.loads(off.stdout))
     negative = runner.invoke(app, [*compat_args, "--bootstrap", "-1"])
-    assert negative.exit_code == 2 and "'--bootstrap': -1 is negative" in negative.stderr
+    assert negative.exit_code == 2 and "'--bootstrap': -1 is below 0; pass 0 or more" in negative.stderr
     chain = _run(["evaluate", "--chain", f"{files['oq']},{files['og']}", f"{files['nq']},{files['ng']}", "-q"])
     assert len(chain["matrix"]) == 2 and chain["matrix"][1][0] == report["m_no"]
     assert chain["ac"] == (1.0 if report["compatible"] else 0.0)
