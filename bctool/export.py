@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,10 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.errors import BctoolError, ConfigError
 from bctool.io import atomic_path
+from bctool.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # largest |exported - bctool| / |bctool| allowed, per embedding
 INPUT, OUTPUT = "images", "embeddings"
 METADATA_KEY = "bctool"  # ONNX metadata_props key / TorchScript extra file holding the metadata
@@ -199,19 +200,63 @@ def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
         return torch.jit.load(str(path), map_location="cpu")(images).numpy()
 
 
-def read_exported_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The bctool metadata of an exported file (ONNX or TorchScript)."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        import onnx
+def _onnx_metadata(path: Path) -> dict[str, Any]:
+    import onnx
 
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return json.loads(props[METADATA_KEY])
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(props[METADATA_KEY])
+
+
+def _torchscript_metadata(path: Path) -> dict[str, Any]:
     extra = {f"{METADATA_KEY}.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[f"{METADATA_KEY}.json"])
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """How one format is written, run (to check it) and read back.
+
+    ``export(module, example, path, metadata)`` writes ``module`` (images -> embeddings, a
+    dynamic batch axis) to ``path``, which ends in ``suffix``, with the JSON ``metadata``;
+    ``run(path, images)`` returns the embeddings the written file computes; ``metadata(path)``
+    reads the metadata back; ``require()`` raises a :class:`ConfigError` naming what to install.
+    """
+
+    export: Callable[[nn.Module, torch.Tensor, Path, dict[str, Any]], None]
+    run: Callable[[Path, torch.Tensor], np.ndarray]
+    metadata: Callable[[Path], dict[str, Any]]
+    suffix: str
+    runtime: str  # what serves the file, for people
+    require: Callable[[], None] = lambda: None
+
+
+def _admit_format(name: str, fmt: object) -> None:
+    if not isinstance(fmt, ExportFormat):
+        raise ConfigError(f"export format {name!r} must be a bctool.export.ExportFormat, got {fmt!r}")
+
+
+# Export formats by --format name; the entry-point group bctool.export-formats adds others
+# (bctool.registry).
+FORMATS: Registry[ExportFormat] = Registry(
+    "export format", "export-formats", admit=_admit_format,
+    derive=lambda name, fmt: {"suffix": fmt.suffix, "runtime": fmt.runtime},
+)
+FORMATS.register("onnx", ExportFormat(_export_onnx, _run_onnx, _onnx_metadata, ".onnx", "onnxruntime", _require_onnx),
+                 description=f"ONNX with a dynamic batch axis, run by onnxruntime; needs {_ONNX_EXTRA}")
+FORMATS.register("torchscript", ExportFormat(_export_torchscript, _run_torchscript, _torchscript_metadata, ".pt",
+                                             "torch.jit.load"),
+                 description="TorchScript (traced), loaded with torch.jit.load")
+
+
+def read_exported_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bctool metadata of an exported file, by the suffix of its format."""
+    path = Path(path)
+    by_suffix = {FORMATS[name].suffix: FORMATS[name] for name in FORMATS}
+    fmt = by_suffix.get(path.suffix, FORMATS["torchscript"])
+    return fmt.metadata(path)
 
 
 def export_model(
@@ -231,24 +276,23 @@ def export_model(
     embedding norm) is an error and leaves nothing at ``out``.
     """
     if fmt not in FORMATS:
+        FORMATS.raise_if_failed(fmt)
         raise ConfigError(f"--format {fmt!r} is unknown; choose one of {list(FORMATS)}")
+    writer = FORMATS[fmt]
     if check < 1:
         raise ConfigError(f"--check {check} must be at least 1: the export is always checked")
-    if fmt == "onnx":
-        _require_onnx()
+    writer.require()
     started = time.perf_counter()
     checkpoint.model.to("cpu").eval()  # exported and checked on the CPU, where the runtimes run
     module = Embedder(checkpoint, normalize).eval()
     inputs, expected = check_batch(checkpoint, images, check, normalize)
     example = inputs[:2] if len(inputs) > 2 else torch.cat([inputs, inputs])[:2]
     metadata = export_metadata(checkpoint.path, normalize)
-    export, run = (_export_onnx, _run_onnx) if fmt == "onnx" else (_export_torchscript, _run_torchscript)
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
     with atomic_path(out) as tmp:
-        staged = tmp.with_name(tmp.name + suffix)  # exporters and runtimes look at the suffix
+        staged = tmp.with_name(tmp.name + writer.suffix)  # exporters and runtimes look at the suffix
         try:
-            export(module, example, staged, metadata)
-            got = run(staged, inputs)
+            writer.export(module, example, staged, metadata)
+            got = writer.run(staged, inputs)
             difference = _relative_difference(got, expected)
             if not np.isfinite(difference) or difference > tolerance:
                 raise BctoolError(

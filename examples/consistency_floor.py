@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bctool.data.sources import load_image_set
 from bctool.train import TrainConfig, train
-from bctool.train.regime import AUGMENTATIONS
+from bctool.data.transforms import TRAINING_VIEWS
 
 log = logging.getLogger("consistency_floor")
 FIGURES = ("disc_acc", "outside_r_max", "outside_r_max_stored", "cosine")
@@ -42,7 +42,7 @@ def floor(old_folder: Path, data: Path, augment: str, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/paper"), help="paper_table's --workdir")
-    parser.add_argument("--views", nargs="+", default=list(AUGMENTATIONS), choices=list(AUGMENTATIONS))
+    parser.add_argument("--views", nargs="+", default=list(TRAINING_VIEWS), choices=list(TRAINING_VIEWS))
     parser.add_argument("--old", nargs="*", default=None,
                         help="old-model folder names under WORKDIR/old (default: every one trained with crops)")
     parser.add_argument("--old-seeds", type=int, nargs="+", default=[1000, 1001, 1002],

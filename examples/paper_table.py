@@ -69,7 +69,8 @@ from bctool.extract import extract
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
 from bctool.train.recipe import WARM_LR
-from bctool.train.regime import AUGMENTATIONS, REGIMES
+from bctool.data.transforms import TRAINING_VIEWS
+from bctool.train.regime import REGIMES
 
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
@@ -407,10 +408,10 @@ def main() -> None:
     parser.add_argument("--compat-weight", type=float, default=1.0, help="multiplier of the compatibility terms")
     parser.add_argument("--regime", choices=sorted(REGIMES), default="bctool",
                         help="training regime of every model (paper: the AdvBCT authors')")
-    parser.add_argument("--augment", choices=list(AUGMENTATIONS), default=None,
+    parser.add_argument("--augment", choices=list(TRAINING_VIEWS), default=None,
                         help="training views of the new models (default: the regime's; bctool: none against the "
                              "precomputed old embeddings, which are of clean images)")
-    parser.add_argument("--old-augment", choices=list(AUGMENTATIONS), default=None,
+    parser.add_argument("--old-augment", choices=list(TRAINING_VIEWS), default=None,
                         help="training views of the old models (default: the regime's; bctool: crop)")
     parser.add_argument("--old-side", choices=["embeddings", "model"], default="embeddings",
                         help="the new models train against the old model's precomputed embeddings of the clean "

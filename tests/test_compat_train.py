@@ -22,27 +22,13 @@ from bctool.errors import ConfigError
 from bctool.train import TrainConfig, train
 from bctool.interrupt import Interrupted
 from bctool.train import loop as train_loop
+from bctool.train.methods import METHODS
 from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id
 from bctool.train.state import state_path
 
 runner = CliRunner()
 TINY = ["--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
         "--workers", "0", "--device", "cpu", "-q"]
-PARTS = {
-    "independent": set(),
-    "l2": {"l2"},
-    "bct": {"bct"},
-    "lce": {"lce_boundary", "lce_align"},
-    "unibct": {"unibct"},
-    "hotrefresh": {"hotrefresh"},
-    "advbct": {"adv", "bound"},
-    "bct-all": {"bct"},
-    "center": {"center"},
-    "advbct-noadv": {"bound"},
-    "advbct-nobound": {"adv"},
-    "advbct-fixed": {"adv", "bound"},
-    "advbct-joint": {"adv", "bound"},
-}
 
 
 def _invoke(args: list[str]) -> dict:
@@ -63,13 +49,7 @@ def old(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return {"model": model, "embeddings": emb, "work": work}
 
 
-def test_every_registered_method_is_trained_below() -> None:
-    from bctool.train.methods import METHODS
-
-    assert set(PARTS) == set(METHODS), "give a new method its loss parts in PARTS"
-
-
-@pytest.mark.parametrize("method", sorted(PARTS))
+@pytest.mark.parametrize("method", METHODS.builtin_names())
 def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dict, tmp_path: Path) -> None:
     from bctool.train.methods import method_class
 
@@ -78,8 +58,9 @@ def test_every_method_trains_from_the_cli(method: str, emoji_dir: Path, old: dic
     side = ["--old-embeddings", str(old["embeddings"])] if method_class(method).needs_old_side else []
     summary = _invoke(["train", str(emoji_dir / "new_train.txt"), "--out", str(out), *side, "--method", method, *TINY])
     assert summary["method"] == method
-    assert set(summary["final"]) == {"cls", "loss"} | PARTS[method]
-    total = summary["final"]["cls"] + sum(summary["final"][p] for p in PARTS[method])
+    parts = set(METHODS.entry(method).declares["parts"])
+    assert set(summary["final"]) == {"cls", "loss"} | parts
+    total = summary["final"]["cls"] + sum(summary["final"][p] for p in parts)
     assert summary["final"]["loss"] == pytest.approx(total, rel=1e-4)
     ckpt = load_checkpoint(out)
     assert ckpt.extra["method"] == method
@@ -139,6 +120,7 @@ def test_a_method_is_one_registered_class(emoji_dir: Path, old: dict, tmp_path: 
         """Test: 1 - cos(new, old) of each image."""
 
         Params = CosineParams
+        parts = ("cosine",)
 
         def forward(self, embeddings, labels, ref_embeddings, ref_labels):  # noqa: ANN001, ANN201
             return {"cosine": self.params.weight * (1 - F.cosine_similarity(embeddings, ref_embeddings)).mean()}
@@ -149,6 +131,11 @@ def test_a_method_is_one_registered_class(emoji_dir: Path, old: dict, tmp_path: 
                            str(old["embeddings"]), "--method", "test-cosine", "--param", "weight=0.5", *TINY])
         assert set(summary["final"]) == {"cls", "cosine", "loss"}
         assert load_checkpoint(out).train_config["method_params"] == {"weight": 0.5}
+        CosineToOld.parts = ("cos",)  # a part it does not return: refused on the first batch, by name
+        wrong = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "w.safetensors"),
+                                    "--old-embeddings", str(old["embeddings"]), "--method", "test-cosine", *TINY])
+        assert wrong.exit_code == 1
+        assert "method 'test-cosine' returned the loss parts ['cosine'] but declares ['cos']" in wrong.stderr
     finally:
         del METHODS["test-cosine"]
 

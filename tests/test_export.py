@@ -87,11 +87,18 @@ def test_normalisation_inside_takes_rgb_in_unit_range(tmp_path: Path) -> None:
 def test_a_mismatch_refuses_the_export_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bctool import export
 
+    from dataclasses import replace
+
     checkpoint = load_checkpoint(_checkpoint(tmp_path, "small", 32))
-    monkeypatch.setattr(export, "_run_torchscript", lambda path, images: np.zeros((len(images), 16), np.float32))
+    saved = export.FORMATS.snapshot()
+    broken = replace(export.FORMATS["torchscript"], run=lambda path, images: np.zeros((len(images), 16), np.float32))
+    export.FORMATS.register("torchscript", broken, replace=True)
     out = tmp_path / "m.pt"
-    with pytest.raises(BctoolError, match=r"differs from bctool extract by 0\.\d+ \(relative to the embedding norm\) on 8 images"):
-        export_model(checkpoint, out, "torchscript")
+    try:
+        with pytest.raises(BctoolError, match=r"differs from bctool extract by 0\.\d+ \(relative to the embedding norm\) on 8 images"):
+            export_model(checkpoint, out, "torchscript")
+    finally:
+        export.FORMATS.restore(saved)
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "small.safetensors"]
 
 

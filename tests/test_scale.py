@@ -124,7 +124,7 @@ def test_approximate_rank_gallery_sorted_and_self_excluded() -> None:
 
 def test_unknown_index_names_the_choices(pair: tuple[Embeddings, Path]) -> None:
     query, path = pair
-    with pytest.raises(ConfigError, match="index must be one of flat, ivf, hnsw, got 'annoy'"):
+    with pytest.raises(ConfigError, match=r"unknown index kind .annoy.; choose one of \[.flat., .hnsw., .ivf.\]"):
         evaluate_retrieval(query, load_embeddings(path), index="annoy")
     with pytest.raises(ConfigError, match="nprobe must be at least 1"):
         rank_gallery(query.embeddings, query.embeddings, 3, index="ivf", nprobe=0)

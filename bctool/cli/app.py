@@ -265,7 +265,23 @@ def methods(quiet: Quiet = False) -> None:
     from bctool.train.methods import describe_methods
     from bctool.train.recipe import RECOMMENDED_METHOD
 
-    emit_json({"methods": describe_methods(), "recommended": RECOMMENDED_METHOD})
+    from bctool.train.methods import METHODS
+
+    failed = {"plugin_errors": dict(METHODS.failures)} if METHODS.failures else {}
+    emit_json({"methods": describe_methods(), "recommended": RECOMMENDED_METHOD, **failed})
+
+
+@app.command("list")
+@reports_errors
+def list_registered(
+    kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=_one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, heads, regimes, schedules, views, index-kinds, export-formats, datasets); default: every kind.", show_default=False)] = None,
+    quiet: Quiet = False,
+) -> None:
+    """List what can be chosen by name, built in or added by installed plugins: each entry's name,
+    description, parameters, declarations and origin, and any plugin that failed to load (JSON)."""
+    from bctool.registry import describe_kinds
+
+    emit_json(describe_kinds([kind] if kind else None))
 
 
 @app.command()

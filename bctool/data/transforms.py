@@ -8,11 +8,15 @@ exactly what extraction sees), ``flip`` (the clean image mirrored left-right hal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+
+from bctool.errors import DataError
+from bctool.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,9 +133,15 @@ class TrainTransform:
         return ((x - mean_t) / std_t).contiguous()
 
 
-# The training views by ``--augment`` name.
-TRAINING_VIEWS: dict[str, type[EvalTransform] | type[TrainTransform]] = {
-    "none": EvalTransform,
-    "flip": FlipTransform,
-    "crop": TrainTransform,
-}
+def _admit_view(name: str, make: object) -> None:
+    if not callable(make):
+        raise DataError(f"training view {name!r} must be callable as make(preprocess) -> transform, got {make!r}")
+
+
+# The training views by ``--augment`` name: ``make(preprocess)`` returns a transform from an RGB
+# image to a normalised (3, H, W) tensor. The entry-point group bctool.views adds others.
+TRAINING_VIEWS: Registry[Callable[[Preprocess], Callable]] = Registry("training view", "views", error=DataError,
+                                                                     admit=_admit_view)
+TRAINING_VIEWS.register("none", EvalTransform, description="The clean image, as extraction sees it.")
+TRAINING_VIEWS.register("flip", FlipTransform, description="The clean image, mirrored left-right half the time.")
+TRAINING_VIEWS.register("crop", TrainTransform, description="Random resized crops (scale 0.35-1) and colour jitter.")

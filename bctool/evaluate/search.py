@@ -20,7 +20,8 @@ Where an approximate index finds fewer than k items, the missing slots have inde
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from bctool.embeddings import normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.inputs import check_same_dim
+from bctool.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,6 @@ _FULL_SEARCH_ELEMENTS = 1 << 24
 # Gallery bytes copied (and normalised) at once while filling an index.
 _ADD_BLOCK_BYTES = 64 << 20
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 128
 _HNSW_M = 32
@@ -155,6 +156,58 @@ def _train_sample(gallery: np.ndarray, size: int, normalize: bool, seed: int) ->
     return np.ascontiguousarray(normalize_rows(sample) if normalize else sample)
 
 
+@dataclass(frozen=True)
+class IndexSettings:
+    """The search settings an index kind may read."""
+
+    nprobe: int = DEFAULT_NPROBE  # IVF lists searched
+    ef_search: int = DEFAULT_EF_SEARCH  # HNSW candidates kept while searching
+
+
+# An index kind builds an empty inner-product index: (dimension, gallery rows, settings,
+# sample) -> index, where ``sample(size)`` returns up to ``size`` gallery rows to train on
+# (already normalised when the gallery is). The gallery is added block by block afterwards.
+IndexBuilder = Callable[[int, int, IndexSettings, Callable[[int], np.ndarray]], faiss.Index]
+
+
+def _admit_index(name: str, build: object) -> None:
+    if not callable(build):
+        raise ConfigError(f"index kind {name!r} must be a builder (dim, rows, settings, sample) -> faiss.Index, "
+                          f"got {build!r}")
+
+
+# Index kinds by --index name; the entry-point group bctool.index-kinds adds others
+# (bctool.registry). ``exact``: the ranking is exact, ties in a fixed order.
+INDEX_KINDS: Registry[IndexBuilder] = Registry("index kind", "index-kinds", admit=_admit_index,
+                                                derive=lambda name, build: {"exact": False})
+
+
+@INDEX_KINDS.register("flat", exact=True)
+def _flat_index(dim: int, rows: int, settings: IndexSettings, sample: Callable[[int], np.ndarray]) -> faiss.Index:
+    """Exact search (IndexFlatIP); equal scores ranked by gallery order."""
+    return faiss.IndexFlatIP(dim)
+
+
+@INDEX_KINDS.register("ivf", exact=False)
+def _ivf_index(dim: int, rows: int, settings: IndexSettings, sample: Callable[[int], np.ndarray]) -> faiss.Index:
+    """Approximate: IndexIVFFlat, about 4 * sqrt(N) lists, nprobe of them searched."""
+    nlist = _ivf_nlist(rows)
+    idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    training = sample(nlist * _IVF_TRAIN_PER_LIST)
+    logger.info("training IVF index: %d lists on %d rows", nlist, training.shape[0])
+    idx.train(training)
+    idx.nprobe = min(settings.nprobe, nlist)
+    return idx
+
+
+@INDEX_KINDS.register("hnsw", exact=False)
+def _hnsw_index(dim: int, rows: int, settings: IndexSettings, sample: Callable[[int], np.ndarray]) -> faiss.Index:
+    """Approximate: IndexHNSWFlat, M=32, ef_search candidates."""
+    idx = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    idx.hnsw.efSearch = settings.ef_search
+    return idx
+
+
 def build_index(
     gallery: np.ndarray,
     index: str = "flat",
@@ -166,31 +219,19 @@ def build_index(
 ) -> faiss.Index:
     """A faiss inner-product index over the gallery rows, filled block by block.
 
-    ``index`` is ``"flat"`` (exact), ``"ivf"`` or ``"hnsw"`` (approximate, see the module
-    docstring). ``normalize`` L2-normalises each block as it is added, so a raw (possibly
-    memory-mapped) gallery needs no normalised copy. ``seed`` picks the IVF training rows.
+    ``index`` names an index kind (:data:`INDEX_KINDS`: ``"flat"``, exact; ``"ivf"`` or
+    ``"hnsw"``, approximate, see the module docstring). ``normalize`` L2-normalises each block as
+    it is added, so a raw (possibly memory-mapped) gallery needs no normalised copy. ``seed``
+    picks the training rows of a kind that trains (IVF).
     """
-    if index not in INDEX_KINDS:
-        raise ConfigError(f"index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+    builder = INDEX_KINDS.get_obj(index)
     if nprobe < 1:
         raise ConfigError(f"nprobe must be at least 1, got {nprobe}")
     if ef_search < 1:
         raise ConfigError(f"ef_search must be at least 1, got {ef_search}")
     g = _check_gallery(gallery)
     n, dim = g.shape
-    if index == "flat":
-        idx: faiss.Index = faiss.IndexFlatIP(dim)
-    elif index == "hnsw":
-        idx = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        idx.hnsw.efSearch = ef_search
-    else:
-        nlist = _ivf_nlist(n)
-        quantizer = faiss.IndexFlatIP(dim)
-        idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = _train_sample(g, nlist * _IVF_TRAIN_PER_LIST, normalize, seed)
-        logger.info("training IVF index: %d lists on %d rows", nlist, sample.shape[0])
-        idx.train(sample)
-        idx.nprobe = min(nprobe, nlist)
+    idx = builder(dim, n, IndexSettings(nprobe, ef_search), lambda size: _train_sample(g, size, normalize, seed))
     for block in _gallery_blocks(g, normalize):
         idx.add(block)
     logger.info("%s index holds %d gallery rows of dimension %d", index, n, dim)

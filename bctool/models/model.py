@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from bctool.errors import ModelError
 from bctool.models.heads import HEADS, create_head
+from bctool.registry import Registry
 
 
 BackboneFactory = Callable[[], nn.Module]
@@ -34,22 +36,26 @@ def _small() -> nn.Module:
     return SmallCNN()
 
 
-# The built-in backbones; register_backbone adds others. A backbone maps images (N, 3, H, W) to
-# pooled features (N, F) and declares F as ``num_features``.
-BACKBONES: dict[str, BackboneFactory] = {
-    "small": _small,
-    "resnet18": _resnet("resnet18"),
-    "resnet34": _resnet("resnet34"),
-    "resnet50": _resnet("resnet50"),
-}
+def _admit_backbone(name: str, factory: object) -> None:
+    if not callable(factory):
+        raise ModelError(f"backbone {name!r} must be a factory (called with no arguments), got {factory!r}")
 
 
-def register_backbone(name: str, factory: BackboneFactory) -> None:
+# A backbone maps images (N, 3, H, W) to pooled features (N, F) and declares F as ``num_features``.
+# register_backbone and the entry-point group bctool.backbones add others (bctool.registry).
+BACKBONES: Registry[BackboneFactory] = Registry("backbone", "backbones", error=ModelError, admit=_admit_backbone)
+BACKBONES.register("small", _small, description="A small four-stage CNN for fast CPU training on 32-64 px images.")
+for _depth in ("resnet18", "resnet34", "resnet50"):
+    BACKBONES.register(_depth, _resnet(_depth), description=f"ResNet-{_depth[6:]} with the ImageNet stem.")
+
+
+def register_backbone(name: str, factory: BackboneFactory | None = None) -> Any:
     """Make ``factory`` (no arguments; returns a module with ``num_features`` whose forward
-    gives pooled (N, F) features) available as ``--arch name``."""
-    if ":" in name or not name:
-        raise ModelError(f"backbone name {name!r} must be non-empty and without ':' (that form names a module)")
-    BACKBONES[name] = factory
+    gives pooled (N, F) features) available as ``--arch name``; without ``factory``, a decorator.
+    A name taken by another backbone is refused."""
+    if factory is None:
+        return BACKBONES.register(name)
+    return BACKBONES.register(name, factory)
 
 
 def is_import_spec(arch: str) -> bool:
@@ -61,9 +67,10 @@ def is_import_spec(arch: str) -> bool:
 def backbone_factory(arch: str) -> BackboneFactory:
     """The factory of a registered backbone, or the one ``package.module:factory`` names
     (imported now); a clear error naming the choices otherwise."""
-    if arch in BACKBONES:
-        return BACKBONES[arch]
     if not is_import_spec(arch):
+        if arch in BACKBONES:
+            return BACKBONES[arch]
+        BACKBONES.raise_if_failed(arch)
         raise ModelError(
             f"unknown architecture {arch!r}; choose one of {sorted(BACKBONES)}, or name your own "
             "backbone as package.module:factory"

@@ -23,7 +23,8 @@ from typing import Any
 
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig
-from bctool.train.regime import AUGMENTATIONS, SCHEDULES, regime, regime_parts
+from bctool.data.transforms import TRAINING_VIEWS
+from bctool.train.regime import SCHEDULES, regime, regime_parts
 
 AMP_MODES = ("off", "bf16", "fp16")
 # Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
@@ -99,7 +100,7 @@ class OptimOptions:
             "lr": (self.lr is None or self.lr > 0, "positive"),
             "workers": (self.workers >= 0, "0 or more"),
             "warmup_epochs": (self.warmup_epochs is None or self.warmup_epochs >= 0, "0 or more"),
-            "augment": (self.augment is None or self.augment in AUGMENTATIONS, f"one of {list(AUGMENTATIONS)}"),
+            "augment": (self.augment is None or self.augment in TRAINING_VIEWS, f"one of {list(TRAINING_VIEWS)}"),
             "schedule": (self.schedule is None or self.schedule in SCHEDULES, f"one of {list(SCHEDULES)}"),
             "weight_decay": (self.weight_decay >= 0, "0 or more"),
         })

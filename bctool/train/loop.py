@@ -47,7 +47,7 @@ from bctool.train.distributed import (
 )
 from bctool.train.log import TrainLog
 from bctool.train.recipe import resolve_recipe
-from bctool.train.regime import STEP_GAMMA, step_milestones
+from bctool.train.regime import SCHEDULES, STEP_GAMMA
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
 
@@ -383,8 +383,8 @@ class _Session:
         loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
         total = len(loader) * optim.epochs
         warmup = min(total // 2, round(optim.warmup_epochs * len(loader)))
-        milestones = (tuple(m * len(loader) for m in step_milestones(optim.epochs)) if optim.schedule == "step"
-                      else None)
+        decays = SCHEDULES.get_obj(optim.schedule)(optim.epochs)
+        milestones = tuple(m * len(loader) for m in decays) if decays is not None else None
         identity = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
                     "init_from": init}
         return cls(config, rank, device, model, preprocess, task, forward, optimizer, scaler, loader, generator,

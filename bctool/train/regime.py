@@ -20,20 +20,19 @@ head has a bias (``head_bias``). A part left unset (``None``) takes its regime's
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from bctool.data.transforms import TRAINING_VIEWS
 from bctool.errors import ConfigError
+from bctool.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 # Training views: the clean image (the eval transform), a random horizontal mirror of it, or a
 # random resized crop (scale 0.35-1) with colour jitter.
-AUGMENTATIONS = tuple(TRAINING_VIEWS)
 # The bctool regime's views: "none" against precomputed old embeddings (made from clean images),
 # "crop" otherwise (no old side, or the old model run on the same views).
 AUTO = "auto"
-SCHEDULES = ("cosine", "step")
 # The AdvBCT authors' MultiStepLR: x0.1 at these epochs of 30.
 PAPER_MILESTONES, PAPER_EPOCHS, STEP_GAMMA = (5, 10, 20), 30, 0.1
 
@@ -49,22 +48,32 @@ class Regime:
     head_bias: bool
 
 
-REGIMES: dict[str, Regime] = {
-    "bctool": Regime(
-        "bctool's defaults: training views that match the old side (clean against precomputed old embeddings, "
-        "random crops otherwise), one epoch of linear warm-up then cosine decay, a linear head with a bias",
-        augment=AUTO, schedule="cosine", warmup_epochs=1.0, head_bias=True),
-    "paper": Regime(
-        "the AdvBCT authors': clean training views (resize only), step decay x0.1 at epochs 5, 10 and 20 "
-        "of 30 (scaled to --epochs), no warm-up, a linear head without a bias", augment="none",
-        schedule="step", warmup_epochs=0.0, head_bias=False),
-}
+def _admit_regime(name: str, chosen: object) -> None:
+    if not isinstance(chosen, Regime):
+        raise ConfigError(f"regime {name!r} must be a bctool.train.regime.Regime, got {chosen!r}")
+
+
+# Regimes by --regime name; the entry-point group bctool.regimes adds others (bctool.registry).
+REGIMES: Registry[Regime] = Registry(
+    "regime", "regimes", admit=_admit_regime,
+    derive=lambda name, r: {"description": r.description, "augment": r.augment, "schedule": r.schedule,
+                            "warmup_epochs": r.warmup_epochs, "head_bias": r.head_bias},
+)
+REGIMES.register("bctool", Regime(
+    "bctool's defaults: training views that match the old side (clean against precomputed old embeddings, "
+    "random crops otherwise), one epoch of linear warm-up then cosine decay, a linear head with a bias",
+    augment=AUTO, schedule="cosine", warmup_epochs=1.0, head_bias=True))
+REGIMES.register("paper", Regime(
+    "the AdvBCT authors': clean training views (resize only), step decay x0.1 at epochs 5, 10 and 20 "
+    "of 30 (scaled to --epochs), no warm-up, a linear head without a bias", augment="none",
+    schedule="step", warmup_epochs=0.0, head_bias=False))
 PARTS = ("augment", "schedule", "warmup_epochs", "head_bias")
 
 
 def regime(name: str) -> Regime:
     """The regime called ``name``; an unknown name is a :class:`ConfigError` naming the choices."""
     if name not in REGIMES:
+        REGIMES.raise_if_failed(name)
         raise ConfigError(f"--regime {name!r} is unknown; choose one of {sorted(REGIMES)}")
     return REGIMES[name]
 
@@ -79,6 +88,18 @@ def regime_parts(name: str, given: dict[str, object], precomputed_old: bool) -> 
     return parts
 
 
+# Learning-rate schedules by --schedule name: a function of the epoch count returning the epochs
+# where the rate is multiplied by 0.1, or None for cosine decay to zero (after the warm-up).
+SCHEDULES: Registry[Callable[[int], tuple[int, ...] | None]] = Registry("schedule", "schedules")
+
+
+@SCHEDULES.register("cosine")
+def cosine_schedule(epochs: int) -> None:
+    """Cosine decay to zero after the warm-up."""
+    return None
+
+
+@SCHEDULES.register("step")
 def step_milestones(epochs: int) -> tuple[int, ...]:
     """The epochs (0-based boundaries) where the step schedule multiplies the rate by 0.1: the
     authors' 5, 10 and 20 of 30 scaled to ``epochs``, each at least 1, repeats dropped."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bctool.errors import ConfigError
 from bctool.models import EmbeddingModel
 
 
@@ -53,6 +54,20 @@ class CompatibleTask(ClassificationTask):
         self.weight = weight
         self.diagnose = diagnose
         compat.noting = diagnose  # the loss measures its side facts only when they are logged
+        self._parts_checked = False
+
+    def _check_parts(self, returned: dict[str, torch.Tensor]) -> None:
+        """The method returned the loss parts it declares (logs, tables and tests rely on them)."""
+        self._parts_checked = True
+        if not hasattr(self.compat, "parts"):  # a bare loss module, not a registered method
+            return
+        declared = tuple(self.compat.parts)
+        if set(returned) != set(declared) or "cls" in returned or "loss" in returned:
+            name = getattr(self.compat, "name", type(self.compat).__name__)
+            raise ConfigError(
+                f"method {name!r} returned the loss parts {sorted(returned)} but declares {sorted(declared)}; "
+                "list the names its forward returns in its class attribute parts (not 'cls' or 'loss')"
+            )
 
     def set_progress(self, epoch: int, epochs: int, step: int, total_steps: int) -> None:
         """Forward the schedule position (AdvBCT's alpha and adversarial weight use it)."""
@@ -74,6 +89,8 @@ class CompatibleTask(ClassificationTask):
         # them in float32 even when the backbone runs under autocast.
         with torch.autocast(images.device.type, enabled=False):
             compat = self.compat(embedding.float(), labels, old.float(), labels)
+        if not self._parts_checked:
+            self._check_parts(compat)
         parts = {k: self.weight * v for k, v in compat.items()}
         total = cls + sum(parts.values()) if parts else cls
         facts = self.diagnostics(embedding, {"cls": cls, **parts}) if self.diagnose else {}

@@ -18,7 +18,7 @@ import torch
 from bctool.checkpoint import load_checkpoint
 from bctool.errors import ModelError
 from bctool.models import EmbeddingModel
-from bctool.models.heads import CosineHead, LinearHead
+from bctool.models.heads import Head
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +40,18 @@ class WarmStart:
         return asdict(self)
 
 
-def _head_rows(head: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The per-class tensors of a head, by state-dict name: (C, D) weights and (C,) biases."""
-    if isinstance(head, LinearHead):
-        return {"fc.weight": head.fc.weight, **({"fc.bias": head.fc.bias} if head.fc.bias is not None else {})}
-    if isinstance(head, CosineHead):
-        return {"weight": head.weight}
-    raise ModelError(f"cannot warm-start a head of type {type(head).__name__}")
-
-
-def copy_head_rows(
-    new_head: torch.nn.Module, new_names: Sequence[str], old_head: torch.nn.Module, old_names: Sequence[str]
-) -> int:
-    """Copy the old head's row of every class named in both lists; return how many. A bias only
-    one of the heads has is left as it is (fresh, or unused)."""
+def copy_head_rows(new_head: Head, new_names: Sequence[str], old_head: Head, old_names: Sequence[str]) -> int:
+    """Copy the old head's row of every class named in both lists (the per-class tensors both
+    heads declare, :meth:`Head.class_rows`); return how many. A tensor only one of the heads
+    has (a bias) is left as it is (fresh, or unused)."""
     old_index = {name: i for i, name in enumerate(old_names)}
     pairs = [(i, old_index[name]) for i, name in enumerate(new_names) if name in old_index]
-    if not pairs:
+    if not pairs or not new_head.class_rows():
         return 0
     new_rows, old_rows = (torch.tensor(p, dtype=torch.int64) for p in zip(*pairs))
-    old_tensors = _head_rows(old_head)
+    old_tensors = old_head.class_rows()
     with torch.no_grad():
-        for key, target in _head_rows(new_head).items():
+        for key, target in new_head.class_rows().items():
             if key not in old_tensors:
                 continue
             target[new_rows] = old_tensors[key].detach().to(target.device, target.dtype)[old_rows]

@@ -9,8 +9,9 @@ A protocol declares, when it registers (:func:`register_protocol`):
 * how its metrics read as a table (``rows`` and ``columns``);
 * a constructor from :class:`ProtocolOptions` returning its two evaluators.
 
-Adding a protocol is one file in this package that registers it; the package imports every
-module in it. :func:`make_protocol` is the one entry point that picks and builds one.
+Adding a protocol is one file in this package that registers it (the package imports every
+module in it), or a builder so decorated in a user's package and named in the entry-point group
+``bctool.protocols`` (:mod:`bctool.registry`). :func:`make_protocol` is the one entry point that picks and builds one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError
 from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE
+from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, INDEX_KINDS
+from bctool.registry import Registry
 
 Evaluator = Callable[[Embeddings, Embeddings], dict[str, Any]]
 PerQueryEvaluator = Callable[[Embeddings, Embeddings], tuple[dict[str, Any], QueryAP]]
@@ -106,7 +108,25 @@ class ProtocolSpec:
         return Protocol(self.name, evaluate, self.headline, per_query, self.rows, self.columns)
 
 
-PROTOCOLS: dict[str, ProtocolSpec] = {}
+def _admit_protocol(name: str, spec: Any) -> None:
+    """Only a :class:`ProtocolSpec` of that name may register, and no two protocols claim one option."""
+    if not isinstance(spec, ProtocolSpec):
+        raise ConfigError(f"protocol {name!r} must be a ProtocolSpec; decorate its builder with "
+                          f"@register_protocol({name!r}, title=..., headline=...), got {spec!r}")
+    if spec.name != name:
+        raise ConfigError(f"protocol {name!r}: its spec is named {spec.name!r}")
+    for other in PROTOCOLS.snapshot().values():
+        if other.name != name and other.obj.option == spec.option:
+            which = f"option {spec.option!r}" if spec.option else "the default (no option)"
+            raise ConfigError(f"protocols {other.name!r} and {name!r} both claim {which}")
+
+
+def _protocol_entry(name: str, spec: ProtocolSpec) -> dict[str, Any]:
+    return {"description": spec.title, "title": spec.title, "headline": spec.headline, "columns": spec.columns,
+            "option": spec.option, "approximate_index": spec.approximate_index}
+
+
+PROTOCOLS: Registry[ProtocolSpec] = Registry("protocol", "protocols", derive=_protocol_entry, admit=_admit_protocol)
 
 
 def register_protocol(
@@ -124,13 +144,10 @@ def register_protocol(
 
     def add(build: Builder) -> Builder:
         spec = ProtocolSpec(name, title, headline, build, tuple(columns), rows, option, approximate_index)
-        for other in PROTOCOLS.values():
-            if other.name == name and other.build is not build:
-                raise ConfigError(f"protocol {name!r} is registered twice ({other.build.__module__}, {build.__module__})")
-            if other.name != name and other.option == option:
-                which = f"option {option!r}" if option else "the default (no option)"
-                raise ConfigError(f"protocols {other.name!r} and {name!r} both claim {which}")
-        PROTOCOLS[name] = spec
+        known = PROTOCOLS.snapshot().get(name)
+        if known is not None and known.obj.build is build:
+            return build  # the same module imported again
+        PROTOCOLS.register(name, spec)
         return build
 
     return add
@@ -138,9 +155,7 @@ def register_protocol(
 
 def protocol_spec(name: str) -> ProtocolSpec:
     """The protocol registered as ``name``; a clear error naming the choices otherwise."""
-    if name not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    return PROTOCOLS.get_obj(name)
 
 
 def _flag(spec: ProtocolSpec) -> str:
@@ -168,7 +183,7 @@ def select_protocol(options: ProtocolOptions) -> ProtocolSpec:
             raise ConfigError(f"no default protocol is registered; pass one of {sorted(o for o in by_option if o)}")
         chosen = [by_option[None]]
     spec = chosen[0]
-    if options.index != "flat" and not spec.approximate_index:
+    if not INDEX_KINDS.entry(options.index).declares.get("exact") and not spec.approximate_index:
         exact = " and ".join(sorted(f"--{s.option}" for s in PROTOCOLS.values() if s.option and not s.approximate_index))
         plural = "search" if " and " in exact else "searches"
         raise ConfigError(

@@ -41,6 +41,8 @@ class AdvBCTParams:
 class AdvBCT(Method):
     """AdvBCT: a domain discriminator behind a gradient-reversal layer, plus an elastic boundary."""
 
+    parts = ("adv", "bound")
+
     Params = AdvBCTParams
 
     def __init__(self, ctx: MethodContext, params: AdvBCTParams | None = None) -> None:

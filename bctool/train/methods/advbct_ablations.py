@@ -15,6 +15,8 @@ from bctool.train.methods.base import register_method
 class AdvBCTBoundaryOnly(AdvBCT):
     """Ablation: AdvBCT without the adversarial term (the elastic boundary alone)."""
 
+    parts = ("bound",)
+
     has_unused_parameters = True  # the discriminator
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor) -> dict[str, Tensor]:
@@ -24,6 +26,8 @@ class AdvBCTBoundaryOnly(AdvBCT):
 @register_method("advbct-nobound")
 class AdvBCTAdversarialOnly(AdvBCT):
     """Ablation: AdvBCT without the boundary term (the discriminator and GRL alone)."""
+
+    parts = ("adv",)
 
     has_unused_parameters = True  # the boundary weights
 

@@ -10,16 +10,17 @@ no code outside the method branches on its name:
   the checkpoint records every value);
 * ``needs_old_side``: it trains against an old model (every method but ``independent``);
 * ``uses_old_head``: it uses the old checkpoint's classifier when that is known;
-* ``needs_new_head``: it reads the new model's class weights (a linear or cosine head).
+* ``needs_new_head``: it reads the new model's class weights (a head that declares them);
+* ``parts``: the names of the loss parts its ``forward`` returns.
 
 Adding a method is one file in this package that defines such a class under
-``@register_method("NAME")``; the package imports every module in it.
+``@register_method("NAME")`` (the package imports every module in it), or a class in a user's
+package named in the entry-point group ``bctool.methods`` (:mod:`bctool.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 
 from bctool.errors import ConfigError
 from bctool.models import EmbeddingModel
+from bctool.registry import Registry, describe_params
+from bctool.registry import resolve_params as resolve_registered_params
 from bctool.train.compat.stats import OldStats
 
 
@@ -56,6 +59,8 @@ class Method(nn.Module):
     needs_old_side: ClassVar[bool] = True
     uses_old_head: ClassVar[bool] = False
     needs_new_head: ClassVar[bool] = False
+    # The names of the loss parts ``forward`` returns (the task checks them on the first batch).
+    parts: ClassVar[tuple[str, ...]] = ()
     # True when some of the method's parameters never get a gradient (an ablation that drops
     # the term using them): DistributedDataParallel must then look for unused parameters.
     has_unused_parameters: ClassVar[bool] = False
@@ -93,65 +98,39 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-METHODS: dict[str, type[Method]] = {}
+def _method_entry(name: str, cls: type[Method]) -> dict[str, Any]:
+    """What a method class declares, for its registry entry."""
+    return {"description": cls.description(), "params": cls.Params, "parts": tuple(cls.parts),
+            "needs_old_side": cls.needs_old_side, "uses_old_head": cls.uses_old_head,
+            "needs_new_head": cls.needs_new_head}
+
+
+def _admit_method(name: str, cls: Any) -> None:
+    """Only a :class:`Method` subclass with a frozen ``Params`` dataclass may register; it learns its name."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"method {name!r} must be a subclass of bctool.train.methods.Method, got {cls!r}")
+    if not dataclasses.is_dataclass(cls.Params):
+        raise ConfigError(f"method {name!r}: its Params must be a frozen dataclass, got {cls.Params!r}")
+    cls.name = name
+
+
+METHODS: Registry[type[Method]] = Registry("method", "methods", derive=_method_entry, admit=_admit_method)
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make a method available under ``name``."""
-
-    def add(cls: type[Method]) -> type[Method]:
-        if name in METHODS and METHODS[name] is not cls:
-            raise ConfigError(f"method {name!r} is registered twice ({METHODS[name].__module__}, {cls.__module__})")
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-
-    return add
+    """Class decorator: make a method available under ``name`` (``bctool train --method``)."""
+    return METHODS.register(name)
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``; a clear error naming the choices otherwise."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(METHODS)} (`bctool methods` describes them)")
-    return METHODS[name]
-
-
-def _coerce(method: str, field: dataclasses.Field, value: Any) -> Any:
-    """``value`` as the field's type (options arrive as strings)."""
-    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool}.get(str(field.type), str)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)) and not (
-            kind is float and not math.isfinite(value)):
-        return value
-    try:
-        if kind is bool:
-            text = str(value).lower()
-            if text not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return text in ("true", "1")
-        if kind is int and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{method} parameter {field.name}={value!r} is not a valid {kind.__name__}") from None
-    if kind is float and not math.isfinite(converted):
-        # NaN or inf switches a term off or makes it constant without a word: never what was meant.
-        raise ConfigError(f"{method} parameter {field.name}={value!r} must be a finite number")
-    return converted
+    return METHODS.get_obj(name)
 
 
 def resolve_params(method: str, given: Mapping[str, Any] | None = None) -> Any:
     """The method's ``Params`` with ``given`` over the defaults; unknown names and invalid
     values are a :class:`ConfigError` naming the method's parameters."""
-    cls = method_class(method).Params
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        allowed = ", ".join(f"{n}={f.default!r}" for n, f in fields.items()) or "none"
-        raise ConfigError(f"method {method!r} has no parameter {', '.join(map(repr, unknown))}; its parameters: {allowed}")
-    return cls(**{key: _coerce(method, fields[key], value) for key, value in given.items()})
+    return resolve_registered_params("method", method, method_class(method).Params, given)
 
 
 def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | Any = None) -> Method:
@@ -166,8 +145,8 @@ def create_method(name: str, ctx: MethodContext, params: Mapping[str, Any] | Any
 def describe_methods() -> list[dict[str, Any]]:
     """Every registered method: name, description, needs and parameters with their defaults."""
     return [
-        {"name": name, "description": cls.description(), "needs_old_side": cls.needs_old_side,
-         "uses_old_head": cls.uses_old_head, "needs_new_head": cls.needs_new_head,
-         "params": {f.name: f.default for f in dataclasses.fields(cls.Params)}}
-        for name, cls in sorted(METHODS.items())
+        {"name": e.name, "description": e.description, "needs_old_side": e.declares["needs_old_side"],
+         "uses_old_head": e.declares["uses_old_head"], "needs_new_head": e.declares["needs_new_head"],
+         "params": describe_params(e.params)}
+        for e in METHODS.entries()
     ]

@@ -33,6 +33,8 @@ class BCT(Method):
     old class centers (scale s).
     """
 
+    parts = ("bct",)
+
     Params = BCTParams
     uses_old_head = True
     all_classes = False  # bct-all: prototypes of every training class, the old head unused

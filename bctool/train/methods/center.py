@@ -18,6 +18,8 @@ class CenterPull(Method):
     class's old gallery item than the old model's own query does.
     """
 
+    parts = ("center",)
+
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor) -> dict[str, Tensor]:
         stats = self.ctx.stats
         distance = (F.normalize(embeddings, dim=1) - stats.centers[labels]).pow(2).sum(dim=1)

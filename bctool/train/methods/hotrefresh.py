@@ -35,6 +35,8 @@ class HotRefresh(Method):
     so N processes compute the loss of one process with the whole batch.
     """
 
+    parts = ("hotrefresh",)
+
     Params = HotRefreshParams
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor) -> dict[str, Tensor]:

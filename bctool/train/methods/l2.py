@@ -12,6 +12,8 @@ from bctool.train.methods.base import Method, register_method
 class L2(Method):
     """MSE between the normalised new and old embeddings of each image."""
 
+    parts = ("l2",)
+
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor, ref_labels: Tensor) -> dict[str, Tensor]:
         new = F.normalize(embeddings, dim=1)
         old = F.normalize(ref_embeddings.detach(), dim=1)

@@ -16,6 +16,8 @@ from bctool.train.methods.parts import classifier_weight, masked_mean
 class LCE(Method):
     """LCE: an angular boundary around each old center, and new class weights aligned with it."""
 
+    parts = ("lce_boundary", "lce_align")
+
     needs_new_head = True
 
     def __init__(self, ctx: MethodContext, params: object = None) -> None:

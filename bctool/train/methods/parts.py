@@ -8,7 +8,7 @@ from torch import Tensor
 
 from bctool.errors import ConfigError
 from bctool.models import EmbeddingModel
-from bctool.models.heads import CosineHead, LinearHead, arcface_target
+from bctool.models.heads import HEADS, arcface_target
 from bctool.train.compat.stats import OldStats
 from bctool.train.distributed import global_count
 
@@ -38,12 +38,12 @@ def arcface_logits(cosine: Tensor, targets: Tensor, scale: float, margin: float)
 
 
 def classifier_weight(model: EmbeddingModel, method: str = "this method") -> Tensor:
-    """The new model's (C, D) class weights: ``fc.weight`` of a linear head, ``weight`` of a cosine one."""
-    head = model.head
-    if isinstance(head, LinearHead):
-        return head.fc.weight
-    if isinstance(head, CosineHead):
-        return head.weight
-    raise ConfigError(
-        f"{method} needs the new model's classification head (linear or cosine family), got {type(head).__name__}"
-    )
+    """The new model's (C, D) class weights, as its head declares them."""
+    weights = model.head.class_weights() if model.head is not None else None
+    if weights is None:
+        with_weights = [e.name for e in HEADS.entries() if e.declares.get("class_weights")]
+        raise ConfigError(
+            f"{method} needs the class weights of the new model's head, and its {model.config.head!r} head has none; "
+            f"pass --head with one of {with_weights}"
+        )
+    return weights

@@ -32,6 +32,8 @@ class UniBCTParams:
 class UniBCT(Method):
     """ArcFace cross-entropy of normalised new embeddings against the fixed old class centers."""
 
+    parts = ("unibct",)
+
     Params = UniBCTParams
 
     def __init__(self, ctx: MethodContext, params: UniBCTParams | None = None) -> None:

@@ -1,0 +1,58 @@
+"""Dataset writers by name: each writes images and list files into a folder.
+
+A writer is ``write(out_dir, params) -> summary`` with its parameters as a frozen dataclass; the
+built-ins are the embedded emoji set and Fashion-MNIST (``bctool dataset emoji`` and ``bctool
+dataset fashion-mnist``, typed commands of their own), and the entry-point group
+``bctool.datasets`` adds others, which ``bctool dataset make NAME OUT_DIR --param KEY=VALUE``
+writes (:mod:`bctool.registry`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
+from bctool.errors import DataError
+from bctool.registry import Registry, resolve_params
+
+DatasetWriter = Callable[[Path, Any], dict]
+
+
+def _admit_writer(name: str, write: object) -> None:
+    if not callable(write):
+        raise DataError(f"dataset {name!r} must be a writer write(out_dir, params) -> summary, got {write!r}")
+
+
+DATASETS: Registry[DatasetWriter] = Registry("dataset", "datasets", error=DataError, admit=_admit_writer)
+
+
+@dataclass(frozen=True)
+class FashionParams(FashionSplit):
+    """The Fashion-MNIST split, and the folder of its four IDX files."""
+
+    source: str = str(DEFAULT_SOURCE)
+
+
+@DATASETS.register("emoji", params=EmojiSplit)
+def write_emoji(out_dir: Path, params: EmojiSplit) -> dict:
+    """The embedded emoji set (Google and Twitter renderings) with extended-class lists."""
+    return write_emoji_dataset(out_dir, params)
+
+
+@DATASETS.register("fashion-mnist", params=FashionParams)
+def write_fashion(out_dir: Path, params: FashionParams) -> dict:
+    """Fashion-MNIST as PNGs with extended-data lists (Debian's dataset-fashion-mnist)."""
+    split = FashionSplit(seed=params.seed, train_per_class=params.train_per_class, old_fraction=params.old_fraction,
+                         query_per_class=params.query_per_class)
+    return write_fashion_mnist_dataset(out_dir, split, params.source)
+
+
+def write_dataset(name: str, out_dir: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> dict:
+    """Write the dataset registered as ``name`` into ``out_dir`` with ``params`` over its defaults."""
+    entry = DATASETS.entry(name)
+    return entry.obj(Path(out_dir), resolve_params("dataset", name, entry.params, params))
