@@ -238,7 +238,7 @@ def _admit_format(name: str, fmt: object) -> None:
         raise ConfigError(f"export format {name!r} must be a bctool.export.ExportFormat, got {fmt!r}")
 
 
-# Export formats by --format name; the entry-point group bctool.export-formats adds others
+# Export formats by --format name; the entry-point group bctool.export_formats adds others
 # (bctool.registry).
 FORMATS: Registry[ExportFormat] = Registry(
     "export format", "export-formats", admit=_admit_format,

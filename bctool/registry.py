@@ -9,7 +9,8 @@ protocol's columns). A registry reads like a ``Mapping`` from names to objects, 
 
 Built-in entries register when their module is imported (``@METHODS.register("bct")``). Plugins
 are installed packages that name their objects in an entry-point group ``bctool.<kind>``
-(``bctool.methods``, ``bctool.protocols``, ...; :data:`KINDS` lists them)::
+(``bctool.methods``, ``bctool.protocols``, ``bctool.index_kinds``, ...; :data:`KINDS` lists
+them)::
 
     [project.entry-points."bctool.methods"]
     my-method = "my_package.methods:MyMethod"
@@ -171,7 +172,7 @@ class Registry(Mapping[str, T]):
     def __init__(self, kind: str, plural: str, *, error: type[BctoolError] = ConfigError,
                  derive: Derive | None = None, admit: Callable[[str, Any], None] | None = None) -> None:
         self.kind, self.plural = kind, plural
-        self.group = f"bctool.{plural}"
+        self.group = f"bctool.{plural.replace('-', '_')}"  # entry-point groups allow no hyphen
         self._error, self._derive, self._admit = error, derive, admit
         self._entries: dict[str, Entry[T]] = {}
         self._plugins_loaded = False
@@ -327,7 +328,7 @@ def _group(group: str) -> list[EntryPoint]:
     return sorted(entry_points(group=group), key=lambda p: p.name)
 
 
-# Every registry by its plural name (the entry-point group is bctool.<plural>). The modules that
+# Every registry by its plural name (the entry-point group is bctool.<plural>, "_" for "-"). The modules that
 # define them, imported by `all_kinds` so that every kind is listed with its built-ins.
 KINDS: dict[str, Registry[Any]] = {}
 KIND_MODULES = {

@@ -83,8 +83,10 @@ def _one_of(module: str, name: str):  # noqa: ANN202 - a click callback
     def check(value: str | None) -> str | None:
         import importlib
 
-        allowed = list(getattr(importlib.import_module(module), name))
-        if value is not None and value not in allowed:
+        choices = getattr(importlib.import_module(module), name)
+        allowed = list(choices)
+        # A name a plugin failed to load passes here, to fail where it is used with the plugin's error.
+        if value is not None and value not in allowed and value not in getattr(choices, "failures", {}):
             raise typer.BadParameter(f"{value!r} is unknown; choose one of {allowed}")
         return value
 
@@ -95,7 +97,8 @@ def _arch_choice(value: str | None) -> str | None:
     """A registered backbone, auto, or package.module:factory (checked when it is built)."""
     from bctool.models.model import BACKBONES, is_import_spec
 
-    if value is not None and value != "auto" and value not in BACKBONES and not is_import_spec(value):
+    if (value is not None and value != "auto" and value not in BACKBONES and not is_import_spec(value)
+            and value not in BACKBONES.failures):
         raise typer.BadParameter(
             f"{value!r} is unknown; choose one of {['auto', *sorted(BACKBONES)]}, or name your own as package.module:factory"
         )
@@ -108,7 +111,7 @@ def _method_choice(value: str | None) -> str | None:
         return value
     from bctool.train.methods import METHODS
 
-    if value not in METHODS:
+    if value not in METHODS and value not in METHODS.failures:  # a failed plugin's own error comes later
         raise typer.BadParameter(f"{value!r} is unknown; choose one of {sorted(METHODS)} (`bctool methods` describes them)")
     return value
 
@@ -600,6 +603,20 @@ def dataset_fashion_mnist(
     split = FashionSplit(seed=seed, train_per_class=train_per_class, old_fraction=old_fraction,
                          query_per_class=query_per_class)
     emit_json(write_fashion_mnist_dataset(out_dir, split, source or DEFAULT_SOURCE))
+
+
+@dataset_app.command("make")
+@reports_errors
+def dataset_make(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A registered dataset writer (`bctool list datasets`): emoji, fashion-mnist, or a plugin's.")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images and list files into.")],
+    params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="A parameter of the writer as NAME=VALUE (repeatable); `bctool list datasets` shows them and their defaults.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Write a dataset by its registered name, with its parameters (any writer, a plugin's too)."""
+    from bctool.data.writers import write_dataset
+
+    emit_json(write_dataset(name, out_dir, _name_values("--param", params, "NAME=VALUE")))
 
 
 @dataset_app.command("gldv2")

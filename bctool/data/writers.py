@@ -1,6 +1,7 @@
 """Dataset writers by name: each writes images and list files into a folder.
 
-A writer is ``write(out_dir, params) -> summary`` with its parameters as a frozen dataclass; the
+A writer is ``write(out_dir, params) -> summary``, its ``params`` argument annotated with a
+frozen dataclass of its parameters; the
 built-ins are the embedded emoji set and Fashion-MNIST (``bctool dataset emoji`` and ``bctool
 dataset fashion-mnist``, typed commands of their own), and the entry-point group
 ``bctool.datasets`` adds others, which ``bctool dataset make NAME OUT_DIR --param KEY=VALUE``
@@ -9,7 +10,9 @@ writes (:mod:`bctool.registry`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,17 @@ def _admit_writer(name: str, write: object) -> None:
         raise DataError(f"dataset {name!r} must be a writer write(out_dir, params) -> summary, got {write!r}")
 
 
-DATASETS: Registry[DatasetWriter] = Registry("dataset", "datasets", error=DataError, admit=_admit_writer)
+def _writer_params(name: str, write: Callable) -> dict[str, Any]:
+    """A writer's parameters: the dataclass its ``params`` argument is annotated with."""
+    try:
+        hint = typing.get_type_hints(write).get("params")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve declares nothing
+        hint = None
+    return {"params": hint if dataclasses.is_dataclass(hint) else None}
+
+
+DATASETS: Registry[DatasetWriter] = Registry("dataset", "datasets", error=DataError, admit=_admit_writer,
+                                             derive=_writer_params)
 
 
 @dataclass(frozen=True)

@@ -176,10 +176,11 @@ def _admit_index(name: str, build: object) -> None:
                           f"got {build!r}")
 
 
-# Index kinds by --index name; the entry-point group bctool.index-kinds adds others
-# (bctool.registry). ``exact``: the ranking is exact, ties in a fixed order.
+# Index kinds by --index name; the entry-point group bctool.index_kinds adds others
+# (bctool.registry). ``exact``: the ranking is exact, ties in a fixed order (a plugin's builder
+# declares it as its attribute ``exact``; approximate otherwise).
 INDEX_KINDS: Registry[IndexBuilder] = Registry("index kind", "index-kinds", admit=_admit_index,
-                                                derive=lambda name, build: {"exact": False})
+                                                derive=lambda name, build: {"exact": bool(getattr(build, "exact", False))})
 
 
 @INDEX_KINDS.register("flat", exact=True)
