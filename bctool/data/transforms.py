@@ -139,9 +139,10 @@ def _admit_view(name: str, make: object) -> None:
 
 
 # The training views by ``--augment`` name: ``make(preprocess)`` returns a transform from an RGB
-# image to a normalised (3, H, W) tensor. The entry-point group bctool.views adds others.
-TRAINING_VIEWS: Registry[Callable[[Preprocess], Callable]] = Registry("training view", "views", error=DataError,
-                                                                     admit=_admit_view)
-TRAINING_VIEWS.register("none", EvalTransform, description="The clean image, as extraction sees it.")
+# image to a normalised (3, H, W) tensor; ``clean`` declares it the very tensor extraction computes.
+# The entry-point group bctool.views adds others.
+TRAINING_VIEWS: Registry[Callable[[Preprocess], Callable]] = Registry(
+    "training view", "views", error=DataError, admit=_admit_view, derive=lambda name, make: {"clean": False})
+TRAINING_VIEWS.register("none", EvalTransform, description="The clean image, as extraction sees it.", clean=True)
 TRAINING_VIEWS.register("flip", FlipTransform, description="The clean image, mirrored left-right half the time.")
 TRAINING_VIEWS.register("crop", TrainTransform, description="Random resized crops (scale 0.35-1) and colour jitter.")

@@ -218,7 +218,7 @@ def _old_view(config: TrainConfig) -> str:
     the views the new model sees (precomputed from clean images, new views augmented)."""
     if config.compat.old_model:
         return "same: the old model runs on every training batch"
-    if config.optim.augment == "none":
+    if TRAINING_VIEWS.entry(config.optim.augment).declares["clean"]:
         return "same: clean images on both sides"
     logger.warning(
         "--augment %s with --old-embeddings: the old embeddings were made from clean images, so the new model is "
