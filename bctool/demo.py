@@ -21,7 +21,8 @@ from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
 from bctool.device import resolve_device
 from bctool.embeddings import Embeddings, save_embeddings
-from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, compatibility_evaluation, update_gain
+from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
+from bctool.evaluate.scores import DEFAULT_BOOTSTRAP, update_gain
 from bctool.evaluate.protocols import make_protocol
 from bctool.extract import extract
 from bctool.progress import NULL_PROGRESS, Progress
@@ -30,7 +31,7 @@ from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
 
 logger = logging.getLogger(__name__)
 
-# The keys of bctool.evaluate.compat.paired_delta: delta M(n,o) - M(o,o) and its interval.
+# The keys of bctool.evaluate.scores.paired_delta: delta M(n,o) - M(o,o) and its interval.
 _DELTA_KEYS = ("delta", "delta_low", "delta_high", "bootstrap", "compatible_significant")
 
 
@@ -106,8 +107,8 @@ def _evaluate(embeddings: dict[str, dict[str, Embeddings]], models: list[str],
     metrics of every pair of :func:`pairs`, in that order."""
     protocol = make_protocol()
     split = {name: (emb["query"], emb["gallery"]) for name, emb in embeddings.items()}
-    report = compatibility_evaluation(split["old"], split["new"], protocol, bootstrap=config.bootstrap,
-                                      seed=config.seed)
+    report = compatibility_report(split["old"], split["new"], protocol,
+                                  options=CompatibilityOptions(bootstrap=config.bootstrap, seed=config.seed))
     done = report["results"]  # old/old, new/new and new/old
     results = {pair: done[pair] if pair in done else protocol.evaluate(split[q][0], split[g][1])
                for pair, (q, g) in pairs(models).items()}

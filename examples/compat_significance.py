@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bctool.embeddings import load_embeddings
-from bctool.evaluate.compat import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_means, paired_delta
+from bctool.evaluate.scores import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_means, paired_delta
 from bctool.evaluate.retrieval import evaluate_retrieval_per_query
 from bctool.train.recipe import WARM_LR
 from paper_table import SETTINGS  # this folder is on sys.path when the script runs

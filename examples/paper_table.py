@@ -64,7 +64,8 @@ from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashio
 from bctool.data.sources import load_image_set
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
-from bctool.evaluate.compat import backfill_curve, paper_scores, update_gain
+from bctool.evaluate.backfill import backfill_curve
+from bctool.evaluate.scores import paper_scores, update_gain
 from bctool.extract import extract
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED

@@ -10,20 +10,23 @@ import pytest
 
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate import compat
-from bctool.evaluate.compat import (
-    backfill_curve,
-    bootstrap_interval,
-    bootstrap_means,
+from bctool.evaluate import scores as score_functions
+from bctool.evaluate.backfill import backfill_curve, partial_backfill
+from bctool.evaluate.plots import plot_backfill
+from bctool.evaluate.reports import (
+    BackfillOptions,
+    CompatibilityOptions,
     chain_matrix,
-    chain_scores,
-    compatibility_evaluation,
     compatibility_report,
     delta_interval,
+)
+from bctool.evaluate.scores import (
+    bootstrap_interval,
+    bootstrap_means,
+    chain_scores,
+    compatibility_verdict,
     paired_delta,
     paper_scores,
-    partial_backfill,
-    plot_backfill,
     update_gain,
 )
 from bctool.evaluate.metrics import QueryAP
@@ -91,7 +94,7 @@ def test_paper_scores_errors() -> None:
 
 
 def test_compatibility_report() -> None:
-    report = compatibility_report({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8})
+    report = compatibility_verdict({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8})
     assert report["compatible"] is True
     assert report["update_gain"] == pytest.approx(1 / 3)
     assert report["p_up"] == pytest.approx(47.5020813, abs=1e-6)
@@ -101,10 +104,10 @@ def test_compatibility_report() -> None:
         "m_oo": 0.5, "m_nn": 0.72, "m_no": 0.6, "m_star": 0.8
     }
 
-    without_star = compatibility_report({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5})
+    without_star = compatibility_verdict({"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5})
     assert without_star == {"m_oo": 0.5, "m_nn": 0.72, "m_no": 0.5, "compatible": False}
     with pytest.raises(ConfigError, match="m_no"):
-        compatibility_report({"m_oo": 0.5, "m_nn": 0.72})
+        compatibility_verdict({"m_oo": 0.5, "m_nn": 0.72})
 
 
 # --- delta M(n,o) - M(o,o) and its paired bootstrap interval --------------------------------
@@ -123,7 +126,7 @@ def _slow_bootstrap_means(diff: np.ndarray, n: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("block_elements", [1 << 22, 100])
 def test_bootstrap_equals_a_slow_reference(block_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # 100 elements per block: 2 resamples of 37 queries per draw, so blocks split the stream.
-    monkeypatch.setattr(compat, "_BOOTSTRAP_ELEMENTS", block_elements)
+    monkeypatch.setattr(score_functions, "_BOOTSTRAP_ELEMENTS", block_elements)
     rng = np.random.default_rng(11)
     old = rng.uniform(size=37)
     new = np.clip(old + rng.normal(0.05, 0.2, size=37), 0, 1)
@@ -175,7 +178,7 @@ def test_paired_delta_pairs_by_id() -> None:
 def test_paired_delta_uses_the_shared_queries_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     old = _scores(["a", "b", "c"], [0.2, 0.4, 0.6])
     new = _scores(["b", "c", "z"], [0.5, 0.9, 1.0])
-    with caplog.at_level("WARNING", logger="bctool.evaluate.compat"):
+    with caplog.at_level("WARNING", logger="bctool.evaluate.scores"):
         result = paired_delta(old, new, n=0)
     assert result["delta"] == pytest.approx(((0.5 - 0.4) + (0.9 - 0.6)) / 2)
     assert "1 only old, 1 only new" in caplog.text and "the 2 they share" in caplog.text
@@ -239,9 +242,9 @@ def test_delta_interval_is_m_no_minus_m_oo() -> None:
         delta_interval(oq, og, nq, make_protocol(), n=-1)
 
 
-def test_compatibility_evaluation_assembles_the_report() -> None:
+def test_compatibility_report_assembles_the_report() -> None:
     models = _compat_models()
-    report = compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=300, seed=1)
+    report = compatibility_report(models["old"], models["new"], make_protocol(), options=CompatibilityOptions(bootstrap=300, seed=1))
     assert report["metric"] == "map" and list(report["results"]) == ["old/old", "new/new", "new/old"]
     assert report["m_no"] == report["results"]["new/old"]["map"]
     assert report["compatible"] is (report["m_no"] > report["m_oo"])
@@ -251,10 +254,10 @@ def test_compatibility_evaluation_assembles_the_report() -> None:
         k: v for k, v in delta_interval(*models["old"], models["new"][0], make_protocol(), n=300, seed=1).items()
         if k.startswith("delta")
     }
-    off = compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=0)
+    off = compatibility_report(models["old"], models["new"], make_protocol(), options=CompatibilityOptions(bootstrap=0))
     assert "delta" in off and not {"delta_low", "delta_high", "bootstrap", "compatible_significant"} & set(off)
     with pytest.raises(ConfigError, match="got -1"):
-        compatibility_evaluation(models["old"], models["new"], make_protocol(), bootstrap=-1)
+        compatibility_report(models["old"], models["new"], make_protocol(), options=CompatibilityOptions(bootstrap=-1))
 
 
 # --- model chains -----------------------------------------------------------------------------
@@ -466,15 +469,15 @@ def test_backfill_report(tmp_path) -> None:
     (oq, og), (nq, ng), _ = _chain_versions()
     ng = _emb(ng.embeddings, ng.labels, og.ids, "v2")  # the same gallery images
     protocol = make_protocol()
-    report = backfill_report(nq, og, ng, protocol, [0.0, 0.5, 1.0], seed=4, old_query=oq)
+    report = backfill_report(nq, og, ng, protocol, BackfillOptions((0.0, 0.5, 1.0), seed=4), old_query=oq)
     assert list(report) == ["metric", "seed", "m_oo", "m_nn", "curve", "plot"]
     assert report["metric"] == "map" and report["seed"] == 4 and report["plot"] is None
     assert report["curve"] == backfill_curve(nq, og, ng, [0.0, 0.5, 1.0], seed=4)
     assert report["m_oo"] == evaluate_retrieval(oq, og)["map"] and report["m_nn"] == evaluate_retrieval(nq, ng)["map"]
     assert report["curve"][-1]["map"] == report["m_nn"]
-    assert backfill_report(nq, og, ng, protocol, [0.0], old_query=None)["m_oo"] is None
+    assert backfill_report(nq, og, ng, protocol, BackfillOptions((0.0,)), old_query=None)["m_oo"] is None
 
-    renamed = backfill_report(nq, og, ng, _headline_only("map@100"), [0.0, 1.0], seed=4, old_query=oq)
+    renamed = backfill_report(nq, og, ng, _headline_only("map@100"), BackfillOptions((0.0, 1.0), seed=4), old_query=oq)
     assert renamed["metric"] == "map@100" and renamed["m_oo"] == report["m_oo"]
     assert [c["map@100"] for c in renamed["curve"]] == [report["curve"][0]["map"], report["m_nn"]]
     assert backfill_table(renamed) == Table("partial backfill (map@100)", {
@@ -484,13 +487,13 @@ def test_backfill_report(tmp_path) -> None:
     except ImportError:
         return
     out = tmp_path / "curve.png"
-    drawn = backfill_report(nq, og, ng, _headline_only("map@100"), [0.0, 1.0], plot=out)
+    drawn = backfill_report(nq, og, ng, _headline_only("map@100"), BackfillOptions((0.0, 1.0), plot=out))
     assert drawn["plot"] == str(out) and out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_compatibility_table() -> None:
     models = _compat_models()
-    report = compatibility_evaluation(models["old"], models["new"], _headline_only("map@100"), bootstrap=0)
+    report = compatibility_report(models["old"], models["new"], _headline_only("map@100"), options=CompatibilityOptions(bootstrap=0))
     assert report["metric"] == "map@100" and report["m_no"] == report["results"]["new/old"]["map@100"]
     table = compatibility_table(report)
     assert table.title == "compatibility (map@100)" and table.columns == ("map@100",)

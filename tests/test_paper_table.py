@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bctool.evaluate.compat import paper_scores
+from bctool.evaluate.scores import paper_scores
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "paper_table.py"
 

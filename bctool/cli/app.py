@@ -476,7 +476,7 @@ def evaluate(
         _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
                             "new-gallery": new_gallery}, backfill, seed, plot, protocol, quiet)
     elif old_query or new_query:
-        _evaluate_compat(
+        _evaluate_compatibility(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
              "independent": (independent_query, independent_gallery)}, protocol, bootstrap, seed, quiet)
     else:
@@ -500,10 +500,10 @@ def _truth_files(pairs: list[str] | None) -> dict[str, Path]:
             _name_values("--truth", pairs, "OPTION=PATH, e.g. gnd=gnd_roxford5k.pkl").items()}
 
 
-def _evaluate_compat(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
+def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.compat import DEFAULT_LEVEL, compatibility_evaluation
-    from bctool.evaluate.reports import compatibility_table
+    from bctool.evaluate.reports import CompatibilityOptions, compatibility_report, compatibility_table
+    from bctool.evaluate.scores import DEFAULT_LEVEL
 
     for name in ("old", "new"):
         if None in files[name]:
@@ -512,8 +512,8 @@ def _evaluate_compat(files: dict, protocol: Protocol, bootstrap: int, seed: int,
     if (ind[0] is None) != (ind[1] is None):
         raise typer.BadParameter("pass both --independent-query and --independent-gallery, or neither")
     emb = {name: tuple(load_embeddings(p) for p in paths) for name, paths in files.items() if paths[0]}
-    report = compatibility_evaluation(emb["old"], emb["new"], protocol, independent=emb.get("independent"),
-                                      bootstrap=bootstrap, seed=seed, level=DEFAULT_LEVEL)
+    report = compatibility_report(emb["old"], emb["new"], protocol, independent=emb.get("independent"),
+                                  options=CompatibilityOptions(bootstrap=bootstrap, seed=seed, level=DEFAULT_LEVEL))
     if not quiet:
         _print_table(compatibility_table(report))
         stderr.print(f"compatible (M(n,o) > M(o,o)): {'yes' if report['compatible'] else 'no'}", highlight=False)
@@ -548,7 +548,7 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
                        protocol: Protocol, quiet: bool) -> None:
     """``files``: the paths of --query, --old-query, --old-gallery and --new-gallery (by option name)."""
     from bctool.embeddings import load_embeddings
-    from bctool.evaluate.reports import backfill_report, backfill_table
+    from bctool.evaluate.reports import BackfillOptions, backfill_report, backfill_table
 
     query, old_query, old_gallery, new_gallery = (files[k] for k in ("query", "old-query", "old-gallery", "new-gallery"))
     if query is None or old_gallery is None or new_gallery is None:
@@ -559,8 +559,9 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
         raise typer.BadParameter(f"--backfill {fractions!r}: expected comma-separated fractions such as 0,0.25,0.5,0.75,1") from None
     with output_lock(plot) if plot is not None else contextlib.nullcontext():
         report = backfill_report(
-            load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol, values,
-            seed=seed, old_query=load_embeddings(old_query) if old_query else None, plot=plot,
+            load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol,
+            BackfillOptions(tuple(values), seed=seed, plot=plot),
+            old_query=load_embeddings(old_query) if old_query else None,
         )
     if not quiet:
         _print_table(backfill_table(report))
@@ -661,7 +662,7 @@ def demo(
     compatible, M(n,o) > M(o,o), and the bootstrap interval of the difference.
     """
     from bctool.demo import DemoConfig, run_demo, with_overrides
-    from bctool.evaluate.compat import DEFAULT_LEVEL
+    from bctool.evaluate.scores import DEFAULT_LEVEL
     from bctool.evaluate.protocols.labels import COLUMNS
 
     setup_logging(verbose)
