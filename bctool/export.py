@@ -16,6 +16,7 @@ embedding's norm, must stay within the tolerance (1e-4), or the export is refuse
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -94,6 +95,9 @@ def export_metadata(checkpoint_path: str | os.PathLike[str], normalize: bool) ->
             record[key] = json.loads(value)
         except ValueError:
             record[key] = value
+    # Every preprocessing step, resolved (a checkpoint from before they were recorded gets the
+    # steps bctool applied then): what a serving stack rebuilds its input pipeline from.
+    record["preprocess"] = dataclasses.asdict(Preprocess.from_dict(record["preprocess"]))
     record["export"] = {"normalize_included": normalize, "input": INPUT, "output": OUTPUT}
     return record
 
@@ -103,7 +107,10 @@ def _input_spec(pre: Preprocess, normalize: bool) -> dict[str, Any]:
               f"RGB in [0, 1], then (x - mean) / std per channel, mean {list(pre.mean)}, std {list(pre.std)}")
     return {"name": INPUT, "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
             "values": values,
-            "resize": f"shorter side to {pre.image_size} px (bilinear), then a centre crop of {pre.image_size} x {pre.image_size}"}
+            "resize": f"shorter side to {pre.image_size} px ({pre.interpolation}), then a centre crop of "
+                      f"{pre.image_size} x {pre.image_size}",
+            "background": f"transparent pixels composited on RGB {list(pre.background)}",
+            "preprocess": dataclasses.asdict(pre)}
 
 
 def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, normalize: bool,
@@ -111,10 +118,10 @@ def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, nor
     """The exported model's input for ``count`` images and what ``bctool extract`` gives for
     them: the first images of ``images``, else seeded random images (uniform RGB)."""
     pre = checkpoint.preprocess
-    raw = Preprocess(image_size=pre.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    raw = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     if images is not None and len(images):
         records = images.records[:count]
-        unit = torch.stack([EvalTransform(raw)(load_record(r)) for r in records])
+        unit = torch.stack([EvalTransform(raw)(load_record(r, background=pre.background)) for r in records])
     else:
         generator = torch.Generator().manual_seed(seed)
         unit = torch.rand(count, 3, pre.image_size, pre.image_size, generator=generator)

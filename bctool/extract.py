@@ -83,7 +83,8 @@ class _Rows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         row = self.rows[i]
         try:
-            return self.transform(load_record(self.images.records[row], self.transform.source_side)), row, ""
+            record = self.images.records[row]
+            return self.transform(load_record(record, self.transform.source_side, self.transform.background)), row, ""
         except DataError as exc:
             if self.strict:
                 raise

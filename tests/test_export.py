@@ -123,3 +123,54 @@ def test_missing_extra_and_bad_options_are_clear(tmp_path: Path, monkeypatch: py
     same = runner.invoke(app, ["export", str(model), "--out", str(model), "-f", "torchscript"])
     assert same.exit_code == 1 and "is the MODEL input" in same.stderr
     assert load_checkpoint(model).config.arch == "small"  # untouched
+
+
+def _readme_snippet() -> str:
+    """The README's onnxruntime serving snippet, as written."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    after = readme[readme.index("Serving it with onnxruntime"):]
+    return after[after.index("```python\n") + len("```python\n"):after.index("```\n", after.index("```python"))]
+
+
+def test_the_readme_serving_snippet_matches_extract_on_a_transparent_png(tmp_path: Path) -> None:
+    """Every preprocessing step comes from the file: a checkpoint that composites on green and
+    resizes bicubic, a transparent, non-square PNG, the snippet against `bctool extract`."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="small", embedding_dim=16, num_classes=3))
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 24, 24))
+    pre = Preprocess(image_size=24, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bicubic",
+                     background=(0, 160, 0))
+    checkpoint = tmp_path / "m.safetensors"
+    save_checkpoint(checkpoint, model.eval(), pre, ["a", "b", "c"], train_config={"seed": 0})
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 57, 4), dtype=np.uint8)
+    pixels[..., 3] = np.where(rng.uniform(size=(40, 57)) < 0.5, 0, rng.integers(0, 256, (40, 57)))
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "query.png")
+    (tmp_path / "list.txt").write_text("query.png a\n")
+    emb = tmp_path / "emb.safetensors"
+    assert runner.invoke(app, ["extract", str(tmp_path / "list.txt"), "-m", str(checkpoint), "-o", str(emb),
+                               "--workers", "0", "-q"]).exit_code == 0
+    onnx = tmp_path / "new.onnx"
+    assert runner.invoke(app, ["export", str(checkpoint), "--out", str(onnx), "-q"]).exit_code == 0
+    code = _readme_snippet().replace('"new.onnx"', repr(str(onnx))).replace('"query.png"', repr(str(tmp_path / "query.png")))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    want = load_embeddings(emb).normalized_embeddings()
+    assert np.abs(scope["emb"] - want).max() < 1e-4
+    # The background matters here: composited on white, the same image embeds elsewhere.
+    white = code.replace('(*pre["background"], 255)', "(255, 255, 255, 255)")
+    exec(compile(white, "README.md", "exec"), scope)  # noqa: S102
+    assert np.abs(scope["emb"] - want).max() > 1e-3
+    assert read_exported_metadata(onnx)["preprocess"]["background"] == [0, 160, 0]
+
+
+def test_a_checkpoint_without_recorded_steps_reads_as_bctool_applied_them() -> None:
+    """Checkpoints from before interpolation, resize, crop and background were recorded."""
+    old = Preprocess.from_dict({"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]})
+    assert (old.interpolation, old.resize, old.crop, old.background) == ("bilinear", "shorter-side", "center", (255, 255, 255))
+    with pytest.raises(ValueError, match="interpolation 'area' is not one bctool implements"):
+        Preprocess(interpolation="area")

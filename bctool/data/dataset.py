@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from bctool.data.images import load_rgb
 from bctool.data.sources import ImageRecord, ImageSet
+from bctool.data.transforms import WHITE
 
 
 class ImageDataset(Dataset):
@@ -24,7 +25,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         record = self.images.records[index]
-        return self.transform(load_record(record, source_side(self.transform))), record.label, index
+        image = load_record(record, source_side(self.transform), background_of(self.transform))
+        return self.transform(image), record.label, index
 
 
 def source_side(transform: object) -> int | None:
@@ -33,14 +35,21 @@ def source_side(transform: object) -> int | None:
     return getattr(transform, "source_side", None)
 
 
-def load_record(record: ImageRecord, min_side: int | None = None) -> Image.Image:
-    """The record's image as RGB, cut to its crop box when it has one (training and extraction
-    read every image through here). With ``min_side``, a large JPEG is decoded at a reduced
-    scale that leaves the image, or its crop box, at least that side (see ``load_rgb``)."""
+def background_of(transform: object) -> tuple[int, int, int]:
+    """The colour a transform wants under transparent pixels (its ``background``), else white."""
+    return getattr(transform, "background", WHITE)
+
+
+def load_record(record: ImageRecord, min_side: int | None = None,
+                background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The record's image as RGB (transparency on ``background``), cut to its crop box when it
+    has one (training and extraction read every image through here). With ``min_side``, a large
+    JPEG is decoded at a reduced scale that leaves the image, or its crop box, at least that side
+    (see ``load_rgb``)."""
     if record.crop is None:
-        return load_rgb(record.path, min_side)
+        return load_rgb(record.path, min_side, background=background)
     x1, y1, x2, y2 = record.crop
-    image = load_rgb(record.path, min_side, box_side=min(x2 - x1, y2 - y1))
+    image = load_rgb(record.path, min_side, box_side=min(x2 - x1, y2 - y1), background=background)
     scale = image.info.get("draft_scale", 1.0)  # the box is in full-size pixels
     return crop_box(image, (x1 * scale, y1 * scale, x2 * scale, y2 * scale))
 

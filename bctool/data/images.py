@@ -24,9 +24,10 @@ def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
     return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
 
 
-def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = None) -> Image.Image:
+def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = None,
+             background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Open an image as 8-bit RGB, turned as its EXIF orientation says; transparent pixels are
-    composited on white, 16-bit greyscale is scaled to 8 bits (not clipped), float greyscale by
+    composited on ``background`` (white unless the checkpoint records another), 16-bit greyscale is scaled to 8 bits (not clipped), float greyscale by
     its range (0-1 times 255, 0-255 as is, up to 65535 divided by 257; others refused), CMYK and
     palettes are converted.
 
@@ -48,7 +49,7 @@ def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = N
             scale = img.size[0] / full[0]
             # As displayed: an EXIF orientation (a phone's rotated JPEG) is applied, so a rotated
             # file embeds like its upright copy.
-            out = _to_rgb(ImageOps.exif_transpose(img))
+            out = _to_rgb(ImageOps.exif_transpose(img), background)
             if scale != 1.0:
                 out.info["draft_scale"] = scale
             return out
@@ -64,7 +65,7 @@ def load_rgb(path: Path, min_side: int | None = None, box_side: float | None = N
         ) from exc
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """A decoded image as 8-bit RGB (see :func:`load_rgb`)."""
     if img.mode == "F":  # 32-bit float greyscale (TIFF): 0-1, 0-255 or 0-65535 by its values
         values = np.asarray(img, dtype=np.float64)
@@ -79,6 +80,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return img.convert("RGB")

@@ -22,27 +22,67 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Resampling filters by the name a checkpoint records (PIL's, and torch's for a resize of tensors).
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# The same filters for a resize of tensors (torch has no lanczos: bicubic is the nearest).
+TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "lanczos": "bicubic"}
+# How an image becomes a square of ``image_size``: the one rule bctool implements, recorded by
+# name so that a file says it and a serving stack can rebuild it.
+RESIZE_RULES = ("shorter-side",)  # the shorter side is resized to image_size
+CROP_RULES = ("center",)  # then the centred square is cut out
+WHITE = (255, 255, 255)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model wants its images: stored in every checkpoint, applied at extract time."""
+    """How a model wants its images, every step of it: stored in every checkpoint, applied at
+    extract time, read by the old side and by export. An image is decoded to 8-bit RGB (turned
+    as its EXIF says; transparent pixels composited on ``background``), its shorter side resized
+    to ``image_size`` with ``interpolation`` and the centred square cut out (in one resampling of
+    that square), scaled to [0, 1] and normalised per channel with ``mean`` and ``std``."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    resize: str = "shorter-side"
+    crop: str = "center"
+    background: tuple[int, int, int] = WHITE  # RGB under transparent pixels
 
     def __post_init__(self) -> None:
         if not self.image_size >= 1:
             raise ValueError(f"image_size {self.image_size!r} must be at least 1")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(s) and s > 0 for s in self.std):
             raise ValueError(f"mean {self.mean!r} and std {self.std!r} must be 3 values each, std positive")
+        for field_name, value, allowed in (("interpolation", self.interpolation, tuple(INTERPOLATIONS)),
+                                           ("resize", self.resize, RESIZE_RULES), ("crop", self.crop, CROP_RULES)):
+            if value not in allowed:
+                raise ValueError(f"preprocess {field_name} {value!r} is not one bctool implements; choose one of {list(allowed)}")
+        if len(self.background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.background):
+            raise ValueError(f"background {self.background!r} must be 3 integers in 0-255 (RGB)")
+
+    @property
+    def resample(self) -> Image.Resampling:
+        """The PIL filter of :attr:`interpolation`."""
+        return INTERPOLATIONS[self.interpolation]
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        """Rebuild from the JSON stored in a checkpoint."""
+        """Rebuild from the JSON stored in a checkpoint; a checkpoint written before the steps
+        were recorded gets the steps bctool applied then (bilinear, shorter side, centre, white)."""
         return cls(
             image_size=int(d["image_size"]),
             mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bilinear")),
+            resize=str(d.get("resize", RESIZE_RULES[0])),
+            crop=str(d.get("crop", CROP_RULES[0])),
+            background=tuple(int(x) for x in d.get("background", WHITE)),  # type: ignore[arg-type]
         )
 
 
@@ -53,10 +93,15 @@ def _to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 
 class EvalTransform:
-    """Resize the shorter side to ``image_size`` and centre-crop a square."""
+    """Resize the shorter side to ``image_size`` and centre-crop a square (as ``pre`` says)."""
 
     def __init__(self, pre: Preprocess) -> None:
         self.pre = pre
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The colour the decoder puts under transparent pixels."""
+        return self.pre.background
 
     @property
     def source_side(self) -> int:
@@ -68,7 +113,7 @@ class EvalTransform:
         w, h = img.size
         side = min(w, h)
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=box)
+        img = img.resize((size, size), self.pre.resample, box=box)
         return _to_tensor(img, self.pre)
 
 
@@ -97,6 +142,11 @@ class TrainTransform:
         self.pre, self.scale, self.ratio, self.jitter = pre, scale, ratio, jitter
 
     @property
+    def background(self) -> tuple[int, int, int]:
+        """The colour the decoder puts under transparent pixels."""
+        return self.pre.background
+
+    @property
     def source_side(self) -> int:
         """The input's shorter side that keeps the smallest crop at least ``image_size``: a
         crop covers a ``scale[0]`` share of the area at worst, at the extreme aspect ratio."""
@@ -119,7 +169,7 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         size = self.pre.image_size
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=self._crop_box(*img.size))
+        img = img.resize((size, size), self.pre.resample, box=self._crop_box(*img.size))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if self.jitter > 0:
             b, c, s = (1 + self.jitter * (2 * torch.rand(3) - 1)).tolist()

@@ -18,7 +18,7 @@ from torch import nn
 
 from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import Preprocess
+from bctool.data.transforms import TORCH_MODES, Preprocess
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.io import unused_path
@@ -49,6 +49,13 @@ class OnTheFlyOld(nn.Module):
             p.requires_grad_(False)
         old, new = checkpoint.preprocess, new_preprocess
         self.size = old.image_size if old.image_size != new.image_size else None
+        self.mode = TORCH_MODES[old.interpolation]  # tensors resized with the old model's filter
+        if old.background != new.background:
+            logger.warning(
+                "the old model composites transparent pixels on %s, this run on %s: with --old-model the old side "
+                "sees this run's images; precompute its embeddings with `bctool extract` to give it its own",
+                old.background, new.background,
+            )
         # Undo the new normalisation and apply the old one, as one affine map per channel.
         scale = torch.tensor(new.std) / torch.tensor(old.std)
         shift = (torch.tensor(new.mean) - torch.tensor(old.mean)) / torch.tensor(old.std)
@@ -64,7 +71,8 @@ class OnTheFlyOld(nn.Module):
         """Old embeddings (B, D) of the batch images."""
         x = images * self.scale + self.shift
         if self.size is not None:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.mode,
+                              **({} if self.mode == "nearest" else {"align_corners": False}))
         return self.model.embed(x).float()
 
 
