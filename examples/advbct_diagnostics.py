@@ -23,7 +23,9 @@ import json
 import statistics
 from pathlib import Path
 
-PARTS = ("cls", "adv", "bound")
+from bctool.train.methods import METHODS
+
+PARTS = ("cls", *METHODS.entry("advbct").declares["parts"])  # the classification loss and AdvBCT's own
 
 
 def load_runs(folder: Path) -> dict[str, list[dict]]:

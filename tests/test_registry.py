@@ -112,3 +112,12 @@ def test_help_names_every_built_in_choice(command: list[str], option: str, kind:
     (help_text,) = [p.help for p in click_command.params if option in (*p.opts, p.name)]
     for name in registry(kind).builtin_names():
         assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", help_text), f"{option}'s help does not name {name}: {help_text}"
+
+
+def test_the_readme_names_every_kind_and_its_entry_point_group() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    listing = readme[readme.index("### `bctool list [KIND]`"):readme.index("## Bad input")]
+    for plural in KIND_MODULES:
+        assert plural in listing and f"`{registry(plural).group}`" in listing, plural
