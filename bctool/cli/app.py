@@ -609,7 +609,7 @@ def dataset_fashion_mnist(
 @dataset_app.command("make")
 @reports_errors
 def dataset_make(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="A registered dataset writer (`bctool list datasets`): emoji, fashion-mnist, or a plugin's.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A registered dataset writer (`bctool list datasets`): emoji, fashion-mnist, digits (scikit-learn's, pip install scikit-learn), or a plugin's.")],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write images and list files into.")],
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="A parameter of the writer as NAME=VALUE (repeatable); `bctool list datasets` shows them and their defaults.")] = None,
     quiet: Quiet = False,

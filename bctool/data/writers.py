@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bctool.data.digits import DigitsSplit, write_digits_dataset
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.errors import DataError
@@ -63,6 +64,21 @@ def write_fashion(out_dir: Path, params: FashionParams) -> dict:
     split = FashionSplit(seed=params.seed, train_per_class=params.train_per_class, old_fraction=params.old_fraction,
                          query_per_class=params.query_per_class)
     return write_fashion_mnist_dataset(out_dir, split, params.source)
+
+
+@dataclass(frozen=True)
+class DigitsParams(DigitsSplit):
+    """The digits split, and the digits file ("": scikit-learn's, when it is installed)."""
+
+    source: str = ""
+
+
+@DATASETS.register("digits", params=DigitsParams)
+def write_digits(out_dir: Path, params: DigitsParams) -> dict:
+    """scikit-learn's handwritten digits (8x8, 10 classes) with extended-data lists (pip install scikit-learn)."""
+    split = DigitsSplit(seed=params.seed, test_fraction=params.test_fraction, query_per_class=params.query_per_class,
+                        old_fraction=params.old_fraction)
+    return write_digits_dataset(out_dir, split, params.source or None)
 
 
 def write_dataset(name: str, out_dir: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> dict:
