@@ -50,20 +50,30 @@ _ONNX_EXTRA = "pip install -e \".[export]\" (onnx, onnxscript and onnxruntime)"
 
 
 class Embedder(nn.Module):
-    """What is exported: images -> raw embeddings, with the normalisation inside if asked."""
+    """What is exported: images -> raw embeddings, with the normalisation inside if asked; with
+    an adapter's map, images -> L2-normalised embeddings in the adapter's target space."""
 
-    def __init__(self, checkpoint: Checkpoint, normalize: bool) -> None:
+    def __init__(self, checkpoint: Checkpoint, normalize: bool, adapter: nn.Module | None = None) -> None:
         super().__init__()
         self.model = checkpoint.model
         pre = checkpoint.preprocess
         self.normalize = normalize
+        self.adapter = adapter
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             images = (images - self.mean) / self.std
-        return self.model.embed(images)
+        embedding = self.model.embed(images)
+        if self.adapter is None:
+            return embedding
+        return _unit(self.adapter(_unit(embedding)))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their norm (as :func:`bctool.embeddings.normalize_rows`, zero rows kept)."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
 
 
 @dataclass
@@ -114,9 +124,9 @@ def _input_spec(pre: Preprocess, normalize: bool) -> dict[str, Any]:
 
 
 def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, normalize: bool,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exported model's input for ``count`` images and what ``bctool extract`` gives for
-    them: the first images of ``images``, else seeded random images (uniform RGB)."""
+                seed: int = 0, adapter: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported model's input for ``count`` images and what ``bctool extract`` (``--adapter``)
+    gives for them: the first images of ``images``, else seeded random images (uniform RGB)."""
     pre = checkpoint.preprocess
     raw = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     if images is not None and len(images):
@@ -130,7 +140,19 @@ def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, nor
     normalized = (unit - mean) / std
     with torch.inference_mode():
         expected = checkpoint.model.embed(normalized).float()
+    if adapter is not None:
+        expected = torch.from_numpy(adapter.apply(expected.numpy()))
     return (unit if normalize else normalized), expected
+
+
+def check_adapter_source(adapter: Any, checkpoint: Checkpoint) -> None:
+    """The adapter must map the space of this checkpoint (its sha256, where the adapter records one)."""
+    want = adapter.source_model.get("sha256")
+    if checkpoint.config.embedding_dim != adapter.source_dim or (want and want != checkpoint.sha256):
+        raise ConfigError(
+            f"the adapter maps the space of model {str(want)[:12]} ({adapter.source_model.get('path', '?')}, "
+            f"{adapter.source_dim}-d), not this checkpoint {checkpoint.sha256[:12]} ({checkpoint.path}); pass the "
+            "adapter fitted on this model's embeddings (`bctool adapt`)")
 
 
 def _relative_difference(got: np.ndarray, expected: torch.Tensor) -> float:
@@ -274,8 +296,11 @@ def export_model(
     images: ImageSet | None = None,
     check: int = 8,
     tolerance: float = TOLERANCE,
+    adapter: Any = None,
 ) -> ExportResult:
-    """Export ``checkpoint``'s embedding model to ``out`` in ``fmt`` after checking it.
+    """Export ``checkpoint``'s embedding model to ``out`` in ``fmt`` after checking it; with an
+    :class:`bctool.adapt.Adapter` whose source is this checkpoint, the model followed by the map
+    (one file; its output is L2-normalised rows in the adapter's target space).
 
     The exported file runs in its own runtime on ``check`` images (the first of ``images``,
     else seeded random ones) in a batch of another size than the export's example, so the
@@ -291,10 +316,14 @@ def export_model(
     writer.require()
     started = time.perf_counter()
     checkpoint.model.to("cpu").eval()  # exported and checked on the CPU, where the runtimes run
-    module = Embedder(checkpoint, normalize).eval()
-    inputs, expected = check_batch(checkpoint, images, check, normalize)
+    if adapter is not None:
+        check_adapter_source(adapter, checkpoint)
+    module = Embedder(checkpoint, normalize, adapter.module if adapter is not None else None).eval()
+    inputs, expected = check_batch(checkpoint, images, check, normalize, adapter=adapter)
     example = inputs[:2] if len(inputs) > 2 else torch.cat([inputs, inputs])[:2]
     metadata = export_metadata(checkpoint.path, normalize)
+    if adapter is not None:
+        metadata["adapter"] = adapter.describe()
     with atomic_path(out) as tmp:
         staged = tmp.with_name(tmp.name + writer.suffix)  # exporters and runtimes look at the suffix
         try:
@@ -314,8 +343,10 @@ def export_model(
     pre = checkpoint.preprocess
     return ExportResult(
         out=str(out), format=fmt, input=_input_spec(pre, normalize),
-        output={"name": OUTPUT, "shape": ["batch", checkpoint.config.embedding_dim], "dtype": "float32",
-                "values": "raw embeddings: L2-normalise them before searching"},
+        output=({"name": OUTPUT, "shape": ["batch", checkpoint.config.embedding_dim], "dtype": "float32",
+                 "values": "raw embeddings: L2-normalise them before searching"} if adapter is None else
+                {"name": OUTPUT, "shape": ["batch", adapter.target_dim], "dtype": "float32",
+                 "values": "L2-normalised embeddings in the adapter's target space", "adapter": adapter.describe()}),
         images_checked=len(inputs), max_difference=difference, tolerance=tolerance,
         seconds=round(time.perf_counter() - started, 2),
     )

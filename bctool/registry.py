@@ -342,6 +342,7 @@ KIND_MODULES = {
     "index-kinds": "bctool.evaluate.search",
     "export-formats": "bctool.export",
     "datasets": "bctool.data.writers",
+    "adapters": "bctool.adapt.maps",
 }
 
 

@@ -300,6 +300,7 @@ def extract(
     shard: Annotated[Optional[str], typer.Option(callback=_shard_choice, help="Embed only part I of N of the list (I/N, 0-based), e.g. one per GPU or machine; join the parts with `bctool merge`.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it (skipped images are listed in OUT.failed.tsv).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.partial (its progress is saved every 30 s and on errors or Ctrl-C).")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(help="An adapter (`bctool adapt`) fitted on this model's embeddings: write the rows mapped into its target space (the model's own rows go to OUT.unadapted.safetensors first, and stay there).")] = None,
     device: Device = "auto",
     workers: Workers = 2,
     quiet: Quiet = False,
@@ -333,12 +334,27 @@ def extract(
             images = image_set_from_names(data, truth.gallery_names, source=f"{gnd} gallery")
     else:
         images = load_image_set(data, require_labels=False)
-    result = extract_to_file(images, checkpoint, out, batch_size=batch_size, workers=workers, shard=part,
+    mapping = None
+    if adapter is not None:
+        from bctool.adapt import load_adapter
+        from bctool.export import check_adapter_source
+
+        mapping = load_adapter(adapter)
+        check_adapter_source(mapping, checkpoint)  # before any image is read
+    raw = out.with_name(out.name.removesuffix(".safetensors") + ".unadapted.safetensors") if mapping else out
+    result = extract_to_file(images, checkpoint, raw, batch_size=batch_size, workers=workers, shard=part,
                              strict=strict, resume=resume, progress=RichProgress(not quiet))
     if result.failed and not quiet:
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")
-    emit_json(result.to_dict())
+    summary = result.to_dict()
+    if mapping is not None:
+        from bctool.adapt import transform_file
+
+        with output_lock(out):
+            summary["adapter"] = transform_file(raw, mapping, out)["adapter"]
+        summary["unadapted"], summary["out"] = str(raw), str(out)
+    emit_json(summary)
 
 
 @app.command()
@@ -351,6 +367,7 @@ def export(
     images: Annotated[Optional[Path], typer.Option(help="Images (a list file or folder) to check the exported model on (its first --check ones); default: seeded random images.")] = None,
     check: Annotated[int, typer.Option(callback=_at_least(1), help="Images the exported model is checked on against `bctool extract`.")] = 8,
     tolerance: Annotated[float, typer.Option(callback=_at_least(0.0), help="Largest allowed difference from `bctool extract`, relative to the embedding norm.")] = 1e-4,
+    adapter: Annotated[Optional[Path], typer.Option(help="An adapter (`bctool adapt`) fitted on this model's embeddings: export the model followed by the map, one file whose output is L2-normalised rows in the adapter's target space (checked against `bctool extract --adapter`).")] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -366,12 +383,17 @@ def export(
     from bctool.export import export_model
 
     setup_logging(verbose)
-    check_not_an_input(out, {"MODEL": model, "--images": images})
+    check_not_an_input(out, {"MODEL": model, "--images": images, "--adapter": adapter})
     with output_lock(out):
         checkpoint = load_checkpoint(model)
         image_set = load_image_set(images, require_labels=False) if images is not None else None
+        mapping = None
+        if adapter is not None:
+            from bctool.adapt import load_adapter
+
+            mapping = load_adapter(adapter)
         result = export_model(checkpoint, out, format, normalize=normalize, images=image_set, check=check,
-                              tolerance=tolerance)
+                              tolerance=tolerance, adapter=mapping)
     if not quiet:
         stderr.print(f"exported {format} to {out}: largest difference {result.max_difference:.2e} of the embedding "
                      f"norm on {result.images_checked} images (tolerance {tolerance:g})", highlight=False, markup=False)
@@ -411,6 +433,64 @@ def merge(
     check_not_an_input(out, {"PARTS": list(parts)})
     with output_lock(out):
         result = merge_shards(list(parts), out)
+    emit_json(result)
+
+
+@app.command()
+@reports_errors
+def adapt(
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="Embeddings of some images by the model whose space is mapped from (say the new model).")],
+    target: Annotated[Path, typer.Argument(metavar="TARGET", help="Embeddings of the same images (paired by id) by the model whose space is mapped into (say the old model).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the adapter (.safetensors).")],
+    kind: Annotated[str, typer.Option(callback=_one_of("bctool.adapt.maps", "ADAPTERS"), help="The map: procrustes (orthogonal), affine (ridge least squares) or mlp (affine plus a residual MLP, trained on the cosine and, with labels, the target's class centres); `bctool list adapters` shows each one's parameters.")] = "affine",
+    params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="A parameter of the kind as NAME=VALUE (repeatable), e.g. --param ridge=0.01.")] = None,
+    holdout: Annotated[float, typer.Option(help="Share of the pairs held out of the fit to report it (cosine, and retrieval mAP where labels exist); 0 fits on all.")] = 0.1,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the held-out pairs and of the MLP's training.")] = 0,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fit a map from SOURCE's embedding space to TARGET's on the images both files hold (paired
+    by id; dimensions may differ) and write it as an adapter file; print the fit (JSON)."""
+    from bctool.adapt import fit_adapter, save_adapter
+    from bctool.embeddings import load_embeddings
+
+    setup_logging(verbose)
+    check_not_an_input(out, {"SOURCE": source, "TARGET": target})
+    with output_lock(out):
+        adapter = fit_adapter(load_embeddings(source, mmap=True), load_embeddings(target, mmap=True), kind,
+                              _name_values("--param", params, "NAME=VALUE"), holdout=holdout, seed=seed)
+        save_adapter(adapter, out)
+    if not quiet:
+        fit = adapter.fit
+        stderr.print(f"{kind} adapter {adapter.source_dim} -> {adapter.target_dim} on {fit['fitted_on']} pairs: "
+                     f"held-out cosine {fit.get('held_out_cosine', float('nan')):.3f}, held-out mAP "
+                     f"{fit.get('held_out_map')} (target itself {fit.get('held_out_map_target')})",
+                     highlight=False, markup=False)
+    from dataclasses import asdict
+
+    emit_json({"out": str(out), "kind": kind, "params": asdict(adapter.params), "source_dim": adapter.source_dim,
+               "target_dim": adapter.target_dim, "fit": adapter.fit})
+
+
+@app.command()
+@reports_errors
+def transform(
+    emb: Annotated[Path, typer.Argument(metavar="EMB", help="Embeddings made by the adapter's source model (a gallery of any size streams).")],
+    adapter: Annotated[Path, typer.Option(help="Adapter file written by `bctool adapt`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the mapped embeddings (.safetensors).")],
+    blend: Annotated[Optional[Path], typer.Option(help="Embeddings of the same images (by id) in the adapter's target space, e.g. the old model's queries: each mapped row is interpolated with its row on the sphere (SLERP), for the transition while both models embed queries.")] = None,
+    blend_weight: Annotated[float, typer.Option(help="With --blend: the weight of the mapped row (0: the --blend row, 1: the mapped row).")] = 0.5,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Map every row of EMB into the adapter's target space, block by block (memory stays flat);
+    the output names the adapter and both models (JSON summary)."""
+    from bctool.adapt import load_adapter, transform_file
+
+    setup_logging(verbose)
+    check_not_an_input(out, {"EMB": emb, "--adapter": adapter, "--blend": blend})
+    with output_lock(out):
+        result = transform_file(emb, load_adapter(adapter), out, blend=blend, blend_weight=blend_weight)
     emit_json(result)
 
 
