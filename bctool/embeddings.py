@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import mmap as mmap_module
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,23 @@ class Embeddings:
             raise EmbeddingsError(f"block_rows must be at least 1, got {block_rows}")
         for start in range(0, len(self), block_rows):
             yield start, self._check_finite(start, normalize_rows(self.embeddings[start : start + block_rows]))
+
+
+def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
+    """Let the operating system drop the pages of rows ``start .. stop`` of a memory-mapped array
+    from this process's memory (they are read again from the file if touched): a stream over a
+    file larger than memory then keeps only its current block resident. A no-op for other arrays."""
+    mapping = getattr(rows, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
+        return
+    row_bytes = rows.strides[0]
+    begin = rows.offset + start * row_bytes
+    end = rows.offset + stop * row_bytes
+    page = mmap_module.PAGESIZE
+    first, last = (begin // page) * page, (end // page) * page  # whole pages inside the rows only
+    if last > first:
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap_module.MADV_DONTNEED, first, last - first)
 
 
 def _metadata(

@@ -122,11 +122,16 @@ def _held_out_map(mapped: np.ndarray, target: np.ndarray, labels: np.ndarray) ->
     def emb(rows: np.ndarray) -> Embeddings:
         return Embeddings(rows.astype(np.float32), labels, ids, names, normalized=True)
 
+    quiet = logging.getLogger("bctool.evaluate")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # held-out rows without a same-class partner are expected, not news
     try:
         return (float(evaluate_retrieval(emb(mapped), emb(target))["map"]),
                 float(evaluate_retrieval(emb(target), emb(target))["map"]))
     except (EmbeddingsError, ConfigError):  # no query with a relevant row
         return None, None
+    finally:
+        quiet.setLevel(level)
 
 
 def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", params: dict[str, Any] | None = None,

@@ -98,7 +98,8 @@ class MLPParams:
     """The residual MLP and its training."""
 
     hidden: int = param(512, low=1, help="hidden width of the residual MLP")
-    epochs: int = param(60, low=1, help="passes over the training pairs")
+    epochs: int = param(60, low=1, help="passes over the training pairs (at most max_steps steps in all)")
+    max_steps: int = param(3000, low=1, help="cap on the optimisation steps, so a large set of pairs fits in bounded time")
     lr: float = param(1e-3, low=0.0, low_open=True, help="Adam learning rate")
     weight_decay: float = param(1e-4, low=0.0, help="Adam weight decay")
     batch_size: int = param(256, low=1, help="pairs per step")
@@ -168,11 +169,15 @@ def mlp_fit(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, params: MLPP
     use_labels = params.label_weight > 0 and len(centres) > 1
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     n = x.shape[0]
-    steps = params.epochs * math.ceil(n / params.batch_size)
+    steps = min(params.max_steps, params.epochs * math.ceil(n / params.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(params.epochs):
+    done = 0
+    while done < steps:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, params.batch_size):
+            if done == steps:
+                break
+            done += 1
             batch = order[start : start + params.batch_size]
             out = F.normalize(model(x[batch]), dim=1)
             loss = (1 - (out * y[batch]).sum(1)).mean()

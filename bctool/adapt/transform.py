@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bctool.adapt.adapter import Adapter
-from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, write_embeddings
+from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows, write_embeddings
 from bctool.errors import ConfigError, EmbeddingsError, shown
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
                 order = np.argsort(np.argsort(old_rows[start : start + block_rows], kind="stable"), kind="stable")
                 mapped = slerp(rows[order], mapped, blend_weight)
             writer.write(start, mapped)
+            release_rows(emb.embeddings, start, start + block_rows)
     logger.info("mapped %d rows of %s with the %s adapter into %s", len(emb), emb_path, adapter.kind, out)
     return {"out": str(out), "rows": len(emb), "adapter": adapter.describe(), "blend": blend_record,
             "dim": adapter.target_dim}
