@@ -525,6 +525,7 @@ def evaluate(
     index: Annotated[str, typer.Option(callback=_one_of("bctool.evaluate.search", "INDEX_KINDS"), help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(callback=_at_least(1), help="With --index ivf: inverted lists visited per query.")] = 32,
     ef_search: Annotated[int, typer.Option(callback=_at_least(1), help="With --index hnsw: search breadth per query.")] = 128,
+    require: Annotated[Optional[list[str]], typer.Option("--require", callback=_requirements, help="A release gate (repeatable): KEY (a yes/no figure that must hold, e.g. compatible_significant) or KEY OP NUMBER with OP one of <= >= < > == != (e.g. 'nfr<=0.05', 'delta>=0.01'); keys are the report's numbers and, in a compatibility report, nfr, pfr (new/old) and nfr_new_new, pfr_new_new. The JSON gains 'requirements'; any failure exits with code 3.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Retrieval quality of queries against a gallery, a compatibility report, a model chain or
@@ -549,14 +550,14 @@ def evaluate(
     truths = {"gnd": gnd, "solution": solution, **_truth_files(truth)}
     protocol = make_protocol(top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search, **truths)
     if chain:
-        _evaluate_chain(pairs or [], protocol, quiet)
+        report = _evaluate_chain(pairs or [], protocol, quiet)
     elif pairs:
         raise typer.BadParameter("QUERY,GALLERY arguments are only for --chain")
     elif backfill is not None:
-        _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
-                            "new-gallery": new_gallery}, backfill, seed, plot, protocol, quiet)
+        report = _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
+                                     "new-gallery": new_gallery}, backfill, seed, plot, protocol, quiet)
     elif old_query or new_query:
-        _evaluate_compatibility(
+        report = _evaluate_compatibility(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
              "independent": (independent_query, independent_gallery)}, protocol, bootstrap, seed, quiet)
     else:
@@ -566,7 +567,44 @@ def evaluate(
         metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery, mmap=True))
         if not quiet:
             _print_table(protocol.table(f"{query.name} -> {gallery.name}", metrics))
-        emit_json({"query_file": str(query), "gallery_file": str(gallery), **metrics})
+        report = {"query_file": str(query), "gallery_file": str(gallery), **metrics}
+    _emit_gated(report, require or [], quiet)
+
+
+GATE_FAILED = 3  # the exit code of a release gate that failed (errors exit 1, usage errors 2)
+
+
+def _requirements(texts: list[str] | None) -> list | None:
+    """``--require`` expressions parsed before any work; a malformed one is a usage error."""
+    if not texts:
+        return texts
+    from bctool.errors import ConfigError
+    from bctool.evaluate.gate import parse_requirement
+
+    try:
+        return [parse_requirement(text) for text in texts]
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _emit_gated(report: dict, requirements: list, quiet: bool) -> None:
+    """Print the report (with its ``requirements`` when there are any); exit 3 if one failed."""
+    if not requirements:
+        emit_json(report)
+        return
+    from bctool.evaluate.gate import UnknownKey, check_requirements
+
+    try:
+        checked = check_requirements(requirements, report)
+    except UnknownKey as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--require'") from None
+    emit_json({**report, "requirements": checked})
+    failed = [r["expression"] for r in checked if not r["passed"]]
+    if not quiet:
+        verdict = f"release gate failed: {', '.join(failed)}" if failed else "release gate passed"
+        stderr.print(verdict, highlight=False, markup=False)
+    if failed:
+        raise typer.Exit(GATE_FAILED)
 
 
 def _print_table(table: Table) -> None:
@@ -580,7 +618,7 @@ def _truth_files(pairs: list[str] | None) -> dict[str, Path]:
             _name_values("--truth", pairs, "OPTION=PATH, e.g. gnd=gnd_roxford5k.pkl").items()}
 
 
-def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> None:
+def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, seed: int, quiet: bool) -> dict:
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.reports import CompatibilityOptions, compatibility_report, compatibility_table
     from bctool.evaluate.scores import DEFAULT_LEVEL
@@ -598,7 +636,12 @@ def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, see
         _print_table(compatibility_table(report))
         stderr.print(f"compatible (M(n,o) > M(o,o)): {'yes' if report['compatible'] else 'no'}", highlight=False)
         stderr.print(_delta_line(report, DEFAULT_LEVEL), markup=False, highlight=False)
-    emit_json(report)
+        flips = report["flips"].get("new/old")
+        if flips:
+            stderr.print(f"negative flips at rank 1 (new/old against old/old): {flips['nfr_count']} of {flips['queries']} "
+                         f"queries ({100 * flips['nfr']:.1f}%), positive flips {flips['pfr_count']}",
+                         markup=False, highlight=False)
+    return report
 
 
 def _delta_line(report: dict, level: float) -> str:
@@ -611,7 +654,7 @@ def _delta_line(report: dict, level: float) -> str:
             f"({verdict})")
 
 
-def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> None:
+def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> dict:
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.reports import chain_report, chain_table
 
@@ -621,11 +664,11 @@ def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> None:
     report = chain_report(models, protocol)
     if not quiet:
         _print_table(chain_table(report))
-    emit_json(report)
+    return report
 
 
 def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int, plot: Path | None,
-                       protocol: Protocol, quiet: bool) -> None:
+                       protocol: Protocol, quiet: bool) -> dict:
     """``files``: the paths of --query, --old-query, --old-gallery and --new-gallery (by option name)."""
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.reports import BackfillOptions, backfill_report, backfill_table
@@ -645,7 +688,7 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
         )
     if not quiet:
         _print_table(backfill_table(report))
-    emit_json(report)
+    return report
 
 
 @dataset_app.command("emoji")

@@ -103,8 +103,9 @@ def evaluate_gldv2_per_query(
 ) -> tuple[dict[str, float | int], QueryAP]:
     """:func:`evaluate_gldv2`'s metrics and the AP@k of every scored query (the ``map@{k}``
     key), named by the solution's query ids, in its order."""
-    result, ap = _evaluate(query, gallery, solution, k, block_size)
-    return result, QueryAP(tuple(solution.query_ids), ap)
+    top1 = np.zeros(len(solution), dtype=bool)
+    result, ap = _evaluate(query, gallery, solution, k, block_size, top1)
+    return result, QueryAP(tuple(solution.query_ids), ap, top1)
 
 
 def _evaluate(
@@ -113,8 +114,10 @@ def _evaluate(
     solution: GLDv2Solution,
     k: int,
     block_size: int | None,
+    top1_out: np.ndarray | None = None,
 ) -> tuple[dict[str, float | int], np.ndarray]:
-    """The body of :func:`evaluate_gldv2`, plus the AP@k of every scored query."""
+    """The body of :func:`evaluate_gldv2`, plus the AP@k of every scored query (and its rank-1
+    hit into ``top1_out``)."""
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     check_same_dim(query.dim, gallery.dim)
@@ -132,6 +135,8 @@ def _evaluate(
         stop = start + indices.shape[0]
         rel = _block_relevance(keys, start, indices, n_gallery)
         ap[start:stop] = average_precision_at_k(rel, n_pos[start:stop], k)
+        if top1_out is not None:
+            top1_out[start:stop] = rel[:, 0]
 
     usage = np.array(solution.usage)
     name = f"map@{k}"

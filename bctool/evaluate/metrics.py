@@ -16,10 +16,13 @@ import numpy as np
 @dataclass(frozen=True, eq=False)
 class QueryAP:
     """Per-query average precision of a protocol's headline metric: query ``ids[i]`` scored
-    ``ap[i]``. Only the evaluated queries are listed, so ``ap.mean()`` is the headline value."""
+    ``ap[i]``. Only the evaluated queries are listed, so ``ap.mean()`` is the headline value.
+    ``top1[i]``: the first result of query ``i`` was relevant (None where a protocol does not
+    say); what negative and positive flips count."""
 
     ids: tuple[str, ...]
     ap: np.ndarray
+    top1: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if np.ndim(self.ap) != 1 or len(self.ap) != len(self.ids):
@@ -27,6 +30,8 @@ class QueryAP:
                 f"QueryAP needs one AP per query id: got {len(self.ids)} ids and AP of shape "
                 f"{np.shape(self.ap)}"
             )
+        if self.top1 is not None and np.shape(self.top1) != np.shape(self.ap):
+            raise ValueError(f"QueryAP's top1 must have one value per query: {np.shape(self.top1)} for {len(self.ids)}")
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -32,7 +32,9 @@ from bctool.evaluate.scores import (
     DEFAULT_LEVEL,
     _check_bootstrap,
     chain_scores,
+    class_changes,
     compatibility_verdict,
+    flip_rates,
     paired_delta,
 )
 
@@ -102,7 +104,9 @@ def compatibility_report(
     independent models.
 
     Returns ``{"metric" (the protocol's headline key), **compatibility_verdict, **paired_delta,
-    "results"}``, ``results`` holding every pair's metrics (``old/old``, ``new/new``,
+    "flips", "regressed_classes", "results"}``: ``flips`` holds :func:`flip_rates` of new/old
+    and of new/new against old/old, ``regressed_classes`` the classes whose mean AP fell most in
+    each (:func:`class_changes`), ``results`` every pair's metrics (``old/old``, ``new/new``,
     ``new/old``, ``ind/ind``). ``options.bootstrap`` resamples with ``options.seed`` give the
     interval of delta.
     """
@@ -113,7 +117,7 @@ def compatibility_report(
         check_one_model(query, gallery, role)
     results: dict[str, dict[str, Any]] = {}
     results["old/old"], old_ap = protocol.per_query(old[0], old[1])
-    results["new/new"] = protocol.evaluate(new[0], new[1])
+    results["new/new"], self_ap = protocol.per_query(new[0], new[1])
     results["new/old"], new_ap = protocol.per_query(new[0], old[1])
     if independent is not None:
         results["ind/ind"] = protocol.evaluate(independent[0], independent[1])
@@ -123,7 +127,10 @@ def compatibility_report(
         "m_star": results["ind/ind"][key] if independent is not None else None,
     })
     interval = paired_delta(old_ap, new_ap, bootstrap, seed, level)
-    return {"metric": key, **report, **interval, "results": results}
+    labels = dict(zip(old[0].ids, old[0].label_strings()))
+    flips = {pair: flip_rates(old_ap, ap, bootstrap, seed, level) for pair, ap in (("new/old", new_ap), ("new/new", self_ap))}
+    classes = {pair: class_changes(labels, old_ap, ap) for pair, ap in (("new/old", new_ap), ("new/new", self_ap))}
+    return {"metric": key, **report, **interval, "flips": flips, "regressed_classes": classes, "results": results}
 
 
 def chain_matrix(

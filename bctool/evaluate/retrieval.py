@@ -157,10 +157,11 @@ def evaluate_retrieval_per_query(
     The queries are listed by id in row order; their mean AP is ``map``.
     """
     ap = np.full(len(query), np.nan, dtype=np.float64)
-    result = _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, ap)
+    top1 = np.zeros(len(query), dtype=bool)
+    result = _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, ap, top1)
     # Skipped queries keep their NaN: an evaluated one has positives, so a finite AP.
     evaluated = np.flatnonzero(~np.isnan(ap))
-    return result, QueryAP(tuple(query.ids[i] for i in evaluated), ap[evaluated])
+    return result, QueryAP(tuple(query.ids[i] for i in evaluated), ap[evaluated], top1[evaluated])
 
 
 def _rankings(g_index, q_emb: np.ndarray, evaluated: np.ndarray, exclude: np.ndarray, depth: int):  # noqa: ANN001, ANN202
@@ -180,9 +181,10 @@ def _rankings(g_index, q_emb: np.ndarray, evaluated: np.ndarray, exclude: np.nda
 
 def _metric_sums(
     rankings, q_lab: np.ndarray, g_lab: np.ndarray, n_pos: np.ndarray, map_depth: int,  # noqa: ANN001
-    ks: tuple[int, ...], ap_out: np.ndarray | None,
+    ks: tuple[int, ...], ap_out: np.ndarray | None, top1_out: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Sums over the ranked queries of AP (to ``map_depth``), AP@100 and recall@k."""
+    """Sums over the ranked queries of AP (to ``map_depth``), AP@100 and recall@k; each query's
+    AP and rank-1 hit into ``ap_out`` and ``top1_out`` when given."""
     sums = {"map": 0.0, "map@100": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
     for block, indices in rankings:
         # -1 marks a slot an approximate index left empty: never relevant.
@@ -191,6 +193,8 @@ def _metric_sums(
         sums["map"] += float(np.sum(ap))
         if ap_out is not None:
             ap_out[block] = ap
+        if top1_out is not None:
+            top1_out[block] = relevance[:, 0]
         sums["map@100"] += float(np.sum(average_precision_at_k(relevance, n_pos[block], k=100)))
         for k, hit in recall_at_k(relevance, ks).items():
             sums[f"recall@{k}"] += float(np.sum(hit))
@@ -206,9 +210,10 @@ def _evaluate(
     nprobe: int,
     ef_search: int,
     ap_out: np.ndarray | None,
+    top1_out: np.ndarray | None = None,
 ) -> dict[str, float | int]:
-    """The body of :func:`evaluate_retrieval`; fills ``ap_out[row]`` with each evaluated
-    query's AP when given."""
+    """The body of :func:`evaluate_retrieval`; fills ``ap_out[row]`` (and ``top1_out[row]``)
+    with each evaluated query's AP (and rank-1 hit) when given."""
     _check_inputs(query, gallery, top_k, ks)
     q_lab, g_lab = _shared_labels(query, gallery)
     exclude = _self_rows(query, gallery)
@@ -227,7 +232,7 @@ def _evaluate(
     depth = min(n_gallery, max(map_depth, 100, *ks))
     g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
     rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
-    sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out)
+    sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out, top1_out)
 
     n_evaluated = int(evaluated.size)
     result: dict[str, float | int] = {name: total / n_evaluated for name, total in sums.items()}

@@ -178,9 +178,10 @@ def evaluate_revisited_per_query(
 ) -> tuple[dict[str, float | int], QueryAP]:
     """:func:`evaluate_revisited`'s metrics and the Medium-protocol AP of every query with a
     Medium positive (the ``map`` key), named by the ground truth's ``qimlist``, in its order."""
-    result, medium_ap = _evaluate(query, gallery, gnd, ks)
+    result, medium_ap, medium_top1 = _evaluate(query, gallery, gnd, ks)
     evaluated = np.flatnonzero(~np.isnan(medium_ap))  # NaN: no positive
-    return result, QueryAP(tuple(gnd.query_names[i] for i in evaluated), medium_ap[evaluated])
+    return result, QueryAP(tuple(gnd.query_names[i] for i in evaluated), medium_ap[evaluated],
+                           medium_top1[evaluated])
 
 
 def _means(ap_sum: dict, pr_sum: dict, counted: dict, ks: tuple[int, ...]) -> dict[str, float | int]:
@@ -201,7 +202,7 @@ def _means(ap_sum: dict, pr_sum: dict, counted: dict, ks: tuple[int, ...]) -> di
 
 def _evaluate(
     query: Embeddings, gallery: Embeddings, gnd: RevisitedGroundTruth, ks: tuple[int, ...]
-) -> tuple[dict[str, float | int], np.ndarray]:
+) -> tuple[dict[str, float | int], np.ndarray, np.ndarray]:
     """The body of :func:`evaluate_revisited`, plus the Medium AP of every ground-truth query."""
     ks = tuple(int(k) for k in ks)
     _check_inputs(query, gallery, ks)
@@ -217,6 +218,7 @@ def _evaluate(
     pr_sum = {(p, k): 0.0 for p in PROTOCOLS for k in ks}
     counted = dict.fromkeys(PROTOCOLS, 0)
     medium_ap = np.full(q_emb.shape[0], np.nan, dtype=np.float64)
+    medium_top1 = np.zeros(q_emb.shape[0], dtype=bool)
 
     block_size = max(1, _BLOCK_ELEMENTS // n_gallery)
     for start, _, indices in iter_rankings(q_emb, g_emb, n_gallery, block_size=block_size):
@@ -230,6 +232,9 @@ def _evaluate(
             ap_sum[protocol] += float(np.sum(ap[has_pos]))
             if protocol == "medium":
                 medium_ap[start : start + ap.shape[0]] = ap
+                # The first result that is not junk (junk is ignored by the protocol) is relevant.
+                first = np.argmax(~junk, axis=1)
+                medium_top1[start : start + ap.shape[0]] = ok[np.arange(ok.shape[0]), first]
             for k, pr in revisited_precision_at_k(ok, junk, n_pos, ks).items():
                 pr_sum[(protocol, k)] += float(np.sum(pr[has_pos]))
 
@@ -249,4 +254,4 @@ def _evaluate(
         result["map_medium"],
         result["map_hard"],
     )
-    return result, medium_ap
+    return result, medium_ap, medium_top1

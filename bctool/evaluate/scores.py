@@ -234,3 +234,49 @@ def chain_scores(matrix: np.ndarray) -> dict[str, float | None]:
     ac = float(np.mean(m[rows, cols] > m[cols, cols]))
     bc = float(np.mean(m[t - 1, : t - 1] - np.diag(m)[: t - 1]))
     return {"ac": ac, "bc": bc}
+
+
+def flip_rates(old: QueryAP, new: QueryAP, n: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+               level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+    """Negative and positive flips at rank 1 between two evaluations of the same queries
+    (paired by id; Yan et al., "Positive-Congruent Training", CVPR 2021).
+
+    ``nfr``: the share of the queries whose first result was relevant in ``old`` and is not in
+    ``new``; ``pfr`` the reverse; both over every shared query, with their counts and, for ``n``
+    resamples, the paired bootstrap interval of ``nfr`` (``nfr_low``, ``nfr_high``). Empty when a
+    protocol does not report rank-1 hits.
+    """
+    _check_bootstrap(n, level)
+    if old.top1 is None or new.top1 is None:
+        return {}
+    old_rows, new_rows = _paired_rows(old, new)
+    before = np.asarray(old.top1, dtype=bool)[old_rows]
+    after = np.asarray(new.top1, dtype=bool)[new_rows]
+    negative, positive = before & ~after, ~before & after
+    out: dict[str, Any] = {"nfr": float(negative.mean()), "nfr_count": int(negative.sum()),
+                           "pfr": float(positive.mean()), "pfr_count": int(positive.sum()),
+                           "queries": int(before.size)}
+    if n:
+        means = bootstrap_means(negative.astype(np.float64), n, seed)
+        low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+        out.update(nfr_low=float(low), nfr_high=float(high))
+    return out
+
+
+def class_changes(labels: dict[str, str | None], old: QueryAP, new: QueryAP, limit: int = 5) -> list[dict[str, Any]]:
+    """The classes whose mean AP fell most from ``old`` to ``new`` (paired queries; ``labels``
+    maps a query id to its class name): ``[{"class", "old", "new", "queries"}]``, the largest
+    falls first, at most ``limit``, only classes that fell."""
+    old_rows, new_rows = _paired_rows(old, new)
+    sums: dict[str, list[float]] = {}
+    for i, j in zip(old_rows, new_rows):
+        name = labels.get(old.ids[i])
+        if name is None:
+            continue
+        entry = sums.setdefault(name, [0.0, 0.0, 0])
+        entry[0] += float(old.ap[i])
+        entry[1] += float(new.ap[j])
+        entry[2] += 1
+    rows = [{"class": name, "old": a / c, "new": b / c, "queries": c} for name, (a, b, c) in sums.items()]
+    fell = sorted((r for r in rows if r["new"] < r["old"]), key=lambda r: (r["new"] - r["old"], r["class"]))
+    return fell[:limit]
