@@ -470,7 +470,7 @@ def test_backfill_report(tmp_path) -> None:
     ng = _emb(ng.embeddings, ng.labels, og.ids, "v2")  # the same gallery images
     protocol = make_protocol()
     report = backfill_report(nq, og, ng, protocol, BackfillOptions((0.0, 0.5, 1.0), seed=4), old_query=oq)
-    assert list(report) == ["metric", "seed", "m_oo", "m_nn", "curve", "plot"]
+    assert list(report) == ["metric", "seed", "order", "scoring", "m_oo", "m_nn", "curve", "area", "plot"]
     assert report["metric"] == "map" and report["seed"] == 4 and report["plot"] is None
     assert report["curve"] == backfill_curve(nq, og, ng, [0.0, 0.5, 1.0], seed=4)
     assert report["m_oo"] == evaluate_retrieval(oq, og)["map"] and report["m_nn"] == evaluate_retrieval(nq, ng)["map"]

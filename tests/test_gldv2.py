@@ -437,7 +437,7 @@ def test_every_report_uses_map_at_100_under_solution(tmp_path: Path) -> None:
     backfill, err = _run(["evaluate", "--backfill", "0,0.5,1", "--query", str(files["new_query"]),
                           "--old-query", str(files["old_query"]), "--old-gallery", str(files["old_gallery"]),
                           "--new-gallery", str(files["new_gallery"]), "--plot", str(tmp_path / "b.png"), *common])
-    assert list(backfill) == ["metric", "seed", "m_oo", "m_nn", "curve", "plot"]
+    assert list(backfill) == ["metric", "seed", "order", "scoring", "m_oo", "m_nn", "curve", "area", "plot"]
     assert backfill["metric"] == "map@100" and backfill["m_oo"] == m_oo and backfill["m_nn"] == m_nn
     curve = backfill["curve"]
     assert [c["fraction"] for c in curve] == [0.0, 0.5, 1.0] and "map" not in curve[0]

@@ -98,6 +98,8 @@ CHOICES = [
     (["evaluate"], "--index", "index-kinds"),
     (["export"], "--format", "export-formats"),
     (["dataset", "make"], "name", "datasets"),
+    (["adapt"], "--kind", "adapters"),
+    (["backfill", "plan"], "--policy", "backfill-policies"),
 ]
 
 

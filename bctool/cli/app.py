@@ -39,6 +39,8 @@ app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Write built-in datasets to disk.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+backfill_app = typer.Typer(help="Plan the re-embedding of a gallery with the new model.", no_args_is_help=True)
+app.add_typer(backfill_app, name="backfill")
 
 
 def _at_least(low: float):  # noqa: ANN202 - a click callback
@@ -277,7 +279,7 @@ def methods(quiet: Quiet = False) -> None:
 @app.command("list")
 @reports_errors
 def list_registered(
-    kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=_one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, heads, regimes, schedules, views, index-kinds, export-formats, datasets); default: every kind.", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=_one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, heads, regimes, schedules, views, index-kinds, export-formats, datasets, adapters, backfill-policies); default: every kind.", show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """List what can be chosen by name, built in or added by installed plugins: each entry's name,
@@ -518,6 +520,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random order in which --backfill re-embeds the gallery, and of the compatibility report's --bootstrap resamples.")] = 0,
     bootstrap: Annotated[int, typer.Option(callback=_at_least(0), help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(parser=_output_file, help="With --backfill: draw the curve to this file, PNG, SVG or PDF by its suffix (needs matplotlib).")] = None,
+    order: Annotated[Optional[Path], typer.Option(help="With --backfill: re-embed the gallery in this order (a plan from `bctool backfill plan`) instead of a random one.")] = None,
+    backfill_scoring: Annotated[str, typer.Option(callback=_one_of("bctool.evaluate.backfill", "SCORINGS"), help="With --backfill: raw (both models' cosines in one ranking) or calibrated (the old rows' cosines put on the new model's scale, fitted on the rows re-embedded so far).")] = "raw",
     top_k: Annotated[Optional[int], typer.Option(callback=_at_least(1), help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
@@ -555,7 +559,8 @@ def evaluate(
         raise typer.BadParameter("QUERY,GALLERY arguments are only for --chain")
     elif backfill is not None:
         report = _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
-                                     "new-gallery": new_gallery}, backfill, seed, plot, protocol, quiet)
+                                     "new-gallery": new_gallery, "order": order}, backfill, seed, plot, protocol, quiet,
+                                    backfill_scoring)
     elif old_query or new_query:
         report = _evaluate_compatibility(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
@@ -668,9 +673,10 @@ def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> dict:
 
 
 def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int, plot: Path | None,
-                       protocol: Protocol, quiet: bool) -> dict:
+                       protocol: Protocol, quiet: bool, scoring: str = "raw") -> dict:
     """``files``: the paths of --query, --old-query, --old-gallery and --new-gallery (by option name)."""
     from bctool.embeddings import load_embeddings
+    from bctool.backfill import read_plan
     from bctool.evaluate.reports import BackfillOptions, backfill_report, backfill_table
 
     query, old_query, old_gallery, new_gallery = (files[k] for k in ("query", "old-query", "old-gallery", "new-gallery"))
@@ -683,7 +689,8 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
     with output_lock(plot) if plot is not None else contextlib.nullcontext():
         report = backfill_report(
             load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol,
-            BackfillOptions(tuple(values), seed=seed, plot=plot),
+            BackfillOptions(tuple(values), seed=seed, plot=plot, scoring=scoring,
+                            order=tuple(read_plan(files["order"])) if files.get("order") else None),
             old_query=load_embeddings(old_query) if old_query else None,
         )
     if not quiet:
@@ -758,6 +765,26 @@ def dataset_gldv2(
     with output_lock(out):
         result = write_gldv2_list(csv_file, images, out)
     emit_json(result)
+
+
+@backfill_app.command("plan")
+@reports_errors
+def backfill_plan(
+    old_gallery: Annotated[Path, typer.Argument(metavar="OLD_GALLERY", help="The old model's gallery embeddings (the ids to re-embed).")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="The plan to write: one gallery id a line with its batch number (ID<TAB>BATCH).")],
+    policy: Annotated[str, typer.Option(callback=_one_of("bctool.backfill", "POLICIES"), help="The order: random, norm (smallest old embeddings first), crowded (old rows closest to another first) or disagreement (rows predicted to differ most between the models first; needs --new-sample); `bctool list backfill-policies`.")] = "random",
+    new_sample: Annotated[Optional[Path], typer.Option(help="The new model's embeddings of a sample of the gallery's images (same ids).")] = None,
+    batch: Annotated[int, typer.Option(callback=_at_least(0), help="Ids a batch (0: one batch), so a backfill runs, stops and resumes batch by batch.")] = 0,
+    seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random policy.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write the order in which to re-embed a gallery with the new model (JSON summary);
+    `bctool evaluate --backfill ... --order PLAN` measures its curve."""
+    from bctool.backfill import write_plan
+
+    check_not_an_input(out, {"OLD_GALLERY": old_gallery, "--new-sample": new_sample})
+    with output_lock(out):
+        emit_json(write_plan(old_gallery, out, policy, batch, new_sample, seed))
 
 
 @app.command()

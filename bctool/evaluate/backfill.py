@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings
+from bctool.embeddings import Embeddings, normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.retrieval import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
 Evaluate = Callable[[Embeddings, Embeddings], dict[str, Any]]
+SCORINGS = ("raw", "calibrated")
 
 
 def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
@@ -38,15 +40,38 @@ def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
     return aligned
 
 
+def order_rows(old_gallery: Embeddings, order: Sequence[str] | None, seed: int) -> np.ndarray:
+    """The old gallery's rows in the order they are re-embedded: ``order`` (gallery ids, every
+    one once; a backfill plan) or a random permutation from ``numpy.random.default_rng(seed)``."""
+    n = len(old_gallery)
+    if order is None:
+        return np.random.default_rng(seed).permutation(n)
+    row_of = {image_id: i for i, image_id in enumerate(old_gallery.ids)}
+    unknown = [image_id for image_id in order if image_id not in row_of]
+    rows = np.array([row_of[image_id] for image_id in order if image_id in row_of], dtype=np.int64)
+    if unknown or len(set(rows.tolist())) != len(rows) or len(rows) != n:
+        raise EmbeddingsError(
+            f"the backfill order must list every gallery id once: it has {len(order)} ids for {n} gallery rows "
+            f"({len(unknown)} not in the gallery: {shown(unknown) or 'none'}; {len(rows) - len(set(rows.tolist()))} "
+            "repeated); write it with `bctool backfill plan` from this gallery")
+    return rows
+
+
 def partial_backfill(
-    old_gallery: Embeddings, new_gallery: Embeddings, fraction: float, seed: int
+    old_gallery: Embeddings, new_gallery: Embeddings, fraction: float, seed: int,
+    order: np.ndarray | None = None, calibration: tuple[float, float] | None = None,
 ) -> Embeddings:
-    """The old gallery with round(fraction * N) random rows replaced by the new model's rows.
+    """The old gallery with round(fraction * N) rows replaced by the new model's rows: the first
+    rows of ``order`` (gallery row numbers, :func:`order_rows`), else of a random permutation
+    from ``numpy.random.default_rng(seed)``; for one order the rows re-embedded at ``f`` are a
+    subset of those at any larger fraction.
 
     Rows are matched by id, so ``new_gallery`` may list them in any order; the result keeps the
-    old gallery's order, ids and labels. One permutation from ``numpy.random.default_rng(seed)``
-    picks the rows, and a fraction takes its prefix, so for one seed the rows re-embedded at
-    ``f`` are a subset of those at any larger fraction.
+    old gallery's order, ids and labels. ``calibration`` ``(a, b)``: the rows still from the old
+    model score ``a * cos + b`` against a query instead of ``cos`` (:func:`fit_calibration`):
+    two extra coordinates carry it through any inner-product search (the query's is 1 after its
+    normalisation's uniform scale, which ranks nothing differently), and every row gets the same
+    norm, so the search's own normalisation keeps it.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"backfill fraction must lie in [0, 1], got {fraction}")
@@ -63,14 +88,16 @@ def partial_backfill(
         )
     n = len(old_gallery)
     count = int(round(fraction * n))
-    chosen = np.random.default_rng(seed).permutation(n)[:count]
+    chosen = (order if order is not None else np.random.default_rng(seed).permutation(n))[:count]
     rows = np.array(old_gallery.embeddings, dtype=np.float32, copy=True)
     new_rows = np.asarray(new_gallery.embeddings, dtype=np.float32)
-    if old_gallery.normalized != new_gallery.normalized:
+    if old_gallery.normalized != new_gallery.normalized or calibration is not None:
         # One gallery stores unit rows and the other raw ones: mix like with like.
         rows = old_gallery.normalized_embeddings()
         new_rows = new_gallery.normalized_embeddings()
     rows[chosen] = new_rows[aligned[chosen]]
+    if calibration is not None:
+        rows = _calibrated(rows, np.setdiff1d(np.arange(n), chosen), calibration)
     return Embeddings(
         embeddings=rows,
         labels=np.array(old_gallery.labels, copy=True),
@@ -82,6 +109,56 @@ def partial_backfill(
     )
 
 
+def _calibrated(rows: np.ndarray, old_rows: np.ndarray, calibration: tuple[float, float]) -> np.ndarray:
+    """Unit ``rows`` with two coordinates added so that, against a query ``[q, 1, 0]``, the rows
+    in ``old_rows`` score ``a * cos + b`` and the others ``cos``, all rows of one norm."""
+    a, b = calibration
+    norm2 = max(a * a + b * b, 1.0)
+    out = np.zeros((rows.shape[0], rows.shape[1] + 2), dtype=np.float32)
+    out[:, : rows.shape[1]] = rows
+    out[:, -1] = math.sqrt(norm2 - 1.0)
+    out[old_rows, : rows.shape[1]] *= a
+    out[old_rows, -2] = b
+    out[old_rows, -1] = math.sqrt(max(0.0, norm2 - a * a - b * b))
+    return out
+
+
+def calibrated_query(query: Embeddings) -> Embeddings:
+    """``query`` with the two coordinates a calibrated mixed gallery expects: ``[q, 1, 0]``."""
+    rows = query.normalized_embeddings()
+    extra = np.zeros((len(query), 2), dtype=np.float32)
+    extra[:, 0] = 1.0
+    return Embeddings(np.hstack([rows, extra]), query.labels, query.ids, query.label_names, model=query.model,
+                      normalized=True, root=query.root, ids_known=query.ids_known)
+
+
+def fit_calibration(query: Embeddings, old_gallery: Embeddings, new_gallery: Embeddings, rows: np.ndarray,
+                    pairs: int = 200_000, seed: int = 0) -> tuple[float, float] | None:
+    """``(a, b)`` of least squares ``cos(q, new row) ~ a * cos(q, old row) + b`` over (query,
+    gallery item) pairs of the items in ``rows`` (those both models embedded; old-gallery row
+    numbers), at most ``pairs`` of them drawn with ``seed``; None for fewer than two items.
+    Labels are not used: it puts the two models' scores on one scale, nothing more."""
+    if len(rows) < 2:
+        return None
+    aligned = _align_rows(old_gallery, new_gallery)
+    rng = np.random.default_rng(seed)
+    q = query.normalized_embeddings()
+    take = min(pairs, len(q) * len(rows))
+    qi = rng.integers(0, len(q), take)
+    gi = rows[rng.integers(0, len(rows), take)]
+    old = normalize_rows(np.asarray(old_gallery.embeddings[np.sort(np.unique(gi))], dtype=np.float32))
+    new = normalize_rows(np.asarray(new_gallery.embeddings[aligned[np.sort(np.unique(gi))]], dtype=np.float32))
+    where = {row: i for i, row in enumerate(np.sort(np.unique(gi)).tolist())}
+    local = np.array([where[row] for row in gi.tolist()])
+    cross = np.einsum("ij,ij->i", q[qi], old[local]).astype(np.float64)
+    self_ = np.einsum("ij,ij->i", q[qi], new[local]).astype(np.float64)
+    var = cross.var()
+    if var <= 0:
+        return None
+    a = float(((cross - cross.mean()) * (self_ - self_.mean())).mean() / var)
+    return (a, float(self_.mean() - a * cross.mean())) if a > 0 else None
+
+
 def backfill_curve(
     query: Embeddings,
     old_gallery: Embeddings,
@@ -90,16 +167,28 @@ def backfill_curve(
     seed: int = 0,
     evaluate: Evaluate = evaluate_retrieval,
     key: str = "map",
+    order: Sequence[str] | None = None,
+    scoring: str = "raw",
 ) -> list[dict[str, Any]]:
     """Retrieval metrics of ``query`` against the partially backfilled gallery, per fraction.
 
     Each entry is ``{"fraction": f, "map": ..., ...}`` with every metric ``evaluate`` returns;
-    ``key`` is the headline metric it logs (``map@100`` for GLDv2).
+    ``key`` is the headline metric it logs (``map@100`` for GLDv2). ``order``: the gallery ids in
+    the order they are re-embedded (a backfill plan; default random, by ``seed``). ``scoring``:
+    ``raw`` (cosines of both models in one ranking) or ``calibrated`` (the old rows' cosines put
+    on the new model's scale, :func:`fit_calibration` on the rows re-embedded so far).
     """
+    if scoring not in SCORINGS:
+        raise ConfigError(f"backfill scoring {scoring!r} is unknown; choose one of {list(SCORINGS)}")
+    rows = order_rows(old_gallery, order, seed)
     curve = []
     for fraction in fractions:
-        gallery = partial_backfill(old_gallery, new_gallery, float(fraction), seed)
-        result = evaluate(query, gallery)
+        count = int(round(float(fraction) * len(old_gallery)))
+        calibration = None
+        if scoring == "calibrated" and 0 < count < len(old_gallery):
+            calibration = fit_calibration(query, old_gallery, new_gallery, rows[:count], seed=seed)
+        gallery = partial_backfill(old_gallery, new_gallery, float(fraction), seed, rows, calibration)
+        result = evaluate(calibrated_query(query) if calibration is not None else query, gallery)
         logger.info("backfill %.0f%%: %s %.4f", 100 * fraction, key, result[key])
         curve.append({"fraction": float(fraction), **result})
     return curve

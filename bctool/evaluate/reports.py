@@ -59,6 +59,8 @@ class BackfillOptions:
     fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     seed: int = 0
     plot: str | os.PathLike[str] | None = None  # PNG, SVG or PDF by suffix; None: no plot
+    order: tuple[str, ...] | None = None  # gallery ids in the order re-embedded (a plan); None: random by seed
+    scoring: str = "raw"  # raw, or calibrated (bctool.evaluate.backfill.backfill_curve)
 
 
 def check_one_model(query: Embeddings, gallery: Embeddings, role: str) -> None:
@@ -182,7 +184,8 @@ def backfill_report(
     """
     fractions, seed, plot = options.fractions, options.seed, options.plot
     key = protocol.headline
-    curve = backfill_curve(query, old_gallery, new_gallery, fractions, seed=seed, evaluate=protocol.evaluate, key=key)
+    curve = backfill_curve(query, old_gallery, new_gallery, fractions, seed=seed, evaluate=protocol.evaluate, key=key,
+                           order=options.order, scoring=options.scoring)
     # Reference lines: the old system as it is (old queries, old gallery) and the full upgrade.
     m_oo = protocol.evaluate(old_query, old_gallery)[key] if old_query is not None else None
     m_nn = protocol.evaluate(query, new_gallery)[key]
@@ -190,8 +193,20 @@ def backfill_report(
         from bctool.evaluate.plots import plot_backfill
 
         plot_backfill(curve, plot, old_map=m_oo, new_map=m_nn, key=key)
-    return {"metric": key, "seed": seed, "m_oo": m_oo, "m_nn": m_nn, "curve": curve,
+    area = _area(curve, key)
+    return {"metric": key, "seed": seed, "order": "plan" if options.order is not None else "random",
+            "scoring": options.scoring, "m_oo": m_oo, "m_nn": m_nn, "curve": curve, "area": area,
             "plot": str(plot) if plot is not None else None}
+
+
+def _area(curve: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The mean of the headline metric over the re-embedded share (trapezoids; the curve's area
+    over [first, last] fraction, divided by that span); None for fewer than two fractions."""
+    points = sorted((float(p["fraction"]), float(p[key])) for p in curve)
+    span = points[-1][0] - points[0][0] if points else 0.0
+    if len(points) < 2 or span <= 0:
+        return None
+    return sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points, points[1:])) / span
 
 
 def compatibility_table(report: Mapping[str, Any]) -> Table:

@@ -1,0 +1,179 @@
+"""Backfill plans: the order in which to re-embed a gallery with the new model.
+
+A policy orders the old gallery's rows from what a user has: the old gallery itself and,
+optionally, the new model's embeddings of a sample of it (rows paired by id). Re-embedding in
+that order, the retrieval curve over the share re-embedded should rise faster than in random
+order (FastFill, Jaeckle et al., ICLR 2023: the most uncertain items first). Policies are a
+registry kind (``bctool list backfill-policies``, entry-point group ``bctool.backfill_policies``):
+``policy(old, sample, seed) -> rows``, ``sample`` a ``(old rows, new rows)`` pair of
+:class:`Embeddings` of the same images or None.
+
+* ``random``: a seeded permutation (the baseline);
+* ``norm``: the old rows with the smallest norm first (a softmax-trained embedding's norm grows
+  with the model's confidence);
+* ``crowded``: the old rows closest to another gallery row first (where the old model confuses
+  items, the new one helps most);
+* ``disagreement`` (needs a sample): an affine map old -> new is fitted on the sample, the
+  sample's rows where map and new model disagree most teach a ridge regression from the old row
+  (and its squares) to that disagreement, and the rows it predicts to disagree most go first (the sample itself,
+  already embedded, first of all).
+
+The plan is a text file: one gallery id a line with its batch number (``ID<TAB>BATCH``), so a
+backfill runs, stops and resumes batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows
+from bctool.errors import ConfigError, EmbeddingsError
+from bctool.io import atomic_write_text
+from bctool.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+Policy = Callable[[Embeddings, "tuple[Embeddings, Embeddings] | None", int], np.ndarray]
+BLOCK = 65536
+
+
+def _admit(name: str, policy: object) -> None:
+    if not callable(policy):
+        raise ConfigError(f"backfill policy {name!r} must be a function policy(old, sample, seed) -> rows")
+
+
+POLICIES: Registry[Policy] = Registry("backfill policy", "backfill-policies", admit=_admit,
+                                      derive=lambda name, policy: {"needs_sample": bool(getattr(policy, "needs_sample", False))})
+
+
+@POLICIES.register("random")
+def random_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
+    """A seeded random order: the baseline."""
+    return np.random.default_rng(seed).permutation(len(old))
+
+
+def _norms(old: Embeddings) -> np.ndarray:
+    out = np.empty(len(old), dtype=np.float64)
+    for start in range(0, len(old), BLOCK):
+        rows = np.asarray(old.embeddings[start : start + BLOCK], dtype=np.float64)
+        out[start : start + len(rows)] = np.linalg.norm(rows, axis=1)
+        release_rows(old.embeddings, start, start + BLOCK)
+    return out
+
+
+@POLICIES.register("norm")
+def norm_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
+    """The old rows of smallest norm first (least confident)."""
+    return np.argsort(_norms(old), kind="stable")
+
+
+@POLICIES.register("crowded")
+def crowded_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
+    """The old rows closest to another gallery row first."""
+    from bctool.evaluate.search import rank_gallery
+
+    n = len(old)
+    if n < 2:
+        return np.arange(n)
+    scores, _ = rank_gallery(old.normalized_embeddings(), old.embeddings, k=1, exclude=np.arange(n), normalize=True)
+    return np.argsort(-scores[:, 0], kind="stable")
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, penalty: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    gram = xc.T @ xc + penalty * np.trace(xc.T @ xc) / x.shape[1] * np.eye(x.shape[1])
+    weight = np.linalg.solve(gram, xc.T @ (y - ym))
+    return weight, ym - xm @ weight
+
+
+def disagreement_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
+    """The sample first, then the rows predicted to disagree most between the two models."""
+    if sample is None:
+        raise ConfigError("the disagreement policy needs the new model's embeddings of a sample of the gallery "
+                          "(--new-sample NEW.safetensors, rows of the same ids as the old gallery's)")
+    sample_old, sample_new = sample
+    if len(sample_old) < 8:
+        raise ConfigError(f"the --new-sample has {len(sample_old)} rows shared with the gallery; the disagreement "
+                          "policy needs at least 8 (a few hundred is better)")
+    x = normalize_rows(np.asarray(sample_old.embeddings, dtype=np.float32)).astype(np.float64)
+    y = normalize_rows(np.asarray(sample_new.embeddings, dtype=np.float32)).astype(np.float64)
+    weight, bias = _ridge(x, y)
+    mapped = x @ weight + bias
+    residual = 1 - (mapped * y).sum(1) / np.maximum(np.linalg.norm(mapped, axis=1), 1e-30)
+    # What an affine map misses is not linear in the row: the predictor also sees its squares.
+    w2, b2 = _ridge(np.hstack([x, x * x]), residual[:, None])
+    predicted = np.empty(len(old))
+    for start in range(0, len(old), BLOCK):
+        rows = normalize_rows(np.asarray(old.embeddings[start : start + BLOCK], dtype=np.float32)).astype(np.float64)
+        predicted[start : start + len(rows)] = (np.hstack([rows, rows * rows]) @ w2 + b2)[:, 0]
+        release_rows(old.embeddings, start, start + BLOCK)
+    in_sample = np.zeros(len(old), dtype=bool)
+    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
+    in_sample[[row_of[i] for i in sample_old.ids]] = True
+    predicted[in_sample] = np.inf  # already embedded by the new model: they go first, free
+    return np.argsort(-predicted, kind="stable")
+
+
+disagreement_order.needs_sample = True  # type: ignore[attr-defined]
+POLICIES.register("disagreement", disagreement_order)
+
+
+def sample_pairs(old: Embeddings, new_sample: Embeddings) -> tuple[Embeddings, Embeddings]:
+    """The rows of ``old`` and ``new_sample`` with the ids they share (the sample's order)."""
+    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
+    shared = [i for i, image_id in enumerate(new_sample.ids) if image_id in row_of]
+    if not shared:
+        raise EmbeddingsError("the --new-sample shares no id with the old gallery; embed some of the gallery's own "
+                              "images with the new model (`bctool extract`)")
+    old_rows = np.array([row_of[new_sample.ids[i]] for i in shared])
+
+    def subset(emb: Embeddings, rows: np.ndarray) -> Embeddings:
+        return Embeddings(np.asarray(emb.embeddings[rows], dtype=np.float32), emb.labels[rows],
+                          [emb.ids[i] for i in rows], emb.label_names, model=emb.model)
+
+    return subset(old, old_rows), subset(new_sample, np.array(shared))
+
+
+def plan_order(old: Embeddings, policy: str = "random", new_sample: Embeddings | None = None,
+               seed: int = 0) -> list[str]:
+    """The old gallery's ids in the order ``policy`` re-embeds them."""
+    entry = POLICIES.entry(policy)
+    sample = sample_pairs(old, new_sample) if new_sample is not None else None
+    rows = np.asarray(entry.obj(old, sample, seed))
+    if sorted(rows.tolist()) != list(range(len(old))):
+        raise ConfigError(f"backfill policy {policy!r} returned an order that is not every gallery row once")
+    return [old.ids[i] for i in rows]
+
+
+def write_plan(old_gallery: str | os.PathLike[str], out: str | os.PathLike[str], policy: str = "random",
+               batch: int = 0, new_sample: str | os.PathLike[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Write the plan of ``old_gallery`` to ``out`` (``ID<TAB>BATCH`` lines; ``batch`` ids a batch,
+    0: one batch); return a summary."""
+    if batch < 0:
+        raise ConfigError(f"--batch {batch} must be 0 (one batch) or more")
+    old = load_embeddings(old_gallery, mmap=True)
+    if not old.ids_known:
+        raise EmbeddingsError("the old gallery has no ids, so a plan cannot name its images; write it with `bctool extract`")
+    sample = load_embeddings(new_sample, mmap=True) if new_sample is not None else None
+    ids = plan_order(old, policy, sample, seed)
+    size = batch or len(ids)
+    atomic_write_text(Path(out), "".join(f"{image_id}\t{i // size}\n" for i, image_id in enumerate(ids)))
+    logger.info("wrote the %s plan of %d gallery ids to %s", policy, len(ids), out)
+    return {"out": str(out), "policy": policy, "ids": len(ids), "batches": -(-len(ids) // size) if ids else 0,
+            "batch_size": size, "seed": seed, "new_sample": str(new_sample) if new_sample else None}
+
+
+def read_plan(path: str | os.PathLike[str]) -> list[str]:
+    """The ids of a plan file in their order (``ID`` or ``ID<TAB>BATCH`` lines)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the backfill order {str(path)!r}: {exc}; write it with `bctool backfill plan`") from exc
+    return [line.split("\t")[0] for line in lines if line.strip()]
