@@ -117,3 +117,10 @@ def test_cli_plan_then_evaluate_the_order(tmp_path: Path) -> None:
     out = json.loads(curve.stdout)
     assert (out["order"], out["scoring"]) == ("plan", "calibrated") and len(out["curve"]) == 3
     assert out["area"] == pytest.approx((out["curve"][0]["map"] + 2 * out["curve"][1]["map"] + out["curve"][2]["map"]) / 4)
+
+
+def test_the_cli_default_policy_is_the_library_one() -> None:
+    from bctool.backfill import DEFAULT_POLICY
+    from bctool.cli.app import DEFAULT_POLICY as CLI_DEFAULT
+
+    assert CLI_DEFAULT == DEFAULT_POLICY and DEFAULT_POLICY in POLICIES

@@ -576,6 +576,7 @@ def evaluate(
     _emit_gated(report, require or [], quiet)
 
 
+DEFAULT_POLICY = "norm"  # bctool.backfill.DEFAULT_POLICY, without importing numpy for --help
 GATE_FAILED = 3  # the exit code of a release gate that failed (errors exit 1, usage errors 2)
 
 
@@ -772,7 +773,7 @@ def dataset_gldv2(
 def backfill_plan(
     old_gallery: Annotated[Path, typer.Argument(metavar="OLD_GALLERY", help="The old model's gallery embeddings (the ids to re-embed).")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="The plan to write: one gallery id a line with its batch number (ID<TAB>BATCH).")],
-    policy: Annotated[str, typer.Option(callback=_one_of("bctool.backfill", "POLICIES"), help="The order: random, norm (smallest old embeddings first), crowded (old rows closest to another first) or disagreement (rows predicted to differ most between the models first; needs --new-sample); `bctool list backfill-policies`.")] = "random",
+    policy: Annotated[str, typer.Option(callback=_one_of("bctool.backfill", "POLICIES"), help="The order: norm (smallest old embeddings first; the default, the best measured: README, 'Rolling the upgrade out'), random, crowded (old rows closest to another first) or disagreement (rows predicted to differ most between the models first; needs --new-sample); `bctool list backfill-policies`.")] = DEFAULT_POLICY,
     new_sample: Annotated[Optional[Path], typer.Option(help="The new model's embeddings of a sample of the gallery's images (same ids).")] = None,
     batch: Annotated[int, typer.Option(callback=_at_least(0), help="Ids a batch (0: one batch), so a backfill runs, stops and resumes batch by batch.")] = 0,
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the random policy.")] = 0,
