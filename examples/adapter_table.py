@@ -175,8 +175,8 @@ def report(rows: list[dict], blend_weights: list[float]) -> str:
             lines.append(f"| recipe (lce), no adapter: M(lce, o) / M(lce, lce) | "
                          f"{_cell([r['recipe']['cross']['map'] for r in with_recipe], [r['recipe']['cross'] for r in with_recipe])}"
                          f" / {_cell([r['recipe']['self'] for r in with_recipe])} | | |")
-        held = {k: _cell([r["fit"][k]["new_to_old"]["held_out_cosine"] / 100 for r in runs]) for k in KINDS}
-        lines.append("| held-out cosine of the query map (x100) | " + " | ".join(held[k] for k in KINDS) + " |")
+        held = {k: statistics.fmean(r["fit"][k]["new_to_old"]["held_out_cosine"] for r in runs) for k in KINDS}
+        lines.append("| held-out cosine of the query map (new -> old) | " + " | ".join(f"{held[k]:.3f}" for k in KINDS) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
