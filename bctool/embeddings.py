@@ -156,8 +156,11 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
     if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
         return
     row_bytes = rows.strides[0]
-    begin = rows.offset + start * row_bytes
-    end = rows.offset + stop * row_bytes
+    # numpy maps the file from the offset rounded down to the allocation granularity: offsets
+    # into the mapping are the array's offset within it plus the rows'.
+    base = rows.offset % mmap_module.ALLOCATIONGRANULARITY
+    begin = base + start * row_bytes
+    end = base + min(stop, rows.shape[0]) * row_bytes
     page = mmap_module.PAGESIZE
     first, last = (begin // page) * page, (end // page) * page  # whole pages inside the rows only
     if last > first:

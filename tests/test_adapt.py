@@ -198,6 +198,19 @@ def test_cli_adapt_transform_extract_and_export_with_an_adapter(emoji_dir: Path,
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     got = session.run(["embeddings"], {"images": batch})[0]
     assert np.abs(got - rows.embeddings[:6]).max() < 1e-4
+    # Files mapped by one adapter from one model pair up as one model's in the compatibility report.
+    for split in ("gallery", "query"):
+        for name in ("new", "old"):
+            assert runner.invoke(app, ["extract", str(emoji_dir / f"{split}.txt"), "-m", str(paths[name]), "-o",
+                                       str(tmp_path / f"{name}_{split}.safetensors"), "--workers", "0", "-q"]).exit_code == 0
+    mapped_gallery = tmp_path / "mapped_gallery.safetensors"
+    assert runner.invoke(app, ["transform", str(tmp_path / "new_gallery.safetensors"), "--adapter",
+                               str(tmp_path / "a.safetensors"), "--out", str(mapped_gallery), "-q"]).exit_code == 0
+    report = runner.invoke(app, ["evaluate", "--old-query", str(tmp_path / "old_query.safetensors"), "--old-gallery",
+                                 str(tmp_path / "old_gallery.safetensors"), "--new-query", str(adapted),
+                                 "--new-gallery", str(mapped_gallery), "--bootstrap", "20", "-q"])
+    assert report.exit_code == 0, report.stderr
+    assert set(json.loads(report.stdout)["results"]) == {"old/old", "new/new", "new/old"}
     wrong = runner.invoke(app, ["export", str(paths["old"]), "--out", str(tmp_path / "x.onnx"), "--adapter",
                                 str(tmp_path / "a.safetensors")])
     assert wrong.exit_code == 1 and "the adapter maps the space of model" in wrong.stderr

@@ -102,8 +102,8 @@ def pair_by_id(source: Embeddings, target: Embeddings) -> tuple[np.ndarray, np.n
 
 def _labels_of(source: Embeddings, target: Embeddings, src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
     """One label index per pair (by name, from whichever file has one), -1 where neither does."""
-    names = [a if a is not None else b for a, b in zip(
-        (source.label_strings()[i] for i in src), (target.label_strings()[i] for i in tgt))]
+    source_names, target_names = source.label_strings(), target.label_strings()
+    names = [source_names[i] if source_names[i] is not None else target_names[j] for i, j in zip(src, tgt)]
     vocab = {name: i for i, name in enumerate(sorted({n for n in names if n is not None}))}
     return np.array([vocab[n] if n is not None else -1 for n in names], dtype=np.int64)
 

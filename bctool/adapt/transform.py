@@ -27,7 +27,7 @@ from bctool.errors import ConfigError, EmbeddingsError, shown
 
 logger = logging.getLogger(__name__)
 
-BLOCK_ROWS = 65536
+BLOCK_ROWS = 16384  # rows mapped at once: a few MiB of temporaries at 256-d
 
 
 def slerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
