@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -42,19 +41,12 @@ from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.scores import paired_delta
 from bctool.extract import extract
 from bctool.train import TrainConfig
-from paper_table import SETTINGS, old_side, prepare_data, run_method  # this folder is on sys.path
+from paper_table import SETTINGS, _revision, old_side, prepare_data, run_method  # this folder is on sys.path
 
 log = logging.getLogger("adapter_table")
 KINDS = ["procrustes", "affine", "mlp"]
 PAIRS = {"extended-class": "extended-class-warm", "extended-data-fashion": "extended-data-fashion-warm"}
 
-
-def _revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _embed(model: Path, list_file: Path, out: Path) -> Embeddings:

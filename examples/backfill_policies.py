@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,13 @@ from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.backfill import SCORINGS
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.reports import BackfillOptions, backfill_report
+from paper_table import _revision  # this folder is on sys.path when the script runs
 
 log = logging.getLogger("backfill_policies")
 SETTINGS = {"extended-class-warm": "emoji", "extended-data-fashion-warm": "Fashion-MNIST"}
 FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
 SAMPLE = 0.05
 
-
-def _revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(args: argparse.Namespace, setting: str, seed: int) -> dict | None:
