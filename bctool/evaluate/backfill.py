@@ -146,10 +146,10 @@ def fit_calibration(query: Embeddings, old_gallery: Embeddings, new_gallery: Emb
     take = min(pairs, len(q) * len(rows))
     qi = rng.integers(0, len(q), take)
     gi = rows[rng.integers(0, len(rows), take)]
-    old = normalize_rows(np.asarray(old_gallery.embeddings[np.sort(np.unique(gi))], dtype=np.float32))
-    new = normalize_rows(np.asarray(new_gallery.embeddings[aligned[np.sort(np.unique(gi))]], dtype=np.float32))
-    where = {row: i for i, row in enumerate(np.sort(np.unique(gi)).tolist())}
-    local = np.array([where[row] for row in gi.tolist()])
+    used = np.unique(gi)  # sorted: the memory map is read in file order
+    old = normalize_rows(np.asarray(old_gallery.embeddings[used], dtype=np.float32))
+    new = normalize_rows(np.asarray(new_gallery.embeddings[aligned[used]], dtype=np.float32))
+    local = np.searchsorted(used, gi)
     cross = np.einsum("ij,ij->i", q[qi], old[local]).astype(np.float64)
     self_ = np.einsum("ij,ij->i", q[qi], new[local]).astype(np.float64)
     var = cross.var()
