@@ -74,7 +74,12 @@ def _norms(old: Embeddings) -> np.ndarray:
 @POLICIES.register("norm")
 def norm_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
     """The old rows of smallest norm first (least confident)."""
-    return np.argsort(_norms(old), kind="stable")
+    norms = _norms(old)
+    if old.normalized or np.ptp(norms) <= 1e-5 * max(1.0, float(norms.max(initial=0.0))):
+        raise ConfigError("the old gallery's rows all have the same norm (it stores normalised rows), so the norm policy "
+                          "has nothing to order by; pass --policy crowded or random, or plan from the raw embeddings "
+                          "`bctool extract` wrote")
+    return np.argsort(norms, kind="stable")
 
 
 @POLICIES.register("crowded")
@@ -165,6 +170,12 @@ def write_plan(old_gallery: str | os.PathLike[str], out: str | os.PathLike[str],
     old = load_embeddings(old_gallery, mmap=True)
     if not old.ids_known:
         raise EmbeddingsError("the old gallery has no ids, so a plan cannot name its images; write it with `bctool extract`")
+    bad = [image_id for image_id in old.ids if "\t" in image_id or len(image_id.splitlines()) != 1]
+    if bad or len(set(old.ids)) != len(old.ids):
+        raise EmbeddingsError(
+            f"a plan names each gallery image by its id, one a line: the old gallery has "
+            f"{len(old.ids) - len(set(old.ids))} repeated ids and {len(bad)} with a tab or line break "
+            f"({', '.join(map(repr, bad[:3])) or 'none'}); give every image its own id (`bctool extract` does)")
     sample = load_embeddings(new_sample, mmap=True) if new_sample is not None else None
     ids = plan_order(old, policy, sample, seed)
     size = batch or len(ids)
@@ -177,7 +188,7 @@ def write_plan(old_gallery: str | os.PathLike[str], out: str | os.PathLike[str],
 def read_plan(path: str | os.PathLike[str]) -> list[str]:
     """The ids of a plan file in their order (``ID`` or ``ID<TAB>BATCH`` lines)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the backfill order {str(path)!r}: {exc}; write it with `bctool backfill plan`") from exc
-    return [line.split("\t")[0] for line in lines if line.strip()]
+    return [line.rsplit("\t", 1)[0] if "\t" in line else line for line in lines if line.strip()]

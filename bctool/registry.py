@@ -290,7 +290,13 @@ class Registry(Mapping[str, T]):
             return
         self._loading = True
         try:
-            for point in _group(self.group):
+            points = _group(self.group)
+            if points:
+                # Every built-in registers first: a plugin that imports a bctool module must
+                # not be taken for the origin of that module's entries.
+                for module in KIND_MODULES.values():
+                    importlib.import_module(module)
+            for point in points:
                 self._load(point)
         finally:
             self._loading, self._plugins_loaded = False, True

@@ -124,3 +124,17 @@ def test_the_cli_default_policy_is_the_library_one() -> None:
     from bctool.cli.app import DEFAULT_POLICY as CLI_DEFAULT
 
     assert CLI_DEFAULT == DEFAULT_POLICY and DEFAULT_POLICY in POLICIES
+
+
+def test_a_plan_refuses_ids_it_cannot_name_and_norm_refuses_unit_rows(tmp_path: Path) -> None:
+    from bctool.backfill import write_plan
+
+    old = _gallery(n=6)
+    for name, ids in (("twice", ["a", "a", "b", "c", "d", "e"]), ("tab", ["a\tb", "c", "d", "e", "f", "g"])):
+        save_embeddings(Embeddings(old.embeddings, old.labels, ids, old.label_names), tmp_path / f"{name}.safetensors")
+        with pytest.raises(EmbeddingsError, match="a plan names each gallery image by its id, one a line"):
+            write_plan(tmp_path / f"{name}.safetensors", tmp_path / "p.txt")
+    unit = Embeddings(old.embeddings / np.linalg.norm(old.embeddings, axis=1, keepdims=True), old.labels, old.ids,
+                      old.label_names, normalized=True)
+    with pytest.raises(ConfigError, match="the norm policy has nothing to order by; pass --policy crowded or random"):
+        plan_order(unit, "norm")

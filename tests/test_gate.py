@@ -96,8 +96,10 @@ def test_requirements_parse_and_check() -> None:
     for bad in ("nfr <= ", "nfr=0.05", "<= 0.1", "delta >= x", "a b"):
         with pytest.raises(ConfigError, match="is not a requirement; write KEY"):
             parse_requirement(bad)
-    with pytest.raises(ConfigError, match="this report has no 'm_star'; its keys: compatible, compatible_significant, delta, nfr"):
-        check_requirements([parse_requirement("m_star>0")], report)
+    with pytest.raises(ConfigError, match="this report has no 'm_total'; its keys: compatible, compatible_significant, delta, m_star, nfr"):
+        check_requirements([parse_requirement("m_total>0")], report)
+    # A figure the report left empty fails its requirement (exit 3), it is not an unknown key.
+    assert check_requirements([parse_requirement("m_star>0"), parse_requirement("m_star")], report)[0]["passed"] is False
     with pytest.raises(ConfigError, match="delta is a number"):
         check_requirements([parse_requirement("delta")], report)
 

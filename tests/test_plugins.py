@@ -98,7 +98,10 @@ def test_every_kind_is_listed_with_its_origin(plugins: Path) -> None:
     assert next(e for e in listed["kinds"]["heads"] if e["name"] == "unit-linear")["declares"]["class_weights"]
     # The broken plugin is listed as such, by name, and every built-in is still there.
     assert "bctool-broken-plugin" in listed["plugin_errors"]["methods"]["broken-method"]
-    assert {"bct", "lce", "advbct"} <= {e["name"] for e in listed["kinds"]["methods"]}
+    # Loading a plugin leaves the built-ins' origin as it is.
+    for plural, entries in listed["kinds"].items():
+        assert set(registry(plural).builtin_names()) <= {e["name"] for e in entries if e["origin"] == "bctool"}, plural
+    assert {"bct", "lce", "advbct"} <= {e["name"] for e in listed["kinds"]["methods"] if e["origin"] == "bctool"}
     assert "plugin_errors" in _ok(["methods"])
 
 

@@ -178,7 +178,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.module.state_dict().items()}
     metadata = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": adapter.kind,
-        "params": json.dumps(asdict(adapter.params)), "source_dim": str(adapter.source_dim),
+        "params": json.dumps(asdict(adapter.params) if adapter.params is not None else {}),
+        "source_dim": str(adapter.source_dim),
         "target_dim": str(adapter.target_dim), "source_model": json.dumps(adapter.source_model),
         "target_model": json.dumps(adapter.target_model), "fit": json.dumps(adapter.fit), "bctool": __version__,
     }

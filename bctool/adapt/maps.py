@@ -68,8 +68,9 @@ Fit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], nn.Module]
 
 
 def _admit(name: str, fit: object) -> None:
-    if not callable(fit):
-        raise ConfigError(f"adapter kind {name!r} must be a fit(x, y, labels, params) -> nn.Module function")
+    if not callable(fit) or not callable(getattr(fit, "build", None)):
+        raise ConfigError(f"adapter kind {name!r} must be a fit(x, y, labels, params) -> nn.Module function with an "
+                          "attribute build(d_in, d_out, params) -> nn.Module (what a saved adapter loads into)")
 
 
 def _build_entry(name: str, fit: Any) -> dict[str, Any]:

@@ -51,7 +51,9 @@ def parse_requirement(text: str) -> Requirement:
 def gate_values(report: Mapping[str, Any]) -> dict[str, float | bool]:
     """The figures a requirement may name: the report's top-level numbers and yes/no values, and
     its flips flattened (``nfr``, ``pfr``, ... of new/old; ``nfr_new_new``, ... of new/new)."""
-    values = {key: value for key, value in report.items() if isinstance(value, (bool, int, float))}
+    # A figure the report left empty (null, say update_gain without M(*,*) above M(o,o)) is a key
+    # whose requirement fails, not an unknown key.
+    values = {key: value for key, value in report.items() if value is None or isinstance(value, (bool, int, float))}
     for pair, suffix in (("new/old", ""), ("new/new", "_new_new")):
         for key, value in (report.get("flips", {}) or {}).get(pair, {}).items():
             values[f"{key}{suffix}"] = value
@@ -70,7 +72,7 @@ def check_requirements(requirements: list[Requirement], report: Mapping[str, Any
         value = values[req.key]
         if req.op is None:
             passed = bool(value) if isinstance(value, bool) else None
-            if passed is None:
+            if passed is None and value is not None:
                 raise UnknownKey(f"--require {req.expression!r}: {req.key} is a number ({value}), not yes/no; "
                                  f"compare it, e.g. '{req.key}>=0'")
         else:
