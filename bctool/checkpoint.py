@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from bctool import __version__
 from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ModelError
-from bctool.io import read_safetensors_header, save_safetensors
+from bctool.io import check_format_version, read_safetensors_header, save_safetensors
 from bctool.models import EmbeddingModel, ModelConfig, create_model
 
 FORMAT = "bctool.checkpoint"
@@ -150,6 +150,7 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             f"{str(p)!r} is not a bctool checkpoint (format: {found}); pass a model written by "
             "`bctool train` (an embeddings file goes to --old-embeddings or evaluate)"
         )
+    check_format_version(p, meta, "checkpoint", FORMAT_VERSION, ModelError)
     return meta
 
 

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from bctool.errors import BctoolError, EmbeddingsError
-from bctool.io import atomic_path, read_safetensors_header, safetensors_header
+from bctool.io import atomic_path, check_format_version, read_safetensors_header, safetensors_header
 
 FORMAT = "bctool.embeddings"
 FORMAT_VERSION = "1"
@@ -404,6 +404,8 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
             tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise _unreadable(path, str(exc)) from exc
+    if meta.get("format") == FORMAT:
+        check_format_version(path, meta, "embeddings", FORMAT_VERSION, EmbeddingsError)
     if "embeddings" not in tensors:
         if meta.get("format") == "bctool.checkpoint":
             raise EmbeddingsError(

@@ -274,3 +274,21 @@ def unused_path(wanted: str | os.PathLike[str]) -> Path:
     while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
         n += 1
     return candidate
+
+
+def check_format_version(path: str | os.PathLike[str], meta: dict[str, str], what: str, known: str,
+                         error: type[Exception]) -> None:
+    """Refuse a file whose ``format_version`` is newer than ``known`` (what this bctool writes
+    and reads), naming both versions; a file without one (written before versions, or by another
+    tool) is read as it is."""
+    found = meta.get("format_version")
+    if found is None:
+        return
+    try:
+        newer = int(found) > int(known)
+    except ValueError:
+        raise error(f"{str(path)!r} has a {what} format_version {found!r} that is not a number; "
+                    "re-create the file with bctool") from None
+    if newer:
+        raise error(f"{str(path)!r} is {what} format version {found}; this bctool reads versions up to {known}: "
+                    "upgrade bctool (pip install -U bctool) to read it")

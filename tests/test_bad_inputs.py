@@ -615,3 +615,36 @@ def test_extract_under_a_file_size_limit_names_the_file_and_leaves_nothing_to_re
     assert proc.returncode == 1
     assert f"cannot write '{out}.partial': the file-size limit is reached" in " ".join(proc.stderr.split())
     assert not list(tmp_path.glob("e.safetensors*"))  # no partial file that --resume could not use
+
+
+def test_files_of_a_newer_format_version_are_refused_naming_both(tmp_path: Path) -> None:
+    """A checkpoint, an embeddings file or an adapter written by a future bctool."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+    from safetensors.torch import load_file as load_pt
+    from safetensors.torch import save_file as save_pt
+
+    from bctool.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+    from bctool.data.transforms import Preprocess
+    from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+    from bctool.errors import EmbeddingsError, ModelError
+    from bctool.models import ModelConfig, create_model
+
+    model = tmp_path / "m.safetensors"
+    save_checkpoint(model, create_model(ModelConfig(arch="small", embedding_dim=4, num_classes=2)), Preprocess(image_size=16),
+                    ["a", "b"])
+    meta = read_checkpoint_metadata(model)
+    save_pt(load_pt(str(model)), str(tmp_path / "m2.safetensors"), metadata={**meta, "format_version": "2"})
+    with pytest.raises(ModelError, match="is checkpoint format version 2; this bctool reads versions up to 1: upgrade bctool"):
+        load_checkpoint(tmp_path / "m2.safetensors")
+    emb = tmp_path / "e.safetensors"
+    save_embeddings(Embeddings(np.eye(2, dtype=np.float32), np.array([0, 1]), ["x", "y"], ["a", "b"]), emb)
+    from safetensors import safe_open
+
+    with safe_open(str(emb), framework="np") as fh:
+        emeta = fh.metadata()
+    save_np(load_np(str(emb)), str(tmp_path / "e2.safetensors"), metadata={**emeta, "format_version": "3"})
+    for mmap in (False, True):
+        with pytest.raises(EmbeddingsError, match="is embeddings format version 3; this bctool reads versions up to 1"):
+            load_embeddings(tmp_path / "e2.safetensors", mmap=mmap)

@@ -33,7 +33,7 @@ from bctool.adapt.maps import ADAPTERS
 from bctool.checkpoint import file_sha256
 from bctool.embeddings import Embeddings, normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
-from bctool.io import atomic_path
+from bctool.io import atomic_path, check_format_version
 from bctool.registry import resolve_params
 
 logger = logging.getLogger(__name__)
@@ -203,9 +203,7 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{str(path)!r} is not an adapter file (format {meta.get('format')!r}); pass a file "
                           "written by `bctool adapt`")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{str(path)!r} is adapter format version {meta.get('format_version')!r}; this bctool "
-                          f"reads version {FORMAT_VERSION}: upgrade bctool or fit the adapter again")
+    check_format_version(path, meta, "adapter", FORMAT_VERSION, ConfigError)
     try:
         kind = meta["kind"]
         entry = ADAPTERS.entry(kind)
