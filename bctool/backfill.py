@@ -35,6 +35,7 @@ import numpy as np
 from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.io import atomic_write_text
+from bctool.linear import ridge_least_squares
 from bctool.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ Policy = Callable[[Embeddings, "tuple[Embeddings, Embeddings] | None", int], np.
 # means over 3 seeds), with no point of its curve below the unconverted gallery.
 DEFAULT_POLICY = "norm"
 BLOCK = 65536
+RIDGE = 1e-2  # the disagreement policy's ridge penalty (bctool.linear)
 
 
 def _admit(name: str, policy: object) -> None:
@@ -94,14 +96,6 @@ def crowded_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None,
     return np.argsort(-scores[:, 0], kind="stable")
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, penalty: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
-    xm, ym = x.mean(0), y.mean(0)
-    xc = x - xm
-    gram = xc.T @ xc + penalty * np.trace(xc.T @ xc) / x.shape[1] * np.eye(x.shape[1])
-    weight = np.linalg.solve(gram, xc.T @ (y - ym))
-    return weight, ym - xm @ weight
-
-
 def disagreement_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | None, seed: int) -> np.ndarray:
     """The sample first, then the rows predicted to disagree most between the two models."""
     if sample is None:
@@ -113,11 +107,11 @@ def disagreement_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | 
                           "policy needs at least 8 (a few hundred is better)")
     x = normalize_rows(np.asarray(sample_old.embeddings, dtype=np.float32)).astype(np.float64)
     y = normalize_rows(np.asarray(sample_new.embeddings, dtype=np.float32)).astype(np.float64)
-    weight, bias = _ridge(x, y)
+    weight, bias = ridge_least_squares(x, y, RIDGE)
     mapped = x @ weight + bias
     residual = 1 - (mapped * y).sum(1) / np.maximum(np.linalg.norm(mapped, axis=1), 1e-30)
     # What an affine map misses is not linear in the row: the predictor also sees its squares.
-    w2, b2 = _ridge(np.hstack([x, x * x]), residual[:, None])
+    w2, b2 = ridge_least_squares(np.hstack([x, x * x]), residual[:, None], RIDGE)
     predicted = np.empty(len(old))
     for start in range(0, len(old), BLOCK):
         rows = normalize_rows(np.asarray(old.embeddings[start : start + BLOCK], dtype=np.float32)).astype(np.float64)

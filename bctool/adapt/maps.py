@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bctool.errors import ConfigError
+from bctool.linear import ridge_least_squares
 from bctool.registry import Registry, param
 
 logger = logging.getLogger(__name__)
@@ -123,14 +124,9 @@ procrustes_fit.build = lambda d_in, d_out, params: LinearMap(d_in, d_out, bias=F
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of ridge least squares y ~ x W + b, in float64; the bias is not penalised."""
-    xd, yd = x.double(), y.double()
-    x_mean, y_mean = xd.mean(0), yd.mean(0)
-    xc, yc = xd - x_mean, yd - y_mean
-    penalty = ridge * float((xc * xc).sum()) / xc.shape[1]  # relative to the mean diagonal of the Gram matrix
-    gram = xc.T @ xc + penalty * torch.eye(xc.shape[1], dtype=torch.float64)
-    weight = torch.linalg.solve(gram, xc.T @ yc)
-    return weight, y_mean - x_mean @ weight
+    """(W, b) of ridge least squares y ~ x W + b (:func:`bctool.linear.ridge_least_squares`)."""
+    weight, bias = ridge_least_squares(x.double().numpy(), y.double().numpy(), ridge)
+    return torch.from_numpy(weight), torch.from_numpy(bias)
 
 
 def affine_fit(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, params: AffineParams) -> LinearMap:

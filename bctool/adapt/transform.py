@@ -107,10 +107,8 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
         for start in range(0, len(emb), block_rows):
             mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows]))
             if old is not None:
-                rows = np.asarray(old.embeddings[np.sort(old_rows[start : start + block_rows])], dtype=np.float32)
-                # np.sort above reads the memory map in file order; put the rows back in EMB's order.
-                order = np.argsort(np.argsort(old_rows[start : start + block_rows], kind="stable"), kind="stable")
-                mapped = slerp(rows[order], mapped, blend_weight)
+                rows = np.asarray(old.embeddings[old_rows[start : start + block_rows]], dtype=np.float32)
+                mapped = slerp(rows, mapped, blend_weight)
             writer.write(start, mapped)
             release_rows(emb.embeddings, start, start + block_rows)
     logger.info("mapped %d rows of %s with the %s adapter into %s", len(emb), emb_path, adapter.kind, out)

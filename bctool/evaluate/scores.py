@@ -257,9 +257,8 @@ def flip_rates(old: QueryAP, new: QueryAP, n: int = DEFAULT_BOOTSTRAP, seed: int
                            "pfr": float(positive.mean()), "pfr_count": int(positive.sum()),
                            "queries": int(before.size)}
     if n:
-        means = bootstrap_means(negative.astype(np.float64), n, seed)
-        low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-        out.update(nfr_low=float(low), nfr_high=float(high))
+        low, high = bootstrap_interval(negative.astype(np.float64), np.zeros(negative.size), n, seed, level)
+        out.update(nfr_low=low, nfr_high=high)
     return out
 
 
