@@ -29,7 +29,7 @@ from bctool.checkpoint import Checkpoint
 from bctool.data.check import write_report
 from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import EvalTransform, Preprocess
+from bctool.data.transforms import EvalTransform, Preprocess, StoredView, StoredViewTransform
 from bctool.embeddings import (
     Embeddings,
     EmbeddingsWriter,
@@ -72,10 +72,13 @@ class Shard:
 
 class _Rows(Dataset):
     """Rows ``start ..`` of an ImageSet as ``(image, row, error)``; with ``strict`` off, an
-    unreadable image gives a blank image and its error message instead of stopping the run."""
+    unreadable image gives a blank image and its error message instead of stopping the run.
+    A :class:`StoredViewTransform` gives each image its seeded view (it is told the image's id)."""
 
-    def __init__(self, images: ImageSet, rows: range, transform: EvalTransform, strict: bool) -> None:
+    def __init__(self, images: ImageSet, rows: range, transform: EvalTransform | StoredViewTransform,
+                 strict: bool) -> None:
         self.images, self.rows, self.transform, self.strict = images, rows, transform, strict
+        self.image_size = (transform.base if isinstance(transform, StoredViewTransform) else transform).pre.image_size
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,23 +87,28 @@ class _Rows(Dataset):
         row = self.rows[i]
         try:
             record = self.images.records[row]
-            return self.transform(load_record(record, self.transform.source_side, self.transform.background)), row, ""
+            image = load_record(record, self.transform.source_side, self.transform.background)
+            if isinstance(self.transform, StoredViewTransform):
+                return self.transform(image, self.images.ids[row]), row, ""
+            return self.transform(image), row, ""
         except DataError as exc:
             if self.strict:
                 raise
-            size = self.transform.pre.image_size
-            return torch.zeros(3, size, size), row, str(exc)
+            return torch.zeros(3, self.image_size, self.image_size), row, str(exc)
 
 
 def _embed_batches(
     images: ImageSet, checkpoint: Checkpoint, rows: range, batch_size: int, workers: int, strict: bool,
+    view: StoredView | None = None,
 ) -> Iterator[tuple[int, np.ndarray, list[tuple[int, str]]]]:
     """Yield ``(first_row, embeddings, failures)`` per batch, in row order; ``failures`` lists
-    ``(row, error)`` of the batch's unreadable images (their embedding rows are meaningless)."""
+    ``(row, error)`` of the batch's unreadable images (their embedding rows are meaningless).
+    With ``view``, each image is embedded in that seeded view instead of clean."""
     model = checkpoint.model.eval()
     device = next(model.parameters()).device
+    pre = checkpoint.preprocess
     loader = DataLoader(
-        _Rows(images, rows, EvalTransform(checkpoint.preprocess), strict),
+        _Rows(images, rows, view.transform(pre) if view else EvalTransform(pre), strict),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -119,13 +127,15 @@ def extract(
     batch_size: int = 256,
     workers: int = 2,
     progress: Progress = NULL_PROGRESS,
+    view: StoredView | None = None,
 ) -> Embeddings:
     """Embed ``images`` with the checkpoint's model (already on its device, in eval mode), in
-    memory; an unreadable image stops it (training needs every row)."""
+    memory; an unreadable image stops it (training needs every row). With ``view``, the
+    images' seeded view (recorded in the rows' ``model`` as ``view``)."""
     out = np.empty((len(images), checkpoint.config.embedding_dim), dtype=np.float32)
     progress.start("extract", len(images))
     try:
-        for start, emb, _ in _embed_batches(images, checkpoint, range(len(images)), batch_size, workers, True):
+        for start, emb, _ in _embed_batches(images, checkpoint, range(len(images)), batch_size, workers, True, view):
             out[start : start + len(emb)] = emb
             progress.advance(len(emb))
     finally:
@@ -135,7 +145,7 @@ def extract(
         labels=np.asarray(images.labels, dtype=np.int64),
         ids=images.ids,
         label_names=list(images.label_names),
-        model=checkpoint.identity(),
+        model=_identity(checkpoint, view),
         normalized=False,
         root=os.path.abspath(images.root),
     )
@@ -218,6 +228,7 @@ def extract_to_file(
     resume: bool = False,
     save_every: float = 30.0,
     progress: Progress = NULL_PROGRESS,
+    view: StoredView | None = None,
 ) -> ExtractResult:
     """Embed ``images`` (or one ``shard`` of them) into the embeddings file ``out``.
 
@@ -227,6 +238,8 @@ def extract_to_file(
     there. Unreadable images are skipped and listed in ``OUT.failed.tsv``
     (``strict`` stops instead). When all rows are in, the file is renamed to ``out`` (or, when
     images were skipped, its good rows are copied there), so ``out`` is never half written.
+    With ``view``, every image is embedded in that seeded augmented view (recorded in the file's
+    ``model`` as ``view``): old embeddings of the very views a new model will be trained on.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -234,17 +247,17 @@ def extract_to_file(
     with output_lock(out):  # one writer per output: OUT.partial is shared by every run on OUT
         return _extract_locked(images, checkpoint, out, started, shard=shard, batch_size=batch_size,
                                workers=workers, strict=strict, resume=resume, save_every=save_every,
-                               progress=progress)
+                               progress=progress, view=view)
 
 
 def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started: float, *, shard: Shard | None,
                     batch_size: int, workers: int, strict: bool, resume: bool, save_every: float,
-                    progress: Progress) -> ExtractResult:
+                    progress: Progress, view: StoredView | None = None) -> ExtractResult:
     """:func:`extract_to_file` once its output is checked and locked."""
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(rows):
         raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))
-    meta = _file_meta(images, checkpoint, rows, shard)
+    meta = _file_meta(images, checkpoint, rows, shard, view)
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
     with _open_partial(partial, resume) as fh:
@@ -266,7 +279,7 @@ def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started
         progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
         progress.advance(done)
         try:
-            job = _Job(images, checkpoint, rows, batch_size, workers, strict)
+            job = _Job(images, checkpoint, rows, batch_size, workers, strict, view)
             _stream_rows(job, writer, progress_file, partial, save_every, progress)
         finally:
             progress.stop()
@@ -280,7 +293,14 @@ def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started
     return result
 
 
-def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Shard | None) -> dict[str, Any]:
+def _identity(checkpoint: Checkpoint, view: StoredView | None) -> dict[str, Any]:
+    """The rows' ``model``: the checkpoint's identity, and the seeded view they are of, if any."""
+    identity = checkpoint.identity()
+    return {**identity, "view": view.to_dict()} if view else identity
+
+
+def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Shard | None,
+               view: StoredView | None = None) -> dict[str, Any]:
     """The output file's header: the rows' labels and ids, the model, and which shard it is."""
     ids = images.ids
     shard_meta = None
@@ -293,7 +313,7 @@ def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Sha
     return {
         "labels": labels[rows.start : rows.stop], "ids": ids[rows.start : rows.stop],
         "label_names": list(images.label_names), "dim": checkpoint.config.embedding_dim,
-        "model": checkpoint.identity(), "root": os.path.abspath(images.root), "shard": shard_meta,
+        "model": _identity(checkpoint, view), "root": os.path.abspath(images.root), "shard": shard_meta,
     }
 
 
@@ -344,6 +364,7 @@ class _Job:
     batch_size: int
     workers: int
     strict: bool
+    view: StoredView | None = None
 
 
 def _stream_rows(
@@ -356,7 +377,8 @@ def _stream_rows(
     last_save = time.monotonic()
     try:
         with StopSignals() as stop:
-            batches = _embed_batches(images, job.checkpoint, rows[state.done:], job.batch_size, job.workers, job.strict)
+            batches = _embed_batches(images, job.checkpoint, rows[state.done:], job.batch_size, job.workers, job.strict,
+                                     job.view)
             for start, emb, failures in batches:
                 with _writing(partial):
                     writer.write(start - rows.start, emb)

@@ -25,7 +25,9 @@ Fashion-MNIST) for every seed.
 
 Training views follow ``--regime`` (bctool by default): new models train on the clean images their
 precomputed old embeddings are of, old models on random crops; ``--augment`` and ``--old-augment``
-choose others, ``--old-side model`` runs the old model on the new models' own views, and
+choose others, ``--old-side model`` runs the old model on the new models' own views,
+``--old-side views --stored-views K`` trains against the clean images and K seeded crop views of
+each, with the old model's stored embeddings of those very views (``bctool extract --view``), and
 ``--regime paper`` trains every model as the AdvBCT authors do. Each run records them, with the
 git revision it ran at; a cached run made with other ones is refused (use another ``--results``).
 Folders in ``--workdir`` carry a tag per choice (``-none``, ``-flip``, ``-oldmodel``, ``-paper``...).
@@ -67,15 +69,15 @@ from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.digits import DigitsSplit, default_source, write_digits_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.data.sources import load_image_set
+from bctool.data.transforms import TRAINING_VIEWS, StoredView
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
 from bctool.evaluate.backfill import backfill_curve
 from bctool.evaluate.scores import paper_scores, update_gain
-from bctool.extract import extract
+from bctool.extract import extract, extract_to_file
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
 from bctool.train.recipe import WARM_LR
-from bctool.data.transforms import TRAINING_VIEWS
 from bctool.train.regime import REGIMES
 
 log = logging.getLogger("paper_table")
@@ -154,6 +156,18 @@ def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str,
     return out
 
 
+def stored_views(old: dict[str, Path], data: Path, count: int) -> tuple[str, ...]:
+    """The old model's embeddings of ``count`` seeded crop views of the new training list (cached)."""
+    files, ckpt = [], None
+    for k in range(count):
+        out = old["model"].parent / f"old_view{k}_new_train.safetensors"
+        if not out.exists():
+            ckpt = ckpt or load_checkpoint(old["model"])
+            extract_to_file(load_image_set(data / "new_train.txt"), ckpt, out, workers=2, view=StoredView("crop", k))
+        files.append(str(out))
+    return tuple(files)
+
+
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
     """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
     old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
@@ -185,9 +199,13 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     old = old_side(workdir, data, setting, old_seed, old_base)
     # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
     tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
-    side = {"old_model": str(old["model"])} if old_source == "model" else {"old_embeddings": str(old["new_train"])}
-    tag += _tag(base, precomputed_old=old_source == "embeddings") + _tag(old_base, "old-")
-    tag += "-oldmodel" if old_source == "model" else ""
+    side: dict[str, object] = ({"old_model": str(old["model"])} if old_source == "model"
+                               else {"old_embeddings": str(old["new_train"])})
+    if old_source.startswith("views"):
+        side["old_views"] = stored_views(old, data, int(old_source.removeprefix("views")))
+    precomputed = old_source != "model"
+    tag += _tag(base, precomputed_old=precomputed) + _tag(old_base, "old-")
+    tag += {"embeddings": "", "model": "-oldmodel"}.get(old_source, f"-old{old_source}")
     folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     model = folder / f"{method}.safetensors"
@@ -195,7 +213,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     start = time.perf_counter()
     shutil.rmtree(folder / f"{method}-log", ignore_errors=True)  # an interrupted run's log: this run's starts anew
     # A method without an old side trains on the views the compatible methods see.
-    views = base.with_regime(precomputed_old=old_source == "embeddings").optim.augment
+    views = base.with_regime(precomputed_old=precomputed).optim.augment
     config = base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
                      **(side if REGISTERED[method].needs_old_side else {}),
                      log_dir=str(folder / f"{method}-log"),
@@ -234,7 +252,7 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
 def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
     """The regime, where the new models' old embeddings come from, and the training views of the
     new models and of the old model, as the regime resolves them."""
-    new = base.with_regime(precomputed_old=old_source == "embeddings")
+    new = base.with_regime(precomputed_old=old_source != "model")
     return {"regime": base.optim.regime, "old_source": old_source, "augment": new.optim.augment,
             "old_augment": old_base.with_regime().optim.augment}
 
@@ -428,9 +446,12 @@ def main() -> None:
                              "precomputed old embeddings, which are of clean images)")
     parser.add_argument("--old-augment", choices=list(TRAINING_VIEWS), default=None,
                         help="training views of the old models (default: the regime's; bctool: crop)")
-    parser.add_argument("--old-side", choices=["embeddings", "model"], default="embeddings",
+    parser.add_argument("--old-side", choices=["embeddings", "model", "views"], default="embeddings",
                         help="the new models train against the old model's precomputed embeddings of the clean "
-                             "images, or run the old model on their own training views (--old-model)")
+                             "images, run the old model on their own training views (--old-model), or train on the "
+                             "clean images and --stored-views seeded crops of each against the old model's stored "
+                             "embeddings of them (--old-views)")
+    parser.add_argument("--stored-views", type=int, default=4, help="with --old-side views: crop views per image")
     parser.add_argument("--old-epochs", type=int, default=None, help="epochs of the old model (default: as the new)")
     parser.add_argument("--old-seed-offset", type=int, default=1000,
                         help="the old model of seed s trains with seed s + this (0: old and new share initial weights)")
@@ -458,7 +479,8 @@ def main() -> None:
             for seed in args.seeds:
                 for method in args.methods:
                     run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
-                               seed + args.old_seed_offset, args.diagnostics, args.old_side)
+                               seed + args.old_seed_offset, args.diagnostics,
+                               f"views{args.stored_views}" if args.old_side == "views" else args.old_side)
     finished = collect(args.results, args.seeds)
     sections, summaries = report(finished)
     if not sections:

@@ -190,6 +190,7 @@ def train(
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(help="Old checkpoint run on every training batch, on the very views the new model sees, instead of --old-embeddings.")] = None,
+    old_views: Annotated[Optional[list[Path]], typer.Option("--old-views", help="With --old-embeddings: old embeddings of a stored augmented view of every training image (`bctool extract --view crop --view-index K`), repeatable, one file per view. Each sample is then the clean image or one of these views, drawn uniformly, and is trained against the old embedding of that very view.", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option(callback=_method_choice, help="Compatibility method (`bctool methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
@@ -221,7 +222,9 @@ def train(
 
     # Every parameter of this command named like a training option is one (the CLI's names).
     options = {name: value for name, value in locals().items() if name in OPTION_GROUP}
+    options["old_views"] = tuple(old_views or ())
     check_not_an_input(out, {"DATA": data, "--old-embeddings": old_embeddings, "--old-model": old_model,
+                             "--old-views": old_views,
                              "--init-from": None if init_from in ("auto", "none") else init_from,
                              "--pretrained": pretrained, "--old-classes": old_classes})
     main_rank = launched_rank().is_main
@@ -303,6 +306,9 @@ def extract(
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it (skipped images are listed in OUT.failed.tsv).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUT.partial (its progress is saved every 30 s and on errors or Ctrl-C).")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="An adapter (`bctool adapt`) fitted on this model's embeddings: write the rows mapped into its target space (the model's own rows go to OUT.unadapted.safetensors first, and stay there).")] = None,
+    view: Annotated[Optional[str], typer.Option(callback=_one_of("bctool.data.transforms", "TRAINING_VIEWS"), help="Embed a seeded augmented view of each image instead of the clean one (flip or crop, as `train --augment`): old embeddings of the very views a new model then trains on (`train --old-views`). View --view-index of an image is the same on every machine.", show_default=False)] = None,
+    view_index: Annotated[int, typer.Option(callback=_at_least(0), help="With --view: which view of each image (0, 1, ...); one file per view.")] = 0,
+    view_seed: Annotated[int, typer.Option(callback=_at_least(0), help="With --view: the seed the views are drawn from.")] = 0,
     device: Device = "auto",
     workers: Workers = 2,
     quiet: Quiet = False,
@@ -323,6 +329,13 @@ def extract(
     if queries and gnd is None:
         raise typer.BadParameter("--queries selects the query images of a --gnd ground truth; pass --gnd too")
     part = Shard.parse(shard) if shard is not None else None
+    stored_view = None
+    if view is not None:
+        from bctool.data.transforms import StoredView
+
+        stored_view = StoredView(view, view_index, view_seed)
+    elif view_index or view_seed:
+        raise typer.BadParameter("--view-index and --view-seed choose a seeded view: pass --view crop (or flip) too")
     checkpoint = load_checkpoint(model, device=resolve_device(device))
     if gnd is not None:
         from bctool.data.sources import image_set_from_names
@@ -345,7 +358,7 @@ def extract(
         check_adapter_source(mapping, checkpoint)  # before any image is read
     raw = out.with_name(out.name.removesuffix(".safetensors") + ".unadapted.safetensors") if mapping else out
     result = extract_to_file(images, checkpoint, raw, batch_size=batch_size, workers=workers, shard=part,
-                             strict=strict, resume=resume, progress=RichProgress(not quiet))
+                             strict=strict, resume=resume, progress=RichProgress(not quiet), view=stored_view)
     if result.failed and not quiet:
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +27,27 @@ class ImageDataset(Dataset):
         record = self.images.records[index]
         image = load_record(record, source_side(self.transform), background_of(self.transform))
         return self.transform(image), record.label, index
+
+
+class StoredViewsDataset(ImageDataset):
+    """Yields ``(image_tensor, label, k * N + index)`` for an ImageSet of N images: per sample
+    one view drawn uniformly (torch's global RNG) among the clean image (``k = 0``, through
+    ``transform``) and the seeded views ``views[k - 1]`` (each a
+    :class:`~bctool.data.transforms.StoredViewTransform`). ``k * N + index`` is the row of the
+    old embedding of that very view in the old side's table (clean rows first, then each view's)."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[Image.Image], torch.Tensor],
+                 views: Sequence[Callable[[Image.Image, str], torch.Tensor]]) -> None:
+        super().__init__(images, transform)
+        self.views = list(views)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        k = int(torch.randint(len(self.views) + 1, ()))
+        if k == 0:
+            return super().__getitem__(index)
+        record, view = self.images.records[index], self.views[k - 1]
+        image = load_record(record, source_side(view), background_of(view))
+        return view(image, self.images.ids[index]), record.label, k * len(self.images) + index
 
 
 def source_side(transform: object) -> int | None:

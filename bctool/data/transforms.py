@@ -7,6 +7,7 @@ exactly what extraction sees), ``flip`` (the clean image mirrored left-right hal
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,11 +119,12 @@ class EvalTransform:
 
 
 class FlipTransform(EvalTransform):
-    """The clean image, mirrored left-right with probability 1/2 (torch's global RNG)."""
+    """The clean image, mirrored left-right with probability 1/2 (torch's global RNG, or
+    ``generator`` for a seeded view)."""
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         x = super().__call__(img)
-        return x.flip(-1) if bool(torch.rand(()) < 0.5) else x
+        return x.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else x
 
 
 class TrainTransform:
@@ -153,11 +155,11 @@ class TrainTransform:
         smallest = math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1]))
         return math.ceil(self.pre.image_size / smallest)
 
-    def _crop_box(self, w: int, h: int) -> tuple[float, float, float, float]:
+    def _crop_box(self, w: int, h: int, generator: torch.Generator | None) -> tuple[float, float, float, float]:
         area = w * h
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         for _ in range(10):
-            u = torch.rand(4).tolist()
+            u = torch.rand(4, generator=generator).tolist()
             target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
             aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
             cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
@@ -167,12 +169,13 @@ class TrainTransform:
         side = min(w, h)
         return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The view of ``img``; its draws come from ``generator`` when given (a seeded view)."""
         size = self.pre.image_size
-        img = img.resize((size, size), self.pre.resample, box=self._crop_box(*img.size))
+        img = img.resize((size, size), self.pre.resample, box=self._crop_box(*img.size, generator))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if self.jitter > 0:
-            b, c, s = (1 + self.jitter * (2 * torch.rand(3) - 1)).tolist()
+            b, c, s = (1 + self.jitter * (2 * torch.rand(3, generator=generator) - 1)).tolist()
             x = x * b
             mean = x.mean()
             x = (x - mean) * c + mean
@@ -189,10 +192,75 @@ def _admit_view(name: str, make: object) -> None:
 
 
 # The training views by ``--augment`` name: ``make(preprocess)`` returns a transform from an RGB
-# image to a normalised (3, H, W) tensor; ``clean`` declares it the very tensor extraction computes.
+# image to a normalised (3, H, W) tensor; ``clean`` declares it the very tensor extraction computes,
+# ``seeded`` that it also takes ``generator=`` for its draws (so `extract --view` can store it).
 # The entry-point group bctool.views adds others.
 TRAINING_VIEWS: Registry[Callable[[Preprocess], Callable]] = Registry(
-    "training view", "views", error=DataError, admit=_admit_view, derive=lambda name, make: {"clean": False})
+    "training view", "views", error=DataError, admit=_admit_view,
+    derive=lambda name, make: {"clean": False, "seeded": False})
 TRAINING_VIEWS.register("none", EvalTransform, description="The clean image, as extraction sees it.", clean=True)
-TRAINING_VIEWS.register("flip", FlipTransform, description="The clean image, mirrored left-right half the time.")
-TRAINING_VIEWS.register("crop", TrainTransform, description="Random resized crops (scale 0.35-1) and colour jitter.")
+TRAINING_VIEWS.register("flip", FlipTransform, description="The clean image, mirrored left-right half the time.",
+                        seeded=True)
+TRAINING_VIEWS.register("crop", TrainTransform, description="Random resized crops (scale 0.35-1) and colour jitter.",
+                        seeded=True)
+
+
+def _view_generator(seed: int, index: int, image_id: str) -> torch.Generator:
+    """The generator of view ``index`` of image ``image_id`` under ``seed``: the same draws on
+    every machine and in every process (a stable hash, not Python's salted one)."""
+    digest = hashlib.blake2b(f"{seed}/{index}/{image_id}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class StoredView:
+    """One seeded augmented view of every image: view ``index`` of the training view ``augment``
+    under ``seed``. ``bctool extract --view`` embeds it with the old model; training against that
+    file shows the new model the very same view of each image (see :class:`StoredViewTransform`)."""
+
+    augment: str
+    index: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.augment not in TRAINING_VIEWS:
+            TRAINING_VIEWS.raise_if_failed(self.augment)
+            raise DataError(f"view {self.augment!r} is unknown; choose one of {list(TRAINING_VIEWS)}")
+        if not TRAINING_VIEWS.entry(self.augment).declares["seeded"]:
+            seeded = [n for n in TRAINING_VIEWS if TRAINING_VIEWS.entry(n).declares["seeded"]]
+            raise DataError(f"view {self.augment!r} cannot be stored (it takes no seed); choose one of {seeded}")
+        if self.index < 0 or self.seed < 0:
+            raise DataError(f"view index {self.index} and seed {self.seed} must be 0 or more")
+
+    def to_dict(self) -> dict[str, object]:
+        """What an embeddings file records of the view its rows are of."""
+        return {"augment": self.augment, "index": self.index, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoredView:
+        """The view an embeddings file records."""
+        return cls(str(d["augment"]), int(d["index"]), int(d["seed"]))
+
+    def transform(self, pre: Preprocess) -> StoredViewTransform:
+        """The transform giving this view of an image, given the image and its id."""
+        return StoredViewTransform(self, TRAINING_VIEWS[self.augment](pre))
+
+
+class StoredViewTransform:
+    """``(image, image_id) -> tensor``: a :class:`StoredView` of one image, the same every call."""
+
+    def __init__(self, view: StoredView, base: Callable) -> None:
+        self.view, self.base = view, base
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The colour the decoder puts under transparent pixels."""
+        return self.base.background
+
+    @property
+    def source_side(self) -> int | None:
+        """The input's shorter side the view needs (its training view's)."""
+        return getattr(self.base, "source_side", None)
+
+    def __call__(self, img: Image.Image, image_id: str) -> torch.Tensor:
+        return self.base(img, generator=_view_generator(self.view.seed, self.view.index, image_id))

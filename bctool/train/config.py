@@ -116,11 +116,19 @@ class CompatOptions:
     method: str = "independent"
     method_params: dict[str, Any] = field(default_factory=dict)  # over the method's defaults; resolved
     old_embeddings: str | None = None
+    # Old embeddings of seeded augmented views (`extract --view`), each file one view of every image.
+    old_views: tuple[str, ...] = ()
     old_model: str | None = None
     old_classes: str | None = None
     compat_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "old_views", tuple(os.fspath(v) for v in self.old_views))
+        if self.old_views and not self.old_embeddings:
+            raise ConfigError(
+                "--old-views adds old embeddings of augmented views to the clean ones: pass the old model's clean "
+                "embeddings of the training list as --old-embeddings too (`bctool extract` without --view)"
+            )
         _check(self, {"compat_weight": (math.isfinite(self.compat_weight) and self.compat_weight >= 0,
                                         "a finite number, 0 or more")})
         from bctool.train.methods import resolve_params
@@ -206,6 +214,11 @@ class TrainConfig:
         given = {"augment": self.optim.augment, "schedule": self.optim.schedule,
                  "warmup_epochs": self.optim.warmup_epochs, "head_bias": self.model.head_bias}
         precomputed = bool(self.compat.old_embeddings) if precomputed_old is None else precomputed_old
+        if self.compat.old_views and self.optim.augment not in (None, "none"):
+            raise ConfigError(
+                f"--old-views sets the training views (the clean image and each stored view), so --augment "
+                f"{self.optim.augment} would be ignored: drop it"
+            )
         return self.replace(**regime_parts(self.optim.regime, given, precomputed_old=precomputed))
 
     def model_config(self, num_classes: int) -> ModelConfig:

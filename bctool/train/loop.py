@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader
 
 from bctool.checkpoint import save_checkpoint
 from bctool.data.check import find_unreadable, without, write_report
-from bctool.data.dataset import ImageDataset
+from bctool.data.dataset import ImageDataset, StoredViewsDataset
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import TRAINING_VIEWS, Preprocess
+from bctool.data.transforms import TRAINING_VIEWS, Preprocess, StoredView
 from bctool.errors import BctoolError, DataError
 from bctool.interrupt import Interrupted, StopSignals
 from bctool.io import atomic_write_text, check_output_path, output_lock
@@ -138,18 +138,21 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float, milestones: tuple[
 
 def make_loader(
     images: ImageSet, config: TrainConfig, preprocess: Preprocess, generator: torch.Generator, pin: bool,
-    rank: Rank = Rank(),
+    rank: Rank = Rank(), views: Sequence[StoredView] = (),
 ) -> DataLoader:
     """Shuffled, batch-complete loader (BatchNorm needs more than one sample per batch).
 
     Workers are re-created each epoch and seeded from ``generator``, so an epoch's data order and
     augmentation depend only on the generator state saved with the training state. Under
     multi-process training each rank loads its share of every global batch (``--batch-size``).
+    With stored ``views`` each sample is the clean image or one of those views, drawn uniformly.
     """
     transform = TRAINING_VIEWS[config.optim.augment](preprocess)
     batch_size = per_rank_batch(min(config.optim.batch_size, len(images)), rank)
+    dataset = (StoredViewsDataset(images, transform, [v.transform(preprocess) for v in views]) if views
+               else ImageDataset(images, transform))
     return DataLoader(
-        ImageDataset(images, transform),
+        dataset,
         batch_size=batch_size,
         sampler=ShardedShuffle(len(images), generator, rank),
         drop_last=True,
@@ -191,9 +194,10 @@ def build_task(
         images, config.model.embedding_dim, preprocess, device,
         old_embeddings=config.compat.old_embeddings, old_model=config.compat.old_model,
         old_classes=config.compat.old_classes, need_old_head=method_class(config.compat.method).uses_old_head,
-        workers=config.optim.workers, progress=progress,
+        workers=config.optim.workers, progress=progress, old_views=config.compat.old_views,
     )
     labels = torch.tensor(images.labels, dtype=torch.int64)
+    labels = labels.repeat(old.embeddings.shape[0] // len(images))  # one per view, with stored views
     stats = compute_old_stats(old.embeddings, labels, len(images.label_names), old.old_classes)
     model.to(device)
     context = MethodContext(
@@ -218,6 +222,8 @@ def _old_view(config: TrainConfig) -> str:
     the views the new model sees (precomputed from clean images, new views augmented)."""
     if config.compat.old_model:
         return "same: the old model runs on every training batch"
+    if config.compat.old_views:
+        return f"same: the clean image and {len(config.compat.old_views)} stored views, with their old embeddings"
     if TRAINING_VIEWS.entry(config.optim.augment).declares["clean"]:
         return "same: clean images on both sides"
     logger.warning(
@@ -250,9 +256,12 @@ def _consistency(
         return {"skipped": "the old checkpoint is not known (keep the one the embeddings file names, unchanged)"}
     old = OnTheFlyOld(load_checkpoint(path, device=device), preprocess).to(device)
     seed = config.optim.seed + 1  # its own draws: the training's are left alone
-    loader = make_loader(images, config, preprocess, torch.Generator().manual_seed(seed), pin=False)
-    labels = torch.tensor(images.labels, dtype=torch.int64)
-    floor = consistency_floor(old, loader, task.old.table.cpu(), labels, task.compat.ctx.stats, config.optim.augment,
+    loader = make_loader(images, config, preprocess, torch.Generator().manual_seed(seed), pin=False,
+                         views=task.old.views)
+    # The table holds the clean rows, then each stored view's: a label per row.
+    labels = torch.tensor(images.labels, dtype=torch.int64).repeat(1 + len(task.old.views))
+    seen = f"{config.optim.augment} and {len(task.old.views)} stored views" if task.old.views else config.optim.augment
+    floor = consistency_floor(old, loader, task.old.table.cpu(), labels, task.compat.ctx.stats, seen,
                               device, seed=seed).to_dict()
     logger.info("consistency floor (the old model's own %s views against the old embeddings): %s",
                 config.optim.augment, floor)
@@ -380,7 +389,8 @@ class _Session:
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
         scaler = torch.amp.GradScaler(device.type) if optim.amp == "fp16" and device.type == "cuda" else None
-        loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank)
+        loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank,
+                             views=getattr(getattr(task, "old", None), "views", ()))
         total = len(loader) * optim.epochs
         warmup = min(total // 2, round(optim.warmup_epochs * len(loader)))
         decays = SCHEDULES.get_obj(optim.schedule)(optim.epochs)

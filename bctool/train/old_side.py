@@ -9,6 +9,7 @@ old class statistics, the old classifier for BCT, and which classes count as old
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bctool.data.sources import ImageSet
-from bctool.data.transforms import TORCH_MODES, Preprocess
+from bctool.data.transforms import TORCH_MODES, Preprocess, StoredView
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.io import unused_path
@@ -28,11 +29,16 @@ logger = logging.getLogger(__name__)
 
 
 class PrecomputedOld(nn.Module):
-    """Old embeddings looked up by training-set row: ``table[indices]``, kept on the device."""
+    """Old embeddings looked up by training-set row: ``table[indices]``, kept on the device.
 
-    def __init__(self, table: torch.Tensor) -> None:
+    With stored ``views`` the table holds the clean rows (0 .. N-1) then each view's N rows, and
+    the loader's index names the row of the view it drew (:class:`~bctool.data.dataset.StoredViewsDataset`).
+    """
+
+    def __init__(self, table: torch.Tensor, views: tuple[StoredView, ...] = ()) -> None:
         super().__init__()
         self.register_buffer("table", table.float(), persistent=False)
+        self.views = views
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Old embeddings (B, D) of the batch rows."""
@@ -81,7 +87,9 @@ class OldSide:
     """Everything compatible training takes from the old model."""
 
     module: nn.Module  # PrecomputedOld or OnTheFlyOld
-    embeddings: torch.Tensor  # (N_train, D) old embeddings of the training rows (for statistics)
+    # (N_train, D) old embeddings of the training rows (for statistics); with stored views
+    # (K + 1) N_train rows: the clean ones, then each view's, in the module's table order.
+    embeddings: torch.Tensor
     old_classes: torch.Tensor  # (C,) bool over the new label space
     old_head: nn.Module | None  # the old classifier (frozen), if known
     old_label_index: torch.Tensor | None  # (C,) new label -> old head index, -1 if none
@@ -182,8 +190,10 @@ def load_old_side(
     need_old_head: bool = False,
     workers: int = 0,
     progress: Progress = NULL_PROGRESS,
+    old_views: Sequence[str] = (),
 ) -> OldSide:
-    """Build the old side from an embeddings file or an old checkpoint (exactly one)."""
+    """Build the old side from an embeddings file or an old checkpoint (exactly one); with
+    ``old_views``, also the old embeddings of stored augmented views (``extract --view``)."""
     if bool(old_embeddings) == bool(old_model):
         raise ConfigError("pass exactly one of --old-embeddings OLD_EMB.safetensors or --old-model OLD.safetensors")
     explicit = _read_class_list(Path(old_classes)) if old_classes else None
@@ -197,7 +207,53 @@ def load_old_side(
     if old_model:
         return _from_model(images, embedding_dim, preprocess, device, old_model, explicit, workers, progress)
     assert old_embeddings is not None
-    return _from_embeddings(images, embedding_dim, device, old_embeddings, explicit, need_old_head)
+    side = _from_embeddings(images, embedding_dim, device, old_embeddings, explicit, need_old_head)
+    if old_views:
+        views, tables = _stored_views(images, side.embeddings, old_embeddings, old_views)
+        # The class statistics (centers, r_max) come from every view the new model trains on.
+        side.embeddings = torch.cat([side.embeddings, *tables])
+        side.module = PrecomputedOld(side.embeddings, views)
+        side.description += f" and {len(views)} stored views"
+    return side
+
+
+def _view_of(emb: Embeddings) -> StoredView | None:
+    view = emb.model.get("view")
+    return StoredView.from_dict(view) if isinstance(view, dict) else None
+
+
+def _stored_views(
+    images: ImageSet, clean: torch.Tensor, old_embeddings: str, old_views: Sequence[str],
+) -> tuple[tuple[StoredView, ...], list[torch.Tensor]]:
+    """The views recorded in the ``old_views`` files and their rows in training order; each file
+    must hold one seeded view of every training image, made by the model of ``old_embeddings``."""
+    sha = load_embeddings(old_embeddings, mmap=True).model.get("sha256")
+    views: list[StoredView] = []
+    tables: list[torch.Tensor] = []
+    for path in old_views:
+        emb = load_embeddings(path, mmap=True)
+        view = _view_of(emb)
+        if view is None:
+            raise EmbeddingsError(
+                f"--old-views {path!r} holds clean embeddings, not a stored view; make one with `bctool extract "
+                f"{images.source} --model OLD.safetensors --view crop --view-index K --out OLD_VIEW_K.safetensors`"
+            )
+        if view in views:
+            raise EmbeddingsError(f"--old-views {path!r} repeats view {view.to_dict()} of an earlier file; "
+                                  "give each --view-index once")
+        if emb.model.get("sha256") != sha:
+            raise EmbeddingsError(
+                f"--old-views {path!r} was made by model {emb.model.get('path', '?')!r} (sha256 "
+                f"{str(emb.model.get('sha256'))[:12]}), --old-embeddings {old_embeddings!r} by another "
+                f"(sha256 {str(sha)[:12]}); extract every file with the same old checkpoint"
+            )
+        _check_dim(emb.dim, clean.shape[1], path)
+        table = match_by_id(images, emb, path)
+        if not torch.isfinite(table).all():
+            raise EmbeddingsError(f"{path!r} holds non-finite values (NaN or inf); re-extract it")
+        views.append(view)
+        tables.append(table)
+    return tuple(views), tables
 
 
 def _from_model(
@@ -226,6 +282,12 @@ def _from_embeddings(
     """Precomputed old embeddings matched to the training images by id; the old classifier
     from the checkpoint the file names, when the method uses it and that file is unchanged."""
     emb = load_embeddings(old_embeddings)
+    if _view_of(emb) is not None:
+        raise EmbeddingsError(
+            f"--old-embeddings {old_embeddings!r} holds a stored augmented view ({emb.model['view']}), not the clean "
+            "images the class statistics come from; pass the clean old embeddings (`bctool extract` without --view) "
+            "as --old-embeddings and this file as --old-views"
+        )
     _check_dim(emb.dim, embedding_dim, old_embeddings)
     table = match_by_id(images, emb, old_embeddings)
     if not torch.isfinite(table).all():

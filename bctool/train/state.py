@@ -106,6 +106,7 @@ def load_train_state(
     if meta.get("format") != FORMAT:
         raise ConfigError(f"--resume: {str(path)!r} is not a bctool training state")
     saved = json.loads(meta["config"])
+    config = json.loads(json.dumps(config))  # compared as saved: tuples read back as lists
     changed = sorted(
         k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k)
     )
