@@ -1,9 +1,13 @@
-"""Embeddings files: safetensors with ``embeddings`` (N x D float32) and ``labels`` (N int64).
+"""Embeddings files: safetensors with ``embeddings`` (N x D float32 or float16), ``labels``
+(N int64) and the ids as two tensors: ``id_bytes`` (uint8, the UTF-8 of every id, one after
+the other) and ``id_offsets`` (N + 1 int64: id ``i`` is ``id_bytes[id_offsets[i]:id_offsets[i + 1]]``).
 
 Metadata (all JSON strings, as safetensors requires ``dict[str, str]``):
 
-- ``format``: ``"bctool.embeddings"``; ``format_version``: ``"1"``;
-- ``ids``: JSON list of N strings, the image path relative to the dataset root without extension;
+- ``format``: ``"bctool.embeddings"``; ``format_version``: ``"2"`` (version 1 kept the ids as a
+  JSON list in the ``ids`` metadata key, which safetensors' 100 MB header limit capped at about
+  1.5 million rows; version-1 files still read);
+- ids: the image path relative to the dataset root without extension (tensors above);
 - ``label_names``: JSON list; label ``i`` means ``label_names[i]``, ``-1`` means unknown;
 - ``model``: JSON object naming the model that made the rows
   (``sha256`` of the checkpoint file, ``arch``, ``embedding_dim``, ``path``);
@@ -13,9 +17,9 @@ Metadata (all JSON strings, as safetensors requires ``dict[str, str]``):
   ``index``, ``count``, ``start``, ``stop`` (the rows of the full list this part covers),
   ``total`` (rows in the full list) and ``list`` (sha256 of the full list's ids).
 
-Tensors are stored as safetensors' own writer orders them (``labels`` first, then
-``embeddings``), so :class:`EmbeddingsWriter` streams rows into their final place in the file
-and memory never holds more than one block of rows.
+Tensors are stored as safetensors' own writer orders them (larger elements first, then by name:
+``id_offsets``, ``labels``, ``embeddings``, ``id_bytes``), so :class:`EmbeddingsWriter` streams
+rows into their final place in the file and memory never holds more than one block of rows.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import math
 import mmap as mmap_module
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,120 @@ from bctool.errors import BctoolError, EmbeddingsError
 from bctool.io import atomic_path, check_format_version, read_safetensors_header, safetensors_header
 
 FORMAT = "bctool.embeddings"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Storage dtypes of the rows by name (``extract --dtype``): numpy's and safetensors' codes.
+DTYPES = {"float32": ("<f4", "F32"), "float16": ("<f2", "F16")}
+FLOAT16_MAX = 65504.0
 logger = logging.getLogger(__name__)
+
+
+class RowIds(Sequence[str]):
+    """The ids of a version-2 file: ``data`` (uint8, every id's UTF-8 one after the other) and
+    ``offsets`` (N + 1 int64), both possibly memory-mapped; an id is decoded when it is read,
+    so a gallery of millions of rows holds no Python string per row."""
+
+    def __init__(self, offsets: np.ndarray, data: np.ndarray) -> None:
+        self.offsets, self.data = offsets, data
+
+    @classmethod
+    def encode(cls, ids: Iterable[str]) -> RowIds:
+        """The ids as one buffer and offsets (a :class:`RowIds` is returned as it is)."""
+        if isinstance(ids, RowIds):
+            return ids
+        raw = [str(i).encode("utf-8") for i in ids]
+        offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in raw], out=offsets[1:])
+        return cls(offsets, np.frombuffer(b"".join(raw), dtype=np.uint8))
+
+    def check(self, path: object) -> RowIds:
+        """``self``, after refusing offsets that do not cut ``data`` into ids."""
+        o = self.offsets
+        if o.ndim != 1 or len(o) < 1 or o[0] != 0 or o[-1] != len(self.data) or bool((np.diff(o) < 0).any()):
+            raise EmbeddingsError(f"{str(path)!r}: 'id_offsets' do not cut 'id_bytes' into ids; re-create the file")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def _decode(self, begin: int, end: int) -> str:
+        try:
+            return self.data[begin:end].tobytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EmbeddingsError(f"an id is not UTF-8 ({exc}); re-create the file") from exc
+
+    def __getitem__(self, index):  # noqa: ANN001, ANN204 - int -> str, slice -> list[str]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        i = int(index) + n if int(index) < 0 else int(index)
+        if not 0 <= i < n:
+            raise IndexError(f"id {index} of {n}")
+        return self._decode(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def __iter__(self) -> Iterator[str]:
+        block = 65536
+        for start in range(0, len(self), block):
+            offsets = self.offsets[start : start + block + 1].tolist()
+            raw = self.data[offsets[0] : offsets[-1]].tobytes()
+            base = offsets[0]
+            try:
+                yield from (raw[a - base : b - base].decode("utf-8") for a, b in zip(offsets, offsets[1:]))
+            except UnicodeDecodeError as exc:
+                raise EmbeddingsError(f"an id is not UTF-8 ({exc}); re-create the file") from exc
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RowIds):
+            return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.data, other.data)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RowIds({len(self)} ids)"
+
+    def rows_of(self, wanted: Iterable[str]) -> dict[str, int]:
+        """The first row of each ``wanted`` id that is there: one vectorised pass over the
+        buffer (lengths, then a hash of each id, then an exact check of the few candidates)."""
+        targets = {w.encode("utf-8"): w for w in wanted}
+        if not targets or not len(self):
+            return {}
+        found: dict[str, int] = {}
+        keys = _hash_ids(RowIds.encode(list(targets.values())))
+        block = 1 << 20
+        for start in range(0, len(self), block):
+            part = RowIds(self.offsets[start : start + block + 1] - self.offsets[start],
+                          self.data[self.offsets[start] : self.offsets[min(start + block, len(self))]])
+            for i in np.flatnonzero(np.isin(_hash_ids(part), keys)).tolist():
+                raw = part.data[part.offsets[i] : part.offsets[i + 1]].tobytes()
+                name = targets.get(raw)
+                if name is not None and name not in found:
+                    found[name] = start + i
+        return found
+
+
+_HASH_BASE = np.uint64(1099511628211)  # FNV's 64-bit prime: any odd number mixes well enough here
+
+
+def _hash_ids(ids: RowIds) -> np.ndarray:
+    """A 64-bit polynomial hash of every id of ``ids`` (uint64, wrapping), vectorised."""
+    offsets = ids.offsets - ids.offsets[0]
+    lengths = np.diff(offsets)
+    n_bytes = int(offsets[-1])
+    out = np.zeros(len(ids), dtype=np.uint64)
+    if n_bytes == 0:
+        return out
+    position = np.arange(n_bytes, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    longest = int(lengths.max())
+    powers = np.ones(longest, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(1, longest):
+            powers[k] = powers[k - 1] * _HASH_BASE
+        terms = (np.asarray(ids.data, dtype=np.uint64) + np.uint64(1)) * powers[position]
+    nonempty = lengths > 0
+    out[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
+    return out + lengths.astype(np.uint64)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -66,9 +182,11 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 class Embeddings:
     """Rows of embeddings with their ids, labels and the identity of the model that made them."""
 
-    embeddings: np.ndarray  # (N, D) float32, raw (not normalised) unless ``normalized``
+    # (N, D) float32, raw (not normalised) unless ``normalized``; float16 when a float16 file is
+    # memory-mapped (every reader converts its blocks to float32)
+    embeddings: np.ndarray
     labels: np.ndarray  # (N,) int64, -1 where unknown
-    ids: list[str]
+    ids: Sequence[str]  # a list, or the RowIds of a version-2 file (decoded when read)
     label_names: list[str]
     model: dict[str, Any] = field(default_factory=dict)
     normalized: bool = False
@@ -169,13 +287,11 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
 
 
 def _metadata(
-    ids: list[str], label_names: list[str], model: dict[str, Any], normalized: bool, root: str,
-    shard: dict[str, Any] | None,
+    label_names: list[str], model: dict[str, Any], normalized: bool, root: str, shard: dict[str, Any] | None,
 ) -> dict[str, str]:
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "ids": json.dumps(ids),
         "label_names": json.dumps(label_names),
         "model": json.dumps(model),
         "normalized": json.dumps(normalized),
@@ -186,71 +302,120 @@ def _metadata(
     return metadata
 
 
-def _header(num_rows: int, dim: int, metadata: dict[str, str]) -> bytes:
-    """The header safetensors writes for ``labels`` (first) and ``embeddings``."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where everything of an ``N x dim`` version-2 file lies: its header, the bytes of every
+    tensor but the rows (with their offsets in the file), and the rows' span."""
+
+    head: bytes
+    fixed: tuple[tuple[int, bytes], ...]
+    rows_start: int
+    size: int
+    row_dtype: str  # numpy's
+
+
+def _layout(labels: np.ndarray, ids: RowIds, dim: int, dtype: str, metadata: dict[str, str]) -> _Layout:
+    """The file safetensors' own writer would lay out for these tensors (larger elements first,
+    then by name): ``id_offsets``, ``labels``, ``embeddings``, ``id_bytes``."""
+    if dtype not in DTYPES:
+        raise EmbeddingsError(f"dtype {dtype!r} is not one an embeddings file stores; choose one of {list(DTYPES)}")
+    n = len(ids)
+    row_dtype, code = DTYPES[dtype]
+    row_bytes = np.dtype(row_dtype).itemsize * dim
+    offsets = np.ascontiguousarray(ids.offsets - ids.offsets[0], dtype="<i8").tobytes()
+    id_bytes = np.ascontiguousarray(ids.data, dtype=np.uint8).tobytes()
+    entries = [("id_offsets", "I64", [n + 1], len(offsets)), ("labels", "I64", [n], 8 * n),
+               ("embeddings", code, [n, dim], n * row_bytes), ("id_bytes", "U8", [len(id_bytes)], len(id_bytes))]
     try:
-        return safetensors_header(metadata, [("labels", "I64", [num_rows], 8 * num_rows),
-                                             ("embeddings", "F32", [num_rows, dim], 4 * num_rows * dim)])
+        head = safetensors_header(metadata, entries)
     except BctoolError as exc:
-        raise EmbeddingsError(f"{num_rows:,} ids: {exc} with `bctool extract --shard I/N`") from exc
+        names = len(json.loads(metadata["label_names"]))
+        raise EmbeddingsError(f"{names:,} label names: {exc}") from exc
+    labels_at = len(head) + len(offsets)
+    rows_start = labels_at + 8 * n
+    ids_at = rows_start + n * row_bytes
+    label_bytes = np.ascontiguousarray(labels, dtype="<i8").tobytes()
+    fixed = ((len(head), offsets), (labels_at, label_bytes), (ids_at, id_bytes))
+    return _Layout(head, fixed, rows_start, ids_at + len(id_bytes), row_dtype)
 
 
 class EmbeddingsWriter:
     """Rows of an embeddings file written block by block into their place in an open file.
 
-    The header and labels are written on creation; :meth:`write` puts rows ``start ..`` at
+    The header, ids and labels are written on creation; :meth:`write` puts rows ``start ..`` at
     their offset, in any order. :meth:`missing` counts rows not yet written.
     """
 
-    def __init__(self, fh: Any, num_rows: int, dim: int, head: bytes) -> None:
+    def __init__(self, fh: Any, num_rows: int, dim: int, layout: _Layout) -> None:
         self._fh = fh
-        self.num_rows, self.dim, self.head = num_rows, dim, head
-        self.size = len(head) + 8 * num_rows + 4 * num_rows * dim
-        self._rows_start = len(head) + 8 * num_rows
+        self.num_rows, self.dim, self.layout = num_rows, dim, layout
+        self.head, self.size = layout.head, layout.size
         self._written = np.zeros(num_rows, dtype=bool)
 
     @classmethod
-    def create(
-        cls, fh: Any, *, labels: np.ndarray, ids: list[str], label_names: list[str], dim: int,
-        model: dict[str, Any], normalized: bool = False, root: str = "",
-        shard: dict[str, Any] | None = None,
+    def _plan(
+        cls, fh: Any, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
+        model: dict[str, Any], normalized: bool, root: str, shard: dict[str, Any] | None, dtype: str,
     ) -> EmbeddingsWriter:
-        """Write the header and labels of an ``len(ids) x dim`` file to ``fh`` (opened ``w+b``)."""
-        n = len(ids)
-        labels = np.ascontiguousarray(labels, dtype="<i8")
+        row_ids = RowIds.encode(ids)
+        n = len(row_ids)
+        labels = np.asarray(labels)
         if labels.shape != (n,):
             raise EmbeddingsError(f"{n} ids but labels of shape {labels.shape}; they must match")
-        writer = cls(fh, n, dim, _header(n, dim, _metadata(ids, label_names, model, normalized, root, shard)))
+        metadata = _metadata(label_names, model, normalized, root, shard)
+        return cls(fh, n, dim, _layout(labels, row_ids, dim, dtype, metadata))
+
+    @classmethod
+    def create(
+        cls, fh: Any, *, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
+        model: dict[str, Any], normalized: bool = False, root: str = "",
+        shard: dict[str, Any] | None = None, dtype: str = "float32",
+    ) -> EmbeddingsWriter:
+        """Write the header, ids and labels of an ``len(ids) x dim`` file to ``fh`` (opened ``w+b``)."""
+        writer = cls._plan(fh, labels, ids, label_names, dim, model, normalized, root, shard, dtype)
         fh.seek(0)
         fh.write(writer.head)
-        fh.write(labels.tobytes())
+        for offset, raw in writer.layout.fixed:
+            fh.seek(offset)
+            fh.write(raw)
         fh.truncate(writer.size)  # the rows' bytes, filled by write()
         return writer
 
     @classmethod
     def reopen(
-        cls, fh: Any, *, labels: np.ndarray, ids: list[str], label_names: list[str], dim: int,
+        cls, fh: Any, *, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
         model: dict[str, Any], normalized: bool = False, root: str = "",
-        shard: dict[str, Any] | None = None,
+        shard: dict[str, Any] | None = None, dtype: str = "float32",
     ) -> EmbeddingsWriter:
         """A writer over a file :meth:`create` began with the same arguments (opened ``r+b``);
-        an :class:`EmbeddingsError` if the file holds another header, other labels or another size."""
-        n = len(ids)
-        writer = cls(fh, n, dim, _header(n, dim, _metadata(ids, label_names, model, normalized, root, shard)))
-        labels = np.ascontiguousarray(labels, dtype="<i8").tobytes()
+        an :class:`EmbeddingsError` if the file holds another header, ids, labels or size."""
+        writer = cls._plan(fh, labels, ids, label_names, dim, model, normalized, root, shard, dtype)
         fh.seek(0)
-        if fh.read(len(writer.head) + len(labels)) != writer.head + labels or fh.seek(0, 2) != writer.size:
+        same = fh.read(len(writer.head)) == writer.head
+        for offset, raw in writer.layout.fixed:
+            fh.seek(offset)
+            same = same and fh.read(len(raw)) == raw
+        if not same or fh.seek(0, 2) != writer.size:
             raise EmbeddingsError("the file was begun for other images, labels, model or shard")
         return writer
 
     def write(self, start: int, rows: np.ndarray) -> None:
         """Put ``rows`` (k x dim) at rows ``start .. start + k`` of the file."""
-        rows = np.ascontiguousarray(rows, dtype="<f4")
+        rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise EmbeddingsError(f"rows of shape {rows.shape} do not fit a file of dimension {self.dim}")
         if not 0 <= start <= start + len(rows) <= self.num_rows:
             raise EmbeddingsError(f"rows {start}..{start + len(rows)} lie outside a file of {self.num_rows} rows")
-        self._fh.seek(self._rows_start + 4 * self.dim * start)
+        if self.layout.row_dtype == "<f2" and rows.dtype != np.float16 and rows.size:
+            with np.errstate(invalid="ignore"):
+                peak = float(np.nanmax(np.abs(np.where(np.isfinite(rows), rows, 0))))
+            if peak > FLOAT16_MAX:
+                raise EmbeddingsError(
+                    f"rows {start}..{start + len(rows)} hold values up to {peak:.4g}, beyond float16's "
+                    f"{FLOAT16_MAX:g}; store them as float32 (--dtype float32)"
+                )
+        rows = np.ascontiguousarray(rows, dtype=self.layout.row_dtype)
+        self._fh.seek(self.layout.rows_start + rows.itemsize * self.dim * start)
         self._fh.write(rows.tobytes())
         self._written[start : start + len(rows)] = True
 
@@ -259,27 +424,36 @@ class EmbeddingsWriter:
         return int((~self._written).sum())
 
 
+def storage_dtype(rows: np.ndarray) -> str:
+    """The name (``DTYPES``) a file keeps ``rows`` in: float16 rows stay float16, others float32."""
+    return "float16" if rows.dtype == np.float16 else "float32"
+
+
 @contextlib.contextmanager
 def write_embeddings(
-    path: str | os.PathLike[str], *, labels: np.ndarray, ids: list[str], label_names: list[str],
+    path: str | os.PathLike[str], *, labels: np.ndarray, ids: Sequence[str], label_names: list[str],
     dim: int, model: dict[str, Any], normalized: bool = False, root: str = "",
-    shard: dict[str, Any] | None = None,
+    shard: dict[str, Any] | None = None, dtype: str = "float32",
 ) -> Iterator[EmbeddingsWriter]:
     """Stream an embeddings file to ``path``: atomically renamed into place once every row is
-    written (an error, or rows left unwritten, leaves any earlier file untouched)."""
+    written (an error, or rows left unwritten, leaves any earlier file untouched). ``dtype``:
+    how the rows are stored (float32, or float16: half the disk and memory)."""
     with atomic_path(path) as tmp, open(tmp, "w+b") as fh:
         writer = EmbeddingsWriter.create(fh, labels=labels, ids=ids, label_names=label_names, dim=dim,
-                                         model=model, normalized=normalized, root=root, shard=shard)
+                                         model=model, normalized=normalized, root=root, shard=shard, dtype=dtype)
         yield writer
         if writer.missing():
-            raise EmbeddingsError(f"{writer.missing()} of {len(ids)} rows were never written to {str(path)!r}")
+            raise EmbeddingsError(f"{writer.missing()} of {writer.num_rows} rows were never written to {str(path)!r}")
 
 
-def save_embeddings(emb: Embeddings, path: str | os.PathLike[str], block_rows: int = 65536) -> None:
+def save_embeddings(emb: Embeddings, path: str | os.PathLike[str], block_rows: int = 65536,
+                    dtype: str | None = None) -> None:
     """Write ``emb`` to ``path`` atomically as a safetensors file, ``block_rows`` rows at a time
-    (a memory-mapped source is never read whole)."""
+    (a memory-mapped source is never read whole); ``dtype`` defaults to the rows' own
+    (float16 rows stay float16, others are stored as float32)."""
     with write_embeddings(path, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
-                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard) as out:
+                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard,
+                          dtype=dtype or storage_dtype(emb.embeddings)) as out:
         for start in range(0, len(emb), block_rows):
             out.write(start, emb.embeddings[start : start + block_rows])
 
@@ -314,7 +488,7 @@ def _tensor_span(path: Path, header: dict[str, Any], name: str, data_size: int) 
         begin, end = (int(o) for o in info["data_offsets"])
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise _unreadable(path, f"bad header entry for {name!r}: {exc}") from exc
-    itemsize = {"F32": 4, "I64": 8, "F64": 8, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 0)
+    itemsize = {"F32": 4, "I64": 8, "F64": 8, "I32": 4, "F16": 2, "BF16": 2, "U8": 1}.get(dtype, 0)
     if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
         raise _unreadable(
             path, f"tensor {name!r} claims bytes [{begin}, {end}) of a {data_size}-byte data buffer"
@@ -332,31 +506,37 @@ def _load_converted(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, meta
 
 
+# Tensors a memory-mapped load maps rather than reads: their numpy dtype by safetensors code.
+_MAPPED = {"embeddings": {"F32": "<f4", "F16": "<f2"}, "id_offsets": {"I64": "<i8"}, "id_bytes": {"U8": "u1"}}
+
+
 def _load_mmap(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors of ``path`` with ``embeddings`` memory-mapped (read-only); other tensors read."""
+    """Tensors of ``path`` with ``embeddings`` (float32 or float16) and the ids memory-mapped
+    (read-only); the labels read."""
     header, data_start = _read_header(path)
     meta = _pop_metadata(path, header)
     data_size = path.stat().st_size - data_start
     tensors: dict[str, np.ndarray] = {}
     for name in header:
         dtype, shape, begin, end = _tensor_span(path, header, name, data_size)
-        if name == "embeddings":
-            if dtype in ("F16", "F64") and len(shape) == 2:
-                # Another float width cannot be mapped as float32: read it whole and convert, as
-                # for a query file (float32 in memory; the caller's streaming still works).
-                logger.info("%s: 'embeddings' is %s, read whole and converted to float32", path, dtype)
-                return _load_converted(path)
-            if dtype != "F32" or len(shape) != 2:
+        if name == "embeddings" and dtype == "F64" and len(shape) == 2:
+            # float64 cannot be mapped as a float32 or float16 reader expects: read it whole and
+            # convert, as for a query file (float32 in memory; the caller's streaming still works).
+            logger.info("%s: 'embeddings' is %s, read whole and converted to float32", path, dtype)
+            return _load_converted(path)
+        if name in _MAPPED:
+            wanted = 2 if name == "embeddings" else 1
+            if dtype not in _MAPPED[name] or len(shape) != wanted:
                 raise EmbeddingsError(
-                    f"{str(path)!r}: 'embeddings' is {dtype} of shape {shape}; memory-mapped loading "
-                    "needs a 2-D F32 tensor (load without mmap, or re-create it with `bctool extract`)"
+                    f"{str(path)!r}: {name!r} is {dtype} of shape {shape}; memory-mapped loading needs a "
+                    f"{wanted}-D {' or '.join(_MAPPED[name])} tensor (load without mmap, or re-create it with "
+                    "`bctool extract`)"
                 )
-            if shape[0] * shape[1] == 0:
-                tensors[name] = np.zeros(shape, np.float32)
+            np_dtype = _MAPPED[name][dtype]
+            if math.prod(shape) == 0:
+                tensors[name] = np.zeros(shape, np_dtype)
             else:
-                tensors[name] = np.memmap(
-                    path, dtype="<f4", mode="r", offset=data_start + begin, shape=(shape[0], shape[1])
-                )
+                tensors[name] = np.memmap(path, dtype=np_dtype, mode="r", offset=data_start + begin, shape=tuple(shape))
         elif name == "labels":
             if dtype != "I64":
                 raise EmbeddingsError(f"{str(path)!r}: 'labels' is {dtype}; it must be I64")
@@ -422,19 +602,27 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
     emb = tensors["embeddings"]
     n = emb.shape[0] if emb.ndim else 0
     labels = tensors.get("labels", np.full((n,), -1, dtype=np.int64))
+    ids_known = "ids" in meta or "id_offsets" in tensors
     try:
-        ids = json.loads(meta["ids"]) if "ids" in meta else [str(i) for i in range(n)]
+        if "id_offsets" in tensors:
+            if "id_bytes" not in tensors:
+                raise EmbeddingsError(f"{str(path)!r} has 'id_offsets' but no 'id_bytes'; re-create it")
+            ids: Sequence[str] = RowIds(tensors["id_offsets"].astype(np.int64, copy=False),
+                                        tensors["id_bytes"].astype(np.uint8, copy=False)).check(path)
+        else:
+            ids = json.loads(meta["ids"]) if "ids" in meta else [str(i) for i in range(n)]
         label_names = json.loads(meta.get("label_names", "[]"))
         model = json.loads(meta.get("model", "{}"))
         normalized = bool(json.loads(meta.get("normalized", "false")))
         shard = json.loads(meta["shard"]) if "shard" in meta else None
     except json.JSONDecodeError as exc:
         raise EmbeddingsError(f"{str(path)!r} has corrupt metadata ({exc}); re-create it") from exc
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+    if not isinstance(ids, (list, RowIds)) or (isinstance(ids, list) and not all(isinstance(i, str) for i in ids)):
         raise EmbeddingsError(f"{str(path)!r}: metadata 'ids' must be a JSON list of strings")
     if not isinstance(label_names, list):
         raise EmbeddingsError(f"{str(path)!r}: metadata 'label_names' must be a JSON list of names")
     return Embeddings(
+        # A memory-mapped file keeps its float16 rows (readers convert blocks); in memory, float32.
         embeddings=emb if isinstance(emb, np.memmap) else emb.astype(np.float32, copy=False),
         labels=labels.astype(np.int64, copy=False),
         ids=ids,
@@ -443,8 +631,21 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
         normalized=normalized,
         root=meta.get("root", ""),
         shard=shard if isinstance(shard, dict) else None,
-        ids_known="ids" in meta,
+        ids_known=ids_known,
     )
+
+
+def concat_ids(parts: Sequence[Sequence[str]]) -> RowIds:
+    """The ids of several files one after the other, as one :class:`RowIds` (buffers joined)."""
+    encoded = [RowIds.encode(p) for p in parts]
+    data = np.concatenate([np.asarray(e.data[e.offsets[0] : e.offsets[-1]], dtype=np.uint8) for e in encoded]
+                          or [np.zeros(0, np.uint8)])
+    offsets = [np.zeros(1, np.int64)]
+    base = 0
+    for e in encoded:
+        offsets.append(e.offsets[1:] - e.offsets[0] + base)
+        base += int(e.offsets[-1] - e.offsets[0])
+    return RowIds(np.concatenate(offsets), data)
 
 
 def _check_shard(path: Path, shard: dict[str, Any]) -> None:
@@ -503,10 +704,11 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
         shown = ", ".join(f"{i}/{count}" for i in missing[:5])
         raise EmbeddingsError(f"shards {shown} are missing ({len(missing)} of {count}); extract them with --shard first")
     ordered = [by_index[i][1] for i in range(count)]
-    ids = [i for emb in ordered for i in emb.ids]
+    ids = concat_ids([emb.ids for emb in ordered])
     labels = np.concatenate([emb.labels for emb in ordered])
     with write_embeddings(out, labels=labels, ids=ids, label_names=first.label_names, dim=first.dim,
-                          model=first.model, normalized=first.normalized, root=first.root) as writer:
+                          model=first.model, normalized=first.normalized, root=first.root,
+                          dtype=storage_dtype(first.embeddings)) as writer:
         row = 0
         for emb in ordered:
             for start in range(0, len(emb), block_rows):

@@ -178,6 +178,7 @@ class ExtractResult:
     seconds: float = 0.0
     failed: list[dict[str, str]] = field(default_factory=list)
     report: str | None = None
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -186,6 +187,7 @@ class ExtractResult:
             "out": self.out,
             "images": self.rows,
             "embedding_dim": self.dim,
+            "dtype": self.dtype,
             "labelled": self.labelled,
             "failed": len(self.failed),
             "report": self.report,
@@ -229,6 +231,7 @@ def extract_to_file(
     save_every: float = 30.0,
     progress: Progress = NULL_PROGRESS,
     view: StoredView | None = None,
+    dtype: str = "float32",
 ) -> ExtractResult:
     """Embed ``images`` (or one ``shard`` of them) into the embeddings file ``out``.
 
@@ -240,6 +243,7 @@ def extract_to_file(
     images were skipped, its good rows are copied there), so ``out`` is never half written.
     With ``view``, every image is embedded in that seeded augmented view (recorded in the file's
     ``model`` as ``view``): old embeddings of the very views a new model will be trained on.
+    ``dtype`` is how the rows are stored: float32, or float16 (half the disk and memory).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -247,17 +251,17 @@ def extract_to_file(
     with output_lock(out):  # one writer per output: OUT.partial is shared by every run on OUT
         return _extract_locked(images, checkpoint, out, started, shard=shard, batch_size=batch_size,
                                workers=workers, strict=strict, resume=resume, save_every=save_every,
-                               progress=progress, view=view)
+                               progress=progress, view=view, dtype=dtype)
 
 
 def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started: float, *, shard: Shard | None,
                     batch_size: int, workers: int, strict: bool, resume: bool, save_every: float,
-                    progress: Progress, view: StoredView | None = None) -> ExtractResult:
+                    progress: Progress, view: StoredView | None = None, dtype: str = "float32") -> ExtractResult:
     """:func:`extract_to_file` once its output is checked and locked."""
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(rows):
         raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))
-    meta = _file_meta(images, checkpoint, rows, shard, view)
+    meta = {**_file_meta(images, checkpoint, rows, shard, view), "dtype": dtype}
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
     with _open_partial(partial, resume) as fh:
@@ -468,5 +472,5 @@ def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed:
     return ExtractResult(
         out=str(out), rows=int(keep.sum()), dim=meta["dim"], labelled=int((labels >= 0).sum()),
         model=meta["model"], failed=[{k: str(v) for k, v in f.items()} for f in failed],
-        report=str(report) if report else None,
+        report=str(report) if report else None, dtype=meta.get("dtype", "float32"),
     )

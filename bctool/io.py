@@ -173,7 +173,7 @@ def safetensors_header(metadata: dict[str, str], tensors: list[tuple[str, str, l
     if len(raw) > MAX_HEADER_BYTES:
         raise BctoolError(
             f"the file's header would take {len(raw):,} bytes, over safetensors' limit of "
-            f"{MAX_HEADER_BYTES:,} (the ids and names are stored there); split the data into parts"
+            f"{MAX_HEADER_BYTES:,} (class names and other metadata are stored there); use shorter or fewer names"
         )
     return len(raw).to_bytes(8, "little") + raw
 

@@ -105,11 +105,23 @@ def test_embeddings_file_layout_is_plain_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     save_embeddings(_embeddings(), path)
     with safe_open(str(path), framework="np") as fh:
-        assert set(fh.keys()) == {"embeddings", "labels"}
+        assert set(fh.keys()) == {"embeddings", "labels", "id_offsets", "id_bytes"}
         assert fh.get_tensor("embeddings").dtype == np.float32
         assert fh.get_tensor("labels").dtype == np.int64
+        offsets, data = fh.get_tensor("id_offsets"), fh.get_tensor("id_bytes").tobytes()
         meta = fh.metadata()
-    assert json.loads(meta["ids"])[0] == "img/0" and meta["format"] == "bctool.embeddings"
+    # The README's recipe for the ids: the UTF-8 bytes between consecutive offsets.
+    ids = [data[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+    assert ids == _embeddings().ids and meta["format"] == "bctool.embeddings" and meta["format_version"] == "2"
+
+
+def test_version_1_files_still_load() -> None:
+    """A file in the version-1 layout (ids as JSON in the metadata), kept as written then."""
+    path = Path(__file__).parent / "data" / "embeddings_v1.safetensors"
+    for mmap in (False, True):
+        emb = load_embeddings(path, mmap=mmap)
+        assert emb.ids == ["img/0", "img/1", "img/2"] and emb.label_strings() == ["cat", "dog", None]
+        assert emb.embeddings.shape == (3, 4) and emb.model["arch"] == "small" and emb.ids_known
 
 
 def test_embeddings_validation() -> None:

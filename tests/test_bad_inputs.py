@@ -254,19 +254,30 @@ def test_checkpoint_header_is_size_checked_before_reading(checkpoint_path: Path,
             load_checkpoint(tmp_path / f"{name}.safetensors")
 
 
-def test_a_list_too_long_for_one_file_fails_before_embedding(
+def test_the_ids_live_in_tensors_so_the_header_cap_does_not_bound_the_rows(
     emoji_dir: Path, checkpoint_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """safetensors caps the header (where the ids live) at 100 MB: a list whose ids would not fit
-    is refused before any image is embedded, pointing to --shard."""
+    """safetensors caps the header at 100 MB. Version 1 kept the ids there (about 1.5 million
+    rows at most); version 2 keeps them in tensors: with the cap just above the header of a file
+    without ids, the file is still written and reads back whole. What still lives in the header
+    (the label names) is checked before any image is embedded, pointing to what to do."""
     import bctool.extract as extract_module
     import bctool.io
 
     checkpoint = load_checkpoint(checkpoint_path)
-    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", 1000)
+    images = load_image_set(emoji_dir / "gallery.txt")
+    first = tmp_path / "first.safetensors"
+    extract_to_file(images, checkpoint, first, workers=0)
+    header_bytes = int.from_bytes(first.read_bytes()[:8], "little")
+    ids_json = len(json.dumps(list(images.ids)))
+    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", header_bytes)  # a version-1 file would need ids_json more
+    assert ids_json > 8
+    extract_to_file(images, checkpoint, tmp_path / "e.safetensors", workers=0)
+    assert load_embeddings(tmp_path / "e.safetensors").ids == images.ids
+    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", header_bytes - 8)
     monkeypatch.setattr(extract_module, "_embed_batches", lambda *a, **k: pytest.fail("embedded first"))
-    with pytest.raises(EmbeddingsError, match=r"12 ids: the file's header would take .* over safetensors' limit of 1,000 .*--shard I/N"):
-        extract_to_file(load_image_set(emoji_dir / "gallery.txt"), checkpoint, tmp_path / "e.safetensors", workers=0)
+    with pytest.raises(EmbeddingsError, match=r"label names: the file's header would take .* over safetensors' limit"):
+        extract_to_file(images, checkpoint, tmp_path / "f.safetensors", workers=0)
 
 
 def test_a_file_where_a_folder_is_needed_is_a_clear_error(tmp_path: Path) -> None:
@@ -646,5 +657,5 @@ def test_files_of_a_newer_format_version_are_refused_naming_both(tmp_path: Path)
         emeta = fh.metadata()
     save_np(load_np(str(emb)), str(tmp_path / "e2.safetensors"), metadata={**emeta, "format_version": "3"})
     for mmap in (False, True):
-        with pytest.raises(EmbeddingsError, match="is embeddings format version 3; this bctool reads versions up to 1"):
+        with pytest.raises(EmbeddingsError, match="is embeddings format version 3; this bctool reads versions up to 2"):
             load_embeddings(tmp_path / "e2.safetensors", mmap=mmap)

@@ -40,28 +40,35 @@ def _split_file(path: Path) -> tuple[dict, bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-def test_streamed_file_is_what_safetensors_writes(tmp_path: Path) -> None:
-    """Same header (as JSON) and the same data bytes as safetensors' own writer; rows written
-    in blocks out of order."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_streamed_file_is_what_safetensors_writes(tmp_path: Path, dtype: str) -> None:
+    """Same header (as JSON) and the same data bytes as safetensors' own writer, ids as tensors
+    (version 2); rows written in blocks out of order."""
     rng = np.random.default_rng(0)
     emb = Embeddings(rng.normal(size=(7, 3)).astype(np.float32), np.array([0, 1, -1, 0, 1, 1, 0]),
-                     ["a", "ü/b", 'c"q', "d\te", "e", "f", "g"], ["x", "y"], {"sha256": "ab"}, root="/r",
+                     ["a", "ü/b", 'c"q', "d\te", "e", "", "g"], ["x", "y"], {"sha256": "ab"}, root="/r",
                      shard={"index": 0, "count": 1, "start": 0, "stop": 7, "total": 7, "list": "h"})
     ours = tmp_path / "ours.safetensors"
     with write_embeddings(ours, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=3,
-                          model=emb.model, root=emb.root, shard=emb.shard) as writer:
+                          model=emb.model, root=emb.root, shard=emb.shard, dtype=dtype) as writer:
         writer.write(4, emb.embeddings[4:])
         writer.write(0, emb.embeddings[:4])
     ref = tmp_path / "ref.safetensors"
-    save_file({"embeddings": emb.embeddings, "labels": emb.labels}, str(ref),
-              metadata=_metadata(emb.ids, emb.label_names, emb.model, False, emb.root, emb.shard))
+    encoded = [i.encode() for i in emb.ids]
+    rows = emb.embeddings.astype(np.float16 if dtype == "float16" else np.float32)
+    save_file({"embeddings": rows, "labels": emb.labels,
+               "id_offsets": np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64),
+               "id_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8)}, str(ref),
+              metadata=_metadata(emb.label_names, emb.model, False, emb.root, emb.shard))
     (ours_header, ours_data), (ref_header, ref_data) = _split_file(ours), _split_file(ref)
     assert ours_header == ref_header and ours_data == ref_data
     with safe_open(str(ours), framework="np") as fh:  # safetensors validates the layout
-        np.testing.assert_array_equal(fh.get_tensor("embeddings"), emb.embeddings)
-    back = load_embeddings(ours, mmap=True)
-    assert back.ids == emb.ids and back.shard == emb.shard
-    np.testing.assert_array_equal(back.embeddings, emb.embeddings)
+        np.testing.assert_array_equal(fh.get_tensor("embeddings"), rows)
+    for mmap in (True, False):
+        back = load_embeddings(ours, mmap=mmap)
+        assert back.ids == emb.ids and list(back.ids) == emb.ids and back.shard == emb.shard
+        assert back.embeddings.dtype == (rows.dtype if mmap else np.float32)
+        np.testing.assert_array_equal(back.embeddings, rows)
 
 
 def test_unwritten_rows_leave_no_file(tmp_path: Path) -> None:

@@ -471,8 +471,8 @@ def craft_file(path: Path, header: dict[str, Any], data: bytes) -> None:
 
 
 def valid_metadata() -> dict[str, str]:
-    """The metadata of a 2-row file with one label name."""
-    return _metadata(["a", "b"], ["x"], {}, False, "", None)
+    """The metadata of a 2-row version-1 file (ids in the metadata) with one label name."""
+    return {**_metadata(["x"], {}, False, "", None), "format_version": "1", "ids": json.dumps(["a", "b"])}
 
 
 junk = st.one_of(json_scalars, st.lists(st.integers(-3, 40), max_size=3))

@@ -84,10 +84,10 @@ def test_mmap_rejects_bad_headers(pair: tuple[Embeddings, Path], tmp_path: Path)
         load_embeddings(bad, mmap=True)
 
     def wrong_dtype(h: dict) -> None:
-        h["embeddings"]["dtype"] = "I32"  # same width, not a float: never mapped (F16/F64 are read and converted)
+        h["embeddings"]["dtype"] = "I32"  # same width, not a float: never mapped (F64 is read and converted)
 
     bad.write_bytes(_rewrite_header(data, wrong_dtype))
-    with pytest.raises(EmbeddingsError, match="needs a 2-D F32 tensor"):
+    with pytest.raises(EmbeddingsError, match="needs a 2-D F32 or F16 tensor"):
         load_embeddings(bad, mmap=True)
 
     bad.write_bytes((200 * 1024 * 1024).to_bytes(8, "little") + data[8:])

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from bctool.adapt.adapter import Adapter
-from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows, write_embeddings
+from bctool.embeddings import (
+    Embeddings,
+    load_embeddings,
+    normalize_rows,
+    release_rows,
+    storage_dtype,
+    write_embeddings,
+)
 from bctool.errors import ConfigError, EmbeddingsError, shown
 
 logger = logging.getLogger(__name__)
@@ -103,9 +110,10 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
                         "model": {k: v for k, v in old.model.items() if k != "trained_classes"}}
     model = adapted_model(emb.model, adapter, blend_record)
     with write_embeddings(out, labels=np.asarray(emb.labels), ids=emb.ids, label_names=emb.label_names,
-                          dim=adapter.target_dim, model=model, normalized=True, root=emb.root) as writer:
+                          dim=adapter.target_dim, model=model, normalized=True, root=emb.root,
+                          dtype=storage_dtype(emb.embeddings)) as writer:  # float16 in, float16 out
         for start in range(0, len(emb), block_rows):
-            mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows]))
+            mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows], dtype=np.float32))
             if old is not None:
                 rows = np.asarray(old.embeddings[old_rows[start : start + block_rows]], dtype=np.float32)
                 mapped = slerp(rows, mapped, blend_weight)

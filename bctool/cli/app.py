@@ -309,6 +309,7 @@ def extract(
     view: Annotated[Optional[str], typer.Option(callback=_one_of("bctool.data.transforms", "TRAINING_VIEWS"), help="Embed a seeded augmented view of each image instead of the clean one (flip or crop, as `train --augment`): old embeddings of the very views a new model then trains on (`train --old-views`). View --view-index of an image is the same on every machine.", show_default=False)] = None,
     view_index: Annotated[int, typer.Option(callback=_at_least(0), help="With --view: which view of each image (0, 1, ...); one file per view.")] = 0,
     view_seed: Annotated[int, typer.Option(callback=_at_least(0), help="With --view: the seed the views are drawn from.")] = 0,
+    dtype: Annotated[str, typer.Option(callback=_one_of("bctool.embeddings", "DTYPES"), help="How the rows are stored: float32, or float16 (half the disk and memory; every reader scores in float32).")] = "float32",
     device: Device = "auto",
     workers: Workers = 2,
     quiet: Quiet = False,
@@ -358,7 +359,8 @@ def extract(
         check_adapter_source(mapping, checkpoint)  # before any image is read
     raw = out.with_name(out.name.removesuffix(".safetensors") + ".unadapted.safetensors") if mapping else out
     result = extract_to_file(images, checkpoint, raw, batch_size=batch_size, workers=workers, shard=part,
-                             strict=strict, resume=resume, progress=RichProgress(not quiet), view=stored_view)
+                             strict=strict, resume=resume, progress=RichProgress(not quiet), view=stored_view,
+                             dtype=dtype)
     if result.failed and not quiet:
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")
