@@ -270,6 +270,9 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
     """Let the operating system drop the pages of rows ``start .. stop`` of a memory-mapped array
     from this process's memory (they are read again from the file if touched): a stream over a
     file larger than memory then keeps only its current block resident. A no-op for other arrays."""
+    if isinstance(rows, ConcatRows):
+        rows.release(start, stop)
+        return
     mapping = getattr(rows, "_mmap", None)
     if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
         return
@@ -284,6 +287,62 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
     if last > first:
         with contextlib.suppress(OSError, ValueError):
             mapping.madvise(mmap_module.MADV_DONTNEED, first, last - first)
+
+
+class ConcatRows:
+    """The rows of several arrays of one width (the memory-mapped parts of a shard set), read as
+    one (N, D) array: a slice or an index array reads only the parts it touches."""
+
+    ndim = 2
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts or len({p.shape[1] for p in parts}) != 1:
+            raise EmbeddingsError("a shard set needs parts of one dimension")
+        self.parts = list(parts)
+        self.bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.shape = (int(self.bounds[-1]), int(parts[0].shape[1]))
+        self.dtype = np.result_type(*[p.dtype for p in parts])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):  # noqa: ANN001, ANN204 - numpy-style indexing of rows
+        if isinstance(key, tuple):
+            rows, *rest = key
+            return self[rows][(slice(None), *rest)]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            pieces = [np.asarray(p[max(start, a) - a : min(stop, b) - a])
+                      for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist())
+                      if max(start, a) < min(stop, b)]
+            if not pieces:
+                return np.zeros((0, self.shape[1]), self.dtype)
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces).astype(self.dtype, copy=False)
+        index = np.asarray(key)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if index.ndim == 0:
+            return self[index.reshape(1)][0]
+        index = np.where(index < 0, index + len(self), index).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        part = np.searchsorted(self.bounds, index, side="right") - 1
+        out = np.empty((len(index), self.shape[1]), self.dtype)
+        for i in np.unique(part).tolist():
+            chosen = part == i
+            out[chosen] = self.parts[i][index[chosen] - self.bounds[i]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204 - the whole array, read
+        return np.asarray(self[:], dtype=dtype)
+
+    def release(self, start: int, stop: int) -> None:
+        """:func:`release_rows` of rows ``start .. stop`` in every part they lie in."""
+        for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            if max(start, a) < min(stop, b):
+                release_rows(p, max(start, a) - a, min(stop, b) - a)
 
 
 def _metadata(
@@ -567,12 +626,59 @@ def _checked_metadata(path: Path) -> dict[str, str]:
     return meta
 
 
-def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddings:
-    """Read an embeddings file written by :func:`save_embeddings` (or a compatible tool).
+def shard_set_parts(path: str | os.PathLike[str]) -> list[Path] | None:
+    """The part files ``path`` names when it is a shard set: a folder of the part files of one
+    ``bctool extract --shard I/N`` run (every ``*.safetensors`` in it), or a manifest (a ``.txt``
+    file naming one part a line, relative to the manifest's folder; ``#`` starts a comment).
+    None for anything else (an embeddings file)."""
+    path = Path(path)
+    if path.is_dir():
+        parts = sorted(path.glob("*.safetensors"))
+        where = f"folder {str(path)!r}"
+    elif path.suffix == ".txt" and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EmbeddingsError(f"cannot read the shard manifest {str(path)!r}: {exc}") from exc
+        parts = [path.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        where = f"manifest {str(path)!r}"
+    else:
+        return None
+    if not parts:
+        raise EmbeddingsError(f"{where} names no part files; list the files of `bctool extract --shard I/N`, one a line "
+                              "(or pass a folder holding them)")
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise EmbeddingsError(f"{where} names {len(missing)} part files that are not there ({', '.join(missing[:3])})")
+    return parts
 
-    With ``mmap=True`` the ``embeddings`` array is a read-only ``np.memmap`` of the file, so a
-    gallery larger than memory can be searched block by block; it must be F32.
+
+def load_shard_set(parts: Sequence[str | os.PathLike[str]], mmap: bool = False) -> Embeddings:
+    """The parts of one ``extract --shard I/N`` run as one gallery, in list order, without
+    merging them: with ``mmap`` the rows stay in their files (:class:`ConcatRows`)."""
+    ordered = ordered_parts(parts)
+    first = ordered[0]
+    if mmap:
+        rows: Any = ConcatRows([e.embeddings for e in ordered])
+    else:
+        rows = np.concatenate([np.asarray(e.embeddings, dtype=np.float32) for e in ordered])
+    return Embeddings(rows, np.concatenate([e.labels for e in ordered]), concat_ids([e.ids for e in ordered]),
+                      first.label_names, first.model, first.normalized, first.root,
+                      ids_known=all(e.ids_known for e in ordered))
+
+
+def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddings:
+    """Read an embeddings file written by :func:`save_embeddings` (or a compatible tool), or a
+    shard set (a folder or ``.txt`` manifest of the parts of ``extract --shard``: see
+    :func:`shard_set_parts`) as one.
+
+    With ``mmap=True`` the ``embeddings`` array is a read-only ``np.memmap`` of the file (float32
+    or float16; a shard set's is a :class:`ConcatRows` of its parts), and a version-2 file's ids
+    are mapped too, so a gallery larger than memory can be searched block by block.
     """
+    parts = shard_set_parts(path)
+    if parts is not None:
+        return load_shard_set(parts, mmap)
     path = Path(path)
     if not path.is_file():
         raise EmbeddingsError(f"embeddings file {str(path)!r} does not exist; run `bctool extract` first")
@@ -659,13 +765,10 @@ def _check_shard(path: Path, shard: dict[str, Any]) -> None:
         raise EmbeddingsError(f"{str(path)!r} has inconsistent 'shard' metadata {shard}; extract that part again")
 
 
-def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str], block_rows: int = 65536) -> dict[str, Any]:
-    """Join the part files of ``bctool extract --shard I/N`` into one file in list order.
-
-    Every part must come from the same list, model and N, and every index 0..N-1 must be there
-    exactly once. Parts are read memory-mapped and copied block by block (memory stays flat).
-    Returns a summary (rows, parts, dimension).
-    """
+def ordered_parts(parts: Sequence[str | os.PathLike[str]]) -> list[Embeddings]:
+    """The part files of one ``bctool extract --shard I/N`` run, memory-mapped, in list order;
+    an :class:`EmbeddingsError` unless they come from one list, one model and one N, with every
+    index 0..N-1 there exactly once."""
     if not parts:
         raise EmbeddingsError("no part files to merge; pass the files written by `bctool extract --shard I/N`")
     loaded = [(Path(p), load_embeddings(p, mmap=True)) for p in parts]
@@ -690,8 +793,8 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
         differs = [name for name, ok in same.items() if not ok]
         if differs:
             raise EmbeddingsError(
-                f"{str(path)!r} and {str(first_path)!r} differ in {', '.join(differs)}; merge the parts "
-                "of one `bctool extract` over one list with one model"
+                f"{str(path)!r} and {str(first_path)!r} differ in {', '.join(differs)}; only the parts of one "
+                "`bctool extract --shard I/N` over one list with one model belong together"
             )
     by_index: dict[int, tuple[Path, Embeddings]] = {}
     for path, emb in loaded:
@@ -703,7 +806,19 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
     if missing:
         shown = ", ".join(f"{i}/{count}" for i in missing[:5])
         raise EmbeddingsError(f"shards {shown} are missing ({len(missing)} of {count}); extract them with --shard first")
-    ordered = [by_index[i][1] for i in range(count)]
+    return [by_index[i][1] for i in range(count)]
+
+
+def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str], block_rows: int = 65536) -> dict[str, Any]:
+    """Join the part files of ``bctool extract --shard I/N`` into one file in list order.
+
+    Every part must come from the same list, model and N, and every index 0..N-1 must be there
+    exactly once. Parts are read memory-mapped and copied block by block (memory stays flat).
+    Returns a summary (rows, parts, dimension).
+    """
+    ordered = ordered_parts(parts)
+    first = ordered[0]
+    count = len(ordered)
     ids = concat_ids([emb.ids for emb in ordered])
     labels = np.concatenate([emb.labels for emb in ordered])
     with write_embeddings(out, labels=labels, ids=ids, label_names=first.label_names, dim=first.dim,

@@ -650,7 +650,9 @@ def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, see
     ind = files["independent"]
     if (ind[0] is None) != (ind[1] is None):
         raise typer.BadParameter("pass both --independent-query and --independent-gallery, or neither")
-    emb = {name: tuple(load_embeddings(p) for p in paths) for name, paths in files.items() if paths[0]}
+    # Galleries are memory-mapped (and read in blocks); queries are read whole.
+    emb = {name: (load_embeddings(paths[0]), load_embeddings(paths[1], mmap=True))
+           for name, paths in files.items() if paths[0]}
     report = compatibility_report(emb["old"], emb["new"], protocol, independent=emb.get("independent"),
                                   options=CompatibilityOptions(bootstrap=bootstrap, seed=seed, level=DEFAULT_LEVEL))
     if not quiet:
@@ -681,7 +683,7 @@ def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> dict:
 
     if len(pairs) < 2:
         raise typer.BadParameter("--chain needs at least two QUERY,GALLERY pairs (model versions)")
-    models = [tuple(load_embeddings(p) for p in _pair(text)) for text in pairs]
+    models = [(load_embeddings(q), load_embeddings(g, mmap=True)) for q, g in map(_pair, pairs)]
     report = chain_report(models, protocol)
     if not quiet:
         _print_table(chain_table(report))
@@ -704,7 +706,8 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
         raise typer.BadParameter(f"--backfill {fractions!r}: expected comma-separated fractions such as 0,0.25,0.5,0.75,1") from None
     with output_lock(plot) if plot is not None else contextlib.nullcontext():
         report = backfill_report(
-            load_embeddings(query), load_embeddings(old_gallery), load_embeddings(new_gallery), protocol,
+            load_embeddings(query), load_embeddings(old_gallery, mmap=True), load_embeddings(new_gallery, mmap=True),
+            protocol,
             BackfillOptions(tuple(values), seed=seed, plot=plot, scoring=scoring,
                             order=tuple(read_plan(files["order"])) if files.get("order") else None),
             old_query=load_embeddings(old_query) if old_query else None,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings
+from bctool.embeddings import Embeddings, RowIds
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.inputs import check_same_dim
 from bctool.evaluate.metrics import (
@@ -98,12 +98,16 @@ def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
         return np.full(len(query), -1, dtype=np.int64)
     if query.root and gallery.root and query.root != gallery.root:
         return np.full(len(query), -1, dtype=np.int64)
-    # Only ids that some query has are kept, so a large gallery costs one pass and a small dict.
+    # Only ids that some query has are kept, so a large gallery costs one pass and a small dict
+    # (a version-2 file's ids are searched in their buffer, never decoded one by one).
     wanted = set(query.ids)
     row_of: dict[str, int] = {}
-    for i, image_id in enumerate(gallery.ids):
-        if image_id in wanted:
-            row_of.setdefault(image_id, i)
+    if isinstance(gallery.ids, RowIds):
+        row_of = gallery.ids.rows_of(wanted)
+    else:
+        for i, image_id in enumerate(gallery.ids):
+            if image_id in wanted:
+                row_of.setdefault(image_id, i)
     return np.array([row_of.get(image_id, -1) for image_id in query.ids], dtype=np.int64)
 
 

@@ -1,0 +1,175 @@
+"""Galleries at production size: version-2 ids, float16 rows, and shard sets read as one gallery."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bctool.cli import app
+from bctool.embeddings import (
+    ConcatRows,
+    Embeddings,
+    RowIds,
+    load_embeddings,
+    save_embeddings,
+)
+from bctool.errors import EmbeddingsError
+
+
+def _rows_of_reference(ids: list[str], wanted: set[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for i, image_id in enumerate(ids):
+        if image_id in wanted and image_id not in found:
+            found[image_id] = i
+    return found
+
+
+def test_row_ids_find_rows_as_a_loop_over_the_ids_does() -> None:
+    rng = np.random.default_rng(0)
+    alphabet = list("ab/é😀_") + [""]
+    ids = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 6)))) for _ in range(3000)]
+    ids += ["x" * 300, "dup", "dup"]  # a long id, a repeated one (its first row counts)
+    encoded = RowIds.encode(ids)
+    assert len(encoded) == len(ids) and list(encoded) == ids and encoded[-1] == "dup" and encoded[5:8] == ids[5:8]
+    wanted = set(rng.choice(ids, size=200).tolist()) | {"dup", "not there", ""}
+    assert encoded.rows_of(wanted) == _rows_of_reference(ids, wanted)
+    with pytest.raises(IndexError):
+        encoded[len(ids)]
+
+
+def test_concat_rows_index_like_the_concatenated_array() -> None:
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=(n, 3)).astype(np.float16) for n in (4, 0, 7, 2)]
+    whole = np.concatenate(parts)
+    rows = ConcatRows(parts)
+    assert rows.shape == whole.shape and rows.dtype == np.float16 and len(rows) == 13
+    for key in (slice(None), slice(2, 9), slice(11, 40), slice(5, 5), slice(None, None, 3)):
+        np.testing.assert_array_equal(rows[key], whole[key])
+    for key in (np.array([12, 0, 5, 5, -1]), np.arange(13) % 2 == 0, 6):
+        np.testing.assert_array_equal(rows[key], whole[key])
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+    np.testing.assert_array_equal(rows[3:8, :2], whole[3:8, :2])
+
+
+def _gallery(n: int, seed: int = 0) -> Embeddings:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, size=n)
+    return Embeddings(rng.normal(size=(n, 8)).astype(np.float32) + labels[:, None] * 0.5, labels,
+                      [f"img/{i}" for i in range(n)], [f"c{i}" for i in range(5)], {"sha256": "ab" * 32})
+
+
+def test_float16_files_evaluate_adapt_transform_and_plan_like_float32(tmp_path: Path) -> None:
+    """Every command reads a float16 gallery; scores are float32 on the float16 values."""
+    gallery = _gallery(400)
+    for dtype in ("float32", "float16"):
+        save_embeddings(gallery, tmp_path / f"g-{dtype}.safetensors", dtype=dtype)
+    half = load_embeddings(tmp_path / "g-float16.safetensors", mmap=True)
+    assert half.embeddings.dtype == np.float16
+    sizes = {d: (tmp_path / f"g-{d}.safetensors").stat().st_size for d in ("float32", "float16")}
+    assert sizes["float32"] - sizes["float16"] == 2 * 400 * 8  # the rows take half the bytes; the rest is the same
+    rounded = Embeddings(gallery.embeddings.astype(np.float16).astype(np.float32), gallery.labels, gallery.ids,
+                         gallery.label_names, gallery.model)
+    save_embeddings(rounded, tmp_path / "rounded.safetensors")
+    runner = CliRunner()
+    q = str(tmp_path / "rounded.safetensors")
+
+    def run(*args: str) -> dict:
+        result = runner.invoke(app, [*args, "-q"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    by_half = run("evaluate", "--query", q, "--gallery", str(tmp_path / "g-float16.safetensors"))
+    by_rounded = run("evaluate", "--query", q, "--gallery", q)
+    assert by_half["map"] == pytest.approx(by_rounded["map"], abs=1e-9) and by_half["queries"] == 400
+    run("adapt", str(tmp_path / "g-float16.safetensors"), str(tmp_path / "g-float32.safetensors"),
+        "--out", str(tmp_path / "a.safetensors"))
+    run("transform", str(tmp_path / "g-float16.safetensors"), "--adapter", str(tmp_path / "a.safetensors"),
+        "--out", str(tmp_path / "t.safetensors"))
+    assert load_embeddings(tmp_path / "t.safetensors", mmap=True).embeddings.dtype == np.float16
+    plan = run("backfill", "plan", str(tmp_path / "g-float16.safetensors"), "--out", str(tmp_path / "plan.txt"))
+    assert plan["ids"] == 400 and len((tmp_path / "plan.txt").read_text().splitlines()) == 400
+
+
+def test_float16_refuses_rows_beyond_its_range(tmp_path: Path) -> None:
+    big = Embeddings(np.full((2, 3), 1e6, np.float32), np.zeros(2, np.int64), ["a", "b"], ["x"])
+    with pytest.raises(EmbeddingsError, match="beyond float16's 65504; store them as float32"):
+        save_embeddings(big, tmp_path / "big.safetensors", dtype="float16")
+    assert not (tmp_path / "big.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def shard_set(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The gallery embedded by 3 processes at once (`extract --shard I/3`), and merged."""
+    from bctool.checkpoint import save_checkpoint
+    from bctool.data.transforms import Preprocess
+    from bctool.models import ModelConfig, create_model
+
+    folder = tmp_path_factory.mktemp("shards")
+    model = folder / "m.safetensors"
+    import torch
+
+    torch.manual_seed(0)
+    save_checkpoint(model, create_model(ModelConfig(arch="small", embedding_dim=16, num_classes=2)),
+                    Preprocess(image_size=16), ["a", "b"])
+    parts = folder / "parts"
+    parts.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "bctool", "extract", str(emoji_dir / "gallery.txt"), "--model",
+                               str(model), "--out", str(parts / f"g.part{i}.safetensors"), "--shard", f"{i}/3",
+                               "--workers", "0", "--dtype", "float16", "-q"], env=env, stdout=subprocess.PIPE)
+             for i in range(3)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    runner = CliRunner()
+    merged = folder / "merged.safetensors"
+    result = runner.invoke(app, ["merge", *map(str, sorted(parts.iterdir())), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    query = folder / "query.safetensors"
+    result = runner.invoke(app, ["extract", str(emoji_dir / "query.txt"), "--model", str(model), "--out", str(query),
+                                 "--workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = folder / "gallery.parts.txt"
+    manifest.write_text("# the three parts\n" + "\n".join(f"parts/g.part{i}.safetensors" for i in (2, 0, 1)) + "\n")
+    return {"parts": parts, "merged": merged, "manifest": manifest, "model": model, "query": query}
+
+
+def test_a_shard_set_evaluates_to_the_numbers_of_the_merged_file(emoji_dir: Path, shard_set: dict[str, Path]) -> None:
+    runner = CliRunner()
+    merged = str(shard_set["merged"])
+    reports = []
+    for gallery in (merged, str(shard_set["parts"]), str(shard_set["manifest"])):
+        result = runner.invoke(app, ["evaluate", "--query", str(shard_set["query"]), "--gallery", gallery, "-q"])
+        assert result.exit_code == 0, result.output
+        reports.append({k: v for k, v in json.loads(result.stdout).items() if k != "gallery_file"})
+    assert reports[0] == reports[1] == reports[2] and reports[0]["queries"] > 0
+    whole = load_embeddings(merged)
+    as_set = load_embeddings(shard_set["parts"], mmap=True)
+    assert isinstance(as_set.embeddings, ConcatRows) and as_set.ids == whole.ids
+    np.testing.assert_array_equal(np.asarray(as_set.embeddings, dtype=np.float32), whole.embeddings)
+    np.testing.assert_array_equal(as_set.labels, whole.labels)
+
+
+def test_a_shard_set_with_a_part_missing_or_foreign_is_refused(shard_set: dict[str, Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "two.txt"
+    manifest.write_text("\n".join(str(shard_set["parts"] / f"g.part{i}.safetensors") for i in (0, 2)))
+    with pytest.raises(EmbeddingsError, match=r"shards 1/3 are missing"):
+        load_embeddings(manifest, mmap=True)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "merged.safetensors").write_bytes(shard_set["merged"].read_bytes())
+    with pytest.raises(EmbeddingsError, match="is not a shard"):
+        load_embeddings(mixed, mmap=True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(EmbeddingsError, match="names no part files"):
+        load_embeddings(empty)
+    gone = tmp_path / "gone.txt"
+    gone.write_text("nowhere.safetensors\n")
+    with pytest.raises(EmbeddingsError, match="names 1 part files that are not there"):
+        load_embeddings(gone)
