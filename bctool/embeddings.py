@@ -122,6 +122,17 @@ class RowIds(Sequence[str]):
         targets = {w.encode("utf-8"): w for w in wanted}
         if not targets or not len(self):
             return {}
+        # A cheap key first (length, first and last byte): ids that cannot match are dropped
+        # without hashing; few candidates are checked one by one.
+        candidates = np.flatnonzero(np.isin(_cheap_keys(self.offsets, self.data), _cheap_keys(
+            *_buffers([*targets]))))
+        if candidates.size <= _CHECK_ONE_BY_ONE:
+            found_rows: dict[str, int] = {}
+            for i in candidates.tolist():
+                name = targets.get(self.data[self.offsets[i] : self.offsets[i + 1]].tobytes())
+                if name is not None and name not in found_rows:
+                    found_rows[name] = i
+            return found_rows
         found: dict[str, int] = {}
         keys = _hash_ids(RowIds.encode(list(targets.values())))
         block = 1 << 20
@@ -134,6 +145,29 @@ class RowIds(Sequence[str]):
                 if name is not None and name not in found:
                     found[name] = start + i
         return found
+
+
+_CHECK_ONE_BY_ONE = 200_000  # candidate ids compared as bytes, without hashing
+
+
+def _buffers(raw: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and data of byte strings laid end to end."""
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in raw], out=offsets[1:])
+    return offsets, np.frombuffer(b"".join(raw), dtype=np.uint8)
+
+
+def _cheap_keys(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Per id: its length, first byte and last byte in one int64 (-1 bytes for an empty id)."""
+    begin, end = np.asarray(offsets[:-1], np.int64), np.asarray(offsets[1:], np.int64)
+    lengths = end - begin
+    base = int(offsets[0]) if len(offsets) else 0
+    nonempty = lengths > 0
+    first = np.full(len(lengths), 256, np.int64)
+    last = np.full(len(lengths), 256, np.int64)
+    first[nonempty] = data[begin[nonempty] - base]
+    last[nonempty] = data[end[nonempty] - 1 - base]
+    return (lengths << 18) | (first << 9) | last
 
 
 _HASH_BASE = np.uint64(1099511628211)  # FNV's 64-bit prime: any odd number mixes well enough here

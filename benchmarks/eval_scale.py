@@ -1,28 +1,31 @@
-"""Evaluation time against raw faiss search time for a large gallery (one run each).
+"""Evaluation of a large gallery against a bare faiss search of the same data, at several sizes.
 
-    python benchmarks/eval_scale.py                      # 1,000 queries x 1,000,000 x 256
-    python benchmarks/eval_scale.py --quick              # a small run, seconds
-    python benchmarks/eval_scale.py --gallery-size 200000 --index ivf
+    python benchmarks/eval_scale.py                          # 1M and 10M rows, 256-d, float16
+    python benchmarks/eval_scale.py --quick                  # a small run, seconds
+    python benchmarks/eval_scale.py --sizes 1000000 --dtype float32 --ivf-max 1000000
 
-Writes a seeded, clustered gallery and query set as bctool embeddings files in a temporary
-folder (the gallery in blocks, so generating it needs little memory), then times, each in a
-fresh process so that its peak RSS is its own:
+For each size it writes a seeded, clustered gallery (and 1,000 labelled queries) with bctool's
+own streaming writer (the one ``extract`` uses; format version 2, ``--dtype`` rows), then times,
+each in a fresh process so that its peak RSS is its own:
 
-(a) raw faiss: ``IndexFlatIP`` add of the memory-mapped gallery + search k=100;
-(b) ``evaluate_retrieval(query, load_embeddings(gallery, mmap=True), top_k=100)``, loading
-    included.
+(a) bare faiss, flat: the memory-mapped rows read block by block, converted to float32,
+    ``faiss.normalize_L2``, searched with an ``IndexFlatIP`` per block (k=100) and merged with a
+    ``faiss.ResultHeap``: the least code that searches a gallery larger than memory;
+(b) ``evaluate_retrieval(query, load_embeddings(gallery, mmap=True), top_k=100)``, loading,
+    id matching, labels and metrics included (the gallery streamed in blocks);
+(c) at sizes up to ``--ivf-max``: bare faiss IVF (``IndexIVFFlat``, the same lists, training
+    sample and nprobe as bctool's) against ``evaluate_retrieval(..., index="ivf")``.
 
-Each is run twice, alternating, and the faster run of each is reported.
-
-Peak RSS counts the pages of the memory-mapped gallery that were touched (page cache, which
-the OS can drop), on top of the index itself.
+Each is run twice, alternating, and the faster run is kept. Peak RSS (``ru_maxrss``) counts
+the pages of the memory-mapped gallery still resident; bctool releases each block's pages after
+use, the bare search does not (the OS may drop them: they are page cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import math
 import sys
 import tempfile
 import time
@@ -32,9 +35,10 @@ from _common import in_fresh_process, peak_rss_mib
 
 import numpy as np
 
-from bctool.embeddings import FORMAT, FORMAT_VERSION, Embeddings, save_embeddings
+from bctool.embeddings import Embeddings, save_embeddings, write_embeddings
 
-_BLOCK_ROWS = 100_000
+_BLOCK_ROWS = 200_000
+_K = 100
 
 
 def _centers(n_classes: int, dim: int, seed: int) -> np.ndarray:
@@ -46,128 +50,143 @@ def _rows(centers: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> 
     return centers[labels] + 1.5 * noise
 
 
-def write_gallery(path: Path, n: int, dim: int, n_classes: int, seed: int) -> None:
-    """A safetensors embeddings file written block by block (same layout as save_embeddings)."""
+def write_gallery(path: Path, n: int, dim: int, n_classes: int, seed: int, dtype: str) -> None:
+    """An embeddings file streamed block by block by bctool's writer (ids g/0 .. g/N-1)."""
     centers = _centers(n_classes, dim, seed)
     rng = np.random.default_rng(seed + 1)
     labels = rng.integers(0, n_classes, n).astype(np.int64)
-    emb_bytes = 4 * n * dim
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "ids": json.dumps([f"g/{i}" for i in range(n)]),
-        "label_names": json.dumps([f"class{i}" for i in range(n_classes)]),
-        "model": json.dumps({"arch": "synthetic"}),
-        "normalized": "false",
-        "root": "",
-    }
-    header = {
-        "__metadata__": metadata,
-        "embeddings": {"dtype": "F32", "shape": [n, dim], "data_offsets": [0, emb_bytes]},
-        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [emb_bytes, emb_bytes + 8 * n]},
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
+    with write_embeddings(path, labels=labels, ids=[f"g/{i}" for i in range(n)],
+                          label_names=[f"class{i}" for i in range(n_classes)], dim=dim,
+                          model={"arch": "synthetic"}, dtype=dtype) as writer:
         for start in range(0, n, _BLOCK_ROWS):
-            fh.write(_rows(centers, labels[start : start + _BLOCK_ROWS], rng).astype("<f4").tobytes())
-        fh.write(labels.astype("<i8").tobytes())
+            writer.write(start, _rows(centers, labels[start : start + _BLOCK_ROWS], rng))
 
 
 def write_queries(path: Path, n: int, dim: int, n_classes: int, seed: int) -> None:
     centers = _centers(n_classes, dim, seed)
     rng = np.random.default_rng(seed + 2)
     labels = rng.integers(0, n_classes, n).astype(np.int64)
-    save_embeddings(
-        Embeddings(
-            embeddings=_rows(centers, labels, rng),
-            labels=labels,
-            ids=[f"q/{i}" for i in range(n)],
-            label_names=[f"class{i}" for i in range(n_classes)],
-            model={"arch": "synthetic"},
-        ),
-        path,
-    )
+    save_embeddings(Embeddings(_rows(centers, labels, rng), labels, [f"q/{i}" for i in range(n)],
+                               [f"class{i}" for i in range(n_classes)], {"arch": "synthetic"}), path)
 
 
-
-def _raw_faiss(query_path: str, gallery_path: str, k: int, out: mp.Queue) -> None:
+def _bare_flat(query_path: str, gallery_path: str, out) -> None:  # noqa: ANN001
     import faiss
 
     from bctool.embeddings import load_embeddings
 
-    query = load_embeddings(query_path).embeddings
-    gallery = load_embeddings(gallery_path, mmap=True).embeddings
     t0 = time.perf_counter()
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    for start in range(0, gallery.shape[0], _BLOCK_ROWS):
-        index.add(np.ascontiguousarray(gallery[start : start + _BLOCK_ROWS]))
-    index.search(query, k)
+    query = np.ascontiguousarray(load_embeddings(query_path).embeddings, dtype=np.float32)
+    faiss.normalize_L2(query)
+    gallery = load_embeddings(gallery_path, mmap=True).embeddings
+    heap = faiss.ResultHeap(query.shape[0], _K, keep_max=True)
+    rows = (256 << 20) // (4 * gallery.shape[1])  # the block bctool's streamed search uses
+    for start in range(0, gallery.shape[0], rows):
+        block = np.ascontiguousarray(gallery[start : start + rows], dtype=np.float32)
+        faiss.normalize_L2(block)
+        index = faiss.IndexFlatIP(block.shape[1])
+        index.add(block)
+        scores, indices = index.search(query, _K)
+        heap.add_result(scores, indices + start)
+    heap.finalize()
     out.put((time.perf_counter() - t0, peak_rss_mib(), None))
 
 
-def _evaluate(query_path: str, gallery_path: str, k: int, index: str, out: mp.Queue) -> None:
+def _bare_ivf(query_path: str, gallery_path: str, out) -> None:  # noqa: ANN001
+    import faiss
+
+    from bctool.embeddings import load_embeddings, normalize_rows
+    from bctool.evaluate.search import _IVF_TRAIN_PER_LIST, _ivf_nlist
+
+    t0 = time.perf_counter()
+    query = normalize_rows(load_embeddings(query_path).embeddings)
+    gallery = load_embeddings(gallery_path, mmap=True).embeddings
+    n, dim = gallery.shape
+    nlist = _ivf_nlist(n)
+    sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, nlist * _IVF_TRAIN_PER_LIST), replace=False))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(normalize_rows(gallery[sample]))
+    for start in range(0, n, _BLOCK_ROWS):
+        index.add(normalize_rows(gallery[start : start + _BLOCK_ROWS]))
+    index.nprobe = 32
+    index.search(query, _K)
+    out.put((time.perf_counter() - t0, peak_rss_mib(), None))
+
+
+def _evaluate(query_path: str, gallery_path: str, index: str, out) -> None:  # noqa: ANN001
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.retrieval import evaluate_retrieval
 
     t0 = time.perf_counter()
     query = load_embeddings(query_path)
     gallery = load_embeddings(gallery_path, mmap=True)
-    metrics = evaluate_retrieval(query, gallery, top_k=k, index=index)
+    metrics = evaluate_retrieval(query, gallery, top_k=_K, index=index)
     out.put((time.perf_counter() - t0, peak_rss_mib(), metrics))
 
 
+def _best_of_two(first: tuple, second: tuple) -> tuple[list, list]:
+    """Run ``first`` and ``second`` (target, *args) alternately twice; all runs of each."""
+    runs_a, runs_b = [], []
+    for _ in range(2):
+        runs_a.append(in_fresh_process(*first))
+        runs_b.append(in_fresh_process(*second))
+    return runs_a, runs_b
 
-def run(gallery_size: int, queries: int, dim: int, n_classes: int, index: str, k: int, seed: int) -> dict:
-    """Write the files, time (a) and (b), return the figures."""
-    with tempfile.TemporaryDirectory() as tmp:
-        g_path, q_path = Path(tmp) / "gallery.safetensors", Path(tmp) / "query.safetensors"
-        t0 = time.perf_counter()
-        write_gallery(g_path, gallery_size, dim, n_classes, seed)
-        write_queries(q_path, queries, dim, n_classes, seed)
-        print(f"wrote {gallery_size} x {dim} gallery in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        # Alternate (a, b, a, b) and keep each one's faster run, so neither pays alone for a
-        # cold page cache or a disk still flushing the freshly written gallery.
-        raw_runs, eval_runs = [], []
-        for _ in range(2):
-            raw_runs.append(in_fresh_process(_raw_faiss, str(q_path), str(g_path), k))
-            eval_runs.append(in_fresh_process(_evaluate, str(q_path), str(g_path), k, index))
-        raw_s, raw_rss, _ = min(raw_runs, key=lambda r: r[0])
-        eval_s, eval_rss, metrics = min(eval_runs, key=lambda r: r[0])
-        print(f"raw faiss runs {[round(r[0], 2) for r in raw_runs]} s, evaluate runs "
-              f"{[round(r[0], 2) for r in eval_runs]} s", file=sys.stderr)
-    return {
-        "gallery": gallery_size,
-        "queries": queries,
-        "dim": dim,
-        "index": index,
-        "k": k,
-        "raw_faiss_flat_s": round(raw_s, 2),
-        "evaluate_s": round(eval_s, 2),
-        "ratio": round(eval_s / raw_s, 3),
-        "raw_faiss_peak_rss_mib": round(raw_rss),
-        "evaluate_peak_rss_mib": round(eval_rss),
-        "metrics": metrics,
+
+def run(size: int, queries: int, dim: int, n_classes: int, dtype: str, ivf: bool, seed: int, folder: Path) -> dict:
+    g_path, q_path = folder / f"gallery{size}.safetensors", folder / "query.safetensors"
+    t0 = time.perf_counter()
+    write_gallery(g_path, size, dim, n_classes, seed, dtype)
+    write_queries(q_path, queries, dim, n_classes, seed)
+    written = time.perf_counter() - t0
+    print(f"wrote {size:,} x {dim} {dtype} ({g_path.stat().st_size / 2**30:.2f} GiB) in {written:.1f} s", file=sys.stderr)
+    bare, ours = _best_of_two((_bare_flat, str(q_path), str(g_path)), (_evaluate, str(q_path), str(g_path), "flat"))
+    (bare_s, bare_rss, _), (eval_s, eval_rss, metrics) = min(bare), min(ours, key=lambda r: r[0])
+    print(f"flat: bare {[round(r[0], 2) for r in bare]} s, evaluate {[round(r[0], 2) for r in ours]} s", file=sys.stderr)
+    result = {
+        "gallery": size, "queries": queries, "dim": dim, "dtype": dtype, "k": _K,
+        "file_gib": round(g_path.stat().st_size / 2**30, 3), "write_s": round(written, 1),
+        "flat": {"bare_faiss_s": round(bare_s, 2), "evaluate_s": round(eval_s, 2), "ratio": round(eval_s / bare_s, 3),
+                 "bare_faiss_peak_rss_mib": round(bare_rss), "evaluate_peak_rss_mib": round(eval_rss),
+                 "map": round(metrics["map"], 4)},
     }
+    if ivf:
+        bare, ours = _best_of_two((_bare_ivf, str(q_path), str(g_path)), (_evaluate, str(q_path), str(g_path), "ivf"))
+        (bare_s, bare_rss, _), (eval_s, eval_rss, metrics) = min(bare), min(ours, key=lambda r: r[0])
+        result["ivf"] = {"bare_faiss_s": round(bare_s, 2), "evaluate_s": round(eval_s, 2),
+                         "ratio": round(eval_s / bare_s, 3), "bare_faiss_peak_rss_mib": round(bare_rss),
+                         "evaluate_peak_rss_mib": round(eval_rss), "map": round(metrics["map"], 4)}
+    g_path.unlink()
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gallery-size", type=int, default=1_000_000, help="gallery rows")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="gallery rows")
     parser.add_argument("--queries", type=int, default=1_000, help="query rows")
     parser.add_argument("--dim", type=int, default=256, help="embedding dimension")
     parser.add_argument("--classes", type=int, default=10_000, help="label classes")
-    parser.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"), help="index evaluated")
-    parser.add_argument("--k", type=int, default=100, help="top k searched and scored")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="gallery storage")
+    parser.add_argument("--ivf-max", type=int, default=1_000_000, help="also time IVF at sizes up to this")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--quick", action="store_true", help="small run: 20,000 x 64, 200 queries")
+    parser.add_argument("--folder", type=Path, default=None, help="where the files go (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="small run: 20,000 and 60,000 x 64, 200 queries")
     args = parser.parse_args()
     if args.quick:
-        args.gallery_size, args.queries, args.dim, args.classes = 20_000, 200, 64, 500
-    result = run(args.gallery_size, args.queries, args.dim, args.classes, args.index, args.k, args.seed)
-    print(json.dumps(result, indent=2))
+        args.sizes, args.queries, args.dim, args.classes, args.ivf_max = [20_000, 60_000], 200, 64, 500, 60_000
+    with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
+        results = [run(size, args.queries, args.dim, args.classes, args.dtype, size <= args.ivf_max, args.seed, Path(tmp))
+                   for size in args.sizes]
+    growth = {}
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        scale = b["gallery"] / a["gallery"]
+        growth = {"rows_x": scale,
+                  "bare_faiss_time_x": round(b["flat"]["bare_faiss_s"] / a["flat"]["bare_faiss_s"], 2),
+                  "evaluate_time_x": round(b["flat"]["evaluate_s"] / a["flat"]["evaluate_s"], 2),
+                  "evaluate_peak_rss_x": round(b["flat"]["evaluate_peak_rss_mib"] / a["flat"]["evaluate_peak_rss_mib"], 2),
+                  "log10_rows": round(math.log10(b["gallery"]), 2)}
+    print(json.dumps({"runs": results, "growth": growth}, indent=2))
 
 
 if __name__ == "__main__":

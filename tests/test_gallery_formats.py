@@ -31,7 +31,11 @@ def _rows_of_reference(ids: list[str], wanted: set[str]) -> dict[str, int]:
     return found
 
 
-def test_row_ids_find_rows_as_a_loop_over_the_ids_does() -> None:
+@pytest.mark.parametrize("one_by_one", [200_000, 0])  # candidates checked directly, or hashed
+def test_row_ids_find_rows_as_a_loop_over_the_ids_does(one_by_one: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bctool.embeddings
+
+    monkeypatch.setattr(bctool.embeddings, "_CHECK_ONE_BY_ONE", one_by_one)
     rng = np.random.default_rng(0)
     alphabet = list("ab/é😀_") + [""]
     ids = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 6)))) for _ in range(3000)]
@@ -173,3 +177,43 @@ def test_a_shard_set_with_a_part_missing_or_foreign_is_refused(shard_set: dict[s
     gone.write_text("nowhere.safetensors\n")
     with pytest.raises(EmbeddingsError, match="names 1 part files that are not there"):
         load_embeddings(gone)
+
+
+def _reference_top_k(q: np.ndarray, g: np.ndarray, k: int, exclude: np.ndarray) -> np.ndarray:
+    """The slow, obvious ranking: every score, sorted by (-score, index), the excluded row dropped."""
+    out = []
+    for row, ex in zip(q, exclude):
+        scores = g @ row
+        order = sorted(range(len(g)), key=lambda i: (-scores[i], i))
+        out.append([i for i in order if i != ex][:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, None])
+def test_streamed_search_is_the_exact_top_k_with_ties_by_index(block_rows: int | None) -> None:
+    from bctool.evaluate.search import rank_gallery, stream_rankings
+
+    rng = np.random.default_rng(3)
+    # Few distinct rows: scores tie everywhere, across block boundaries too.
+    g = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=50)]
+    q = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=9)] + np.float32(0.5)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exclude = rng.integers(-1, 50, size=9)
+    for k in (1, 5, 30):
+        _, streamed = stream_rankings(q, g, k, exclude, block_rows=block_rows)
+        np.testing.assert_array_equal(streamed, _reference_top_k(q, g, k, exclude))
+        _, whole = rank_gallery(q, g, k, exclude)
+        np.testing.assert_array_equal(streamed, whole)
+
+
+def test_evaluate_on_a_streamed_gallery_equals_the_whole_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--top-k below the gallery size streams the gallery; the figures are those of one index."""
+    import bctool.evaluate.search as search
+    from bctool.evaluate.retrieval import evaluate_retrieval
+
+    gallery, query = _gallery(300, seed=4), _gallery(40, seed=5)
+    whole = evaluate_retrieval(query, gallery, top_k=299, ks=(1, 5))  # one block: the whole gallery
+    monkeypatch.setattr(search, "_STREAM_BLOCK_BYTES", 4 * 8 * 13)  # blocks of 13 rows
+    assert evaluate_retrieval(query, gallery, top_k=299, ks=(1, 5)) == whole
+    full = evaluate_retrieval(query, gallery, ks=(1, 5))  # the whole ranking: one index, not streamed
+    assert full["map@100"] == pytest.approx(whole["map@100"])

@@ -21,6 +21,7 @@ from bctool.evaluate.search import (
     DEFAULT_NPROBE,
     build_index,
     iter_index_rankings,
+    stream_rankings,
 )
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,14 @@ def _rankings(g_index, q_emb: np.ndarray, evaluated: np.ndarray, exclude: np.nda
             yield rows[start : start + indices.shape[0]], indices
 
 
+def _streamed(gallery: np.ndarray, q_emb: np.ndarray, evaluated: np.ndarray, exclude: np.ndarray, depth: int):  # noqa: ANN202
+    """:func:`_rankings` by :func:`stream_rankings`: ``(query rows, gallery indices)`` blocks."""
+    _, indices = stream_rankings(q_emb[evaluated], gallery, depth, exclude[evaluated], normalize=True)
+    block = max(1, min(4096, _BLOCK_ELEMENTS // depth))
+    for start in range(0, evaluated.size, block):
+        yield evaluated[start : start + block], indices[start : start + block]
+
+
 def _metric_sums(
     rankings, q_lab: np.ndarray, g_lab: np.ndarray, n_pos: np.ndarray, map_depth: int,  # noqa: ANN001
     ks: tuple[int, ...], ap_out: np.ndarray | None, top1_out: np.ndarray | None = None,
@@ -234,8 +243,12 @@ def _evaluate(
     n_gallery = len(gallery)
     map_depth = n_gallery if top_k is None else min(top_k, n_gallery)
     depth = min(n_gallery, max(map_depth, 100, *ks))
-    g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
-    rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
+    if index == "flat" and depth < n_gallery:
+        # Exact top-depth, the gallery streamed from its file: memory does not grow with it.
+        rankings = _streamed(gallery.embeddings, query.normalized_embeddings(), evaluated, exclude, depth)
+    else:
+        g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
+        rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
     sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out, top1_out)
 
     n_evaluated = int(evaluated.size)

@@ -20,6 +20,7 @@ Where an approximate index finds fewer than k items, the missing slots have inde
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ _TIE_MARGIN = 8
 _FULL_SEARCH_ELEMENTS = 1 << 24
 # Gallery bytes copied (and normalised) at once while filling an index.
 _ADD_BLOCK_BYTES = 64 << 20
+# Rows whose values all lie below this are normalised by faiss (their squared norm fits a float32).
+_FAST_NORMALIZE_BELOW = 1e18
+# Gallery bytes (as float32) in the index of one block of a streamed search.
+_STREAM_BLOCK_BYTES = 256 << 20
 
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 128
@@ -128,16 +133,25 @@ def _check_gallery(gallery: np.ndarray) -> np.ndarray:
     return g
 
 
-def _gallery_blocks(gallery: np.ndarray, normalize: bool) -> Iterator[np.ndarray]:
-    """Contiguous float32 blocks of gallery rows, normalised when asked."""
+def _gallery_blocks(gallery: np.ndarray, normalize: bool, first_row: int = 0) -> Iterator[np.ndarray]:
+    """Contiguous float32 blocks of gallery rows, normalised when asked (``first_row``: the row
+    number of ``gallery[0]`` in the whole gallery, for messages)."""
     rows = max(1, _ADD_BLOCK_BYTES // (4 * max(1, gallery.shape[1])))
     for start in range(0, gallery.shape[0], rows):
-        block = gallery[start : start + rows]
-        block = normalize_rows(block) if normalize else np.ascontiguousarray(block, dtype=np.float32)
+        block = np.array(gallery[start : start + rows], dtype=np.float32)  # a copy of our own
+        lo, hi = (float(block.min()), float(block.max())) if block.size else (0.0, 0.0)
+        if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) < _FAST_NORMALIZE_BELOW:
+            # The common case: finite rows whose squared norm cannot overflow. faiss normalises
+            # in place (zero rows stay zero), and no row can be NaN or inf.
+            if normalize:
+                faiss.normalize_L2(block)
+            yield block
+            continue
+        block = normalize_rows(block) if normalize else block
         bad = ~np.isfinite(block).all(axis=1)
         if bad.any():
             raise EmbeddingsError(
-                f"{int(bad.sum())} gallery rows from row {start + int(np.flatnonzero(bad)[0])} on hold NaN or "
+                f"{int(bad.sum())} gallery rows from row {first_row + start + int(np.flatnonzero(bad)[0])} on hold NaN or "
                 "inf values; re-extract the gallery (`bctool extract`)"
             )
         yield np.ascontiguousarray(block)
@@ -319,6 +333,54 @@ def iter_rankings(
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
     idx = build_index(g, index, normalize=normalize, nprobe=nprobe, ef_search=ef_search)
     yield from iter_index_rankings(idx, q, k, exclude, block_size)
+
+
+def stream_rankings(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None = None,
+    *,
+    normalize: bool = False,
+    block_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rank_gallery`'s exact (flat) top-``k``, the gallery read ``block_rows`` rows at a
+    time: memory holds one block's index and the ``(Q, k)`` best so far, never the gallery, so
+    a memory-mapped gallery of any size is searched in its file (its pages released after use).
+
+    Each block gives its own exact top-k (ties by index, as :func:`iter_index_rankings` keeps
+    them); merging sorted lists by ``(-score, index)`` gives the gallery's exact top-k.
+    """
+    from bctool.embeddings import release_rows
+
+    q = _as_matrix(query, "query")
+    g = _check_gallery(gallery)
+    check_same_dim(q.shape[1], g.shape[1])
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    n, dim = g.shape
+    ex = _check_exclude(exclude, q.shape[0], n)
+    k = max(0, min(k, n - 1 if ex is not None else n))
+    best_s = np.zeros((q.shape[0], 0), np.float32)
+    best_i = np.zeros((q.shape[0], 0), np.int64)
+    rows = block_rows or max(1, _STREAM_BLOCK_BYTES // (4 * max(1, dim)))
+    for start in range(0, n if k else 0, rows):
+        stop = min(n, start + rows)
+        index = faiss.IndexFlatIP(dim)
+        for block in _gallery_blocks(g[start:stop], normalize, first_row=start):
+            index.add(block)
+        depth = min(k + (1 if ex is not None else 0), stop - start)
+        parts = list(iter_index_rankings(index, q, depth, block_size=4096))
+        scores = np.concatenate([p[1] for p in parts])
+        indices = np.concatenate([p[2] for p in parts]) + start
+        if ex is not None:  # the excluded row sorts last and is never kept
+            dropped = indices == ex[:, None]
+            scores[dropped], indices[dropped] = -np.inf, np.iinfo(np.int64).max
+        scores, indices = np.hstack([best_s, scores]), np.hstack([best_i, indices])
+        order = np.lexsort((indices, -scores), axis=-1)[:, :k]
+        best_s, best_i = np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
+        release_rows(g, start, stop)
+    return np.ascontiguousarray(best_s), np.ascontiguousarray(best_i)
 
 
 def rank_gallery(
