@@ -294,6 +294,31 @@ def list_registered(
 
 @app.command()
 @reports_errors
+def convert(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Embeddings to convert, the format named by the suffix: .safetensors (a bctool file, or a shard-set folder or .txt manifest), .npy, .parquet or .faiss.")],
+    out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write, the format named by the suffix (.safetensors, .npy, .parquet, .faiss); .npy and .faiss get STEM.ids.txt and STEM.labels.txt beside them.")],
+    ids: Annotated[Optional[Path], typer.Option(help="From .npy or .faiss: the ids, one a line in row order (default: SRC's STEM.ids.txt beside it).")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="From .npy or .faiss: the label names, one a line, empty for unknown (default: STEM.labels.txt beside SRC, when there).")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Convert embeddings between bctool files and .npy, parquet or a faiss index; print a JSON summary.
+
+    Rows, ids and labels round-trip exactly (a faiss index holds the L2-normalised rows, as
+    `bctool evaluate` searches them).
+    """
+    from bctool.convert import beside, convert as run_convert
+
+    setup_logging(False)
+    check_not_an_input(out, {"SRC": src, "--ids": ids, "--labels": labels})
+    for what in ("ids", "labels"):
+        if out.suffix in (".npy", ".faiss"):
+            check_not_an_input(beside(out, what), {"SRC": src, "--ids": ids, "--labels": labels}, flag=f"--out's {what} file")
+    with output_lock(out):
+        emit_json(run_convert(src, out, str(ids) if ids else None, str(labels) if labels else None))
+
+
+@app.command()
+@reports_errors
 def extract(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Images to embed: a list file (labels optional) or a class-folder tree.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],

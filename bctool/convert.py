@@ -1,0 +1,293 @@
+"""Embeddings in the formats users already have: ``.npy``, parquet and faiss indexes.
+
+``bctool convert SRC --out DST`` reads SRC and writes DST, each format named by its suffix:
+
+* ``.safetensors``: a bctool embeddings file (or a shard set: a folder or ``.txt`` manifest);
+* ``.npy``: the (N, D) rows; the ids and labels in two text files beside it, ``STEM.ids.txt``
+  and ``STEM.labels.txt``, one id or label name a line (an empty label line: unknown). Reading
+  a ``.npy`` takes them from there, or from ``--ids`` and ``--labels``;
+* ``.parquet`` (``pip install 'bctool[parquet]'``): one row per embedding, columns ``id``
+  (string), ``label`` (string, null when unknown) and ``embedding`` (a fixed-size list of
+  float32 or float16);
+* ``.faiss``: an ``IndexIDMap2`` over an exact inner-product index (``IndexFlatIP``) holding the
+  L2-normalised rows, as ``bctool evaluate`` searches them; its int64 ids are row numbers, and
+  ``STEM.ids.txt`` / ``STEM.labels.txt`` beside it map them back to ids and labels (read with
+  the index for serving). Reading one reconstructs its rows (normalised, so the file says so).
+
+Rows stream in blocks to and from ``.npy`` (memory-mapped) and into parquet; reading parquet
+holds its rows in memory once, and a faiss index is built in memory, as faiss holds it. Ids are
+checked both ways: one a row, unique, no line breaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bctool.embeddings import (
+    Embeddings,
+    RowIds,
+    load_embeddings,
+    normalize_rows,
+    save_embeddings,
+    storage_dtype,
+)
+from bctool.errors import ConfigError, EmbeddingsError
+from bctool.io import atomic_path
+
+logger = logging.getLogger(__name__)
+BLOCK_ROWS = 65536
+
+
+def beside(path: str | os.PathLike[str], what: str) -> Path:
+    """``STEM.WHAT.txt`` beside ``path`` (``emb.npy`` -> ``emb.ids.txt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{what}.txt")
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EmbeddingsError(f"cannot read the {what} file {str(path)!r}: {exc}") from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final line break
+    return [line.removesuffix("\r") for line in lines]
+
+
+def check_ids(ids: list[str] | RowIds, rows: int, where: str) -> None:
+    """One id a row, unique, none holding a line break: what a text file of ids can carry back."""
+    if len(ids) != rows:
+        raise EmbeddingsError(f"{where}: {len(ids)} ids for {rows} rows; give one id a row")
+    seen: set[str] = set()
+    for image_id in ids:
+        if "\n" in image_id or "\r" in image_id:
+            raise EmbeddingsError(f"{where}: id {image_id!r} holds a line break, which a text file of ids cannot keep")
+        if image_id in seen:
+            raise EmbeddingsError(f"{where}: id {image_id!r} is given twice; ids must be unique")
+        seen.add(image_id)
+
+
+def _labels_from_names(names: list[str | None], rows: int, where: str) -> tuple[np.ndarray, list[str]]:
+    if len(names) != rows:
+        raise EmbeddingsError(f"{where}: {len(names)} labels for {rows} rows; give one label a row (empty: unknown)")
+    label_names = sorted({n for n in names if n})
+    number = {name: i for i, name in enumerate(label_names)}
+    return np.array([number[n] if n else -1 for n in names], dtype=np.int64), label_names
+
+
+def _text_files(emb: Embeddings, out: Path) -> dict[str, str]:
+    """Write ``STEM.ids.txt`` and ``STEM.labels.txt`` beside ``out`` (atomically)."""
+    check_ids(emb.ids, len(emb), str(out))
+    written = {}
+    for what, lines in (("ids", emb.ids), ("labels", (n or "" for n in emb.label_strings()))):
+        target = beside(out, what)
+        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line + "\n")
+        written[what] = str(target)
+    return written
+
+
+def _sidecar(src: Path, given: str | os.PathLike[str] | None, what: str, required: bool) -> Path | None:
+    path = Path(given) if given else beside(src, what)
+    if path.is_file():
+        return path
+    if given or required:
+        raise EmbeddingsError(
+            f"no {what} file for {str(src)!r}: {str(path)!r} is not there; pass --{what} FILE (one {what[:-1]} a "
+            "line, in row order)"
+        )
+    return None
+
+
+# Readers: (src, ids file, labels file) -> Embeddings. Writers: (embeddings, out) -> files written.
+Reader = Callable[[Path, "str | None", "str | None"], Embeddings]
+Writer = Callable[[Embeddings, Path], dict[str, str]]
+
+
+def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
+    if ids or labels:
+        raise ConfigError("--ids and --labels are for a .npy source; a bctool file carries its own")
+    return load_embeddings(src, mmap=True)
+
+
+def _write_bctool(emb: Embeddings, out: Path) -> dict[str, str]:
+    save_embeddings(emb, out, dtype=storage_dtype(emb.embeddings))
+    return {}
+
+
+def _read_npy(src: Path, ids: str | None, labels: str | None) -> Embeddings:
+    try:
+        rows = np.load(src, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise EmbeddingsError(f"cannot read {str(src)!r} as a .npy array: {exc}") from exc
+    if rows.ndim != 2 or rows.dtype.kind != "f":
+        raise EmbeddingsError(f"{str(src)!r} holds a {rows.dtype} array of shape {rows.shape}; embeddings are a 2-D "
+                              "float array (N x D)")
+    ids_path = _sidecar(src, ids, "ids", required=True)
+    assert ids_path is not None
+    id_list = _read_lines(ids_path, "ids")
+    check_ids(id_list, rows.shape[0], str(ids_path))
+    labels_path = _sidecar(src, labels, "labels", required=False)
+    names: list[str | None] = [*_read_lines(labels_path, "labels")] if labels_path else [None] * rows.shape[0]
+    label_ids, label_names = _labels_from_names(names, rows.shape[0], str(labels_path or src))
+    if rows.dtype not in (np.float32, np.float16):
+        rows = np.asarray(rows, dtype=np.float32)
+    return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "npy"})
+
+
+def _write_npy(emb: Embeddings, out: Path) -> dict[str, str]:
+    written = _text_files(emb, out)
+    with atomic_path(out) as tmp:
+        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(storage_dtype(emb.embeddings)),
+                                         shape=(len(emb), emb.dim))
+        for start in range(0, len(emb), BLOCK_ROWS):
+            rows[start : start + BLOCK_ROWS] = emb.embeddings[start : start + BLOCK_ROWS]
+        rows.flush()
+        del rows
+    return written
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 - the submodule is what is used
+    except ImportError as exc:
+        raise ConfigError("parquet needs pyarrow: pip install 'bctool[parquet]' (or pip install pyarrow)") from exc
+    return pyarrow
+
+
+def _read_parquet(src: Path, ids: str | None, labels: str | None) -> Embeddings:
+    if ids or labels:
+        raise ConfigError("--ids and --labels are for a .npy source; a parquet file has id and label columns")
+    pa = _pyarrow()
+    try:
+        table = pa.parquet.read_table(src, columns=["id", "label", "embedding"])
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        raise EmbeddingsError(f"cannot read {str(src)!r} as parquet with columns id, label, embedding: {exc}") from exc
+    column = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise EmbeddingsError(f"{str(src)!r}: column 'embedding' is {column.type}; bctool writes a fixed-size list")
+    dim = column.type.list_size
+    rows = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    id_list = [str(i) for i in table.column("id").to_pylist()]
+    check_ids(id_list, rows.shape[0], str(src))
+    label_ids, label_names = _labels_from_names(table.column("label").to_pylist(), rows.shape[0], str(src))
+    if rows.dtype not in (np.float32, np.float16):
+        rows = rows.astype(np.float32)
+    return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "parquet"})
+
+
+def _write_parquet(emb: Embeddings, out: Path) -> dict[str, str]:
+    pa = _pyarrow()
+    check_ids(emb.ids, len(emb), str(out))
+    value_type = pa.float16() if storage_dtype(emb.embeddings) == "float16" else pa.float32()
+    schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("embedding", pa.list_(value_type, emb.dim))])
+    names = emb.label_strings()
+    with atomic_path(out) as tmp, pa.parquet.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, len(emb), BLOCK_ROWS):
+            rows = np.ascontiguousarray(emb.embeddings[start : start + BLOCK_ROWS])
+            values = pa.array(rows.reshape(-1), type=value_type)
+            writer.write_table(pa.table({
+                "id": pa.array(list(emb.ids[start : start + BLOCK_ROWS]), pa.string()),
+                "label": pa.array(names[start : start + BLOCK_ROWS], pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(values, emb.dim),
+            }, schema=schema))
+    return {}
+
+
+def _read_faiss(src: Path, ids: str | None, labels: str | None) -> Embeddings:
+    import faiss
+
+    try:
+        index = faiss.read_index(str(src))
+    except RuntimeError as exc:
+        raise EmbeddingsError(f"cannot read {str(src)!r} as a faiss index: {exc}") from exc
+    if not isinstance(index, faiss.IndexIDMap2) or not isinstance(faiss.downcast_index(index.index), faiss.IndexFlat):
+        raise EmbeddingsError(f"{str(src)!r} is a {type(index).__name__}; bctool reads back the IndexIDMap2 over a flat "
+                              "index that `bctool convert` writes (other indexes do not keep their rows exactly)")
+    rows = faiss.downcast_index(index.index).reconstruct_n(0, index.ntotal)
+    numbers = faiss.vector_to_array(index.id_map)
+    ids_path = _sidecar(src, ids, "ids", required=True)
+    assert ids_path is not None
+    id_lines = _read_lines(ids_path, "ids")
+    if numbers.size and (numbers.min() < 0 or numbers.max() >= len(id_lines)):
+        raise EmbeddingsError(f"{str(src)!r} holds row numbers up to {int(numbers.max())}, but {str(ids_path)!r} has "
+                              f"{len(id_lines)} ids; keep the index with the id file written beside it")
+    id_list = [id_lines[i] for i in numbers.tolist()]
+    check_ids(id_list, rows.shape[0], str(ids_path))
+    labels_path = _sidecar(src, labels, "labels", required=False)
+    names = _read_lines(labels_path, "labels") if labels_path else [""] * len(id_lines)
+    if len(names) != len(id_lines):
+        raise EmbeddingsError(f"{str(labels_path)!r} has {len(names)} labels for {len(id_lines)} ids")
+    label_ids, label_names = _labels_from_names([names[i] for i in numbers.tolist()], rows.shape[0], str(src))
+    return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "faiss"},
+                      normalized=True)
+
+
+def _write_faiss(emb: Embeddings, out: Path) -> dict[str, str]:
+    import faiss
+
+    written = _text_files(emb, out)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.dim))
+    for start in range(0, len(emb), BLOCK_ROWS):
+        block = np.asarray(emb.embeddings[start : start + BLOCK_ROWS], dtype=np.float32)
+        rows = np.ascontiguousarray(block) if emb.normalized else normalize_rows(block)
+        index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+    return written
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one file suffix is read and written."""
+
+    name: str
+    read: Reader
+    write: Writer
+
+
+FORMATS = {
+    ".safetensors": Format("bctool", _read_bctool, _write_bctool),
+    ".npy": Format("npy", _read_npy, _write_npy),
+    ".parquet": Format("parquet", _read_parquet, _write_parquet),
+    ".faiss": Format("faiss", _read_faiss, _write_faiss),
+}
+
+
+def format_of(path: str | os.PathLike[str], role: str) -> Format:
+    """The format ``path``'s suffix names (a folder or ``.txt`` manifest is a bctool shard set)."""
+    path = Path(path)
+    if role == "SRC" and (path.is_dir() or path.suffix == ".txt"):
+        return FORMATS[".safetensors"]
+    if path.suffix not in FORMATS:
+        raise ConfigError(f"{role} {str(path)!r}: the suffix {path.suffix or '(none)'!r} names no format; use one of "
+                          f"{sorted(FORMATS)}")
+    return FORMATS[path.suffix]
+
+
+def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], ids: str | None = None,
+            labels: str | None = None) -> dict[str, Any]:
+    """Read ``src`` and write ``out``, each in the format its suffix names; return a summary."""
+    source, target = format_of(src, "SRC"), format_of(out, "--out")
+    if source.name == target.name:
+        raise ConfigError(f"SRC and --out are both {source.name} files; nothing to convert")
+    if source.name != "bctool" and target.name != "bctool":
+        raise ConfigError("convert between bctool files and another format; go through a .safetensors file")
+    if not Path(src).exists():
+        raise EmbeddingsError(f"{str(src)!r} does not exist")
+    emb = source.read(Path(src), ids, labels)
+    files = target.write(emb, Path(out))
+    logger.info("converted %d rows of %s (%s) into %s (%s)", len(emb), src, source.name, out, target.name)
+    return {"src": str(src), "out": str(out), "from": source.name, "to": target.name, "rows": len(emb),
+            "dim": emb.dim, "dtype": storage_dtype(np.asarray(emb.embeddings[:0])), "labelled": int((emb.labels >= 0).sum()),
+            **{f"{what}_file": path for what, path in files.items()}}
