@@ -31,7 +31,7 @@ from torch import nn
 from bctool import __version__
 from bctool.adapt.maps import ADAPTERS
 from bctool.checkpoint import file_sha256
-from bctool.embeddings import Embeddings, normalize_rows
+from bctool.embeddings import Embeddings, RowIds, normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.io import atomic_path, check_format_version
 from bctool.registry import resolve_params
@@ -87,6 +87,9 @@ def pair_by_id(source: Embeddings, target: Embeddings) -> tuple[np.ndarray, np.n
                                   "write it with `bctool extract` or `bctool convert --ids`")
         if len(set(emb.ids)) != len(emb.ids):
             raise EmbeddingsError(f"{name} lists some ids more than once; each image must appear once to be paired")
+    if isinstance(source.ids, RowIds) and source.ids == target.ids:  # one list embedded twice: row i pairs row i
+        rows = np.arange(len(source), dtype=np.int64)
+        return rows, rows
     row_of = {image_id: i for i, image_id in enumerate(target.ids)}
     src = np.array([i for i, image_id in enumerate(source.ids) if image_id in row_of], dtype=np.int64)
     if src.size == 0:
@@ -108,26 +111,39 @@ def _labels_of(source: Embeddings, target: Embeddings, src: np.ndarray, tgt: np.
     return np.array([vocab[n] if n is not None else -1 for n in names], dtype=np.int64)
 
 
-def _held_out_map(mapped: np.ndarray, target: np.ndarray, labels: np.ndarray) -> tuple[float | None, float | None]:
+# Held-out rows searched as queries at most, and held-out rows searched at most (seeded samples).
+HELD_OUT_QUERIES, HELD_OUT_GALLERY = 2000, 20000
+
+
+def _held_out_map(mapped: np.ndarray, target: np.ndarray, labels: np.ndarray,
+                  seed: int = 0) -> tuple[float | None, float | None]:
     """mAP of the mapped held-out rows searched against the target held-out rows (each other row
     with the same label is relevant; the row's own pair is excluded), and of the target rows
-    against themselves; None without two labelled rows of a class."""
+    against themselves; None without two labelled rows of a class. At most
+    :data:`HELD_OUT_QUERIES` rows (a seeded sample) are queries, so a large fit stays quick
+    (the caller passes at most :data:`HELD_OUT_GALLERY` rows)."""
     from bctool.evaluate.retrieval import evaluate_retrieval
 
     if (labels >= 0).sum() < 2:
         return None, None
     ids = [str(i) for i in range(len(labels))]
     names = [str(v) for v in range(int(labels.max()) + 1)]
+    queries = np.arange(len(labels))
+    if len(queries) > HELD_OUT_QUERIES:
+        queries = np.sort(np.random.default_rng(seed).choice(len(labels), HELD_OUT_QUERIES, replace=False))
 
-    def emb(rows: np.ndarray) -> Embeddings:
-        return Embeddings(rows.astype(np.float32), labels, ids, names, normalized=True)
+    def emb(rows: np.ndarray, chosen: np.ndarray | None = None) -> Embeddings:
+        if chosen is None:
+            return Embeddings(rows.astype(np.float32), labels, ids, names, normalized=True)
+        return Embeddings(rows[chosen].astype(np.float32), labels[chosen], [ids[i] for i in chosen], names,
+                          normalized=True)
 
     quiet = logging.getLogger("bctool.evaluate")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # held-out rows without a same-class partner are expected, not news
     try:
-        return (float(evaluate_retrieval(emb(mapped), emb(target))["map"]),
-                float(evaluate_retrieval(emb(target), emb(target))["map"]))
+        return (float(evaluate_retrieval(emb(mapped, queries), emb(target))["map"]),
+                float(evaluate_retrieval(emb(target, queries), emb(target))["map"]))
     except (EmbeddingsError, ConfigError):  # no query with a relevant row
         return None, None
     finally:
@@ -166,7 +182,11 @@ def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", pa
         fit["held_out_cosine"] = float((mapped * y[held]).sum(1).mean())
         fit["held_out_cosine_unmapped"] = (float((x[held] * y[held]).sum(1).mean()) if source.dim == target.dim
                                            else None)
-        fit["held_out_map"], fit["held_out_map_target"] = _held_out_map(mapped, y[held], labels[held])
+        searched = np.arange(len(held))
+        if len(held) > HELD_OUT_GALLERY:  # a sample of the held-out pairs: the search stays quick
+            searched = np.sort(np.random.default_rng(seed).choice(len(held), HELD_OUT_GALLERY, replace=False))
+        fit["held_out_map"], fit["held_out_map_target"] = _held_out_map(
+            mapped[searched], y[held][searched], labels[held][searched], seed)
     adapter.fit = fit
     logger.info("fitted a %s adapter %d -> %d on %d pairs in %.1f s: %s", kind, source.dim, target.dim, len(used),
                 seconds, {k: v for k, v in fit.items() if "cosine" in k or "map" in k})
