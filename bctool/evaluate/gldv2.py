@@ -19,7 +19,7 @@ from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.inputs import check_same_dim, id_stem, match_rows
 from bctool.evaluate.metrics import QueryAP, average_precision_at_k
-from bctool.evaluate.search import iter_rankings
+from bctool.evaluate.search import stream_rankings
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,16 @@ def _evaluate(
     if len(gallery) == 0:
         raise EmbeddingsError("the gallery embeddings have no rows; extract the GLDv2 index images")
     q_emb = query.normalized_embeddings()[match_rows(query, solution.query_ids, "query")]
-    g_emb = gallery.normalized_embeddings()
-    n_gallery = g_emb.shape[0]
+    n_gallery = len(gallery)
     keys, n_pos = _relevance_keys(solution, _gallery_stems(gallery))
 
     depth = min(k, n_gallery)
     rows = block_size or max(1, _BLOCK_ELEMENTS // depth)
     ap = np.zeros(len(solution), dtype=np.float64)
-    for start, _, indices in iter_rankings(q_emb, g_emb, depth, block_size=rows):
+    # The exact top-k, the gallery read from its file block by block (never copied whole).
+    _, ranked = stream_rankings(q_emb, gallery.embeddings, depth, normalize=True)
+    for start in range(0, ranked.shape[0], rows):
+        indices = ranked[start : start + rows]
         stop = start + indices.shape[0]
         rel = _block_relevance(keys, start, indices, n_gallery)
         ap[start:stop] = average_precision_at_k(rel, n_pos[start:stop], k)

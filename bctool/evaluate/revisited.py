@@ -207,8 +207,12 @@ def _evaluate(
     ks = tuple(int(k) for k in ks)
     _check_inputs(query, gallery, ks)
     q_emb = query.normalized_embeddings()[match_rows(query, gnd.query_names, "query")]
-    g_emb = gallery.normalized_embeddings()[match_rows(gallery, gnd.gallery_names, "gallery")]
-    n_gallery = g_emb.shape[0]
+    g_rows = match_rows(gallery, gnd.gallery_names, "gallery")
+    # In ground-truth order already (as `extract --gnd` writes it): the index reads the file in
+    # blocks; otherwise the rows are gathered first.
+    in_order = len(g_rows) == len(gallery) and bool(np.array_equal(g_rows, np.arange(len(gallery))))
+    g_emb = gallery.embeddings if in_order else gallery.embeddings[g_rows]
+    n_gallery = len(g_rows)
 
     pairs = {}
     for protocol in PROTOCOLS:
@@ -221,7 +225,7 @@ def _evaluate(
     medium_top1 = np.zeros(q_emb.shape[0], dtype=bool)
 
     block_size = max(1, _BLOCK_ELEMENTS // n_gallery)
-    for start, _, indices in iter_rankings(q_emb, g_emb, n_gallery, block_size=block_size):
+    for start, _, indices in iter_rankings(q_emb, g_emb, n_gallery, block_size=block_size, normalize=True):
         for protocol, (ok_pairs, junk_pairs) in pairs.items():
             ok = _block_mask(ok_pairs, start, indices)
             junk = _block_mask(junk_pairs, start, indices)
