@@ -217,3 +217,15 @@ def test_evaluate_on_a_streamed_gallery_equals_the_whole_index(monkeypatch: pyte
     assert evaluate_retrieval(query, gallery, top_k=299, ks=(1, 5)) == whole
     full = evaluate_retrieval(query, gallery, ks=(1, 5))  # the whole ranking: one index, not streamed
     assert full["map@100"] == pytest.approx(whole["map@100"])
+
+
+def test_adapt_reads_at_most_max_pairs(tmp_path: Path) -> None:
+    """A seeded sample of the pairs: the fit's memory is bounded by --max-pairs, not the files."""
+    source, target = _gallery(400, seed=6), _gallery(400, seed=7)
+    for name, emb in (("s", source), ("t", target)):
+        save_embeddings(emb, tmp_path / f"{name}.safetensors", dtype="float16")
+    result = CliRunner().invoke(app, ["adapt", str(tmp_path / "s.safetensors"), str(tmp_path / "t.safetensors"),
+                                      "--out", str(tmp_path / "a.safetensors"), "--max-pairs", "50", "-q"])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)["fit"]
+    assert fit["shared_ids"] == 400 and fit["pairs"] == 50 and fit["fitted_on"] == 45 and fit["held_out"] == 5

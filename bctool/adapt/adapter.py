@@ -151,14 +151,20 @@ def _held_out_map(mapped: np.ndarray, target: np.ndarray, labels: np.ndarray,
 
 
 def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", params: dict[str, Any] | None = None,
-                holdout: float = 0.1, seed: int = 0) -> Adapter:
+                holdout: float = 0.1, seed: int = 0, max_pairs: int | None = None) -> Adapter:
     """Fit a ``kind`` map from ``source``'s space to ``target``'s on the pairs of rows with the
-    same id; ``holdout`` of the pairs (seeded) are kept out of the fit and report it."""
+    same id; ``holdout`` of the pairs (seeded) are kept out of the fit and report it. With
+    ``max_pairs``, at most that many pairs (a seeded sample) are read: memory is bounded by it,
+    not by the files."""
     entry = ADAPTERS.entry(kind)
     resolved = resolve_params("adapter kind", kind, entry.params, params)
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout {holdout} must lie in [0, 1)")
     src, tgt = pair_by_id(source, target)
+    shared = len(src)
+    if max_pairs is not None and len(src) > max_pairs:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(src), max_pairs, replace=False))
+        src, tgt = src[chosen], tgt[chosen]
     x = normalize_rows(np.asarray(source.embeddings[src], dtype=np.float32))
     y = normalize_rows(np.asarray(target.embeddings[tgt], dtype=np.float32))
     labels = _labels_of(source, target, src, tgt)
@@ -174,7 +180,7 @@ def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", pa
                        resolved).eval()
     seconds = time.perf_counter() - started
     adapter = Adapter(kind, resolved, module, source.dim, target.dim, dict(source.model), dict(target.model))
-    fit: dict[str, Any] = {"pairs": int(len(src)), "fitted_on": int(len(used)), "held_out": int(len(held)),
+    fit: dict[str, Any] = {"pairs": int(len(src)), "shared_ids": int(shared), "fitted_on": int(len(used)), "held_out": int(len(held)),
                            "seconds": round(seconds, 3), "seed": seed}
     fit["train_cosine"] = float((adapter.apply(x[used]) * y[used]).sum(1).mean())
     if len(held):

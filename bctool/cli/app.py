@@ -488,6 +488,7 @@ def adapt(
     params: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="A parameter of the kind as NAME=VALUE (repeatable), e.g. --param ridge=0.01.")] = None,
     holdout: Annotated[float, typer.Option(help="Share of the pairs held out of the fit to report it (cosine, and retrieval mAP where labels exist); 0 fits on all.")] = 0.1,
     seed: Annotated[int, typer.Option(callback=_seed_range, help="Seed of the held-out pairs and of the MLP's training.")] = 0,
+    max_pairs: Annotated[int, typer.Option(callback=_at_least(2), help="Use at most this many pairs (a seeded sample; only their rows are read), so a gallery of any size fits in bounded memory.")] = 1_000_000,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -500,7 +501,8 @@ def adapt(
     check_not_an_input(out, {"SOURCE": source, "TARGET": target})
     with output_lock(out):
         adapter = fit_adapter(load_embeddings(source, mmap=True), load_embeddings(target, mmap=True), kind,
-                              _name_values("--param", params, "NAME=VALUE"), holdout=holdout, seed=seed)
+                              _name_values("--param", params, "NAME=VALUE"), holdout=holdout, seed=seed,
+                              max_pairs=max_pairs)
         save_adapter(adapter, out)
     if not quiet:
         fit = adapter.fit
