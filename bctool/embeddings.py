@@ -304,7 +304,7 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
     """Let the operating system drop the pages of rows ``start .. stop`` of a memory-mapped array
     from this process's memory (they are read again from the file if touched): a stream over a
     file larger than memory then keeps only its current block resident. A no-op for other arrays."""
-    if isinstance(rows, ConcatRows):
+    if hasattr(rows, "release"):  # rows read on demand (a shard set's): they release their own
         rows.release(start, stop)
         return
     mapping = getattr(rows, "_mmap", None)

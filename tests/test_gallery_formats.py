@@ -229,3 +229,25 @@ def test_adapt_reads_at_most_max_pairs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     fit = json.loads(result.stdout)["fit"]
     assert fit["shared_ids"] == 400 and fit["pairs"] == 50 and fit["fitted_on"] == 45 and fit["held_out"] == 5
+
+
+@pytest.mark.parametrize("new_normalized", [False, True])
+def test_a_mixed_gallery_reads_the_rows_a_copy_would_hold(new_normalized: bool) -> None:
+    from bctool.evaluate.backfill import MixedRows, partial_backfill
+
+    old, new = _gallery(60, seed=8), _gallery(60, seed=9)
+    shuffle = np.random.default_rng(0).permutation(60)  # the new file lists the images in another order
+    new = Embeddings(new.embeddings[shuffle], new.labels[shuffle], [old.ids[i] for i in shuffle], new.label_names,
+                     normalized=new_normalized)
+    if new_normalized:
+        new = Embeddings(new.normalized_embeddings(), new.labels, new.ids, new.label_names, normalized=True)
+    mixed = partial_backfill(old, new, 0.4, seed=3)
+    assert isinstance(mixed.embeddings, MixedRows)
+    chosen = np.random.default_rng(3).permutation(60)[:24]
+    new_row_of = {image_id: i for i, image_id in enumerate(new.ids)}
+    old_rows = old.normalized_embeddings() if new_normalized else old.embeddings
+    expected = np.array(old_rows, dtype=np.float32, copy=True)
+    expected[chosen] = new.embeddings[[new_row_of[old.ids[i]] for i in chosen]]
+    np.testing.assert_allclose(np.asarray(mixed.embeddings), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mixed.embeddings[np.array([5, 1, 59])], expected[[5, 1, 59]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mixed.embeddings[10:30], expected[10:30], rtol=1e-6, atol=1e-7)

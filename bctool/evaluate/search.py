@@ -126,9 +126,11 @@ def _search_sorted(
 
 
 def _check_gallery(gallery: np.ndarray) -> np.ndarray:
-    """The gallery as given (a memory map stays one), checked to be a 2-D array."""
-    g = gallery if isinstance(gallery, np.ndarray) else np.asarray(gallery, dtype=np.float32)
-    if g.ndim != 2:
+    """The gallery as given (a memory map, or rows read on demand such as a shard set's, stay
+    what they are: only blocks of them are read), checked to be a 2-D array."""
+    lazy = isinstance(gallery, np.ndarray) or (hasattr(gallery, "shape") and hasattr(gallery, "__getitem__"))
+    g = gallery if lazy else np.asarray(gallery, dtype=np.float32)
+    if len(g.shape) != 2:
         raise EmbeddingsError(f"gallery must be a 2-D (N x D) array, got shape {g.shape}")
     return g
 
