@@ -122,10 +122,13 @@ class RowIds(Sequence[str]):
         targets = {w.encode("utf-8"): w for w in wanted}
         if not targets or not len(self):
             return {}
-        # A cheap key first (length, first and last byte): ids that cannot match are dropped
-        # without hashing; few candidates are checked one by one.
-        candidates = np.flatnonzero(np.isin(_cheap_keys(self.offsets, self.data), _cheap_keys(
-            *_buffers([*targets]))))
+        # A cheap key first (length, first and last byte), a block of ids at a time: ids that
+        # cannot match are dropped without hashing; few candidates are checked one by one.
+        wanted_keys = _cheap_keys(*_buffers([*targets]))
+        step = 1 << 20
+        candidates = np.concatenate([np.zeros(0, np.int64)] + [
+            start + np.flatnonzero(np.isin(_cheap_keys(self.offsets[start : start + step + 1], self.data), wanted_keys))
+            for start in range(0, len(self), step)])
         if candidates.size <= _CHECK_ONE_BY_ONE:
             found_rows: dict[str, int] = {}
             for i in candidates.tolist():
@@ -158,15 +161,15 @@ def _buffers(raw: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cheap_keys(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """Per id: its length, first byte and last byte in one int64 (-1 bytes for an empty id)."""
+    """Per id of ``offsets`` (positions in ``data``): its length, first and last byte in one
+    int64 (256 for the bytes of an empty id)."""
     begin, end = np.asarray(offsets[:-1], np.int64), np.asarray(offsets[1:], np.int64)
     lengths = end - begin
-    base = int(offsets[0]) if len(offsets) else 0
     nonempty = lengths > 0
     first = np.full(len(lengths), 256, np.int64)
     last = np.full(len(lengths), 256, np.int64)
-    first[nonempty] = data[begin[nonempty] - base]
-    last[nonempty] = data[end[nonempty] - 1 - base]
+    first[nonempty] = data[begin[nonempty]]
+    last[nonempty] = data[end[nonempty] - 1]
     return (lengths << 18) | (first << 9) | last
 
 

@@ -80,7 +80,9 @@ def _bare_flat(query_path: str, gallery_path: str, out) -> None:  # noqa: ANN001
     faiss.normalize_L2(query)
     gallery = load_embeddings(gallery_path, mmap=True).embeddings
     heap = faiss.ResultHeap(query.shape[0], _K, keep_max=True)
-    rows = (256 << 20) // (4 * gallery.shape[1])  # the block bctool's streamed search uses
+    from bctool.evaluate.search import _STREAM_BLOCK_BYTES
+
+    rows = _STREAM_BLOCK_BYTES // (4 * gallery.shape[1])  # the block bctool's streamed search uses
     for start in range(0, gallery.shape[0], rows):
         block = np.ascontiguousarray(gallery[start : start + rows], dtype=np.float32)
         faiss.normalize_L2(block)

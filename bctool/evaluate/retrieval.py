@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Most (queries x ranks) entries of rankings held at once.
 _BLOCK_ELEMENTS = 1 << 22
+# A whole-gallery index larger than this gets a warning that --top-k streams the gallery instead.
+_LARGE_INDEX_BYTES = 2 << 30
 
 
 def _describe_model(model: dict[str, Any]) -> str:
@@ -247,6 +249,10 @@ def _evaluate(
         # Exact top-depth, the gallery streamed from its file: memory does not grow with it.
         rankings = _streamed(gallery.embeddings, query.normalized_embeddings(), evaluated, exclude, depth)
     else:
+        if index == "flat" and n_gallery * gallery.dim * 4 > _LARGE_INDEX_BYTES:
+            logger.warning(
+                "ranking all %d gallery rows holds them in one index (%.1f GiB); pass --top-k 100 (or another depth) "
+                "to stream the gallery from its file instead", n_gallery, n_gallery * gallery.dim * 4 / 2**30)
         g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
         rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
     sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out, top1_out)

@@ -43,7 +43,7 @@ _ADD_BLOCK_BYTES = 64 << 20
 # Rows whose values all lie below this are normalised by faiss (their squared norm fits a float32).
 _FAST_NORMALIZE_BELOW = 1e18
 # Gallery bytes (as float32) in the index of one block of a streamed search.
-_STREAM_BLOCK_BYTES = 256 << 20
+_STREAM_BLOCK_BYTES = 128 << 20
 
 DEFAULT_NPROBE = 32
 DEFAULT_EF_SEARCH = 128
