@@ -9,7 +9,17 @@ from typing import Any
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory of this process so far, in MiB: Linux's ``VmHWM``, the high-water
+    mark of this address space. (``ru_maxrss`` carries over the peak of the process that forked
+    it across ``exec``, so a child of a large parent would report the parent's size; it is the
+    fallback elsewhere, in KiB on Linux.)"""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -63,17 +63,32 @@ def write_set(folder: Path, rows: int, dim: int, classes: int, seed: int) -> dic
     return paths
 
 
+# Runs bctool's CLI, then prints its own peak RSS (VmHWM, of this process only) on stderr.
+_MEASURED = """
+import sys
+from bctool.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_RSS_KIB", peak, file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def timed(args: list[str]) -> dict:
     """Run ``bctool ARGS -q`` in a child process: its wall time, peak RSS and JSON output."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bctool", *args, "-q"], stdout=subprocess.PIPE)
-    out = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args, "-q"], capture_output=True, text=True,
+                          env={**os.environ})
     if proc.returncode:
-        raise SystemExit(f"bctool {' '.join(args)} failed with exit code {proc.returncode}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
-            "output": json.loads(out)}
+        raise SystemExit(f"bctool {' '.join(args)} failed with exit code {proc.returncode}: {proc.stderr[-2000:]}")
+    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(peak / 1024),
+            "output": json.loads(proc.stdout)}
 
 
 def main() -> None:
