@@ -153,6 +153,23 @@ class RowIds(Sequence[str]):
 _CHECK_ONE_BY_ONE = 200_000  # candidate ids compared as bytes, without hashing
 
 
+def has_repeats(ids: Sequence[str]) -> bool:
+    """True when some id appears twice. A :class:`RowIds` is checked by hashing its buffer a block
+    at a time (8 bytes an id) and comparing only the ids whose hashes meet; a list by a set."""
+    if not isinstance(ids, RowIds):
+        return len(set(ids)) != len(ids)
+    step = 1 << 20
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [
+        _hash_ids(RowIds(ids.offsets[start : start + step + 1], ids.data)) for start in range(0, len(ids), step)])
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    if same.size == 0:
+        return False
+    suspects = np.unique(np.concatenate([order[same], order[same + 1]]))
+    seen = [ids[int(i)] for i in suspects]
+    return len(set(seen)) != len(seen)
+
+
 def _buffers(raw: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Offsets and data of byte strings laid end to end."""
     offsets = np.zeros(len(raw) + 1, dtype=np.int64)
@@ -177,10 +194,12 @@ _HASH_BASE = np.uint64(1099511628211)  # FNV's 64-bit prime: any odd number mixe
 
 
 def _hash_ids(ids: RowIds) -> np.ndarray:
-    """A 64-bit polynomial hash of every id of ``ids`` (uint64, wrapping), vectorised."""
-    offsets = ids.offsets - ids.offsets[0]
+    """A 64-bit polynomial hash of every id of ``ids`` (uint64, wrapping), vectorised; the
+    offsets may be a slice of a larger file's (its data is then read from ``offsets[0]`` on)."""
+    first = int(ids.offsets[0]) if len(ids.offsets) else 0
+    offsets = ids.offsets - first
     lengths = np.diff(offsets)
-    n_bytes = int(offsets[-1])
+    n_bytes = int(offsets[-1]) if len(offsets) else 0
     out = np.zeros(len(ids), dtype=np.uint64)
     if n_bytes == 0:
         return out
@@ -190,7 +209,8 @@ def _hash_ids(ids: RowIds) -> np.ndarray:
     with np.errstate(over="ignore"):
         for k in range(1, longest):
             powers[k] = powers[k - 1] * _HASH_BASE
-        terms = (np.asarray(ids.data, dtype=np.uint64) + np.uint64(1)) * powers[position]
+        data = np.asarray(ids.data[first : first + n_bytes], dtype=np.uint64)
+        terms = (data + np.uint64(1)) * powers[position]
     nonempty = lengths > 0
     out[nonempty] = np.add.reduceat(terms, offsets[:-1][nonempty])
     return out + lengths.astype(np.uint64)

@@ -251,3 +251,15 @@ def test_a_mixed_gallery_reads_the_rows_a_copy_would_hold(new_normalized: bool) 
     np.testing.assert_allclose(np.asarray(mixed.embeddings), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(mixed.embeddings[np.array([5, 1, 59])], expected[[5, 1, 59]], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(mixed.embeddings[10:30], expected[10:30], rtol=1e-6, atol=1e-7)
+
+
+def test_repeated_ids_are_found_in_the_buffer_as_a_set_finds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bctool.embeddings
+    from bctool.embeddings import has_repeats
+
+    ids = [f"img/{i}" for i in range(5000)]
+    assert not has_repeats(RowIds.encode(ids)) and not has_repeats(ids)
+    assert has_repeats(RowIds.encode([*ids, "img/17"])) and has_repeats([*ids, "img/17"])
+    # Every id hashed alike: only the exact comparison of the suspects decides.
+    monkeypatch.setattr(bctool.embeddings, "_hash_ids", lambda ids: np.zeros(len(ids), np.uint64))
+    assert not has_repeats(RowIds.encode(ids)) and has_repeats(RowIds.encode(["a", "b", "a"]))

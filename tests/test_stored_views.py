@@ -4,6 +4,8 @@ with `--old-views` shows the new model those very views against their old embedd
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -144,32 +146,20 @@ def test_cli_view_options(emoji_dir: Path, old_files: dict[str, Path], tmp_path:
     assert result.exit_code == 2 and "'blur' is unknown" in result.output
 
 
-def test_a_run_against_stored_views_resumes_to_the_straight_run(emoji_dir: Path, old_files: dict[str, Path],
-                                                                tmp_path: Path) -> None:
+def test_a_run_against_stored_views_resumes_to_the_straight_run(
+    emoji_dir: Path, old_files: dict[str, Path], tmp_path: Path,
+    sigterm_at_step: Callable[[int], AbstractContextManager[None]],
+) -> None:
     """The options (a tuple of files) compare equal to the saved state's; the views drawn after the
     resumption are those of the straight run."""
-    import os
-    import signal
-
     from bctool.interrupt import Interrupted
-    from bctool.train import loop as train_loop
 
     images = load_image_set(emoji_dir / "new_train.txt")
     options = dict(method="lce", old_embeddings=str(old_files["clean"]), old_views=(str(old_files["view0"]),),
                    epochs=2)
     train(images, _config(**options), tmp_path / "a.safetensors")
-    real_lr, calls = train_loop.lr_at, []
-
-    def sigterm_at_step_3(step: int, *args: object) -> float:
-        calls.append(step)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr(step, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_loop, "lr_at", sigterm_at_step_3)
-        with pytest.raises(Interrupted):
-            train(images, _config(**options, save_every=1), tmp_path / "b.safetensors")
+    with sigterm_at_step(3), pytest.raises(Interrupted):
+        train(images, _config(**options, save_every=1), tmp_path / "b.safetensors")
     train(images, _config(**options, resume=True), tmp_path / "b.safetensors")
     a, b = load_checkpoint(tmp_path / "a.safetensors").model, load_checkpoint(tmp_path / "b.safetensors").model
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

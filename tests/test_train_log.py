@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,6 @@ from bctool.cli import app
 from bctool.data import load_image_set
 from bctool.interrupt import Interrupted
 from bctool.train import TrainConfig, train
-from bctool.train import loop as train_loop
 from bctool.train.log import _moving_mean, read_records
 
 runner = CliRunner()
@@ -38,21 +37,13 @@ def test_log_records_every_step_and_epoch(emoji_dir: Path, tmp_path: Path) -> No
         assert logged["loss"] == pytest.approx(mean, rel=1e-5)
 
 
-def test_resumed_log_holds_each_step_once_and_matches_a_straight_run(emoji_dir: Path, tmp_path: Path) -> None:
+def test_resumed_log_holds_each_step_once_and_matches_a_straight_run(
+    emoji_dir: Path, tmp_path: Path, sigterm_at_step: Callable[[int], AbstractContextManager[None]],
+) -> None:
     images = load_image_set(emoji_dir / "new_train.txt")
     train(images, _config(tmp_path / "straight"), tmp_path / "a.safetensors")
-    real_lr, calls = train_loop.lr_at, []
-
-    def sigterm_at_step_5(step: int, *args: object) -> float:
-        calls.append(step)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr(step, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_loop, "lr_at", sigterm_at_step_5)
-        with pytest.raises(Interrupted):
-            train(images, _config(tmp_path / "log", save_every=2), tmp_path / "b.safetensors")
+    with sigterm_at_step(5), pytest.raises(Interrupted):
+        train(images, _config(tmp_path / "log", save_every=2), tmp_path / "b.safetensors")
     # The signal lets step 5 finish; it is logged and saved, and the resumed run goes on from 6.
     train(images, _config(tmp_path / "log", resume=True), tmp_path / "b.safetensors")
     straight = read_records(tmp_path / "straight" / "steps.jsonl")

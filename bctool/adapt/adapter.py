@@ -31,7 +31,7 @@ from torch import nn
 from bctool import __version__
 from bctool.adapt.maps import ADAPTERS
 from bctool.checkpoint import file_sha256
-from bctool.embeddings import Embeddings, RowIds, normalize_rows
+from bctool.embeddings import Embeddings, RowIds, has_repeats, normalize_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.io import atomic_path, check_format_version
 from bctool.registry import resolve_params
@@ -85,7 +85,7 @@ def pair_by_id(source: Embeddings, target: Embeddings) -> tuple[np.ndarray, np.n
         if not emb.ids_known:
             raise EmbeddingsError(f"{name} has no ids, so its rows cannot be paired with the other file's; "
                                   "write it with `bctool extract` or `bctool convert --ids`")
-        if len(set(emb.ids)) != len(emb.ids):
+        if has_repeats(emb.ids):
             raise EmbeddingsError(f"{name} lists some ids more than once; each image must appear once to be paired")
     if isinstance(source.ids, RowIds) and source.ids == target.ids:  # one list embedded twice: row i pairs row i
         rows = np.arange(len(source), dtype=np.int64)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings, normalize_rows, release_rows
+from bctool.embeddings import Embeddings, RowIds, normalize_rows, release_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.retrieval import evaluate_retrieval
 
@@ -23,6 +23,8 @@ SCORINGS = ("raw", "calibrated")
 
 def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
     """Index into ``new``'s rows giving, for each of ``old``'s rows, the row with the same id."""
+    if isinstance(old.ids, RowIds) and old.ids == new.ids:  # one list embedded twice: compared as buffers
+        return np.arange(len(old), dtype=np.int64)
     old_count, new_count = Counter(old.ids), Counter(new.ids)
     if old_count != new_count:
         only_old = sorted((old_count - new_count).elements())
