@@ -138,7 +138,7 @@ class RowIds(Sequence[str]):
             return found_rows
         found: dict[str, int] = {}
         keys = _hash_ids(RowIds.encode(list(targets.values())))
-        block = 1 << 20
+        block = _HASH_BLOCK
         for start in range(0, len(self), block):
             part = RowIds(self.offsets[start : start + block + 1] - self.offsets[start],
                           self.data[self.offsets[start] : self.offsets[min(start + block, len(self))]])
@@ -151,6 +151,7 @@ class RowIds(Sequence[str]):
 
 
 _CHECK_ONE_BY_ONE = 200_000  # candidate ids compared as bytes, without hashing
+_HASH_BLOCK = 1 << 18  # ids hashed at once: a few arrays of 8 bytes per byte of their ids
 
 
 def has_repeats(ids: Sequence[str]) -> bool:
@@ -158,7 +159,7 @@ def has_repeats(ids: Sequence[str]) -> bool:
     at a time (8 bytes an id) and comparing only the ids whose hashes meet; a list by a set."""
     if not isinstance(ids, RowIds):
         return len(set(ids)) != len(ids)
-    step = 1 << 20
+    step = _HASH_BLOCK
     hashes = np.concatenate([np.zeros(0, np.uint64)] + [
         _hash_ids(RowIds(ids.offsets[start : start + step + 1], ids.data)) for start in range(0, len(ids), step)])
     order = np.argsort(hashes, kind="stable")

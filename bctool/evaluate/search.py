@@ -40,8 +40,6 @@ _TIE_MARGIN = 8
 _FULL_SEARCH_ELEMENTS = 1 << 24
 # Gallery bytes copied (and normalised) at once while filling an index.
 _ADD_BLOCK_BYTES = 64 << 20
-# Rows whose values all lie below this are normalised by faiss (their squared norm fits a float32).
-_FAST_NORMALIZE_BELOW = 1e18
 # Gallery bytes (as float32) in the index of one block of a streamed search.
 _STREAM_BLOCK_BYTES = 128 << 20
 
@@ -141,10 +139,11 @@ def _gallery_blocks(gallery: np.ndarray, normalize: bool, first_row: int = 0) ->
     rows = max(1, _ADD_BLOCK_BYTES // (4 * max(1, gallery.shape[1])))
     for start in range(0, gallery.shape[0], rows):
         block = np.array(gallery[start : start + rows], dtype=np.float32)  # a copy of our own
-        lo, hi = (float(block.min()), float(block.max())) if block.size else (0.0, 0.0)
-        if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) < _FAST_NORMALIZE_BELOW:
-            # The common case: finite rows whose squared norm cannot overflow. faiss normalises
-            # in place (zero rows stay zero), and no row can be NaN or inf.
+        flat = block.reshape(-1)
+        if math.isfinite(float(np.dot(flat, flat))):
+            # The common case, told by one pass: a finite sum of squares means every value is
+            # finite and no row's squared norm overflows. faiss normalises in place (zero rows
+            # stay zero), and no row can be NaN or inf.
             if normalize:
                 faiss.normalize_L2(block)
             yield block
