@@ -328,7 +328,7 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
     """Let the operating system drop the pages of rows ``start .. stop`` of a memory-mapped array
     from this process's memory (they are read again from the file if touched): a stream over a
     file larger than memory then keeps only its current block resident. A no-op for other arrays."""
-    if hasattr(rows, "release"):  # rows read on demand (a shard set's): they release their own
+    if isinstance(rows, LazyRows):  # rows read on demand (a shard set's): they release their own
         rows.release(start, stop)
         return
     mapping = getattr(rows, "_mmap", None)
@@ -347,11 +347,53 @@ def release_rows(rows: np.ndarray, start: int, stop: int) -> None:
             mapping.madvise(mmap_module.MADV_DONTNEED, first, last - first)
 
 
-class ConcatRows:
-    """The rows of several arrays of one width (the memory-mapped parts of a shard set), read as
-    one (N, D) array: a slice or an index array reads only the parts it touches."""
+class LazyRows:
+    """Rows of an (N, D) array read on demand: numpy-style row indexing (a slice, an index or
+    boolean array, an integer, with optional column indices after them) on top of two reads a
+    subclass gives, :meth:`_slice` (contiguous rows) and :meth:`_take` (rows by number)."""
 
     ndim = 2
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _take(self, index: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key):  # noqa: ANN001, ANN204 - numpy-style indexing of rows
+        if isinstance(key, tuple):
+            rows, *rest = key
+            return self[rows][(slice(None), *rest)]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._slice(start, max(start, stop))
+            key = np.arange(start, stop, step)
+        index = np.asarray(key)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        if index.ndim == 0:
+            return self[index.reshape(1)][0]
+        index = np.where(index < 0, index + len(self), index).astype(np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        return self._take(index)
+
+    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204 - the whole array, read
+        return np.asarray(self[:], dtype=dtype)
+
+    def release(self, start: int, stop: int) -> None:
+        """Let the pages of rows ``start .. stop`` go (:func:`release_rows`); nothing by default."""
+
+
+class ConcatRows(LazyRows):
+    """The rows of several arrays of one width (the memory-mapped parts of a shard set), read as
+    one (N, D) array: a slice or an index array reads only the parts it touches."""
 
     def __init__(self, parts: Sequence[np.ndarray]) -> None:
         if not parts or len({p.shape[1] for p in parts}) != 1:
@@ -361,31 +403,19 @@ class ConcatRows:
         self.shape = (int(self.bounds[-1]), int(parts[0].shape[1]))
         self.dtype = np.result_type(*[p.dtype for p in parts])
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[np.ndarray, int, int]]:
+        """``(part, first, last)``: the rows of each part that ``start .. stop`` covers."""
+        for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            if max(start, a) < min(stop, b):
+                yield p, max(start, a) - a, min(stop, b) - a
 
-    def __getitem__(self, key):  # noqa: ANN001, ANN204 - numpy-style indexing of rows
-        if isinstance(key, tuple):
-            rows, *rest = key
-            return self[rows][(slice(None), *rest)]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step != 1:
-                return self[np.arange(start, stop, step)]
-            pieces = [np.asarray(p[max(start, a) - a : min(stop, b) - a])
-                      for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist())
-                      if max(start, a) < min(stop, b)]
-            if not pieces:
-                return np.zeros((0, self.shape[1]), self.dtype)
-            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces).astype(self.dtype, copy=False)
-        index = np.asarray(key)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        if index.ndim == 0:
-            return self[index.reshape(1)][0]
-        index = np.where(index < 0, index + len(self), index).astype(np.int64)
-        if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"row index out of range for {len(self)} rows")
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        pieces = [np.asarray(p[first:last]) for p, first, last in self._spans(start, stop)]
+        if not pieces:
+            return np.zeros((0, self.shape[1]), self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces).astype(self.dtype, copy=False)
+
+    def _take(self, index: np.ndarray) -> np.ndarray:
         part = np.searchsorted(self.bounds, index, side="right") - 1
         out = np.empty((len(index), self.shape[1]), self.dtype)
         for i in np.unique(part).tolist():
@@ -393,14 +423,10 @@ class ConcatRows:
             out[chosen] = self.parts[i][index[chosen] - self.bounds[i]]
         return out
 
-    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204 - the whole array, read
-        return np.asarray(self[:], dtype=dtype)
-
     def release(self, start: int, stop: int) -> None:
         """:func:`release_rows` of rows ``start .. stop`` in every part they lie in."""
-        for p, a, b in zip(self.parts, self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
-            if max(start, a) < min(stop, b):
-                release_rows(p, max(start, a) - a, min(stop, b) - a)
+        for p, first, last in self._spans(start, stop):
+            release_rows(p, first, last)
 
 
 def _metadata(

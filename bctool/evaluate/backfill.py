@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings, RowIds, normalize_rows, release_rows
+from bctool.embeddings import Embeddings, LazyRows, RowIds, normalize_rows, release_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.retrieval import evaluate_retrieval
 
@@ -120,13 +120,12 @@ def partial_backfill(
     )
 
 
-class MixedRows:
+class MixedRows(LazyRows):
     """A partly re-embedded gallery read on demand: row ``i`` is the new model's row
     ``aligned[i]`` where ``converted[i]``, else the old model's row ``i`` (float32; both sides
     L2-normalised when ``normalize``, for files that differ in it). A search reads it block by
     block, so neither file is copied whole."""
 
-    ndim = 2
     dtype = np.dtype(np.float32)
 
     def __init__(self, old: np.ndarray, new: np.ndarray, aligned: np.ndarray, converted: np.ndarray,
@@ -134,40 +133,24 @@ class MixedRows:
         self.old, self.new, self.aligned, self.converted, self.normalize = old, new, aligned, converted, normalize
         self.shape = (int(old.shape[0]), int(old.shape[1]))
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _rows(self, rows: np.ndarray, block: np.ndarray) -> np.ndarray:
+    def _mixed(self, rows: np.ndarray, block: np.ndarray) -> np.ndarray:
         out = np.array(block, dtype=np.float32)
         if self.normalize:
             out = normalize_rows(out)
         swap = self.converted[rows]
         if swap.any():
-            new = np.asarray(self.new[np.sort(self.aligned[rows[swap]])], dtype=np.float32)
-            order = np.argsort(np.argsort(self.aligned[rows[swap]]))
-            new = new[order]
+            wanted = self.aligned[rows[swap]]
+            order = np.argsort(wanted)  # read the new file in row order, put the rows back after
+            new = np.empty((len(wanted), self.shape[1]), np.float32)
+            new[order] = np.asarray(self.new[wanted[order]], dtype=np.float32)
             out[swap] = normalize_rows(new) if self.normalize else new
         return out
 
-    def __getitem__(self, key):  # noqa: ANN001, ANN204 - rows by slice or index array
-        if isinstance(key, tuple):
-            rows, *rest = key
-            return self[rows][(slice(None), *rest)]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step == 1:
-                return self._rows(np.arange(start, stop), self.old[start:stop])
-            key = np.arange(start, stop, step)
-        index = np.asarray(key)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        if index.ndim == 0:
-            return self[index.reshape(1)][0]
-        index = np.where(index < 0, index + len(self), index)
-        return self._rows(index, np.asarray(self.old[index]))
+    def _slice(self, start: int, stop: int) -> np.ndarray:
+        return self._mixed(np.arange(start, stop), self.old[start:stop])
 
-    def __array__(self, dtype=None, copy=None):  # noqa: ANN001, ANN204 - the whole gallery, read
-        return np.asarray(self[:], dtype=dtype)
+    def _take(self, index: np.ndarray) -> np.ndarray:
+        return self._mixed(index, np.asarray(self.old[index]))
 
     def release(self, start: int, stop: int) -> None:
         """Let the old file's pages of rows ``start .. stop`` go (see :func:`release_rows`)."""
