@@ -907,7 +907,7 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
     labels = np.concatenate([emb.labels for emb in ordered])
     with write_embeddings(out, labels=labels, ids=ids, label_names=first.label_names, dim=first.dim,
                           model=first.model, normalized=first.normalized, root=first.root,
-                          dtype=storage_dtype(first.embeddings)) as writer:
+                          dtype="float16" if all(storage_dtype(e.embeddings) == "float16" for e in ordered) else "float32") as writer:
         row = 0
         for emb in ordered:
             for start in range(0, len(emb), block_rows):
