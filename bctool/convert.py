@@ -16,14 +16,22 @@
 
 Rows stream in blocks to and from ``.npy`` (memory-mapped) and into parquet; reading parquet
 holds its rows in memory once, and a faiss index is built in memory, as faiss holds it. Ids are
-checked both ways: one a row, unique, no line breaks.
+checked both ways: one a row, unique, no line breaks; rows are checked block by block as they
+are written: a NaN or inf row is refused, naming it, and nothing is written.
+
+A ``.npy`` or ``.faiss`` output and its ids and labels files are written as one unit
+(:func:`bctool.io.atomic_paths`): a failed conversion leaves the previous three files whole,
+never new ids beside old rows. The labels file is always written (empty lines when no row is
+labelled), so a labels file left by an earlier conversion is never paired with new rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,14 +43,15 @@ from bctool.embeddings import (
     RowIds,
     load_embeddings,
     normalize_rows,
-    save_embeddings,
     storage_dtype,
+    write_embeddings,
 )
-from bctool.errors import ConfigError, EmbeddingsError
-from bctool.io import atomic_path
+from bctool.errors import BctoolError, ConfigError, EmbeddingsError
+from bctool.io import atomic_path, atomic_paths
 
 logger = logging.getLogger(__name__)
 BLOCK_ROWS = 65536
+SIDECAR_SUFFIXES = (".npy", ".faiss")  # formats whose ids and labels live in STEM.ids.txt / STEM.labels.txt
 
 
 def beside(path: str | os.PathLike[str], what: str) -> Path:
@@ -64,15 +73,14 @@ def _read_lines(path: Path, what: str) -> list[str]:
 
 def check_ids(ids: list[str] | RowIds, rows: int, where: str) -> None:
     """One id a row, unique, none holding a line break: what a text file of ids can carry back."""
+    from bctool.evaluate.inputs import check_unique_ids
+
     if len(ids) != rows:
         raise EmbeddingsError(f"{where}: {len(ids)} ids for {rows} rows; give one id a row")
-    seen: set[str] = set()
+    check_unique_ids(ids, where)  # the answer evaluate and backfill plan give
     for image_id in ids:
         if "\n" in image_id or "\r" in image_id:
             raise EmbeddingsError(f"{where}: id {image_id!r} holds a line break, which a text file of ids cannot keep")
-        if image_id in seen:
-            raise EmbeddingsError(f"{where}: id {image_id!r} is given twice; ids must be unique")
-        seen.add(image_id)
 
 
 def _labels_from_names(names: list[str | None], rows: int, where: str) -> tuple[np.ndarray, list[str]]:
@@ -83,17 +91,40 @@ def _labels_from_names(names: list[str | None], rows: int, where: str) -> tuple[
     return np.array([number[n] if n else -1 for n in names], dtype=np.int64), label_names
 
 
-def _text_files(emb: Embeddings, out: Path) -> dict[str, str]:
-    """Write ``STEM.ids.txt`` and ``STEM.labels.txt`` beside ``out`` (atomically)."""
+@contextlib.contextmanager
+def _with_text_files(emb: Embeddings, out: Path) -> Iterator[Path]:
+    """Write ``STEM.ids.txt`` and ``STEM.labels.txt`` beside ``out`` and ``out`` itself as one
+    unit (:func:`atomic_paths`): yield the temporary path of ``out``, to be written in the block."""
     check_ids(emb.ids, len(emb), str(out))
-    written = {}
-    for what, lines in (("ids", emb.ids), ("labels", (n or "" for n in emb.label_strings()))):
-        target = beside(out, what)
-        with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line + "\n")
-        written[what] = str(target)
-    return written
+    with atomic_paths([beside(out, "ids"), beside(out, "labels"), out]) as (ids_tmp, labels_tmp, out_tmp):
+        for tmp, lines in ((ids_tmp, emb.ids), (labels_tmp, (n or "" for n in emb.label_strings()))):
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for line in lines:
+                    fh.write(line + "\n")
+        yield out_tmp
+
+
+def _text_files(out: Path) -> dict[str, str]:
+    """The ids and labels files written beside ``out``, for the summary."""
+    return {what: str(beside(out, what)) for what in ("ids", "labels")}
+
+
+def _finite_blocks(emb: Embeddings, where: str,
+                   dtype: str | np.dtype | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first_row, rows)`` of ``emb``, ``BLOCK_ROWS`` at a time (as ``dtype`` when given),
+    each refused when a row holds NaN or inf: the rows are read once, block by block."""
+    for start in range(0, len(emb), BLOCK_ROWS):
+        block = emb.embeddings[start : start + BLOCK_ROWS]
+        if dtype is not None:
+            block = np.asarray(block, dtype=dtype)
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            first = start + int(np.flatnonzero(bad)[0])
+            raise EmbeddingsError(
+                f"{where!r}: row {first} (id {emb.ids[first]!r}) holds NaN or inf values; nothing was written: "
+                "re-extract the embeddings (`bctool extract`), or leave that row out, and convert again"
+            )
+        yield start, block
 
 
 def _sidecar(src: Path, given: str | os.PathLike[str] | None, what: str, required: bool) -> Path | None:
@@ -108,9 +139,10 @@ def _sidecar(src: Path, given: str | os.PathLike[str] | None, what: str, require
     return None
 
 
-# Readers: (src, ids file, labels file) -> Embeddings. Writers: (embeddings, out) -> files written.
+# Readers: (src, ids file, labels file) -> Embeddings. Writers: (embeddings, out, the source's
+# name for messages) -> files written beside out.
 Reader = Callable[[Path, "str | None", "str | None"], Embeddings]
-Writer = Callable[[Embeddings, Path], dict[str, str]]
+Writer = Callable[[Embeddings, Path, str], dict[str, str]]
 
 
 def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
@@ -119,8 +151,12 @@ def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return load_embeddings(src, mmap=True)
 
 
-def _write_bctool(emb: Embeddings, out: Path) -> dict[str, str]:
-    save_embeddings(emb, out, dtype=storage_dtype(emb.embeddings))
+def _write_bctool(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+    with write_embeddings(out, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
+                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard,
+                          dtype=storage_dtype(emb.embeddings)) as writer:
+        for start, block in _finite_blocks(emb, where):
+            writer.write(start, block)
     return {}
 
 
@@ -144,16 +180,15 @@ def _read_npy(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "npy"})
 
 
-def _write_npy(emb: Embeddings, out: Path) -> dict[str, str]:
-    written = _text_files(emb, out)
-    with atomic_path(out) as tmp:
-        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(storage_dtype(emb.embeddings)),
-                                         shape=(len(emb), emb.dim))
-        for start in range(0, len(emb), BLOCK_ROWS):
-            rows[start : start + BLOCK_ROWS] = emb.embeddings[start : start + BLOCK_ROWS]
-        rows.flush()
-        del rows
-    return written
+def _write_npy(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+    dtype = np.dtype(storage_dtype(emb.embeddings))
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(emb), emb.dim)}
+    # Written, not memory-mapped: a full disk is then an error of a write, not a SIGBUS on a page.
+    with _with_text_files(emb, out) as tmp, open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for _, block in _finite_blocks(emb, where, dtype):
+            fh.write(np.ascontiguousarray(block).data)
+    return _text_files(out)
 
 
 def _pyarrow() -> Any:
@@ -186,15 +221,15 @@ def _read_parquet(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "parquet"})
 
 
-def _write_parquet(emb: Embeddings, out: Path) -> dict[str, str]:
+def _write_parquet(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
     pa = _pyarrow()
     check_ids(emb.ids, len(emb), str(out))
     value_type = pa.float16() if storage_dtype(emb.embeddings) == "float16" else pa.float32()
     schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("embedding", pa.list_(value_type, emb.dim))])
     names = emb.label_strings()
     with atomic_path(out) as tmp, pa.parquet.ParquetWriter(tmp, schema) as writer:
-        for start in range(0, len(emb), BLOCK_ROWS):
-            rows = np.ascontiguousarray(emb.embeddings[start : start + BLOCK_ROWS])
+        for start, block in _finite_blocks(emb, where):
+            rows = np.ascontiguousarray(block)
             values = pa.array(rows.reshape(-1), type=value_type)
             writer.write_table(pa.table({
                 "id": pa.array(list(emb.ids[start : start + BLOCK_ROWS]), pa.string()),
@@ -233,18 +268,29 @@ def _read_faiss(src: Path, ids: str | None, labels: str | None) -> Embeddings:
                       normalized=True)
 
 
-def _write_faiss(emb: Embeddings, out: Path) -> dict[str, str]:
+def _write_faiss(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
     import faiss
 
-    written = _text_files(emb, out)
+    check_ids(emb.ids, len(emb), str(out))
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.dim))
-    for start in range(0, len(emb), BLOCK_ROWS):
-        block = np.asarray(emb.embeddings[start : start + BLOCK_ROWS], dtype=np.float32)
+    for start, block in _finite_blocks(emb, where, np.float32):
         rows = np.ascontiguousarray(block) if emb.normalized else normalize_rows(block)
         index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
-    with atomic_path(out) as tmp:
-        faiss.write_index(index, str(tmp))
-    return written
+    with _with_text_files(emb, out) as tmp, open(tmp, "wb") as fh:
+        # Through Python's file, so a failed write is an OSError naming no temporary file (which
+        # atomic_paths reports against ``out``), and none is lost in faiss's closing of a file.
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+        except RuntimeError as exc:
+            # faiss's message names its source lines (and any file by its temporary name): keep
+            # only the system's reason it ends with, "(No space left on device)", when there.
+            found = re.search(r"\(([^()]+)\)\s*$", str(exc))
+            reason = found.group(1) if found else "faiss could not write the index"
+            raise BctoolError(
+                f"cannot write the faiss index {str(out)!r}: {reason}; check free disk space and the "
+                "file-size limit (`ulimit -f`), then convert again"
+            ) from exc
+    return _text_files(out)
 
 
 @dataclass(frozen=True)
@@ -286,7 +332,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], ids: str |
     if not Path(src).exists():
         raise EmbeddingsError(f"{str(src)!r} does not exist")
     emb = source.read(Path(src), ids, labels)
-    files = target.write(emb, Path(out))
+    files = target.write(emb, Path(out), str(src))
     logger.info("converted %d rows of %s (%s) into %s (%s)", len(emb), src, source.name, out, target.name)
     return {"src": str(src), "out": str(out), "from": source.name, "to": target.name, "rows": len(emb),
             "dim": emb.dim, "dtype": storage_dtype(np.asarray(emb.embeddings[:0])), "labelled": int((emb.labels >= 0).sum()),

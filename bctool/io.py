@@ -1,14 +1,16 @@
-"""Atomic file output: write to a temporary file beside the target, then rename; one writer
-per output at a time (:func:`output_lock`)."""
+"""Atomic file output: write to a temporary file beside the target, then rename (several files
+as one unit: :func:`atomic_paths`; a symbolic link is written through, not replaced); one
+writer per output at a time (:func:`output_lock`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +24,11 @@ try:
 except ImportError:  # not POSIX: outputs are not locked
     fcntl = None  # type: ignore[assignment]
 
-# Output locks this process holds (path -> depth): taking one again is a no-op, so a command
-# and the library function it calls may both lock the same output.
-_HELD: dict[str, int] = {}
+# Output locks this process holds (lock file -> [depth, pid that took it]): taking one again is
+# a no-op, so a command and the library function it calls may both lock the same output. A
+# record lock belongs to the process: a second descriptor of the lock file opened and closed in
+# it would drop the lock, which this bookkeeping never does.
+_HELD: dict[str, list[int]] = {}
 
 
 def lock_path(out: str | os.PathLike[str]) -> Path:
@@ -37,34 +41,40 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     """Hold ``OUT.lock`` while ``out`` (and its partial and state files) is being written.
 
     A second process writing the same output is refused at once with a :class:`BctoolError`
-    naming the lock and the holder's pid, so neither run's file is torn. The lock is an
-    ``flock`` on the file: the kernel releases it when the holder exits or dies, so a killed run
-    leaves no stale lock. The lock file is removed when the holder is done.
+    naming the lock and the holder's pid, so neither run's file is torn. The lock is a POSIX
+    record lock (``lockf``) on the file: it belongs to the holding process alone (not to the
+    data loader workers it forks), and the kernel releases it the moment that process exits or
+    dies, so a killed run leaves no stale lock and can be resumed at once. The lock file is
+    removed when the holder is done.
     """
-    key = os.path.realpath(os.fspath(out))
-    if fcntl is None or key in _HELD:
-        _HELD[key] = _HELD.get(key, 0) + 1
+    lock = lock_path(out)
+    key = os.path.realpath(lock)
+    held = _HELD.get(key)
+    if fcntl is None or (held is not None and held[1] == os.getpid()):
+        entry = _HELD.setdefault(key, [0, os.getpid()])
+        entry[0] += 1
         try:
             yield
         finally:
-            _HELD[key] -= 1
-            if not _HELD[key]:
+            entry[0] -= 1
+            if not entry[0] and _HELD.get(key) is entry:
                 del _HELD[key]
         return
-    lock = lock_path(out)
     fd = _acquire(lock, out)
-    _HELD[key] = 1
+    entry = _HELD[key] = [1, os.getpid()]
     try:
         yield
     finally:
-        del _HELD[key]
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
+        if entry[1] == os.getpid():  # a forked child leaving the block leaves the lock to its parent
+            if _HELD.get(key) is entry:
+                del _HELD[key]
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
 
 
 def _acquire(lock: Path, out: str | os.PathLike[str]) -> int:
-    """An open descriptor of ``lock`` holding its exclusive flock, with this pid written in."""
+    """An open descriptor of ``lock`` holding its exclusive record lock, with this pid written in."""
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +84,11 @@ def _acquire(lock: Path, out: str | os.PathLike[str]) -> int:
             reason = f"{str(blocker)!r} is a file, not a folder" if blocker else (exc.strerror or str(exc))
             raise BctoolError(f"cannot write {str(out)!r}: {reason}; choose a writable --out") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            # This process holds no lock on the file (that would have succeeded), so closing
+            # this descriptor drops nothing of its own.
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise BctoolError(
                 f"{str(out)!r} is being written by another process (pid {holder}, holding {str(lock)!r}); "
@@ -85,12 +97,12 @@ def _acquire(lock: Path, out: str | os.PathLike[str]) -> int:
         with contextlib.suppress(OSError):
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # still the lock file, not one its holder removed
                 os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
                 return fd
         os.close(fd)
 
 
-def _refuse_special(out: str | os.PathLike[str], flag: str) -> None:
+def refuse_special(out: str | os.PathLike[str], flag: str) -> None:
     """A device, FIFO or socket as an output would be replaced by a regular file (outputs are
     written beside it and renamed onto it): refuse it."""
     with contextlib.suppress(OSError):
@@ -104,43 +116,104 @@ def _refuse_special(out: str | os.PathLike[str], flag: str) -> None:
             )
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``target`` on success.
+def _written_through(target: Path) -> Path:
+    """The file ``target`` names: itself, or where it points when it is a symbolic link (so a
+    link to an output keeps pointing at the new content). A link that loops is refused."""
+    if not target.is_symlink():
+        return target
+    try:
+        return Path(os.path.realpath(target, strict=True))
+    except FileNotFoundError:  # a link to a file not written yet: create that file
+        return Path(os.path.realpath(target))
+    except OSError as exc:
+        raise BctoolError(
+            f"cannot write {str(target)!r}: it is a symbolic link that loops ({exc.strerror or exc}); "
+            "remove the link or choose another output path"
+        ) from exc
 
-    A run killed at any moment leaves either the old file or the new one, never a torn file.
-    """
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
+
+def _temporary(final: Path, target: Path) -> Path:
+    """A new empty file beside ``final`` (``target`` is the name the user gave, for messages)."""
+    folder = final.parent if str(final.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise BctoolError(
             f"cannot write {str(target)!r}: {exc.strerror or exc}; "
             "choose an output path in a writable folder"
         ) from exc
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(name)
+
+
+def _write_fix(exc: OSError) -> str:
+    """What to check after a failed write."""
+    if exc.errno == errno.EFBIG:
+        return "check free disk space and the file-size limit (`ulimit -f`, or the file system's largest file)"
+    return "check free disk space and permissions"
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Write several files as one unit: yield one temporary path per target, each in its
+    target's folder (a symbolic link's: in the folder of the file it points to, which is
+    replaced and the link kept); once the block ends, fsync them all, then rename each onto its
+    target, in the order given (put the main file last, its companion files first).
+
+    An error in the block, or while completing the files (full disk, file-size limit, Ctrl-C),
+    removes every temporary and leaves every earlier file whole. Only a crash between the
+    renames themselves, after every file is complete on disk, can leave some targets new and
+    others old. An :class:`OSError` becomes a :class:`BctoolError` naming the target.
+    """
+    given = [Path(t) for t in targets]
+    finals = [_written_through(t) for t in given]
+    temps: list[Path] = []
+    pending: list[Path] = []  # temporaries not yet renamed into place
+
+    def named(exc: OSError) -> Path:
+        """The target whose temporary the error names; the main (last) one otherwise."""
+        failed = os.fspath(exc.filename) if exc.filename is not None else None
+        return next((t for t, tmp in zip(given, temps) if os.fspath(tmp) == failed), given[-1])
+
     try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp makes 0600 files (and writers may replace the file): give the output the
+        for target, final in zip(given, finals):
+            temps.append(_temporary(final, target))
+            pending.append(temps[-1])
+        yield list(temps)
+        # mkstemp makes 0600 files (and writers may replace the file): give each output the
         # usual permissions, 0666 less the umask, as a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+        for tmp in temps:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+            pending.remove(tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise BctoolError(
-            f"cannot write {str(target)!r}: {exc.strerror or exc}; "
-            "check free disk space and permissions"
-        ) from exc
+        for tmp in pending:
+            tmp.unlink(missing_ok=True)
+        target = named(exc)
+        kept = [repr(str(t)) for t, tmp in zip(given, temps) if t != target and tmp in pending]
+        unit = f" (nor {', '.join(kept)} written with it)" if kept else ""
+        raise BctoolError(f"cannot write {str(target)!r}{unit}: {exc.strerror or exc}; {_write_fix(exc)}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in pending:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto ``target`` on success
+    (:func:`atomic_paths` with one file; a symbolic link is written through).
+
+    A run killed at any moment leaves either the old file or the new one, never a torn file.
+    """
+    with atomic_paths([target]) as (tmp,):
+        yield tmp
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
@@ -229,39 +302,11 @@ def check_output_path(out: str | os.PathLike[str], example: str = "model.safeten
     path = Path(out)
     if path.is_dir():
         raise ConfigError(f"--out {str(path)!r} is a folder; pass a file name such as {str(path / example)!r}")
-    _refuse_special(out, "--out")
+    refuse_special(out, "--out")
     folder = path.parent if str(path.parent) else Path(".")
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {str(path)!r}: cannot write into {str(existing)!r}; choose a writable folder")
-
-
-def check_not_an_input(
-    out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | list | tuple | None],
-    flag: str = "--out",
-) -> None:
-    """Refuse, before any work, an ``out`` that is one of the command's inputs: the same path
-    once links are resolved, or the same file (a hard link). ``inputs`` maps each option's name
-    to its path, a list of paths, or None (not given)."""
-    _refuse_special(out, flag)
-    if os.fspath(out).endswith(os.sep) or Path(out).is_dir():
-        raise ConfigError(f"{flag} {str(out)!r} is a folder; pass the name of a file (in it, for example)")
-    target = Path(out)
-    resolved = os.path.realpath(target)
-    for option, given in inputs.items():
-        paths = given if isinstance(given, (list, tuple)) else [given]
-        for path in paths:
-            if path is None:
-                continue
-            same = os.path.realpath(path) == resolved
-            if not same and target.exists() and Path(path).exists():
-                with contextlib.suppress(OSError):
-                    same = os.path.samefile(path, target)
-            if same:
-                raise ConfigError(
-                    f"{flag} {str(out)!r} is the {option} input {str(path)!r}: writing it would destroy that "
-                    f"input; choose another {flag}"
-                )
 
 
 def unused_path(wanted: str | os.PathLike[str]) -> Path:

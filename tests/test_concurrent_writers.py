@@ -33,7 +33,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def _frozen_while_holding(proc: subprocess.Popen, out: Path) -> None:
     """Wait until ``proc`` holds the lock of ``out``, then stop it there (SIGSTOP)."""
     deadline = time.monotonic() + 120
-    while not _holder_pid(out) == str(proc.pid):  # its pid is written once it holds the flock
+    while not _holder_pid(out) == str(proc.pid):  # its pid is written once it holds the record lock
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the first writer never took the lock"
         time.sleep(0.005)
@@ -133,7 +133,7 @@ def test_every_command_writing_a_file_refuses_a_held_output(emoji_dir: Path, mod
 
 
 def test_a_killed_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
-    """flock is released by the kernel when its holder dies: the next writer gets the output."""
+    """A record lock is released by the kernel when its holder dies: the next writer gets the output."""
     from bctool.io import output_lock
 
     out = tmp_path / "x.safetensors"
