@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings, has_repeats, load_embeddings, normalize_rows, release_rows
+from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.io import atomic_write_text
 from bctool.linear import ridge_least_squares
@@ -165,12 +165,13 @@ def write_plan(old_gallery: str | os.PathLike[str], out: str | os.PathLike[str],
     if not old.ids_known:
         raise EmbeddingsError("the old gallery has no ids, so a plan cannot name its images; write it with `bctool extract`")
     bad = [image_id for image_id in old.ids if "\t" in image_id or len(image_id.splitlines()) != 1]
-    if bad or has_repeats(old.ids):
-        repeated = len(old.ids) - len(set(old.ids))  # only on the way to an error
+    if bad:
         raise EmbeddingsError(
-            f"a plan names each gallery image by its id, one a line: the old gallery has "
-            f"{repeated} repeated ids and {len(bad)} with a tab or line break "
-            f"({', '.join(map(repr, bad[:3])) or 'none'}); give every image its own id (`bctool extract` does)")
+            f"a plan names each gallery image by its id, one a line: the old gallery has {len(bad)} ids with a tab "
+            f"or line break ({', '.join(map(repr, bad[:3]))}); give every image its own id (`bctool extract` does)")
+    from bctool.evaluate.inputs import check_unique_ids  # the check `bctool evaluate` makes
+
+    check_unique_ids(old.ids, "a plan names each gallery image by its id, one a line, but in the old gallery")
     sample = load_embeddings(new_sample, mmap=True) if new_sample is not None else None
     ids = plan_order(old, policy, sample, seed)
     size = batch or len(ids)

@@ -22,12 +22,13 @@ from bctool.data.sources import load_image_set
 from bctool.device import resolve_device
 from bctool.embeddings import Embeddings, save_embeddings
 from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
-from bctool.evaluate.scores import DEFAULT_BOOTSTRAP, update_gain
+from bctool.evaluate.scores import DEFAULT_BOOTSTRAP
 from bctool.evaluate.protocols import make_protocol
 from bctool.extract import extract
 from bctool.progress import NULL_PROGRESS, Progress
 from bctool.train import TrainConfig, train
 from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
+from bctool.train.state import state_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +104,24 @@ def _embed(model_path: Path, lists: dict[str, Path], splits: tuple[str, ...], na
 
 def _evaluate(embeddings: dict[str, dict[str, Embeddings]], models: list[str],
               config: DemoConfig) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The compatibility report of the old and new models (its delta interval included) and the
-    metrics of every pair of :func:`pairs`, in that order."""
+    """The compatibility report of the old, new and independent models (its delta interval and
+    update gain included) and the metrics of every pair of :func:`pairs`, in that order."""
     protocol = make_protocol()
     split = {name: (emb["query"], emb["gallery"]) for name, emb in embeddings.items()}
-    report = compatibility_report(split["old"], split["new"], protocol,
+    report = compatibility_report(split["old"], split["new"], protocol, independent=split["independent"],
                                   options=CompatibilityOptions(bootstrap=config.bootstrap, seed=config.seed))
-    done = report["results"]  # old/old, new/new and new/old
+    done = report["results"]  # old/old, new/new, new/old and ind/ind
     results = {pair: done[pair] if pair in done else protocol.evaluate(split[q][0], split[g][1])
                for pair, (q, g) in pairs(models).items()}
     return report, results
+
+
+def update_gain_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The update gain of a compatibility report with an independent model, as the demo's summary
+    shows it: ``update_gain`` (None unless M(*,*) > M(o,o)) and, when it is None, ``undefined``
+    with the reason (:func:`bctool.evaluate.scores.compatibility_verdict`)."""
+    reason = report.get("undefined", {}).get("update_gain")
+    return {"update_gain": report["update_gain"], **({"undefined": {"update_gain": reason}} if reason else {})}
 
 
 def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
@@ -128,6 +137,10 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
     for name, (list_file, train_config) in runs.items():
         model_path = workdir / f"{name}_model.safetensors"
         logger.info("training the %s model (%s) on %s", name, train_config.compat.method, list_file)
+        stale = state_path(model_path)
+        if stale.exists():  # the demo owns its work folder: an interrupted demo's model is trained again
+            logger.warning("removing %s, left by an interrupted demo: the %s model is trained again", stale, name)
+            stale.unlink()
         trained[name] = train(load_image_set(list_file), train_config, model_path, progress).to_dict()
         # The old model also embeds the new training list: the new models train against it.
         splits = ("query", "gallery", "new_train") if name == "old" else ("query", "gallery")
@@ -152,7 +165,7 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         "M(*,*)": m["ind/ind"],
         "compatible": report["compatible"],
         **{key: report[key] for key in _DELTA_KEYS if key in report},
-        "update_gain": update_gain(m["new/old"], m["old/old"], m["ind/ind"]),
+        **update_gain_figures(report),
         "published": published,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -370,7 +370,8 @@ def table(allocation: str, parts: dict[str, dict[str, dict]], methods: list[str]
             total += len(rows)
         scores = _seed_scores(list(parts.values()), method)
         cells.append(f"{wins}/{total}")
-        cells += [_fmt([s[key] for s in scores], 1.0) for key in ("p_up", "p_comp", "p_1")]
+        # P_comp and P_1 are undefined (None) for a seed whose independent model is no better than the old one
+        cells += [_fmt([s[key] for s in scores if s[key] is not None], 1.0) for key in ("p_up", "p_comp", "p_1")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

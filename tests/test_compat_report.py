@@ -89,8 +89,9 @@ def test_paper_scores_errors() -> None:
         paper_scores([])
     with pytest.raises(ConfigError, match="m_star"):
         paper_scores([{"m_oo": 0.5, "m_nn": 0.7, "m_no": 0.6}])
-    with pytest.raises(ConfigError, match="update gain is undefined"):
-        paper_scores([{"m_oo": 0.5, "m_nn": 0.7, "m_no": 0.6, "m_star": 0.5}])
+    # M(*,*) == M(o,o): the update gain is undefined, so P_comp and P_1 are null, not an error.
+    undefined = paper_scores([{"m_oo": 0.5, "m_nn": 0.7, "m_no": 0.6, "m_star": 0.5}])
+    assert (undefined["p_comp"], undefined["p_1"]) == (None, None) and undefined["p_up"] is not None
 
 
 def test_compatibility_report() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bctool.embeddings import Embeddings, LazyRows, RowIds, normalize_rows, release_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
+from bctool.evaluate.inputs import check_ids_once, mark_checked, warn_zero_rows
 from bctool.evaluate.retrieval import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,9 @@ def backfill_curve(
     """
     if scoring not in SCORINGS:
         raise ConfigError(f"backfill scoring {scoring!r} is unknown; choose one of {list(SCORINGS)}")
+    for gallery, role in ((old_gallery, "old"), (new_gallery, "new")):
+        check_ids_once(gallery, f"the {role} gallery")
+        warn_zero_rows(gallery, f"{role} gallery")
     rows = order_rows(old_gallery, order, seed)
     curve = []
     for fraction in fractions:
@@ -235,7 +239,8 @@ def backfill_curve(
         calibration = None
         if scoring == "calibrated" and 0 < count < len(old_gallery):
             calibration = fit_calibration(query, old_gallery, new_gallery, rows[:count], seed=seed)
-        gallery = partial_backfill(old_gallery, new_gallery, float(fraction), seed, rows, calibration)
+        # Its rows are those of the two galleries checked above: no second pass over them.
+        gallery = mark_checked(partial_backfill(old_gallery, new_gallery, float(fraction), seed, rows, calibration))
         result = evaluate(calibrated_query(query) if calibration is not None else query, gallery)
         logger.info("backfill %.0f%%: %s %.4f", 100 * fraction, key, result[key])
         curve.append({"fraction": float(fraction), **result})

@@ -62,8 +62,10 @@ def gate_values(report: Mapping[str, Any]) -> dict[str, float | bool]:
 
 def check_requirements(requirements: list[Requirement], report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each requirement with its value and whether it passed; an :class:`UnknownKey` names the
-    keys the report has."""
+    keys the report has. A requirement on a figure the report left null fails, with a
+    ``reason``: the report's own (its ``undefined`` mapping, e.g. why ``update_gain`` is null)."""
     values = gate_values(report)
+    reasons = report.get("undefined") or {}
     out = []
     for req in requirements:
         if req.key not in values:
@@ -78,5 +80,8 @@ def check_requirements(requirements: list[Requirement], report: Mapping[str, Any
         else:
             passed = (value is not None and not (isinstance(value, float) and math.isnan(value))
                       and OPERATORS[req.op](float(value), req.value))
-        out.append({"expression": req.expression, "key": req.key, "value": value, "passed": bool(passed)})
+        row = {"expression": req.expression, "key": req.key, "value": value, "passed": bool(passed)}
+        if value is None:
+            row["reason"] = f"{req.key} is undefined (null): {reasons.get(req.key, 'this report could not compute it')}"
+        out.append(row)
     return out

@@ -17,7 +17,7 @@ import numpy as np
 from bctool.data.gldv2 import USAGES, GLDv2Solution
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate.inputs import check_same_dim, id_stem, match_rows
+from bctool.evaluate.inputs import check_same_dim, id_stem, match_rows, warn_zero_rows
 from bctool.evaluate.metrics import QueryAP, average_precision_at_k
 from bctool.evaluate.search import stream_rankings
 
@@ -123,6 +123,7 @@ def _evaluate(
     check_same_dim(query.dim, gallery.dim)
     if len(gallery) == 0:
         raise EmbeddingsError("the gallery embeddings have no rows; extract the GLDv2 index images")
+    warn_zero_rows(gallery)
     q_emb = query.normalized_embeddings()[match_rows(query, solution.query_ids, "query")]
     n_gallery = len(gallery)
     keys, n_pos = _relevance_keys(solution, _gallery_stems(gallery))

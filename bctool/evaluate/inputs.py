@@ -1,14 +1,22 @@
-"""Checks and look-ups every evaluator shares: one dimension for queries and gallery, and
-embedding rows found by a benchmark's image names (by id or file stem)."""
+"""Checks and look-ups every evaluator shares: one dimension for queries and gallery, ids that
+name one row each, a warning for all-zero gallery rows, and embedding rows found by a
+benchmark's image names (by id or file stem)."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from bctool.embeddings import Embeddings
-from bctool.errors import EmbeddingsError
+from bctool.embeddings import _HASH_BLOCK, Embeddings, RowIds, _hash_ids, has_repeats, release_rows
+from bctool.errors import EmbeddingsError, shown
+
+logger = logging.getLogger(__name__)
+
+# Gallery bytes read at once while counting its all-zero rows.
+_ZERO_BLOCK_BYTES = 64 << 20
 
 
 def check_same_dim(
@@ -28,6 +36,85 @@ def check_same_dim(
         f"dimension {gallery_dim}{gallery_about}; extract query and gallery with models of the same "
         "embedding dimension"
     )
+
+
+def repeated_ids(ids: Sequence[str]) -> list[str]:
+    """The ids that name more than one row, sorted. A :class:`~bctool.embeddings.RowIds` is
+    hashed a block at a time (8 bytes an id), and only the ids whose hashes meet are decoded."""
+    encoded = RowIds.encode(ids)
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [
+        _hash_ids(RowIds(encoded.offsets[start : start + _HASH_BLOCK + 1], encoded.data))
+        for start in range(0, len(encoded), _HASH_BLOCK)])
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    suspects = np.unique(np.concatenate([order[same], order[same + 1]])) if same.size else same
+    counts = Counter(encoded[int(i)] for i in suspects)
+    return sorted(image_id for image_id, count in counts.items() if count > 1)
+
+
+def check_unique_ids(ids: Sequence[str], where: str) -> None:
+    """Refuse ids that name two rows (the message ``bctool convert`` and ``bctool backfill plan``
+    give too): an id is one image, and a query skips its own image in the gallery by id.
+
+    ``where`` names the file or role, such as ``the gallery 'g.safetensors'``. The check is
+    :func:`~bctool.embeddings.has_repeats` (vectorised for a file's ids); the repeated ids are
+    looked up only on the way to the error.
+    """
+    if not has_repeats(ids):
+        return
+    twice = repeated_ids(ids)
+    first = twice[0] if twice else "?"
+    raise EmbeddingsError(
+        f"{where}: id {first!r} is given twice; ids must be unique ({len(twice)} ids repeat: {shown(twice)}); "
+        "give every image its own id (`bctool extract` does) or leave the copies out"
+    )
+
+
+def check_ids_once(emb: Embeddings, where: str) -> None:
+    """:func:`check_unique_ids` of ``emb``'s ids, once per :class:`Embeddings` (a file that several
+    pairs of a report share, such as the old gallery of a compatibility report, is hashed once).
+    A file without ids has row numbers for ids, which never repeat."""
+    if emb.ids_known and not getattr(emb, "_ids_checked", False):
+        check_unique_ids(emb.ids, where)
+        object.__setattr__(emb, "_ids_checked", True)  # Embeddings is frozen; the flag is not a field
+
+
+def warn_zero_rows(gallery: Embeddings, what: str = "gallery") -> int:
+    """Warn when rows of ``gallery`` are all zero (they score 0 against every query and rank by
+    tie order alone), naming how many and the first id; return how many.
+
+    The rows are read a block at a time (a memory-mapped or lazily read gallery is never held
+    whole; each block's pages are let go after it), and each gallery once: a second call on
+    the same :class:`Embeddings` returns 0 without reading.
+    """
+    if getattr(gallery, "_zero_rows_counted", False):
+        return 0
+    object.__setattr__(gallery, "_zero_rows_counted", True)
+    rows = gallery.embeddings
+    step = max(1, _ZERO_BLOCK_BYTES // max(1, rows.shape[1] * np.dtype(rows.dtype).itemsize))
+    count, first = 0, -1
+    for start in range(0, rows.shape[0], step):
+        zero = ~np.asarray(rows[start : start + step]).any(axis=1)
+        if first < 0 and zero.any():
+            first = start + int(np.flatnonzero(zero)[0])
+        count += int(zero.sum())
+        release_rows(rows, start, start + step)
+    if count and not getattr(gallery, "_warned_zero", False):
+        object.__setattr__(gallery, "_warned_zero", True)  # the flag of Embeddings' own warning
+        logger.warning(
+            "%d of %d %s rows are all zero (first %r, row %d): they score 0 against every query and rank only by "
+            "tie order; re-extract them (`bctool extract`) or leave them out", count, rows.shape[0], what,
+            gallery.ids[first], first,
+        )
+    return count
+
+
+def mark_checked(emb: Embeddings) -> Embeddings:
+    """``emb``, marked as checked by :func:`check_ids_once` and :func:`warn_zero_rows`: for a
+    gallery made of rows of files already checked (a partly re-embedded one)."""
+    for flag in ("_ids_checked", "_zero_rows_counted"):
+        object.__setattr__(emb, flag, True)
+    return emb
 
 
 def id_stem(image_id: str) -> str:

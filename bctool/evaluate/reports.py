@@ -25,6 +25,7 @@ import numpy as np
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.backfill import backfill_curve
+from bctool.evaluate.inputs import check_ids_once, warn_zero_rows
 from bctool.evaluate.protocols import Protocol, Table
 from bctool.evaluate.retrieval import evaluate_retrieval
 from bctool.evaluate.scores import (
@@ -75,6 +76,15 @@ def check_one_model(query: Embeddings, gallery: Embeddings, role: str) -> None:
         )
 
 
+def _check_pair(query: Embeddings, gallery: Embeddings, role: str) -> None:
+    """Before any evaluation, the checks every evaluation makes, with the pair's ``role`` (old,
+    new, independent, v2, ...) in the message: ids given twice are refused, all-zero gallery
+    rows warned about. The evaluations then find each file checked."""
+    check_ids_once(query, f"the {role} queries")
+    check_ids_once(gallery, f"the {role} gallery")
+    warn_zero_rows(gallery, f"{role} gallery")
+
+
 def delta_interval(
     old_query: Embeddings,
     old_gallery: Embeddings,
@@ -117,6 +127,7 @@ def compatibility_report(
     pairs = {"old": old, "new": new, **({"independent": independent} if independent is not None else {})}
     for role, (query, gallery) in pairs.items():
         check_one_model(query, gallery, role)
+        _check_pair(query, gallery, role)
     results: dict[str, dict[str, Any]] = {}
     results["old/old"], old_ap = protocol.per_query(old[0], old[1])
     results["new/new"], self_ap = protocol.per_query(new[0], new[1])
@@ -163,6 +174,8 @@ def chain_report(models: Sequence[tuple[Embeddings, Embeddings]], protocol: Prot
     ``{"metric", "matrix" (M[i][j], queries of i against the gallery of j), "ac", "bc"}``.
     """
     key = protocol.headline
+    for i, (query, gallery) in enumerate(models):
+        _check_pair(query, gallery, f"v{i + 1}")
     matrix = chain_matrix(models, evaluate=protocol.evaluate, key=key)
     return {"metric": key, "matrix": matrix.tolist(), **chain_scores(matrix)}
 

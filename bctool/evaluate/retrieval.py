@@ -9,7 +9,7 @@ import numpy as np
 
 from bctool.embeddings import Embeddings, RowIds
 from bctool.errors import ConfigError, EmbeddingsError, shown
-from bctool.evaluate.inputs import check_same_dim
+from bctool.evaluate.inputs import check_ids_once, check_same_dim, warn_zero_rows
 from bctool.evaluate.metrics import (
     QueryAP,
     average_precision,
@@ -58,6 +58,10 @@ def _check_inputs(
         raise ConfigError(f"top_k must be at least 1 (or None for the whole gallery), got {top_k}")
     if not ks or any(k < 1 for k in ks):
         raise ConfigError(f"ks must be a non-empty list of ranks >= 1, got {tuple(ks)}")
+    # A query skips the gallery row of its own id: an id given twice would leave a copy in.
+    check_ids_once(query, "the query embeddings")
+    check_ids_once(gallery, "the gallery embeddings")
+    warn_zero_rows(gallery)
 
 
 def _shared_labels(query: Embeddings, gallery: Embeddings) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +90,7 @@ def _map_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def _self_rows(query: Embeddings, gallery: Embeddings) -> np.ndarray:
-    """Per query, the gallery row with the same id (first one if ids repeat), or -1.
+    """Per query, the gallery row with the same id, or -1 (ids are unique: :func:`_check_inputs`).
 
     Ids are relative to their dataset root, so files extracted from two different roots never
     share an image, whatever their ids; an unknown root (``""``) matches any. A file without ids

@@ -25,7 +25,7 @@ import numpy as np
 from bctool.data.gnd import RevisitedGroundTruth
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, DataError
-from bctool.evaluate.inputs import check_same_dim, match_rows
+from bctool.evaluate.inputs import check_same_dim, match_rows, warn_zero_rows
 from bctool.evaluate.metrics import QueryAP
 from bctool.evaluate.search import iter_rankings
 
@@ -206,6 +206,7 @@ def _evaluate(
     """The body of :func:`evaluate_revisited`, plus the Medium AP of every ground-truth query."""
     ks = tuple(int(k) for k in ks)
     _check_inputs(query, gallery, ks)
+    warn_zero_rows(gallery)
     q_emb = query.normalized_embeddings()[match_rows(query, gnd.query_names, "query")]
     g_rows = match_rows(gallery, gnd.gallery_names, "gallery")
     # In ground-truth order already (as `extract --gnd` writes it): the index reads the file in

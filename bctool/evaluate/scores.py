@@ -42,11 +42,22 @@ def _harmonic_mean(a: float, b: float) -> float:
 
 
 def update_gain(m_no: float, m_oo: float, m_star: float) -> float | None:
-    """Update gain Δ = (M(n,o) - M(o,o)) / (M(*,*) - M(o,o)); None when M(*,*) == M(o,o)."""
-    denominator = m_star - m_oo
-    if denominator == 0:
+    """Update gain Δ = (M(n,o) - M(o,o)) / (M(*,*) - M(o,o)): the share of the independent new
+    model's improvement that the compatible one keeps across models. None when M(*,*) <= M(o,o)
+    (or a value is NaN): with no improvement to share, the ratio means nothing (a negative over
+    a negative would read as a gain)."""
+    if not m_star > m_oo:
         return None
-    return (m_no - m_oo) / denominator
+    return (m_no - m_oo) / (m_star - m_oo)
+
+
+def undefined_gain_reason(m_oo: float, m_star: float) -> str | None:
+    """Why :func:`update_gain` is None for these scores, for reports and warnings; None when it
+    is defined."""
+    if m_star > m_oo:
+        return None
+    return (f"the independent model scores M(*,*)={m_star:.4f}, not above M(o,o)={m_oo:.4f}: the update gain "
+            "is undefined; compare against an independent model that improves on the old one")
 
 
 def _require_keys(metrics: dict[str, Any], keys: Iterable[str], where: str) -> None:
@@ -58,28 +69,33 @@ def _require_keys(metrics: dict[str, Any], keys: Iterable[str], where: str) -> N
         )
 
 
-def paper_scores(per_dataset: list[dict[str, float]]) -> dict[str, float]:
+def paper_scores(per_dataset: list[dict[str, float]]) -> dict[str, float | None]:
     """The paper's summary over datasets d: P_up, P_comp and their harmonic mean P_1 (0..100).
 
     Each dict holds ``m_oo``, ``m_nn``, ``m_no`` and ``m_star`` (M(o,o), M(n,n), M(n,o), M(*,*)).
     P_up = 100 σ(mean_d (M_d(n,n) - M_d(*,*)) / M_d(*,*)), P_comp = 100 σ(mean_d Δ_d).
+    Where Δ_d is undefined in any dataset (M_d(*,*) <= M_d(o,o), :func:`update_gain`), the mean
+    over the datasets is too: ``p_comp`` and ``p_1`` are None (a warning names the datasets);
+    leaving the dataset out would change what the mean is over.
     """
     if not per_dataset:
         raise ConfigError("paper_scores needs at least one dataset's metrics, got an empty list")
-    ups, gains = [], []
+    ups, gains, undefined = [], [], []
     for i, metrics in enumerate(per_dataset):
         _require_keys(metrics, _PAPER_KEYS, f"dataset {i}")
         if metrics["m_star"] == 0:
             raise ConfigError(f"dataset {i} has m_star = 0; P_up divides by M(*,*), which must be > 0")
+        ups.append((metrics["m_nn"] - metrics["m_star"]) / metrics["m_star"])
         gain = update_gain(metrics["m_no"], metrics["m_oo"], metrics["m_star"])
         if gain is None:
-            raise ConfigError(
-                f"dataset {i} has m_star == m_oo ({metrics['m_oo']}); the update gain is undefined "
-                "when the independent new model is no better than the old one"
-            )
-        ups.append((metrics["m_nn"] - metrics["m_star"]) / metrics["m_star"])
-        gains.append(gain)
+            reason = undefined_gain_reason(metrics["m_oo"], metrics["m_star"]) or "the update gain is undefined"
+            undefined.append(f"dataset {i}: {reason}" if len(per_dataset) > 1 else reason)
+        else:
+            gains.append(gain)
     p_up = 100.0 * _sigmoid(float(np.mean(ups)))
+    if undefined:
+        logger.warning("P_comp and P_1 are undefined (null): %s", "; ".join(undefined))
+        return {"p_up": p_up, "p_comp": None, "p_1": None}
     p_comp = 100.0 * _sigmoid(float(np.mean(gains)))
     return {"p_up": p_up, "p_comp": p_comp, "p_1": _harmonic_mean(p_up, p_comp)}
 
@@ -87,6 +103,9 @@ def paper_scores(per_dataset: list[dict[str, float]]) -> dict[str, float]:
 def compatibility_verdict(metrics: dict[str, float]) -> dict[str, Any]:
     """Single-dataset report: the inputs, ``compatible`` (M(n,o) > M(o,o)) and, given ``m_star``,
     ``update_gain``, ``p_up``, ``p_comp`` and ``p_1``.
+
+    Where M(*,*) <= M(o,o), ``update_gain``, ``p_comp`` and ``p_1`` are None and ``undefined``
+    maps each of them to the reason (:func:`undefined_gain_reason`).
     """
     _require_keys(metrics, ("m_oo", "m_nn", "m_no"), "compatibility_verdict's metrics")
     report: dict[str, Any] = {k: metrics[k] for k in ("m_oo", "m_nn", "m_no")}
@@ -95,6 +114,9 @@ def compatibility_verdict(metrics: dict[str, float]) -> dict[str, Any]:
         report["m_star"] = metrics["m_star"]
         report["update_gain"] = update_gain(metrics["m_no"], metrics["m_oo"], metrics["m_star"])
         report.update(paper_scores([report]))
+        reason = undefined_gain_reason(metrics["m_oo"], metrics["m_star"])
+        if reason is not None:
+            report["undefined"] = {key: reason for key in ("update_gain", "p_comp", "p_1")}
     return report
 
 

@@ -140,7 +140,9 @@ def _gallery_blocks(gallery: np.ndarray, normalize: bool, first_row: int = 0) ->
     for start in range(0, gallery.shape[0], rows):
         block = np.array(gallery[start : start + rows], dtype=np.float32)  # a copy of our own
         flat = block.reshape(-1)
-        if math.isfinite(float(np.dot(flat, flat))):
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what this pass looks for
+            finite = math.isfinite(float(np.dot(flat, flat)))
+        if finite:
             # The common case, told by one pass: a finite sum of squares means every value is
             # finite and no row's squared norm overflows. faiss normalises in place (zero rows
             # stay zero), and no row can be NaN or inf.
