@@ -150,7 +150,7 @@ def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             f"{str(p)!r} is not a bctool checkpoint (format: {found}); pass a model written by "
             "`bctool train` (an embeddings file goes to --old-embeddings or evaluate)"
         )
-    check_format_version(p, meta, "checkpoint", FORMAT_VERSION, ModelError)
+    check_format_version(p, meta, "bctool checkpoint", FORMAT_VERSION, ModelError)
     return meta
 
 

@@ -710,14 +710,23 @@ def _checked_metadata(path: Path) -> dict[str, str]:
     return meta
 
 
+UNADAPTED_SUFFIX = ".unadapted.safetensors"  # the model's own rows, beside a part of `extract --adapter`
+
+
 def shard_set_parts(path: str | os.PathLike[str]) -> list[Path] | None:
     """The part files ``path`` names when it is a shard set: a folder of the part files of one
-    ``bctool extract --shard I/N`` run (every ``*.safetensors`` in it), or a manifest (a ``.txt``
+    ``bctool extract --shard I/N`` run (every ``*.safetensors`` in it but the
+    ``X.unadapted.safetensors`` that ``extract --adapter`` keeps beside a part ``X``), or a manifest (a ``.txt``
     file naming one part a line, relative to the manifest's folder; ``#`` starts a comment).
     None for anything else (an embeddings file)."""
     path = Path(path)
     if path.is_dir():
-        parts = sorted(path.glob("*.safetensors"))
+        found = sorted(path.glob("*.safetensors"))
+        # `extract --adapter` keeps the model's own rows as X.unadapted.safetensors beside the
+        # mapped part X.safetensors: the set is the mapped parts.
+        names = {p.name for p in found}
+        parts = [p for p in found if not (p.name.endswith(UNADAPTED_SUFFIX)
+                                          and p.name.removesuffix(UNADAPTED_SUFFIX) + ".safetensors" in names)]
         where = f"folder {str(path)!r}"
     elif path.suffix == ".txt" and path.is_file():
         try:
@@ -775,7 +784,7 @@ def load_embeddings(path: str | os.PathLike[str], mmap: bool = False) -> Embeddi
     except (SafetensorError, OSError, ValueError) as exc:
         raise _unreadable(path, str(exc)) from exc
     if meta.get("format") == FORMAT:
-        check_format_version(path, meta, "embeddings", FORMAT_VERSION, EmbeddingsError)
+        check_format_version(path, meta, "bctool embeddings", FORMAT_VERSION, EmbeddingsError)
     if "embeddings" not in tensors:
         if meta.get("format") == "bctool.checkpoint":
             raise EmbeddingsError(
@@ -876,9 +885,13 @@ def ordered_parts(parts: Sequence[str | os.PathLike[str]]) -> list[Embeddings]:
         }
         differs = [name for name, ok in same.items() if not ok]
         if differs:
+            unadapted = [str(p) for p in (path, first_path) if p.name.endswith(".unadapted.safetensors")]
+            hint = (f"; {unadapted[0]!r} holds the model's own rows, kept beside the mapped part by `extract "
+                    "--adapter`: move the *.unadapted.safetensors files to another folder, or list the parts in "
+                    "a .txt manifest" if len(unadapted) == 1 else "")
             raise EmbeddingsError(
                 f"{str(path)!r} and {str(first_path)!r} differ in {', '.join(differs)}; only the parts of one "
-                "`bctool extract --shard I/N` over one list with one model belong together"
+                f"`bctool extract --shard I/N` over one list with one model belong together{hint}"
             )
     by_index: dict[int, tuple[Path, Embeddings]] = {}
     for path, emb in loaded:

@@ -32,6 +32,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess, StoredView, StoredViewTransform
 from bctool.embeddings import (
     Embeddings,
+    UNADAPTED_SUFFIX,
     EmbeddingsWriter,
     load_embeddings,
     write_embeddings,
@@ -209,6 +210,20 @@ def partial_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
     return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
 
 
+def side_files(out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Every file an extraction into ``out`` writes beside it, by what it holds."""
+    from bctool.data.check import report_path
+
+    partial, progress = partial_paths(out)
+    return {"partial rows": partial, "partial progress": progress, "report of skipped images": report_path(out)}
+
+
+def unadapted_path(out: str | os.PathLike[str]) -> Path:
+    """``OUT.unadapted.safetensors``: where ``extract --adapter`` keeps the model's own rows."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + UNADAPTED_SUFFIX)
+
+
 def _fingerprint(head: bytes, images: ImageSet, rows: range) -> str:
     """What a resumed run must share with the interrupted one: the file header (ids, labels,
     model, shard) and the crop boxes."""
@@ -259,8 +274,11 @@ def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started
                     progress: Progress, view: StoredView | None = None, dtype: str = "float32") -> ExtractResult:
     """:func:`extract_to_file` once its output is checked and locked."""
     rows = shard.rows(len(images)) if shard else range(len(images))
-    if not len(rows):
-        raise DataError(f"{images.source!r}: no images to embed" + (f" in shard {shard}" if shard else ""))
+    if not len(images):
+        raise DataError(f"{images.source!r}: no images to embed")
+    if not len(rows):  # more parts than images: this part is empty, and still one member of the set
+        logger.info("shard %s of %d images holds no image; its part file has no rows and completes the set",
+                    shard, len(images))
     meta = {**_file_meta(images, checkpoint, rows, shard, view), "dtype": dtype}
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
@@ -451,7 +469,7 @@ def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed:
         logger.info("%d images could not be read and were skipped; see %s", len(failed), report)
     keep = np.ones(len(meta["ids"]), dtype=bool)
     keep[[f["row"] for f in failed]] = False
-    if not keep.any():
+    if failed and not keep.any():
         partial.unlink(missing_ok=True)
         state.unlink(missing_ok=True)
         raise DataError(f"none of the {len(keep)} images could be read (first: {failed[0]['error']}); see {str(report)!r}")

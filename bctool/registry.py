@@ -19,7 +19,9 @@ The group is read the first time a registry is looked into, never at import: a p
 to load is recorded, reported by name when its entry is asked for (or in a listing), and costs
 nothing to commands that never read its kind. Loading the object imports its module, which may
 register it by decorator; an object its import did not register is registered under the entry
-point's name, with the declarations the registry derives from it.
+point's name, with the declarations the registry derives from it. A name claimed twice (two
+plugins, or a plugin and a built-in) resolves to neither: asking for it is a
+:class:`PluginError` naming both origins, as the first one found would be a guess.
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ class Registry(Mapping[str, T]):
         self._entries: dict[str, Entry[T]] = {}
         self._plugins_loaded = False
         self._loading = False
-        self.failures: dict[str, str] = {}  # entry-point name -> why its plugin did not load
+        self._failures: dict[str, str] = {}  # entry-point name -> why its plugin did not load
+        self.clashes: dict[str, str] = {}  # a name a plugin claimed when it was taken -> both origins
         KINDS[plural] = self
 
     # -- registering ------------------------------------------------------------------------
@@ -206,8 +209,11 @@ class Registry(Mapping[str, T]):
         origin = _loading_origin or BUILTIN
         old = self._entries.get(name)
         if old is not None and old.obj is not obj and not replace:
-            raise self._error(f"{self.kind} {name!r} is registered twice ({old.origin}: {_where(old.obj)}; "
-                              f"{origin}: {_where(obj)}); pick another name")
+            both = (f"{self.kind} {name!r} is registered twice ({old.origin}: {_where(old.obj)}; "
+                    f"{origin}: {_where(obj)})")
+            if _loading_origin is not None:  # a plugin claims a taken name: neither may answer to it
+                self.clashes[name] = f"{both}; {self._clash_fix(old.origin)}"
+            raise self._error(f"{both}; pick another name")
         self._entries[name] = Entry(name, obj, description, params, {**derived, **declares}, origin)
         return obj
 
@@ -227,11 +233,20 @@ class Registry(Mapping[str, T]):
         self._entries = dict(snapshot)
 
     # -- reading ----------------------------------------------------------------------------
+    @property
+    def failures(self) -> dict[str, str]:
+        """Why each plugin of this kind that failed to load did not, by entry-point name (the
+        plugins are read first, so a caller never sees the empty record of a group not read yet)."""
+        self.load_plugins()
+        return self._failures
+
     def entry(self, name: str) -> Entry[T]:
         """The entry ``name``; an unknown name is an error listing the registered ones (and a
-        plugin that failed to load, when it claimed that name)."""
+        plugin that failed to load, when it claimed that name); a name two origins claim is a
+        :class:`PluginError` naming both."""
         self.load_plugins()
         if name in self._entries:
+            self._refuse_ambiguous(name)
             return self._entries[name]
         self.raise_if_failed(name)
         hint = f"; {len(self.failures)} plugin(s) failed to load: `bctool list {self.plural}`" if self.failures else ""
@@ -243,10 +258,28 @@ class Registry(Mapping[str, T]):
         if name in self.failures:
             raise PluginError(self.failures[name])
 
+    def _refuse_ambiguous(self, name: str) -> None:
+        """A :class:`PluginError` when ``name`` is registered and also claimed by a plugin that
+        failed to load (a second plugin of that name): using the first found would be a guess."""
+        if name in self.clashes:
+            raise PluginError(self.clashes[name])
+        if name in self.failures and name in self._entries:
+            origin = self._entries[name].origin
+            raise PluginError(f"{self.kind} {name!r} is claimed twice: {origin} registers it, and "
+                              f"{self.failures[name]}; {self._clash_fix(origin)}")
+
+    def _clash_fix(self, first: str) -> str:
+        """What ends a clash between the entry registered by ``first`` and a plugin's."""
+        if first == BUILTIN:
+            return (f"a plugin may not take the name of a built-in {self.kind}: rename the plugin's entry point, "
+                    "or uninstall it")
+        return f"uninstall one of the two packages, or rename the entry point of one (`bctool list {self.plural}`)"
+
     def __getitem__(self, name: str) -> T:
         self.load_plugins()
         if name not in self._entries:
             raise KeyError(name)
+        self._refuse_ambiguous(name)
         return self._entries[name].obj
 
     def get_obj(self, name: str) -> T:
@@ -313,7 +346,7 @@ class Registry(Mapping[str, T]):
                 self.register(point.name, obj)
         except Exception as exc:  # noqa: BLE001 - a plugin may fail in any way; report it by name
             message = f"{origin} failed to load: {type(exc).__name__}: {exc}"
-            self.failures[point.name] = f"{message}; fix or uninstall {dist}"
+            self._failures[point.name] = f"{message}; fix or uninstall {dist}"
             logger.warning("%s", message)
         finally:
             _loading_origin = None
@@ -322,7 +355,8 @@ class Registry(Mapping[str, T]):
         """Forget the plugins read so far and read the group again (tests)."""
         for name in [n for n, e in self._entries.items() if e.origin != BUILTIN]:
             del self._entries[name]
-        self.failures.clear()
+        self._failures.clear()
+        self.clashes.clear()
         self._plugins_loaded = False
 
 

@@ -647,7 +647,8 @@ def test_files_of_a_newer_format_version_are_refused_naming_both(tmp_path: Path)
                     ["a", "b"])
     meta = read_checkpoint_metadata(model)
     save_pt(load_pt(str(model)), str(tmp_path / "m2.safetensors"), metadata={**meta, "format_version": "2"})
-    with pytest.raises(ModelError, match="is checkpoint format version 2; this bctool reads versions up to 1: upgrade bctool"):
+    with pytest.raises(ModelError,
+                       match="is bctool checkpoint format version 2; this bctool reads versions up to 1: upgrade bctool"):
         load_checkpoint(tmp_path / "m2.safetensors")
     emb = tmp_path / "e.safetensors"
     save_embeddings(Embeddings(np.eye(2, dtype=np.float32), np.array([0, 1]), ["x", "y"], ["a", "b"]), emb)
@@ -657,5 +658,6 @@ def test_files_of_a_newer_format_version_are_refused_naming_both(tmp_path: Path)
         emeta = fh.metadata()
     save_np(load_np(str(emb)), str(tmp_path / "e2.safetensors"), metadata={**emeta, "format_version": "3"})
     for mmap in (False, True):
-        with pytest.raises(EmbeddingsError, match="is embeddings format version 3; this bctool reads versions up to 2"):
+        with pytest.raises(EmbeddingsError,
+                           match="is bctool embeddings format version 3; this bctool reads versions up to 2"):
             load_embeddings(tmp_path / "e2.safetensors", mmap=mmap)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -155,7 +156,12 @@ def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", pa
     """Fit a ``kind`` map from ``source``'s space to ``target``'s on the pairs of rows with the
     same id; ``holdout`` of the pairs (seeded) are kept out of the fit and report it. With
     ``max_pairs``, at most that many pairs (a seeded sample) are read: memory is bounded by it,
-    not by the files."""
+    not by the files.
+
+    Fewer pairs fitted on than the source dimension is warned about, whatever the kind: a map of
+    d_s-dimensional rows is then underdetermined (least squares has more unknowns per output than
+    equations; Procrustes leaves the directions the pairs do not span to chance), so it fits the
+    pairs and says little about other rows."""
     entry = ADAPTERS.entry(kind)
     resolved = resolve_params("adapter kind", kind, entry.params, params)
     if not 0 <= holdout < 1:
@@ -174,6 +180,13 @@ def fit_adapter(source: Embeddings, target: Embeddings, kind: str = "affine", pa
     if len(used) < 2:
         raise ConfigError(f"only {len(used)} pairs are left to fit on ({len(src)} shared ids, --holdout {holdout}); "
                           "embed more images with both models")
+    if len(used) < source.dim:
+        needed = math.ceil(source.dim / (1 - holdout))
+        fix = ("raise --max-pairs" if len(src) < shared else
+               f"embed more images with both models (about {needed} with --holdout {holdout:g})")
+        logger.warning("the %s adapter is fitted on %d pairs, fewer than the %d dimensions of SOURCE: the map is "
+                       "underdetermined and fits these pairs rather than the space; fit on at least %d pairs: %s",
+                       kind, len(used), source.dim, source.dim, fix)
     started = time.perf_counter()
     torch.manual_seed(seed)
     module = entry.obj(torch.from_numpy(x[used]), torch.from_numpy(y[used]), torch.from_numpy(labels[used]),
@@ -229,7 +242,7 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{str(path)!r} is not an adapter file (format {meta.get('format')!r}); pass a file "
                           "written by `bctool adapt`")
-    check_format_version(path, meta, "adapter", FORMAT_VERSION, ConfigError)
+    check_format_version(path, meta, "bctool adapter", FORMAT_VERSION, ConfigError)
     try:
         kind = meta["kind"]
         entry = ADAPTERS.entry(kind)

@@ -4,7 +4,9 @@ The input is read memory-mapped and written block by block (:func:`bctool.embedd
 so a gallery of any size streams with flat memory. The output's ``model`` record names the
 adapter, the model that made the input rows (``source``) and the space the rows now live in
 (``space``: the adapter's target model); its ``sha256`` combines the input model's and the
-adapter's, so two files mapped by one adapter from one model pair up as one model's files.
+adapter's, so two files mapped by one adapter from one model pair up as one model's files. A part
+of ``extract --shard I/N`` keeps its ``shard`` record (the rows are the same images, in the same
+order), so mapped parts are a shard set as the unmapped ones were.
 
 ``blend``: each mapped row is interpolated on the unit sphere (SLERP) with the row of the same
 id in another file of the target space (the old model's embedding of the same image), with
@@ -110,7 +112,7 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
                         "model": {k: v for k, v in old.model.items() if k != "trained_classes"}}
     model = adapted_model(emb.model, adapter, blend_record)
     with write_embeddings(out, labels=np.asarray(emb.labels), ids=emb.ids, label_names=emb.label_names,
-                          dim=adapter.target_dim, model=model, normalized=True, root=emb.root,
+                          dim=adapter.target_dim, model=model, normalized=True, root=emb.root, shard=emb.shard,
                           dtype=storage_dtype(emb.embeddings)) as writer:  # float16 in, float16 out
         for start in range(0, len(emb), block_rows):
             mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows], dtype=np.float32))

@@ -19,6 +19,11 @@ import numpy as np
 from bctool.errors import ConfigError
 
 
+# What `bctool train --log-dir DIR` writes into DIR (compat.json with --diagnostics).
+LOG_FILES = ("steps.jsonl", "epochs.jsonl", "compat.json")
+DEFAULT_PLOT = "training.png"  # what `bctool plot DIR` draws into DIR without --out
+
+
 class TrainLog:
     """Appends step and epoch records to ``DIR/steps.jsonl`` and ``DIR/epochs.jsonl``."""
 
@@ -121,6 +126,6 @@ def plot_training(folder: str | os.PathLike[str], out_path: str | os.PathLike[st
     axes[-1].set_ylabel("lr")
     axes[-1].set_xlabel("step")
     axes[-1].grid(True, alpha=0.3)
-    out = Path(out_path) if out_path is not None else folder / "training.png"
+    out = Path(out_path) if out_path is not None else folder / DEFAULT_PLOT
     save_png(fig, out)
     return {"out": str(out), "steps": len(steps), "epochs": len(epochs), "parts": parts}

@@ -27,7 +27,7 @@ from bctool.data.check import find_unreadable, without, write_report
 from bctool.data.dataset import ImageDataset, StoredViewsDataset
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import TRAINING_VIEWS, Preprocess, StoredView
-from bctool.errors import BctoolError, DataError
+from bctool.errors import BctoolError, ConfigError, DataError
 from bctool.interrupt import Interrupted, StopSignals
 from bctool.io import atomic_write_text, check_output_path, output_lock
 from bctool.models import EmbeddingModel, create_model
@@ -301,14 +301,28 @@ def train(
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
     ``config.run.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
     flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.run.resume`` continues
-    from it, mid-epoch included; it is removed once the checkpoint is written. Unreadable images
-    are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.
+    from it, mid-epoch included; it is removed once the checkpoint is written. A run without
+    ``resume`` is refused while that state exists (it would train from scratch and replace it).
+    Unreadable images are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.
     """
     check_output_path(out)
     # One writer per checkpoint (and its state file): another process training into the same
     # OUT is refused at once. Only rank 0 writes, so only rank 0 locks.
     with output_lock(out) if current_rank().is_main else contextlib.nullcontext():
+        if not config.run.resume:
+            refuse_interrupted_state(out)
         return _train(images, config, out, progress)
+
+
+def refuse_interrupted_state(out: str | os.PathLike[str]) -> None:
+    """A :class:`ConfigError` when an interrupted run into ``out`` left its training state: a
+    fresh run would start over and overwrite it, losing the epochs it holds."""
+    state = state_path(out)
+    if state.exists():
+        raise ConfigError(
+            f"{str(state)!r} holds the training state of an interrupted run into {str(out)!r}; pass --resume to "
+            f"continue it, or delete {str(state)!r} to start over"
+        )
 
 
 def _train(images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], progress: Progress) -> TrainResult:

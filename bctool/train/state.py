@@ -114,7 +114,7 @@ def load_train_state(
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed[:5])
         raise ConfigError(
             f"--resume: the options differ from the interrupted run ({diffs}); resume with the "
-            "same options, or start a new run without --resume"
+            f"same options, or delete {str(path)!r} to start a new run"
         )
     device = next(next(iter(modules.values())).parameters()).device
     for prefix, module in modules.items():
