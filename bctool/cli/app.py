@@ -17,7 +17,8 @@ import typer
 from bctool import __version__
 from bctool.cli.errors import reports_errors
 from bctool.cli.output import RichProgress, emit_json, metrics_table, setup_logging, stderr
-from bctool.io import check_not_an_input, output_lock
+from bctool.files import FilePlan
+from bctool.io import output_lock
 
 if TYPE_CHECKING:
     from bctool.evaluate.protocols import Protocol, Table
@@ -223,10 +224,7 @@ def train(
     # Every parameter of this command named like a training option is one (the CLI's names).
     options = {name: value for name, value in locals().items() if name in OPTION_GROUP}
     options["old_views"] = tuple(old_views or ())
-    check_not_an_input(out, {"DATA": data, "--old-embeddings": old_embeddings, "--old-model": old_model,
-                             "--old-views": old_views,
-                             "--init-from": None if init_from in ("auto", "none") else init_from,
-                             "--pretrained": pretrained, "--old-classes": old_classes})
+    _train_files(data, out, old_embeddings, old_views, old_model, init_from, pretrained, old_classes, log_dir).check()
     main_rank = launched_rank().is_main
     setup_logging(verbose and main_rank)
     if not main_rank:  # other ranks report only errors
@@ -243,6 +241,40 @@ def train(
         result = run_train(images, config, out, RichProgress(not quiet and main_rank))
     if main_rank:  # unreadable images left out were logged as a warning, with the report's name
         emit_json(result.to_dict())
+
+
+def _train_files(data: Path, out: Path, old_embeddings: Path | None, old_views: list[Path] | None,
+                 old_model: Path | None, init_from: str, pretrained: Path | None, old_classes: Path | None,
+                 log_dir: Path | None) -> FilePlan:
+    """What `train` reads (the old checkpoint behind --old-embeddings too: --init-from auto
+    starts from it) and writes (the checkpoint, its state, lock and skipped-image report, the log)."""
+    from bctool.data.check import report_path
+    from bctool.train.log import LOG_FILES
+    from bctool.train.state import state_path
+
+    plan = (FilePlan("train").read_data("DATA", data).read_embeddings("--old-embeddings", old_embeddings)
+            .read_embeddings("--old-views", old_views).read("--old-model", old_model)
+            .read("--init-from", None if init_from in ("auto", "none") else init_from)
+            .read("--pretrained", pretrained).read("--old-classes", old_classes))
+    if old_embeddings is not None and old_model is None and init_from == "auto":
+        plan.read("the old checkpoint that made --old-embeddings", _maker_of(old_embeddings))
+    plan.write("--out", out, locked=True).write("--out's training state", state_path(out))
+    plan.write("--out's report of skipped images", report_path(out))
+    for name in LOG_FILES if log_dir is not None else ():
+        plan.write(f"--log-dir's {name}", log_dir / name)
+    return plan
+
+
+def _maker_of(embeddings: Path) -> str | None:
+    """The checkpoint an embeddings file records as its maker, changed since or not (None when
+    unknown or unreadable: the command itself then says what is wrong with the file)."""
+    from bctool.embeddings import load_embeddings
+    from bctool.errors import BctoolError
+
+    try:
+        return load_embeddings(embeddings, mmap=True).model.get("path") or None
+    except (BctoolError, OSError):
+        return None
 
 
 def _name_values(option: str, pairs: list[str] | None, example: str) -> dict[str, str]:
@@ -306,13 +338,17 @@ def convert(
     Rows, ids and labels round-trip exactly (a faiss index holds the L2-normalised rows, as
     `bctool evaluate` searches them).
     """
-    from bctool.convert import beside, convert as run_convert
+    from bctool.convert import SIDECAR_SUFFIXES, beside, convert as run_convert
 
     setup_logging(False)
-    check_not_an_input(out, {"SRC": src, "--ids": ids, "--labels": labels})
-    for what in ("ids", "labels"):
-        if out.suffix in (".npy", ".faiss"):
-            check_not_an_input(beside(out, what), {"SRC": src, "--ids": ids, "--labels": labels}, flag=f"--out's {what} file")
+    plan = FilePlan("convert").read_embeddings("SRC", src).read("--ids", ids).read("--labels", labels)
+    if src.suffix in SIDECAR_SUFFIXES:
+        plan.read("SRC's ids file", None if ids else beside(src, "ids"))
+        plan.read("SRC's labels file", None if labels else beside(src, "labels"))
+    plan.write("--out", out, locked=True)
+    if out.suffix in SIDECAR_SUFFIXES:
+        plan.write("--out's ids file", beside(out, "ids")).write("--out's labels file", beside(out, "labels"))
+    plan.check()
     with output_lock(out):
         emit_json(run_convert(src, out, str(ids) if ids else None, str(labels) if labels else None))
 
@@ -348,10 +384,10 @@ def extract(
     from bctool.checkpoint import load_checkpoint
     from bctool.data import load_image_set
     from bctool.device import resolve_device
-    from bctool.extract import Shard, extract_to_file
+    from bctool.extract import Shard, extract_to_file, unadapted_path
 
     setup_logging(verbose)
-    check_not_an_input(out, {"DATA": data, "--model": model, "--gnd": gnd})
+    _extract_files(data, model, out, gnd, adapter).check()
     if queries and gnd is None:
         raise typer.BadParameter("--queries selects the query images of a --gnd ground truth; pass --gnd too")
     part = Shard.parse(shard) if shard is not None else None
@@ -382,7 +418,7 @@ def extract(
 
         mapping = load_adapter(adapter)
         check_adapter_source(mapping, checkpoint)  # before any image is read
-    raw = out.with_name(out.name.removesuffix(".safetensors") + ".unadapted.safetensors") if mapping else out
+    raw = unadapted_path(out) if mapping else out
     result = extract_to_file(images, checkpoint, raw, batch_size=batch_size, workers=workers, shard=part,
                              strict=strict, resume=resume, progress=RichProgress(not quiet), view=stored_view,
                              dtype=dtype)
@@ -397,6 +433,21 @@ def extract(
             summary["adapter"] = transform_file(raw, mapping, out)["adapter"]
         summary["unadapted"], summary["out"] = str(raw), str(out)
     emit_json(summary)
+
+
+def _extract_files(data: Path, model: Path, out: Path, gnd: Path | None, adapter: Path | None) -> FilePlan:
+    """What `extract` reads and writes: with --adapter the model's own rows go to
+    OUT.unadapted.safetensors (with its partial, progress and skipped-image files) first."""
+    from bctool.extract import side_files, unadapted_path
+
+    plan = (FilePlan("extract").read_data("DATA", data).read("--model", model).read("--gnd", gnd)
+            .read("--adapter", adapter).write("--out", out, locked=True))
+    raw = unadapted_path(out) if adapter is not None else out
+    if adapter is not None:
+        plan.write("--out's unadapted rows", raw, locked=True)
+    for what, path in side_files(raw).items():
+        plan.write(f"--out's {what}", path)
+    return plan
 
 
 @app.command()
@@ -425,7 +476,8 @@ def export(
     from bctool.export import export_model
 
     setup_logging(verbose)
-    check_not_an_input(out, {"MODEL": model, "--images": images, "--adapter": adapter})
+    (FilePlan("export").read("MODEL", model).read_data("--images", images).read("--adapter", adapter)
+     .write("--out", out, locked=True).check())
     with output_lock(out):
         checkpoint = load_checkpoint(model)
         image_set = load_image_set(images, require_labels=False) if images is not None else None
@@ -450,14 +502,16 @@ def plot(
     quiet: Quiet = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
-    from bctool.train.log import plot_training
+    from bctool.train.log import DEFAULT_PLOT, LOG_FILES, plot_training
 
     from bctool.plotting import plot_format
 
+    target = out if out is not None else log_dir / DEFAULT_PLOT
+    (FilePlan("plot").read("LOG_DIR", [log_dir / name for name in LOG_FILES])
+     .write("--out" if out is not None else "LOG_DIR's plot", target, locked=True).check())
     if out is not None:
-        check_not_an_input(out, {"LOG_DIR": [log_dir / "steps.jsonl", log_dir / "epochs.jsonl"]})
         plot_format(out)
-    with output_lock(out if out is not None else log_dir / "training.png"):
+    with output_lock(target):
         result = plot_training(log_dir, out)
     emit_json(result)
 
@@ -472,7 +526,7 @@ def merge(
     """Join the parts of a sharded extraction into one embeddings file, in list order."""
     from bctool.embeddings import merge_shards
 
-    check_not_an_input(out, {"PARTS": list(parts)})
+    FilePlan("merge").read("PARTS", list(parts)).write("--out", out, locked=True).check()
     with output_lock(out):
         result = merge_shards(list(parts), out)
     emit_json(result)
@@ -498,7 +552,8 @@ def adapt(
     from bctool.embeddings import load_embeddings
 
     setup_logging(verbose)
-    check_not_an_input(out, {"SOURCE": source, "TARGET": target})
+    (FilePlan("adapt").read_embeddings("SOURCE", source).read_embeddings("TARGET", target)
+     .write("--out", out, locked=True).check())
     with output_lock(out):
         adapter = fit_adapter(load_embeddings(source, mmap=True), load_embeddings(target, mmap=True), kind,
                               _name_values("--param", params, "NAME=VALUE"), holdout=holdout, seed=seed,
@@ -523,7 +578,7 @@ def transform(
     adapter: Annotated[Path, typer.Option(help="Adapter file written by `bctool adapt`.")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=_output_file, help="Where to write the mapped embeddings (.safetensors).")],
     blend: Annotated[Optional[Path], typer.Option(help="Embeddings of the same images (by id) in the adapter's target space, e.g. the old model's queries: each mapped row is interpolated with its row on the sphere (SLERP), for the transition while both models embed queries.")] = None,
-    blend_weight: Annotated[float, typer.Option(help="With --blend: the weight of the mapped row (0: the --blend row, 1: the mapped row).")] = 0.5,
+    blend_weight: Annotated[Optional[float], typer.Option(help="With --blend: the weight of the mapped row (0: the --blend row, 1: the mapped row). Default 0.5.", show_default=False)] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -532,9 +587,13 @@ def transform(
     from bctool.adapt import load_adapter, transform_file
 
     setup_logging(verbose)
-    check_not_an_input(out, {"EMB": emb, "--adapter": adapter, "--blend": blend})
+    if blend_weight is not None and blend is None:
+        raise typer.BadParameter("--blend-weight weighs the mapped row against a --blend row; pass --blend FILE too")
+    (FilePlan("transform").read_embeddings("EMB", emb).read("--adapter", adapter).read_embeddings("--blend", blend)
+     .write("--out", out, locked=True).check())
     with output_lock(out):
-        result = transform_file(emb, load_adapter(adapter), out, blend=blend, blend_weight=blend_weight)
+        result = transform_file(emb, load_adapter(adapter), out, blend=blend,
+                                blend_weight=0.5 if blend_weight is None else blend_weight)
     emit_json(result)
 
 
@@ -583,13 +642,21 @@ def evaluate(
     from bctool.evaluate.protocols import make_protocol
 
     setup_logging(False)  # warnings (queries without a relevant item, ...) reach stderr
+    if backfill is None:
+        given = [name for name, value in (("--plot", plot), ("--order", order),
+                                          ("--backfill-scoring", None if backfill_scoring == "raw" else backfill_scoring))
+                 if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} only apply to a partial backfill; pass --backfill FRACTIONS too")
+    plan = FilePlan("evaluate")
+    for option, path in {"--query": query, "--gallery": gallery, "--old-query": old_query, "--old-gallery": old_gallery,
+                         "--new-query": new_query, "--new-gallery": new_gallery, "--independent-query": independent_query,
+                         "--independent-gallery": independent_gallery}.items():
+        plan.read_embeddings(option, path)
+    plan.read_embeddings("QUERY,GALLERY", [path for text in pairs or [] for path in text.split(",") if path])
+    plan.read("--gnd", gnd).read("--solution", solution).read("--truth", list(_truth_files(truth).values()))
+    plan.read("--order", order).write("--plot", plot, locked=True).check()
     if plot is not None:
-        check_not_an_input(plot, flag="--plot", inputs={
-            "--query": query, "--gallery": gallery, "--old-query": old_query, "--old-gallery": old_gallery,
-            "--new-query": new_query, "--new-gallery": new_gallery, "--independent-query": independent_query,
-            "--independent-gallery": independent_gallery, "--gnd": gnd, "--solution": solution,
-            "--truth": list(_truth_files(truth).values()),
-            "QUERY,GALLERY": [path for text in pairs or [] for path in text.split(",") if path]})
         from bctool.plotting import plot_format
 
         plot_format(plot)
@@ -757,6 +824,8 @@ def dataset_emoji(
     """Write the embedded emoji set (Google and Twitter renderings) with extended-class lists."""
     from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 
+    FilePlan("dataset emoji").write_folder("OUT_DIR", out_dir).check()
+
     summary = write_emoji_dataset(
         out_dir, EmojiSplit(seed=seed, test_fraction=test_fraction, old_fraction=old_fraction, limit=limit)
     )
@@ -777,6 +846,7 @@ def dataset_fashion_mnist(
     """Write Fashion-MNIST as PNGs with extended-data lists (old model on a share of every class)."""
     from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 
+    FilePlan("dataset fashion-mnist").read("--source", source or DEFAULT_SOURCE).write_folder("OUT_DIR", out_dir).check()
     split = FashionSplit(seed=seed, train_per_class=train_per_class, old_fraction=old_fraction,
                          query_per_class=query_per_class)
     emit_json(write_fashion_mnist_dataset(out_dir, split, source or DEFAULT_SOURCE))
@@ -793,6 +863,8 @@ def dataset_make(
     """Write a dataset by its registered name, with its parameters (any writer, a plugin's too)."""
     from bctool.data.writers import write_dataset
 
+    FilePlan(f"dataset make {name}").write_folder("OUT_DIR", out_dir).check()
+
     emit_json(write_dataset(name, out_dir, _name_values("--param", params, "NAME=VALUE")))
 
 
@@ -807,7 +879,7 @@ def dataset_gldv2(
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
     from bctool.data.gldv2 import write_gldv2_list
 
-    check_not_an_input(out, {"CSV_FILE": csv_file})
+    FilePlan("dataset gldv2").read("CSV_FILE", csv_file).read("--images", images).write("--out", out, locked=True).check()
     with output_lock(out):
         result = write_gldv2_list(csv_file, images, out)
     emit_json(result)
@@ -826,9 +898,15 @@ def backfill_plan(
 ) -> None:
     """Write the order in which to re-embed a gallery with the new model (JSON summary);
     `bctool evaluate --backfill ... --order PLAN` measures its curve."""
-    from bctool.backfill import write_plan
+    from bctool.backfill import POLICIES, write_plan
 
-    check_not_an_input(out, {"OLD_GALLERY": old_gallery, "--new-sample": new_sample})
+    if new_sample is not None and not POLICIES.entry(policy).declares.get("needs_sample"):
+        users = [e.name for e in POLICIES.entries() if e.declares.get("needs_sample")]
+        raise typer.BadParameter(f"--new-sample is read only by the {', '.join(users)} policy; the {policy} policy "
+                                 "orders by the old gallery alone: drop --new-sample, or pass --policy disagreement")
+
+    (FilePlan("backfill plan").read_embeddings("OLD_GALLERY", old_gallery).read_embeddings("--new-sample", new_sample)
+     .write("--out", out, locked=True).check())
     with output_lock(out):
         emit_json(write_plan(old_gallery, out, policy, batch, new_sample, seed))
 
@@ -862,6 +940,7 @@ def demo(
     from bctool.evaluate.protocols.labels import COLUMNS
 
     setup_logging(verbose)
+    FilePlan("demo").write_folder("--workdir", workdir).check()
     config = with_overrides(
         DemoConfig(), method=method, warm_start=warm_start, published=None if published == "none" else published,
         bootstrap=bootstrap, epochs=epochs, arch=arch, image_size=image_size, limit=limit, device=device,
