@@ -186,3 +186,20 @@ def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path)
     assert proc.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from_row"] > 0
     assert out.read_bytes() == straight.read_bytes()
+
+
+def test_a_run_killed_with_live_loader_workers_resumes_at_once(emoji_dir: Path, tmp_path: Path) -> None:
+    """A scheduler requeueing a preempted job: the main process is SIGKILLed while its data
+    loader workers live on for a few seconds; the same command with --resume, started at
+    once, takes the output (the lock belongs to the killed process alone) and finishes."""
+    data = str(emoji_dir / "new_train.txt")
+    out = tmp_path / "m.safetensors"
+    workers = [a if a != "0" or TRAIN[i - 1] != "--workers" else "2" for i, a in enumerate(TRAIN)]
+    proc = _bctool("train", data, "--out", str(out), *workers, "--save-every", "1")
+    _wait_for_state(state_path(out), proc, min_step=3)
+    proc.send_signal(signal.SIGKILL)  # the main process only, as the kernel's OOM killer or a node loss would
+    proc.wait(timeout=60)
+    resumed = _bctool("train", data, "--out", str(out), *workers, "--save-every", "1", "--resume")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert json.loads(stdout)["resumed_from_epoch"] >= 0 and out.exists()
