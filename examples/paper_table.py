@@ -72,6 +72,7 @@ from bctool.data.sources import load_image_set
 from bctool.data.transforms import TRAINING_VIEWS, StoredView
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
+from bctool.evaluate.retrieval import evaluate_retrieval_per_query
 from bctool.evaluate.backfill import backfill_curve
 from bctool.evaluate.scores import paper_scores, update_gain
 from bctool.extract import extract, extract_to_file
@@ -222,6 +223,10 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     new = _embed(model, data, ["query", "gallery"], method)
     query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
     old_query, old_gallery = load_embeddings(old["query"]), load_embeddings(old["gallery"])
+    old_metrics, old_ap = evaluate_retrieval_per_query(old_query, old_gallery)
+    cross_metrics, cross_ap = evaluate_retrieval_per_query(query, old_gallery)
+    if old_ap.ids != cross_ap.ids:
+        raise SystemExit(f"{name} seed {seed}: the old and new queries evaluate other query ids")
     row = {
         "setting": name, "seed": seed, "old_seed": old_seed, "method": method,
         "dataset": setting.dataset, "allocation": setting.allocation,
@@ -229,9 +234,13 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
         "compat_weight": config.compat.compat_weight, **_views(base, old_base, old_source),
         "revision": _revision(),
-        "old": evaluate_retrieval(old_query, old_gallery),
+        "old": old_metrics,
         "self": evaluate_retrieval(query, gallery),
-        "cross": evaluate_retrieval(query, old_gallery),
+        "cross": cross_metrics,
+        # Per-query AP (in query-id order) of old/old and new/old: the paired differences a test
+        # over seeds and queries needs (bctool.evaluate.seeds); the ids' digest pairs runs.
+        "per_query": {"ids_sha256": _ids_digest(old_ap.ids), "old": _rounded(old_ap.ap),
+                      "cross": _rounded(cross_ap.ap)},
         "backfill": [{"fraction": p["fraction"], "map": p["map"]}
                      for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
         "final": summary.final,
@@ -247,6 +256,18 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _ids_digest(ids: tuple[str, ...]) -> str:
+    """sha256 of the query ids, one a line: runs with the same digest score the same queries."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _rounded(values: object) -> list[float]:
+    """Per-query APs for a run file, to 6 decimals (far below any difference reported)."""
+    return [round(float(v), 6) for v in values]  # type: ignore[union-attr]
 
 
 def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
