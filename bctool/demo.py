@@ -59,7 +59,7 @@ class DemoConfig:
         base = TrainConfig.from_options(
             arch=self.arch, embedding_dim=self.embedding_dim, epochs=self.epochs,
             batch_size=self.batch_size, lr=COLD_LR, image_size=self.image_size, seed=self.seed,
-            device=self.device, workers=self.workers,
+            device=self.device, workers=self.workers, init_from=None,  # a fresh start unless runs() says warm
         )
         return base.replace(**overrides)
 

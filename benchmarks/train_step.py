@@ -48,7 +48,7 @@ from bctool.train.loop import build_model, build_task, lr_at, make_loader, seed_
 def _config(args: argparse.Namespace, **kw) -> TrainConfig:  # noqa: ANN003
     return TrainConfig.from_options(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, embedding_dim=args.dim,
-        epochs=1, workers=0, device="cpu", seed=0, **kw,
+        epochs=1, workers=0, device="cpu", seed=0, lr=0.1, init_from=None, **kw,
     )
 
 

@@ -133,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = TrainConfig.from_options(arch=args.arch, image_size=args.image_size, epochs=args.epochs,
-                       batch_size=128, device="auto", workers=2)
+                       batch_size=128, device="auto", workers=2, lr=0.1, init_from=None)  # fresh starts, as measured
     old_epochs = args.old_epochs or args.epochs
     per_seed = {s: run_seed(args.workdir, s, args.methods, base, args.limit, old_epochs) for s in args.seeds}
     (args.workdir / "results.json").write_text(json.dumps(per_seed, indent=1))

@@ -121,7 +121,7 @@ def test_cli_plan_then_evaluate_the_order(tmp_path: Path) -> None:
 
 def test_the_cli_default_policy_is_the_library_one() -> None:
     from bctool.backfill import DEFAULT_POLICY
-    from bctool.cli.app import DEFAULT_POLICY as CLI_DEFAULT
+    from bctool.cli.evaluate import DEFAULT_POLICY as CLI_DEFAULT
 
     assert CLI_DEFAULT == DEFAULT_POLICY and DEFAULT_POLICY in POLICIES
 

@@ -165,10 +165,11 @@ def test_the_recommended_recipe_is_the_default_with_an_old_side(emoji_dir: Path,
 def test_warm_start_is_skipped_when_the_old_checkpoint_is_gone_or_does_not_fit(
     emoji_dir: Path, old: dict, tmp_path: Path
 ) -> None:
-    from bctool.train.recipe import COLD_LR, resolve_recipe
+    from bctool.train.defaults import resolve_defaults
+    from bctool.train.recipe import COLD_LR
 
-    other = _config(old, arch="resnet18", embedding_dim=256, init_from="auto", lr=None)
-    assert (resolve_recipe(other).model.init_from, resolve_recipe(other).optim.lr) == (None, COLD_LR)  # the old one is small
+    other = resolve_defaults(_config(old, arch="resnet18", embedding_dim=256, init_from="auto", lr=None)).config
+    assert (other.model.init_from, other.optim.lr) == (None, COLD_LR)  # the old one is small
     moved = tmp_path / "emb.safetensors"
     moved.write_bytes(old["embeddings"].read_bytes())
     gone = old["work"] / "gone.safetensors"
@@ -179,7 +180,8 @@ def test_warm_start_is_skipped_when_the_old_checkpoint_is_gone_or_does_not_fit(
 
     save_embeddings(emb, moved)
     gone.unlink()
-    assert resolve_recipe(_config(old, old_embeddings=str(moved), init_from="auto", lr=None)).model.init_from is None
+    resolved = resolve_defaults(_config(old, old_embeddings=str(moved), init_from="auto", lr=None)).config
+    assert resolved.model.init_from is None
 
 
 def test_old_model_on_the_fly(emoji_dir: Path, old: dict, tmp_path: Path) -> None:
@@ -320,7 +322,7 @@ def test_resume_refuses_changed_options_and_missing_state(emoji_dir: Path, old: 
         train(images, _config(old, resume=True), tmp_path / "none.safetensors")
     out = tmp_path / "m.safetensors"
     _interrupted_run(images, _config(old), out, epochs_done=1)
-    with pytest.raises(ConfigError, match=r"options differ .*lr: 0.1 -> 0.05"):
+    with pytest.raises(ConfigError, match=r"options differ .*lr: 0.03 -> 0.05"):
         train(images, _config(old, resume=True, lr=0.05), out)
 
 

@@ -15,7 +15,7 @@ from bctool.train.state import RESUMABLE_CHANGES as STATE_RESUMABLE
 def test_options_land_in_their_groups() -> None:
     config = TrainConfig.from_options(image_size=32, epochs=3, method="l2", old_embeddings=Path("old.safetensors"),
                                       save_every=5)
-    assert (config.model.arch, config.model.image_size) == ("small", 32)  # auto resolved by the size
+    assert (config.model.arch, config.model.image_size) == ("auto", 32)  # open until resolve_defaults
     assert config.optim.epochs == 3
     assert (config.compat.method, config.compat.old_embeddings) == ("l2", "old.safetensors")  # paths as text
     assert config.run.save_every == 5
@@ -38,9 +38,7 @@ def test_resumable_changes_are_the_run_group() -> None:
 
 def test_replace_checks_the_changed_group_again() -> None:
     config = TrainConfig.from_options(image_size=32)
-    assert config.replace(lr=0.5).optim.lr == 0.5 and config.optim.lr == 0.1
-    assert config.replace(image_size=128).model.arch == "small"  # as resolved
-    assert config.replace(image_size=128, arch="auto").model.arch == "resnet18"
+    assert config.replace(lr=0.5).optim.lr == 0.5 and config.optim.lr is None  # None: the recipe's
     with pytest.raises(ConfigError, match=r"--epochs 0 must be at least 1"):
         config.replace(epochs=0)
     with pytest.raises(ConfigError, match=r"unknown training option\(s\) \['epoch'\]; known: \["):

@@ -15,13 +15,16 @@ from bctool.data.images import load_rgb
 from bctool.evaluate import evaluate_retrieval
 from bctool.extract import extract, pixel_embeddings
 from bctool.train import TrainConfig, train
-from bctool.train.config import default_arch
+from bctool.train.defaults import default_arch, resolve_defaults
 
 
 def test_auto_arch_is_small_below_64_px_and_resnet18_from_64() -> None:
     assert [default_arch(size) for size in (16, 32, 63, 64, 224)] == ["small"] * 3 + ["resnet18"] * 2
-    assert TrainConfig.from_options(image_size=32).model.arch == "small" and TrainConfig().model.arch == "resnet18"
-    assert TrainConfig.from_options(image_size=32, arch="resnet50").model.arch == "resnet50"  # an explicit choice stays
+    def arch(config: TrainConfig) -> str:
+        return resolve_defaults(config).config.model.arch
+
+    assert arch(TrainConfig.from_options(image_size=32)) == "small" and arch(TrainConfig()) == "resnet18"
+    assert arch(TrainConfig.from_options(image_size=32, arch="resnet50")) == "resnet50"  # an explicit choice stays
 
 
 def test_pixel_embeddings_are_the_flattened_eval_transform(emoji_dir: Path) -> None:
@@ -45,7 +48,7 @@ def test_the_small_image_default_beats_raw_pixels_on_the_emoji_set(emoji300: Pat
     pre = Preprocess(image_size=32)
     pixels = evaluate_retrieval(pixel_embeddings(query, pre), pixel_embeddings(gallery, pre))["map"]
     config = TrainConfig.from_options(image_size=32, epochs=12, batch_size=64, workers=0, device="cpu")
-    assert config.model.arch == "small"
+    assert resolve_defaults(config).config.model.arch == "small"
     train(load_image_set(emoji300 / "new_train.txt"), config, tmp_path / "m.safetensors")
     model = load_checkpoint(tmp_path / "m.safetensors")
     learned = evaluate_retrieval(extract(query, model, workers=0), extract(gallery, model, workers=0))["map"]

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,7 +19,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgressBar
-from rich.markup import escape
 from rich.table import Table
 
 # A redirected stderr (a log file, CI) has no width: rich would assume 80 columns and cut the
@@ -103,3 +103,13 @@ def metrics_table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) 
             cells.append(f"{100 * v:.2f}" if isinstance(v, float) else str(v if v is not None else ""))
         table.add_row(name, *cells)
     return table
+
+
+def delta_line(report: dict, level: float) -> str:
+    """``delta M(n,o) - M(o,o): +1.23 [95% CI +0.40, +2.05] (significant)``, in mAP points."""
+    text = f"delta M(n,o) - M(o,o): {100 * report['delta']:+.2f}"
+    if "delta_low" not in report:
+        return text + " (no bootstrap)"
+    verdict = "significant" if report["compatible_significant"] else "not significant"
+    return (f"{text} [{100 * level:g}% CI {100 * report['delta_low']:+.2f}, {100 * report['delta_high']:+.2f}] "
+            f"({verdict})")

@@ -27,15 +27,6 @@ from bctool.data.transforms import TRAINING_VIEWS
 from bctool.train.regime import SCHEDULES, regime, regime_parts
 
 AMP_MODES = ("off", "bf16", "fp16")
-# Below this image side, ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
-# stride-2 stages leave a 1x1 map at 32 px; there the small CNN retrieves better (emoji set,
-# 32 px: small 61.3 mAP, resnet18 54.5, raw pixels 44.9; examples/small_images.py).
-SMALL_IMAGE_SIDE = 64
-
-
-def default_arch(image_size: int) -> str:
-    """The backbone ``--arch auto`` means: ``small`` below 64 px, ``resnet18`` from 64 px on."""
-    return "small" if image_size < SMALL_IMAGE_SIDE else "resnet18"
 
 
 def _check(group: object, rules: dict[str, tuple[bool, str]]) -> None:
@@ -48,19 +39,17 @@ def _check(group: object, rules: dict[str, tuple[bool, str]]) -> None:
 class ModelOptions:
     """The model: its structure, its input size and where its weights start."""
 
-    arch: str = "auto"  # resolved from image_size by default_arch
+    arch: str = "auto"  # auto: by the image size (bctool.train.defaults)
     embedding_dim: int = 256
     head: str = "linear"
     head_scale: float = 30.0
     head_margin: float = 0.3
     image_size: int = 224
     pretrained: str | None = None
-    init_from: str | None = None  # old bctool checkpoint to warm-start from, or "auto" (the recipe)
+    init_from: str | None = "auto"  # old bctool checkpoint to warm-start from; None: fresh; auto: the recipe's
     head_bias: bool | None = None  # the linear head's bias; None: the regime's
 
     def __post_init__(self) -> None:
-        if self.arch == "auto":  # frozen: the resolved name is what the checkpoint records
-            object.__setattr__(self, "arch", default_arch(self.image_size))
         _check(self, {"image_size": (self.image_size >= 8, "at least 8"),
                       "head_scale": (math.isfinite(self.head_scale) and self.head_scale > 0, "a positive finite number"),
                       "head_margin": (math.isfinite(self.head_margin) and 0 <= self.head_margin < math.pi,
@@ -79,7 +68,7 @@ class OptimOptions:
 
     epochs: int = 30
     batch_size: int = 128
-    lr: float | None = 0.1  # None: the recipe's (0.1 from scratch, less for a warm start)
+    lr: float | None = None  # None: the recipe's (0.1 from scratch, less for a warm start)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     regime: str = "bctool"
@@ -113,7 +102,7 @@ class OptimOptions:
 class CompatOptions:
     """What the new model must stay compatible with, and by which method."""
 
-    method: str = "independent"
+    method: str | None = None  # None: the recommended one with an old side, independent without
     method_params: dict[str, Any] = field(default_factory=dict)  # over the method's defaults; resolved
     old_embeddings: str | None = None
     # Old embeddings of seeded augmented views (`extract --view`), each file one view of every image.
@@ -131,6 +120,10 @@ class CompatOptions:
             )
         _check(self, {"compat_weight": (math.isfinite(self.compat_weight) and self.compat_weight >= 0,
                                         "a finite number, 0 or more")})
+        if self.method is None:  # checked once bctool.train.defaults has chosen it
+            if self.old_embeddings and self.old_model:
+                raise ConfigError("pass only one of --old-embeddings and --old-model")
+            return
         from bctool.train.methods import resolve_params
 
         # Every parameter of the method, defaults filled in: what the checkpoint records.
@@ -153,7 +146,9 @@ class CompatOptions:
 
     @property
     def compatible(self) -> bool:
-        """True when the method trains against an old side."""
+        """True when the method trains against an old side (an open method: when one is given)."""
+        if self.method is None:
+            return bool(self.old_embeddings or self.old_model)
         from bctool.train.methods import method_class
 
         return method_class(self.method).needs_old_side
@@ -197,8 +192,7 @@ class TrainConfig:
         return cls(**{name: GROUPS[name](**values) for name, values in _by_group(options).items()})
 
     def replace(self, **options: Any) -> TrainConfig:
-        """A copy with the options given by flat name changed, each changed group checked again.
-        (``arch`` stays as resolved: pass ``arch="auto"`` with a new ``image_size`` to choose again.)"""
+        """A copy with the options given by flat name changed, each changed group checked again."""
         groups = {name: dataclasses.replace(getattr(self, name), **values) for name, values in _by_group(options).items()}
         return dataclasses.replace(self, **groups)
 
@@ -210,7 +204,9 @@ class TrainConfig:
     def with_regime(self, precomputed_old: bool | None = None) -> TrainConfig:
         """This config with every part its regime sets made concrete; the parts given stay.
         ``precomputed_old`` overrides whether the run trains against precomputed old embeddings
-        (what the bctool regime's views follow; default: whether ``old_embeddings`` is set)."""
+        (what the bctool regime's views follow; default: whether ``old_embeddings`` is set).
+        What-if questions about the views use it; training resolves every open option in
+        :func:`bctool.train.defaults.resolve_defaults`."""
         given = {"augment": self.optim.augment, "schedule": self.optim.schedule,
                  "warmup_epochs": self.optim.warmup_epochs, "head_bias": self.model.head_bias}
         precomputed = bool(self.compat.old_embeddings) if precomputed_old is None else precomputed_old
@@ -222,8 +218,11 @@ class TrainConfig:
         return self.replace(**regime_parts(self.optim.regime, given, precomputed_old=precomputed))
 
     def model_config(self, num_classes: int) -> ModelConfig:
-        """The model structure this config trains, for ``num_classes`` classes."""
+        """The model structure this config trains, for ``num_classes`` classes (``arch`` must be
+        resolved: :func:`bctool.train.defaults.resolve_defaults`)."""
         m = self.model
+        if m.arch == "auto":
+            raise ConfigError("arch 'auto' is not resolved yet: build the model from resolve_defaults(config).config")
         bias = m.head_bias if m.head_bias is not None else regime(self.optim.regime).head_bias
         return ModelConfig(arch=m.arch, embedding_dim=m.embedding_dim, num_classes=num_classes, head=m.head,
                            head_scale=m.head_scale, head_margin=m.head_margin, head_bias=bias)

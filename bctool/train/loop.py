@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from bctool.train.distributed import (
     sync_batchnorm,
 )
 from bctool.train.log import TrainLog
-from bctool.train.recipe import resolve_recipe
+from bctool.train.defaults import Resolved, resolve_defaults
 from bctool.train.regime import SCHEDULES, STEP_GAMMA
 from bctool.train.state import load_train_state, save_train_state, state_path
 from bctool.train.tasks import ClassificationTask, CompatibleTask
@@ -72,6 +72,7 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     consistency: dict[str, Any] = field(default_factory=dict)  # --diagnostics: the consistency floor
+    defaults_from: dict[str, str] = field(default_factory=dict)  # option -> given, default, regime ..., recipe
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary, with the per-epoch mean of every loss part."""
@@ -92,6 +93,7 @@ class TrainResult:
             "final": {k: round(v, 6) for k, v in self.final.items()},
             "history": [{k: round(v, 6) for k, v in epoch.items()} for epoch in self.history],
             **({"consistency": self.consistency} if self.consistency else {}),
+            "defaults_from": self.defaults_from,
         }
 
 
@@ -295,8 +297,12 @@ def train(
     config: TrainConfig,
     out: str | os.PathLike[str],
     progress: Progress = NULL_PROGRESS,
+    given: Iterable[str] | None = None,
 ) -> TrainResult:
     """Train a model on ``images`` with ``config``; write the checkpoint to ``out``.
+
+    Options ``config`` leaves open are resolved by :func:`~bctool.train.defaults.resolve_defaults`
+    (``given``: the options the user set, for the record of where each value came from).
 
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
     ``config.run.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
@@ -311,7 +317,7 @@ def train(
     with output_lock(out) if current_rank().is_main else contextlib.nullcontext():
         if not config.run.resume:
             refuse_interrupted_state(out)
-        return _train(images, config, out, progress)
+        return _train(images, resolve_defaults(config, given), out, progress)
 
 
 def refuse_interrupted_state(out: str | os.PathLike[str]) -> None:
@@ -325,13 +331,13 @@ def refuse_interrupted_state(out: str | os.PathLike[str]) -> None:
         )
 
 
-def _train(images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], progress: Progress) -> TrainResult:
-    """:func:`train` once its output is checked and locked."""
-    config = resolve_recipe(config.with_regime())
+def _train(images: ImageSet, resolved: Resolved, out: str | os.PathLike[str], progress: Progress) -> TrainResult:
+    """:func:`train` once its output is checked and locked and its config resolved."""
+    config = resolved.config
     rank = current_rank()
     images, failed = _readable(images, config, out, rank, progress) if not config.optim.strict else (images, [])
     _check_trainable(images)
-    session = _Session.start(images, config, out, rank, progress)
+    session = _Session.start(images, config, out, rank, progress, resolved.sources)
     start_epoch, step, partial = session.resume()
     start = time.perf_counter()
     progress.start(f"train {config.compat.method} {config.model.arch}", session.total)
@@ -352,6 +358,7 @@ def _train(images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], p
         classes=len(images.label_names), device=str(session.device), seconds=seconds,
         resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
         final=history[-1] if history else {}, history=history, consistency=session.facts.get("consistency", {}),
+        defaults_from=dict(resolved.sources),
     )
 
 
@@ -381,12 +388,13 @@ class _Session:
     init: dict[str, Any] | None  # the warm start's record
     facts: dict[str, Any]  # what the checkpoint records about the compatibility method
     progress: Progress
+    sources: Mapping[str, str]  # where each option's value came from (resolve_defaults)
     log: TrainLog | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
     def start(cls, images: ImageSet, config: TrainConfig, out: str | os.PathLike[str], rank: Rank,
-              progress: Progress) -> _Session:
+              progress: Progress, sources: Mapping[str, str]) -> _Session:
         """Build the model, the task, the optimizer and the loader of a run (seeded first)."""
         device = rank_device(config.run.device)
         generator = seed_everything(config.optim.seed)
@@ -412,7 +420,7 @@ class _Session:
         identity = {**config.to_dict(), "data": data_fingerprint(images), "processes": rank.world_size,
                     "init_from": init}
         return cls(config, rank, device, model, preprocess, task, forward, optimizer, scaler, loader, generator,
-                   total, warmup, milestones, state_path(out), identity, init, facts, progress)
+                   total, warmup, milestones, state_path(out), identity, init, facts, progress, sources)
 
     def resume(self) -> tuple[int, int, dict[str, Any] | None]:
         """Restore an interrupted run's state when resuming; open the log. Returns the epoch
@@ -475,7 +483,8 @@ class _Session:
         config = self.config
         save_checkpoint(
             out, self.model, self.preprocess, list(images.label_names),
-            train_config={**config.to_dict(), "data": images.source, "init_from": self.init},
+            train_config={**config.to_dict(), "data": images.source, "init_from": self.init,
+                          "defaults_from": dict(self.sources)},
             extra={"trained_classes": list(images.label_names), "method": config.compat.method,
                    "processes": self.rank.world_size, **self.facts},
         )

@@ -7,8 +7,8 @@ seed (100) on the emoji extended-class and Fashion-MNIST extended-data sets: amo
 methods on clean views (independent, bct, lce, advbct), LCE was the only one whose M(n,o) - M(o,o)
 interval lay above 0 on both sets, with the best P_1 (README, "The recipe and its evidence", which
 has the runs on seeds 0-2 that no choice looked at). A config asks for it with
-``init_from="auto"`` and ``lr=None``; :func:`resolve_recipe` turns those into concrete values,
-which are what the checkpoint records.
+``init_from="auto"`` and ``lr=None`` (the defaults); :func:`bctool.train.defaults.resolve_defaults`
+turns those into concrete values, which are what the checkpoint records.
 """
 
 from __future__ import annotations
@@ -25,12 +25,6 @@ logger = logging.getLogger(__name__)
 RECOMMENDED_METHOD = "lce"  # the compatibility method with an old side
 COLD_LR = 0.1  # peak learning rate from a fresh initialisation (the AdvBCT authors' SGD rate)
 WARM_LR = 0.03  # peak learning rate of a warm start: fine-tuning, not training anew
-AUTO = "auto"
-
-
-def default_method(compatible: bool) -> str:
-    """The method when none is given: the recommended one with an old side, else independent."""
-    return RECOMMENDED_METHOD if compatible else "independent"
 
 
 def known_old_checkpoint(config: TrainConfig) -> str | None:
@@ -46,7 +40,7 @@ def known_old_checkpoint(config: TrainConfig) -> str | None:
     return checkpoint_path_of(load_embeddings(config.compat.old_embeddings, mmap=True))
 
 
-def _warm_start_source(config: TrainConfig) -> str | None:
+def warm_start_source(config: TrainConfig) -> str | None:
     """What ``init_from="auto"`` means for ``config``: the known old checkpoint when it has the
     run's architecture and embedding dimension, else nothing (a fresh start, logged)."""
     if not config.compatible or config.model.pretrained:
@@ -66,14 +60,3 @@ def _warm_start_source(config: TrainConfig) -> str | None:
         )
         return None
     return path
-
-
-def resolve_recipe(config: TrainConfig) -> TrainConfig:
-    """``config`` with ``init_from="auto"`` and ``lr=None`` made concrete: warm-start from the
-    known old checkpoint when it fits (see :func:`known_old_checkpoint`), and the learning rate
-    of a warm (:data:`WARM_LR`) or a fresh (:data:`COLD_LR`) start."""
-    init_from = _warm_start_source(config) if config.model.init_from == AUTO else config.model.init_from
-    lr = config.optim.lr if config.optim.lr is not None else (WARM_LR if init_from else COLD_LR)
-    if init_from != config.model.init_from or lr != config.optim.lr:
-        logger.info("recipe: %s, lr %g", f"warm start from {init_from}" if init_from else "fresh start", lr)
-    return config.replace(init_from=init_from, lr=lr)
