@@ -24,7 +24,8 @@ import torch
 
 from bctool.data.sources import ImageRecord, ImageSet
 from bctool.train import TrainConfig
-from bctool.train.loop import _autocast, build_model
+from bctool.train.loop import _autocast
+from bctool.train.setup import build_model
 from bctool.train.tasks import ClassificationTask
 
 

@@ -42,7 +42,13 @@ from bctool.embeddings import save_embeddings
 from bctool.extract import extract
 from bctool.models import create_model
 from bctool.train.config import TrainConfig
-from bctool.train.loop import build_model, build_task, lr_at, make_loader, seed_everything
+from bctool.train.loop import (
+    build_model,
+    build_task,
+    lr_at,
+    make_loader,
+    seed_everything,
+)
 
 
 def _config(args: argparse.Namespace, **kw) -> TrainConfig:  # noqa: ANN003
