@@ -324,29 +324,43 @@ def export_model(
     metadata = export_metadata(checkpoint.path, normalize)
     if adapter is not None:
         metadata["adapter"] = adapter.describe()
+    difference = _write_checked(fmt, module, (example, inputs, expected), out, metadata, tolerance)
+    logger.info("exported %s to %s: largest relative difference %.3g on %d images", fmt, out, difference, len(inputs))
+    return ExportResult(
+        out=str(out), format=fmt, input=_input_spec(checkpoint.preprocess, normalize),
+        output=_output_spec(checkpoint, adapter), images_checked=len(inputs), max_difference=difference,
+        tolerance=tolerance, seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def _write_checked(fmt: str, module: nn.Module, batches: tuple[torch.Tensor, torch.Tensor, np.ndarray],
+                   out: str | os.PathLike[str], metadata: dict[str, Any], tolerance: float) -> float:
+    """Export ``module`` in format ``fmt`` (traced on the example batch), run the file on the
+    check inputs and keep it at ``out`` only when it matches the expected rows within
+    ``tolerance``; return the largest relative difference."""
+    writer = FORMATS[fmt]
+    example, inputs, expected = batches
     with atomic_path(out) as tmp:
         staged = tmp.with_name(tmp.name + writer.suffix)  # exporters and runtimes look at the suffix
         try:
             writer.export(module, example, staged, metadata)
-            got = writer.run(staged, inputs)
-            difference = _relative_difference(got, expected)
+            difference = _relative_difference(writer.run(staged, inputs), expected)
             if not np.isfinite(difference) or difference > tolerance:
                 raise BctoolError(
-                    f"the exported {fmt} model differs from bctool extract by {difference:.3g} (relative to the "
-                    f"embedding norm) on {len(inputs)} images, above the tolerance {tolerance:g}; nothing was "
+                    f"the exported {fmt} model differs from bctool extract by {difference:.3g} (relative to "
+                    f"the embedding norm) on {len(inputs)} images, above the tolerance {tolerance:g}; nothing was "
                     "written. Try the other --format, or report it with the checkpoint's arch"
                 )
             os.replace(staged, tmp)
         finally:
             staged.unlink(missing_ok=True)
-    logger.info("exported %s to %s: largest relative difference %.3g on %d images", fmt, out, difference, len(inputs))
-    pre = checkpoint.preprocess
-    return ExportResult(
-        out=str(out), format=fmt, input=_input_spec(pre, normalize),
-        output=({"name": OUTPUT, "shape": ["batch", checkpoint.config.embedding_dim], "dtype": "float32",
-                 "values": "raw embeddings: L2-normalise them before searching"} if adapter is None else
-                {"name": OUTPUT, "shape": ["batch", adapter.target_dim], "dtype": "float32",
-                 "values": "L2-normalised embeddings in the adapter's target space", "adapter": adapter.describe()}),
-        images_checked=len(inputs), max_difference=difference, tolerance=tolerance,
-        seconds=round(time.perf_counter() - started, 2),
-    )
+    return difference
+
+
+def _output_spec(checkpoint: Checkpoint, adapter: Any) -> dict[str, Any]:
+    """The exported model's output: raw embeddings, or normalised rows in the adapter's space."""
+    if adapter is None:
+        return {"name": OUTPUT, "shape": ["batch", checkpoint.config.embedding_dim], "dtype": "float32",
+                "values": "raw embeddings: L2-normalise them before searching"}
+    return {"name": OUTPUT, "shape": ["batch", adapter.target_dim], "dtype": "float32",
+            "values": "L2-normalised embeddings in the adapter's target space", "adapter": adapter.describe()}
