@@ -32,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, release_rows
+from bctool.embeddings import (
+    Embeddings,
+    find_rows,
+    load_embeddings,
+    normalize_rows,
+    pair_rows,
+    release_rows,
+)
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.io import atomic_write_text
 from bctool.linear import ridge_least_squares
@@ -118,8 +125,11 @@ def disagreement_order(old: Embeddings, sample: tuple[Embeddings, Embeddings] | 
         predicted[start : start + len(rows)] = (np.hstack([rows, rows * rows]) @ w2 + b2)[:, 0]
         release_rows(old.embeddings, start, start + BLOCK)
     in_sample = np.zeros(len(old), dtype=bool)
-    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
-    in_sample[[row_of[i] for i in sample_old.ids]] = True
+    sample_rows = find_rows(old.ids, sample_old.ids, "the old gallery")
+    if (sample_rows < 0).any():
+        raise EmbeddingsError(f"{int((sample_rows < 0).sum())} ids of the sample are not in the old gallery; pass the "
+                              "pairs that sample_pairs(old, new_sample) returns")
+    in_sample[sample_rows] = True
     predicted[in_sample] = np.inf  # already embedded by the new model: they go first, free
     return np.argsort(-predicted, kind="stable")
 
@@ -130,18 +140,16 @@ POLICIES.register("disagreement", disagreement_order)
 
 def sample_pairs(old: Embeddings, new_sample: Embeddings) -> tuple[Embeddings, Embeddings]:
     """The rows of ``old`` and ``new_sample`` with the ids they share (the sample's order)."""
-    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
-    shared = [i for i, image_id in enumerate(new_sample.ids) if image_id in row_of]
-    if not shared:
+    shared, old_rows = pair_rows(new_sample.ids, old.ids, ("the --new-sample", "the old gallery"))
+    if not shared.size:
         raise EmbeddingsError("the --new-sample shares no id with the old gallery; embed some of the gallery's own "
                               "images with the new model (`bctool extract`)")
-    old_rows = np.array([row_of[new_sample.ids[i]] for i in shared])
 
     def subset(emb: Embeddings, rows: np.ndarray) -> Embeddings:
         return Embeddings(np.asarray(emb.embeddings[rows], dtype=np.float32), emb.labels[rows],
                           [emb.ids[i] for i in rows], emb.label_names, model=emb.model)
 
-    return subset(old, old_rows), subset(new_sample, np.array(shared))
+    return subset(old, old_rows), subset(new_sample, shared)
 
 
 def plan_order(old: Embeddings, policy: str = DEFAULT_POLICY, new_sample: Embeddings | None = None,

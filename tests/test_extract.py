@@ -17,17 +17,17 @@ from typer.testing import CliRunner
 from bctool.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bctool.cli import app
 from bctool.data import load_image_set
+from bctool.data.check import report_path
 from bctool.data.transforms import Preprocess
 from bctool.embeddings import (
     Embeddings,
-    _metadata,
     load_embeddings,
     merge_shards,
     save_embeddings,
     write_embeddings,
 )
+from bctool.embeddings.format import _metadata
 from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.data.check import report_path
 from bctool.extract import Shard, extract, extract_to_file, partial_paths
 from bctool.models import ModelConfig, create_model
 

@@ -33,9 +33,9 @@ def _rows_of_reference(ids: list[str], wanted: set[str]) -> dict[str, int]:
 
 @pytest.mark.parametrize("one_by_one", [200_000, 0])  # candidates checked directly, or hashed
 def test_row_ids_find_rows_as_a_loop_over_the_ids_does(one_by_one: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bctool.embeddings
+    import bctool.embeddings.ids
 
-    monkeypatch.setattr(bctool.embeddings, "_CHECK_ONE_BY_ONE", one_by_one)
+    monkeypatch.setattr(bctool.embeddings.ids, "_CHECK_ONE_BY_ONE", one_by_one)
     rng = np.random.default_rng(0)
     alphabet = list("ab/é😀_") + [""]
     ids = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 6)))) for _ in range(3000)]
@@ -254,12 +254,12 @@ def test_a_mixed_gallery_reads_the_rows_a_copy_would_hold(new_normalized: bool) 
 
 
 def test_repeated_ids_are_found_in_the_buffer_as_a_set_finds_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bctool.embeddings
+    import bctool.embeddings.ids
     from bctool.embeddings import has_repeats
 
     ids = [f"img/{i}" for i in range(5000)]
     assert not has_repeats(RowIds.encode(ids)) and not has_repeats(ids)
     assert has_repeats(RowIds.encode([*ids, "img/17"])) and has_repeats([*ids, "img/17"])
     # Every id hashed alike: only the exact comparison of the suspects decides.
-    monkeypatch.setattr(bctool.embeddings, "_hash_ids", lambda ids: np.zeros(len(ids), np.uint64))
+    monkeypatch.setattr(bctool.embeddings.ids, "_hash_ids", lambda ids: np.zeros(len(ids), np.uint64))
     assert not has_repeats(RowIds.encode(ids)) and has_repeats(RowIds.encode(["a", "b", "a"]))

@@ -21,9 +21,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bctool.data.sources import load_image_set
-from bctool.embeddings import Embeddings, _metadata, load_embeddings, save_embeddings
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+from bctool.embeddings.format import _metadata
 from bctool.errors import DataError, EmbeddingsError
-from bctool.evaluate.metrics import average_precision, average_precision_at_k, recall_at_k
+from bctool.evaluate.metrics import (
+    average_precision,
+    average_precision_at_k,
+    recall_at_k,
+)
+
+from helpers import ref_ap
 
 SETTINGS = settings(
     max_examples=60,
@@ -243,19 +250,6 @@ def rankings(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     rel = draw(arrays(np.bool_, (q, k)))
     extra = draw(arrays(np.int64, (q,), elements=st.integers(0, 3)))
     return rel, rel.sum(axis=1) + extra
-
-
-def ref_ap(row: list[bool], n_pos: int, k: int | None = None) -> float:
-    """Slow AP (or GLDv2 AP@k): mean over positives of precision at each relevant rank."""
-    if n_pos == 0:
-        return math.nan
-    ranked = row if k is None else row[:k]
-    hits, total = 0, 0.0
-    for r, is_rel in enumerate(ranked):
-        if is_rel:
-            hits += 1
-            total += hits / (r + 1)
-    return total / (n_pos if k is None else min(n_pos, k))
 
 
 def assert_close(got: np.ndarray, want: list[float]) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from bctool import __version__
 from bctool.adapt.maps import ADAPTERS
 from bctool.checkpoint import file_sha256
-from bctool.embeddings import Embeddings, RowIds, has_repeats, normalize_rows
+from bctool.embeddings import Embeddings, RowIds, has_repeats, normalize_rows, pair_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.io import atomic_path, check_format_version
 from bctool.registry import resolve_params
@@ -91,13 +91,11 @@ def pair_by_id(source: Embeddings, target: Embeddings) -> tuple[np.ndarray, np.n
     if isinstance(source.ids, RowIds) and source.ids == target.ids:  # one list embedded twice: row i pairs row i
         rows = np.arange(len(source), dtype=np.int64)
         return rows, rows
-    row_of = {image_id: i for i, image_id in enumerate(target.ids)}
-    src = np.array([i for i, image_id in enumerate(source.ids) if image_id in row_of], dtype=np.int64)
+    src, tgt = pair_rows(source.ids, target.ids, ("SOURCE", "TARGET"))
     if src.size == 0:
         raise EmbeddingsError(
             f"SOURCE and TARGET share no id (SOURCE {shown(source.ids)}, TARGET {shown(target.ids)}); embed the "
             "same images with both models (the same list file)")
-    tgt = np.array([row_of[source.ids[i]] for i in src], dtype=np.int64)
     if src.size != len(source) or tgt.size != len(target):
         logger.warning("%d of %d SOURCE rows and %d of %d TARGET rows share an id; the others are not used",
                        src.size, len(source), tgt.size, len(target))

@@ -4,14 +4,21 @@ the retrieval curve over the shares."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from bctool.embeddings import Embeddings, LazyRows, RowIds, normalize_rows, release_rows
+from bctool.embeddings import (
+    Embeddings,
+    LazyRows,
+    RowIds,
+    find_rows,
+    normalize_rows,
+    pair_rows,
+    release_rows,
+)
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.inputs import check_ids_once, mark_checked, warn_zero_rows
 from bctool.evaluate.retrieval import evaluate_retrieval
@@ -26,21 +33,22 @@ def _align_rows(old: Embeddings, new: Embeddings) -> np.ndarray:
     """Index into ``new``'s rows giving, for each of ``old``'s rows, the row with the same id."""
     if isinstance(old.ids, RowIds) and old.ids == new.ids:  # one list embedded twice: compared as buffers
         return np.arange(len(old), dtype=np.int64)
-    old_count, new_count = Counter(old.ids), Counter(new.ids)
-    if old_count != new_count:
-        only_old = sorted((old_count - new_count).elements())
-        only_new = sorted((new_count - old_count).elements())
+    old_rows, new_rows = pair_rows(old.ids, new.ids, ("the old gallery", "the new gallery"))
+    if old_rows.size != len(old) or new_rows.size != len(new):
+        only_old, only_new = _left_out(old.ids, old_rows), _left_out(new.ids, new_rows)
         raise EmbeddingsError(
             f"the old and new galleries must hold the same ids: {len(only_old)} ids are only in the "
             f"old gallery ({shown(only_old) or 'none'}) and {len(only_new)} only in the new one "
             f"({shown(only_new) or 'none'}); embed the same gallery images with both models"
         )
-    # Stable sorts pair repeated ids in their order of appearance.
-    old_order = np.argsort(np.array(old.ids, dtype=object), kind="stable")
-    new_order = np.argsort(np.array(new.ids, dtype=object), kind="stable")
-    aligned = np.empty(len(old), dtype=np.int64)
-    aligned[old_order] = new_order
-    return aligned
+    return new_rows
+
+
+def _left_out(ids: Sequence[str], paired: np.ndarray) -> list[str]:
+    """The ids of the rows not in ``paired``, sorted (for an error)."""
+    kept = np.zeros(len(ids), dtype=bool)
+    kept[paired] = True
+    return sorted(image_id for image_id, k in zip(ids, kept.tolist()) if not k)
 
 
 def order_rows(old_gallery: Embeddings, order: Sequence[str] | None, seed: int) -> np.ndarray:
@@ -49,9 +57,9 @@ def order_rows(old_gallery: Embeddings, order: Sequence[str] | None, seed: int) 
     n = len(old_gallery)
     if order is None:
         return np.random.default_rng(seed).permutation(n)
-    row_of = {image_id: i for i, image_id in enumerate(old_gallery.ids)}
-    unknown = [image_id for image_id in order if image_id not in row_of]
-    rows = np.array([row_of[image_id] for image_id in order if image_id in row_of], dtype=np.int64)
+    found = find_rows(old_gallery.ids, order, "the old gallery")
+    unknown = [image_id for image_id, row in zip(order, found.tolist()) if row < 0]
+    rows = found[found >= 0]
     if unknown or len(set(rows.tolist())) != len(rows) or len(rows) != n:
         raise EmbeddingsError(
             f"the backfill order must list every gallery id once: it has {len(order)} ids for {n} gallery rows "

@@ -5,13 +5,18 @@ benchmark's image names (by id or file stem)."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-from bctool.embeddings import _HASH_BLOCK, Embeddings, RowIds, _hash_ids, has_repeats, release_rows
-from bctool.errors import EmbeddingsError, shown
+from bctool.embeddings import (
+    Embeddings,
+    check_unique_ids,
+    find_rows,
+    release_rows,
+    repeated_ids,  # noqa: F401 - importers find it here, beside check_unique_ids
+)
+from bctool.errors import EmbeddingsError
 
 logger = logging.getLogger(__name__)
 
@@ -35,38 +40,6 @@ def check_same_dim(
         f"query embeddings have dimension {query_dim}{query_about} but gallery embeddings have "
         f"dimension {gallery_dim}{gallery_about}; extract query and gallery with models of the same "
         "embedding dimension"
-    )
-
-
-def repeated_ids(ids: Sequence[str]) -> list[str]:
-    """The ids that name more than one row, sorted. A :class:`~bctool.embeddings.RowIds` is
-    hashed a block at a time (8 bytes an id), and only the ids whose hashes meet are decoded."""
-    encoded = RowIds.encode(ids)
-    hashes = np.concatenate([np.zeros(0, np.uint64)] + [
-        _hash_ids(RowIds(encoded.offsets[start : start + _HASH_BLOCK + 1], encoded.data))
-        for start in range(0, len(encoded), _HASH_BLOCK)])
-    order = np.argsort(hashes, kind="stable")
-    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    suspects = np.unique(np.concatenate([order[same], order[same + 1]])) if same.size else same
-    counts = Counter(encoded[int(i)] for i in suspects)
-    return sorted(image_id for image_id, count in counts.items() if count > 1)
-
-
-def check_unique_ids(ids: Sequence[str], where: str) -> None:
-    """Refuse ids that name two rows (the message ``bctool convert`` and ``bctool backfill plan``
-    give too): an id is one image, and a query skips its own image in the gallery by id.
-
-    ``where`` names the file or role, such as ``the gallery 'g.safetensors'``. The check is
-    :func:`~bctool.embeddings.has_repeats` (vectorised for a file's ids); the repeated ids are
-    looked up only on the way to the error.
-    """
-    if not has_repeats(ids):
-        return
-    twice = repeated_ids(ids)
-    first = twice[0] if twice else "?"
-    raise EmbeddingsError(
-        f"{where}: id {first!r} is given twice; ids must be unique ({len(twice)} ids repeat: {shown(twice)}); "
-        "give every image its own id (`bctool extract` does) or leave the copies out"
     )
 
 
@@ -129,16 +102,18 @@ def match_rows(emb: Embeddings, names: Sequence[str], what: str) -> np.ndarray:
     A row matches a name when its id equals the name or its file stem (:func:`id_stem`) does.
     ``what`` says which images these are ("query", "gallery") in errors.
     """
-    by_id = {image_id: i for i, image_id in reversed(list(enumerate(emb.ids)))}
-    by_stem: dict[str, list[int]] = {}
-    for i, image_id in enumerate(emb.ids):
-        by_stem.setdefault(id_stem(image_id), []).append(i)
+    by_id = find_rows(emb.ids, names, f"the {what} embeddings")
+    by_stem: dict[str, list[int]] | None = None  # built only when some name is not an id
     rows = np.full(len(names), -1, dtype=np.int64)
     missing: list[str] = []
     for j, name in enumerate(names):
-        if name in by_id:
-            rows[j] = by_id[name]
+        if by_id[j] >= 0:
+            rows[j] = by_id[j]
             continue
+        if by_stem is None:
+            by_stem = {}
+            for i, image_id in enumerate(emb.ids):
+                by_stem.setdefault(id_stem(image_id), []).append(i)
         found = by_stem.get(name, [])
         if len(found) > 1:
             clash = [emb.ids[i] for i in found[:5]]

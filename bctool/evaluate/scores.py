@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bctool.embeddings import pair_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.metrics import QueryAP
 
@@ -188,9 +189,7 @@ def _paired_rows(old: QueryAP, new: QueryAP) -> tuple[np.ndarray, np.ndarray]:
                 f"the {name} queries list {len(twice)} ids more than once ({shown(twice)}); each "
                 "query must appear once to be paired with the other model's"
             )
-    row_of = {image_id: i for i, image_id in enumerate(new.ids)}
-    old_rows = np.array([i for i, image_id in enumerate(old.ids) if image_id in row_of], dtype=np.int64)
-    new_rows = np.array([row_of[old.ids[i]] for i in old_rows], dtype=np.int64)
+    old_rows, new_rows = pair_rows(old.ids, new.ids, ("the old queries", "the new queries"))
     if old_rows.size == 0:
         raise EmbeddingsError(
             f"the old and new models share no evaluated query: {len(old)} old queries "

@@ -20,7 +20,7 @@ from torch import nn
 from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import TORCH_MODES, Preprocess, StoredView
-from bctool.embeddings import Embeddings, load_embeddings
+from bctool.embeddings import Embeddings, find_rows, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.io import unused_path
 from bctool.progress import NULL_PROGRESS, Progress
@@ -104,9 +104,8 @@ def match_by_id(images: ImageSet, old: Embeddings, source: str) -> torch.Tensor:
             f"embeddings with `bctool extract {images.source} --model OLD.safetensors --out OLD_EMB.safetensors`, "
             "which records them"
         )
-    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
-    rows = [row_of.get(image_id, -1) for image_id in images.ids]
-    missing = [image_id for image_id, r in zip(images.ids, rows) if r < 0]
+    rows = find_rows(old.ids, images.ids, f"the old embeddings {source!r}")
+    missing = [image_id for image_id, r in zip(images.ids, rows.tolist()) if r < 0]
     if missing:
         # A new file beside the old one: the suggested command must not overwrite anything.
         suggestion = unused_path(Path(source).with_name(f"{Path(images.source).stem}_old_emb.safetensors"))
