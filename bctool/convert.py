@@ -48,6 +48,7 @@ from bctool.embeddings import (
 )
 from bctool.errors import BctoolError, ConfigError, EmbeddingsError
 from bctool.io import atomic_path, atomic_paths
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 BLOCK_ROWS = 65536
@@ -109,10 +110,11 @@ def _text_files(out: Path) -> dict[str, str]:
     return {what: str(beside(out, what)) for what in ("ids", "labels")}
 
 
-def _finite_blocks(emb: Embeddings, where: str,
+def _finite_blocks(emb: Embeddings, where: str, progress: Progress,
                    dtype: str | np.dtype | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """``(first_row, rows)`` of ``emb``, ``BLOCK_ROWS`` at a time (as ``dtype`` when given),
-    each refused when a row holds NaN or inf: the rows are read once, block by block."""
+    each refused when a row holds NaN or inf: the rows are read once, block by block. Each
+    block is counted on ``progress`` when the next is asked for (once it is written)."""
     for start in range(0, len(emb), BLOCK_ROWS):
         block = emb.embeddings[start : start + BLOCK_ROWS]
         if dtype is not None:
@@ -125,6 +127,7 @@ def _finite_blocks(emb: Embeddings, where: str,
                 "re-extract the embeddings (`bctool extract`), or leave that row out, and convert again"
             )
         yield start, block
+        progress.advance(len(block))
 
 
 def _sidecar(src: Path, given: str | os.PathLike[str] | None, what: str, required: bool) -> Path | None:
@@ -140,9 +143,9 @@ def _sidecar(src: Path, given: str | os.PathLike[str] | None, what: str, require
 
 
 # Readers: (src, ids file, labels file) -> Embeddings. Writers: (embeddings, out, the source's
-# name for messages) -> files written beside out.
+# name for messages, progress counting the rows written) -> files written beside out.
 Reader = Callable[[Path, "str | None", "str | None"], Embeddings]
-Writer = Callable[[Embeddings, Path, str], dict[str, str]]
+Writer = Callable[[Embeddings, Path, str, Progress], dict[str, str]]
 
 
 def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
@@ -151,11 +154,11 @@ def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return load_embeddings(src, mmap=True)
 
 
-def _write_bctool(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+def _write_bctool(emb: Embeddings, out: Path, where: str, progress: Progress) -> dict[str, str]:
     with write_embeddings(out, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
                           model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard,
                           dtype=storage_dtype(emb.embeddings)) as writer:
-        for start, block in _finite_blocks(emb, where):
+        for start, block in _finite_blocks(emb, where, progress):
             writer.write(start, block)
     return {}
 
@@ -180,13 +183,13 @@ def _read_npy(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "npy"})
 
 
-def _write_npy(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+def _write_npy(emb: Embeddings, out: Path, where: str, progress: Progress) -> dict[str, str]:
     dtype = np.dtype(storage_dtype(emb.embeddings))
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(emb), emb.dim)}
     # Written, not memory-mapped: a full disk is then an error of a write, not a SIGBUS on a page.
     with _with_text_files(emb, out) as tmp, open(tmp, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
-        for _, block in _finite_blocks(emb, where, dtype):
+        for _, block in _finite_blocks(emb, where, progress, dtype):
             fh.write(np.ascontiguousarray(block).data)
     return _text_files(out)
 
@@ -221,14 +224,14 @@ def _read_parquet(src: Path, ids: str | None, labels: str | None) -> Embeddings:
     return Embeddings(rows, label_ids, id_list, label_names, {"source": str(src.resolve()), "format": "parquet"})
 
 
-def _write_parquet(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+def _write_parquet(emb: Embeddings, out: Path, where: str, progress: Progress) -> dict[str, str]:
     pa = _pyarrow()
     check_ids(emb.ids, len(emb), str(out))
     value_type = pa.float16() if storage_dtype(emb.embeddings) == "float16" else pa.float32()
     schema = pa.schema([("id", pa.string()), ("label", pa.string()), ("embedding", pa.list_(value_type, emb.dim))])
     names = emb.label_strings()
     with atomic_path(out) as tmp, pa.parquet.ParquetWriter(tmp, schema) as writer:
-        for start, block in _finite_blocks(emb, where):
+        for start, block in _finite_blocks(emb, where, progress):
             rows = np.ascontiguousarray(block)
             values = pa.array(rows.reshape(-1), type=value_type)
             writer.write_table(pa.table({
@@ -268,12 +271,12 @@ def _read_faiss(src: Path, ids: str | None, labels: str | None) -> Embeddings:
                       normalized=True)
 
 
-def _write_faiss(emb: Embeddings, out: Path, where: str) -> dict[str, str]:
+def _write_faiss(emb: Embeddings, out: Path, where: str, progress: Progress) -> dict[str, str]:
     import faiss
 
     check_ids(emb.ids, len(emb), str(out))
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(emb.dim))
-    for start, block in _finite_blocks(emb, where, np.float32):
+    for start, block in _finite_blocks(emb, where, progress, np.float32):
         rows = np.ascontiguousarray(block) if emb.normalized else normalize_rows(block)
         index.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
     with _with_text_files(emb, out) as tmp, open(tmp, "wb") as fh:
@@ -322,8 +325,9 @@ def format_of(path: str | os.PathLike[str], role: str) -> Format:
 
 
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], ids: str | None = None,
-            labels: str | None = None) -> dict[str, Any]:
-    """Read ``src`` and write ``out``, each in the format its suffix names; return a summary."""
+            labels: str | None = None, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
+    """Read ``src`` and write ``out``, each in the format its suffix names; return a summary.
+    ``progress`` counts the rows written (one task, "convert")."""
     source, target = format_of(src, "SRC"), format_of(out, "--out")
     if source.name == target.name:
         raise ConfigError(f"SRC and --out are both {source.name} files; nothing to convert")
@@ -332,7 +336,11 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], ids: str |
     if not Path(src).exists():
         raise EmbeddingsError(f"{str(src)!r} does not exist")
     emb = source.read(Path(src), ids, labels)
-    files = target.write(emb, Path(out), str(src))
+    progress.start("convert", len(emb))
+    try:
+        files = target.write(emb, Path(out), str(src), progress)
+    finally:
+        progress.stop()
     logger.info("converted %d rows of %s (%s) into %s (%s)", len(emb), src, source.name, out, target.name)
     return {"src": str(src), "out": str(out), "from": source.name, "to": target.name, "rows": len(emb),
             "dim": emb.dim, "dtype": storage_dtype(np.asarray(emb.embeddings[:0])), "labelled": int((emb.labels >= 0).sum()),

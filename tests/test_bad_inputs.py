@@ -283,7 +283,7 @@ def test_the_ids_live_in_tensors_so_the_header_cap_does_not_bound_the_rows(
 def test_a_file_where_a_folder_is_needed_is_a_clear_error(tmp_path: Path) -> None:
     taken = tmp_path / "afile"
     taken.write_text("not a folder")
-    result = runner.invoke(app, ["dataset", "emoji", str(taken), "--limit", "5"])
+    result = runner.invoke(app, ["dataset", "make", "emoji", str(taken), "--param", "limit=5"])
     assert result.exit_code == 1
     assert "a file stands where a folder is needed" in result.stderr and "unexpected" not in result.stderr
     assert taken.read_text() == "not a folder"
@@ -479,11 +479,12 @@ def test_a_checkpoint_with_image_size_0_is_corrupt_metadata(tmp_path: Path) -> N
 
 
 def test_a_closed_stdout_ends_the_command_quietly_with_status_0() -> None:
-    """`bctool methods | head -0`: the reader is gone before the JSON is written."""
+    """`bctool list methods | head -0`: the reader is gone before the JSON is written."""
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "bctool", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "bctool", "list", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader closes the pipe before the command writes
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == b""
@@ -636,7 +637,11 @@ def test_files_of_a_newer_format_version_are_refused_naming_both(tmp_path: Path)
     from safetensors.torch import load_file as load_pt
     from safetensors.torch import save_file as save_pt
 
-    from bctool.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+    from bctool.checkpoint import (
+        load_checkpoint,
+        read_checkpoint_metadata,
+        save_checkpoint,
+    )
     from bctool.data.transforms import Preprocess
     from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
     from bctool.errors import EmbeddingsError, ModelError

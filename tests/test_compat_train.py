@@ -19,16 +19,16 @@ from bctool.data import load_image_set, load_rgb
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import load_embeddings
 from bctool.errors import ConfigError
-from bctool.train import TrainConfig, train
 from bctool.interrupt import Interrupted
+from bctool.train import TrainConfig, train
 from bctool.train import loop as train_loop
 from bctool.train.methods import METHODS
 from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id
 from bctool.train.state import state_path
+from helpers import tiny_train
 
 runner = CliRunner()
-TINY = ["--arch", "small", "--image-size", "32", "--epochs", "2", "--batch-size", "16",
-        "--workers", "0", "--device", "cpu", "-q"]
+TINY = tiny_train()
 
 
 def _invoke(args: list[str]) -> dict:
@@ -95,9 +95,9 @@ def test_methods_command_lists_the_registry() -> None:
     from bctool.train.methods import METHODS
     from bctool.train.recipe import RECOMMENDED_METHOD
 
-    output = _invoke(["methods"])
-    listed = output["methods"]
-    assert [m["name"] for m in listed] == sorted(METHODS) and output["recommended"] == RECOMMENDED_METHOD
+    output = _invoke(["list", "methods"])
+    listed = output["kinds"]["methods"]
+    assert [m["name"] for m in listed] == sorted(METHODS) and output["recommended"] == {"methods": RECOMMENDED_METHOD}
     advbct = next(m for m in listed if m["name"] == "advbct")
     assert advbct["params"] == {"threshold": 1.0} and advbct["description"].startswith("AdvBCT")
     assert all(m["description"] for m in listed)

@@ -120,12 +120,13 @@ def test_bad_split_values_are_refused(tmp_path: Path) -> None:
 
 def test_cli_writes_lists_and_reports_missing_source(tmp_path: Path) -> None:
     write_source(tmp_path / "src", {"train": 4, "test": 3})
-    result = runner.invoke(app, ["dataset", "fashion-mnist", str(tmp_path / "fm"), "--source", str(tmp_path / "src"),
-                                 "--query-per-class", "1"])
+    result = runner.invoke(app, ["dataset", "make", "fashion-mnist", str(tmp_path / "fm"), "--param",
+                                 f"source={tmp_path / 'src'}", "--param", "query_per_class=1"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["images"]["gallery.txt"] == 20 and summary["images"]["new_train.txt"] == 40
-    missing = runner.invoke(app, ["dataset", "fashion-mnist", str(tmp_path / "x"), "--source", str(tmp_path / "none")])
+    missing = runner.invoke(app, ["dataset", "make", "fashion-mnist", str(tmp_path / "x"), "--param",
+                                  f"source={tmp_path / 'none'}"])
     assert missing.exit_code == 1
     assert "apt install dataset-fashion-mnist" in missing.stderr and not missing.stdout
 

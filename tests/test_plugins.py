@@ -104,7 +104,7 @@ def test_every_kind_is_listed_with_its_origin(plugins: Path) -> None:
     for plural, entries in listed["kinds"].items():
         assert BUILTINS[plural] == {e["name"] for e in entries if e["origin"] == "bctool"}, plural
     assert {"bct", "lce", "advbct"} <= {e["name"] for e in listed["kinds"]["methods"] if e["origin"] == "bctool"}
-    assert "plugin_errors" in _ok(["methods"])
+    assert "plugin_errors" in _ok(["list", "methods"])
 
 
 def test_plugins_train_extract_evaluate_and_export(plugins: Path, emoji_dir: Path, tmp_path: Path) -> None:

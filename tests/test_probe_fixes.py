@@ -19,7 +19,13 @@ from typer.testing import CliRunner
 from bctool.adapt import fit_adapter, load_adapter, save_adapter, transform_file
 from bctool.cli import app
 from bctool.data import load_image_set
-from bctool.embeddings import Embeddings, load_embeddings, merge_shards, save_embeddings, shard_set_parts
+from bctool.embeddings import (
+    Embeddings,
+    load_embeddings,
+    merge_shards,
+    save_embeddings,
+    shard_set_parts,
+)
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.registry import PluginError
 from bctool.train import TrainConfig, train
@@ -100,9 +106,9 @@ def test_a_name_two_plugins_register_resolves_to_neither(two_plugins_one_name: P
                                           r"a plugin may not take the name of a built-in method"):
         METHODS.get_obj("bct")
     assert METHODS.get_obj("l2").__name__ == "L2"  # other names are untouched
-    METHODS.reload_plugins()  # as a new process finds them: `bctool methods` names the clash
-    listed = runner.invoke(app, ["methods", "-q"])
-    assert listed.exit_code == 0 and "registered twice" in json.loads(listed.stdout)["plugin_errors"]["twin"]
+    METHODS.reload_plugins()  # as a new process finds them: `bctool list methods` names the clash
+    listed = runner.invoke(app, ["list", "methods", "-q"])
+    assert listed.exit_code == 0 and "registered twice" in json.loads(listed.stdout)["plugin_errors"]["methods"]["twin"]
     result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "m.safetensors"),
                                  "--method", "twin", "--arch", "small", "--image-size", "16", "--epochs", "1",
                                  "--workers", "0", "--device", "cpu", "-q"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 from bctool.adapt.adapter import Adapter
 from bctool.embeddings import (
     Embeddings,
+    find_rows,
     load_embeddings,
     normalize_rows,
     release_rows,
@@ -33,6 +35,7 @@ from bctool.embeddings import (
     write_embeddings,
 )
 from bctool.errors import ConfigError, EmbeddingsError, shown
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +81,22 @@ def adapted_model(source: dict[str, Any], adapter: Adapter, blend: dict[str, Any
     return record
 
 
-def _blend_rows(old: Embeddings, ids: list[str]) -> np.ndarray:
-    row_of = {image_id: i for i, image_id in enumerate(old.ids)}
-    missing = [image_id for image_id in ids if image_id not in row_of]
-    if missing:
+def _blend_rows(old: Embeddings, ids: Sequence[str]) -> np.ndarray:
+    """The row of the --blend file ``old`` holding each of ``ids``; every id must be there."""
+    rows = find_rows(old.ids, ids, "the --blend file")
+    if (rows < 0).any():
+        missing = [ids[int(j)] for j in np.flatnonzero(rows < 0)]
         raise EmbeddingsError(f"{len(missing)} ids of EMB are not in the --blend file ({shown(missing)}); blend with "
                               "the old model's embeddings of the same images")
-    return np.array([row_of[image_id] for image_id in ids], dtype=np.int64)
+    return rows
 
 
 def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str | os.PathLike[str],
                    blend: str | os.PathLike[str] | None = None, blend_weight: float = 0.5,
-                   block_rows: int = BLOCK_ROWS) -> dict[str, Any]:
+                   block_rows: int = BLOCK_ROWS, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Map every row of the embeddings file ``emb_path`` with ``adapter`` into ``out``; return a
-    summary. See the module docstring for ``blend``."""
+    summary. See the module docstring for ``blend``. ``progress`` counts the rows mapped (one
+    task, "transform")."""
     if not 0.0 <= blend_weight <= 1.0:
         raise ConfigError(f"--blend-weight {blend_weight} must lie in [0, 1] (0: the old row, 1: the mapped row)")
     emb = load_embeddings(emb_path, mmap=True)
@@ -114,13 +119,18 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
     with write_embeddings(out, labels=np.asarray(emb.labels), ids=emb.ids, label_names=emb.label_names,
                           dim=adapter.target_dim, model=model, normalized=True, root=emb.root, shard=emb.shard,
                           dtype=storage_dtype(emb.embeddings)) as writer:  # float16 in, float16 out
-        for start in range(0, len(emb), block_rows):
-            mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows], dtype=np.float32))
-            if old is not None:
-                rows = np.asarray(old.embeddings[old_rows[start : start + block_rows]], dtype=np.float32)
-                mapped = slerp(rows, mapped, blend_weight)
-            writer.write(start, mapped)
-            release_rows(emb.embeddings, start, start + block_rows)
+        progress.start("transform", len(emb))
+        try:
+            for start in range(0, len(emb), block_rows):
+                mapped = adapter.apply(np.asarray(emb.embeddings[start : start + block_rows], dtype=np.float32))
+                if old is not None:
+                    rows = np.asarray(old.embeddings[old_rows[start : start + block_rows]], dtype=np.float32)
+                    mapped = slerp(rows, mapped, blend_weight)
+                writer.write(start, mapped)
+                release_rows(emb.embeddings, start, start + block_rows)
+                progress.advance(len(mapped))
+        finally:
+            progress.stop()
     logger.info("mapped %d rows of %s with the %s adapter into %s", len(emb), emb_path, adapter.kind, out)
     return {"out": str(out), "rows": len(emb), "adapter": adapter.describe(), "blend": blend_record,
             "dim": adapter.target_dim}

@@ -19,6 +19,7 @@ from bctool.cli.options import (
     seed_range,
 )
 from bctool.cli.output import (
+    RichProgress,
     emit_json,
     setup_logging,
     stderr,
@@ -88,5 +89,6 @@ def transform(
      .write("--out", out, locked=True).check())
     with output_lock(out):
         result = transform_file(emb, load_adapter(adapter), out, blend=blend,
-                                blend_weight=0.5 if blend_weight is None else blend_weight)
+                                blend_weight=0.5 if blend_weight is None else blend_weight,
+                                progress=RichProgress(not quiet))
     emit_json(result)

@@ -34,7 +34,7 @@ from bctool.files import FilePlan
 @reports_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the dataset, models and embeddings (created in the current folder by default).")] = Path("bctool-demo"),
-    method: Annotated[Optional[str], typer.Option(callback=method_choice, help="Compatibility method of the new model (default: the recommended one, as `bctool methods` names it; any method of `bctool train --method`).", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option(callback=method_choice, help="Compatibility method of the new model (default: the recommended one, as `bctool list methods` names it; any method of `bctool train --method`).", show_default=False)] = None,
     warm_start: Annotated[bool, typer.Option(help="Start the new model from the old one (--init-from) at learning rate 0.03, as the recommended recipe does; --no-warm-start trains it from scratch at 0.1.")] = True,
     published: Annotated[str, typer.Option(help="Also train this method in the AdvBCT authors' regime (--regime paper, from scratch: no ImageNet weights here) for comparison; none to skip.")] = "advbct",
     bootstrap: Annotated[int, typer.Option(callback=at_least(0), help="Resamples of the 95% bootstrap interval of M(n,o) - M(o,o) (0: no interval).")] = 1000,

@@ -106,7 +106,7 @@ def extract(
         from bctool.adapt import transform_file
 
         with output_lock(out):
-            summary["adapter"] = transform_file(raw, mapping, out)["adapter"]
+            summary["adapter"] = transform_file(raw, mapping, out, progress=RichProgress(not quiet))["adapter"]
         summary["unadapted"], summary["out"] = str(raw), str(out)
     emit_json(summary)
 
@@ -197,7 +197,8 @@ def convert(
         plan.write("--out's ids file", beside(out, "ids")).write("--out's labels file", beside(out, "labels"))
     plan.check()
     with output_lock(out):
-        emit_json(run_convert(src, out, str(ids) if ids else None, str(labels) if labels else None))
+        emit_json(run_convert(src, out, str(ids) if ids else None, str(labels) if labels else None,
+                              progress=RichProgress(not quiet)))
 
 
 @app.command()
@@ -212,5 +213,5 @@ def merge(
 
     FilePlan("merge").read("PARTS", list(parts)).write("--out", out, locked=True).check()
     with output_lock(out):
-        result = merge_shards(list(parts), out)
+        result = merge_shards(list(parts), out, progress=RichProgress(not quiet))
     emit_json(result)

@@ -12,6 +12,7 @@ import typer
 from bctool.cli.app import app, backfill_app
 from bctool.cli.errors import reports_errors
 from bctool.cli.options import (
+    QuietAccepted,
     PanelCommand,
     Quiet,
     at_least,
@@ -251,7 +252,8 @@ def backfill_plan(
     new_sample: Annotated[Optional[Path], typer.Option(help="The new model's embeddings of a sample of the gallery's images (same ids).")] = None,
     batch: Annotated[int, typer.Option(callback=at_least(0), help="Ids a batch (0: one batch), so a backfill runs, stops and resumes batch by batch.")] = 0,
     seed: Annotated[int, typer.Option(callback=seed_range, help="Seed of the random policy.")] = 0,
-    quiet: Quiet = False,
+    # Instant, it draws nothing on stderr: -q is accepted (scripts pass it everywhere), hidden from the help.
+    quiet: QuietAccepted = False,
 ) -> None:
     """Write the order in which to re-embed a gallery with the new model (JSON summary);
     `bctool evaluate --backfill ... --order PLAN` measures its curve."""

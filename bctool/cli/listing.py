@@ -1,42 +1,53 @@
-"""`bctool methods` and `bctool list`: what can be chosen by name."""
+"""`bctool list`: what can be chosen by name (and `bctool methods`, its deprecated spelling for
+the methods)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import logging
+from typing import Annotated, Any, Optional
 
 import typer
 
 from bctool.cli.app import app
 from bctool.cli.errors import reports_errors
-from bctool.cli.options import (
-    Quiet,
-    one_of,
-)
+from bctool.cli.options import QuietAccepted, one_of
 from bctool.cli.output import (
     emit_json,
+    setup_logging,
 )
 
+# A command with nothing to draw still takes -q (scripts pass it everywhere), hidden from its help.
 
-@app.command()
-@reports_errors
-def methods(quiet: Quiet = False) -> None:
-    """List the compatibility methods: name, what it does, its parameters and defaults, and the
-    recommended one (JSON)."""
-    from bctool.train.methods import METHODS, describe_methods
+
+def _listing(kinds: list[str] | None) -> dict[str, Any]:
+    """The JSON of `bctool list`: every entry of ``kinds`` (default: all), and, when the methods
+    are listed, the recommended one under ``recommended``."""
+    from bctool.registry import describe_kinds
     from bctool.train.recipe import RECOMMENDED_METHOD
 
-    failed = {"plugin_errors": dict(METHODS.failures)} if METHODS.failures else {}
-    emit_json({"methods": describe_methods(), "recommended": RECOMMENDED_METHOD, **failed})
+    listed = describe_kinds(kinds)
+    if "methods" in listed["kinds"]:
+        listed["recommended"] = {"methods": RECOMMENDED_METHOD}
+    return listed
+
+
+@app.command("methods", hidden=True)
+@reports_errors
+def methods(quiet: QuietAccepted = False) -> None:
+    """Deprecated: use `bctool list methods`, which prints the same JSON."""
+    setup_logging(False)
+    logging.getLogger(__name__).warning("`bctool methods` is deprecated and goes in a later release: "
+                                        "use `bctool list methods`")
+    emit_json(_listing(["methods"]))
 
 
 @app.command("list")
 @reports_errors
 def list_registered(
     kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, heads, regimes, schedules, views, index-kinds, export-formats, datasets, adapters, backfill-policies); default: every kind.", show_default=False)] = None,
-    quiet: Quiet = False,
+    quiet: QuietAccepted = False,
 ) -> None:
     """List what can be chosen by name, built in or added by installed plugins: each entry's name,
-    description, parameters, declarations and origin, and any plugin that failed to load (JSON)."""
-    from bctool.registry import describe_kinds
-
-    emit_json(describe_kinds([kind] if kind else None))
+    description, parameters, declarations and origin, any plugin that failed to load, and the
+    recommended method (JSON)."""
+    emit_json(_listing([kind] if kind else None))

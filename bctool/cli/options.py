@@ -39,6 +39,8 @@ def seed_range(value: int | None) -> int | None:
 
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Run", help="No progress bars or tables on stderr.")]
+# Commands with nothing to quiet still take -q (scripts pass it everywhere), hidden from their help.
+QuietAccepted = Annotated[bool, typer.Option("--quiet", "-q", hidden=True, help="Accepted and ignored: this command draws nothing on stderr.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel="Run", help="Log what happens to stderr: files read and written, steps taken.")]
 TrainVerbose = Annotated[bool, typer.Option("--verbose", "-v", rich_help_panel="Run", help="Log what happens to stderr: files read and written, and each epoch's loss parts.")]
 Device = Annotated[
@@ -83,7 +85,7 @@ def method_choice(value: str | None) -> str | None:
     from bctool.train.methods import METHODS
 
     if value not in METHODS and value not in METHODS.failures:  # a failed plugin's own error comes later
-        raise typer.BadParameter(f"{value!r} is unknown; choose one of {sorted(METHODS)} (`bctool methods` describes them)")
+        raise typer.BadParameter(f"{value!r} is unknown; choose one of {sorted(METHODS)} (`bctool list methods` describes them)")
     return value
 
 

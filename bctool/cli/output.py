@@ -28,7 +28,7 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 def emit_json(obj: Any) -> None:
     """Write one JSON document to stdout (the only thing commands print there). A reader that
-    closed the pipe (``bctool methods | head -0``) ends the command quietly with status 0, as
+    closed the pipe (``bctool list methods | head -0``) ends the command quietly with status 0, as
     standard tools do: the work is done, only the reader is gone."""
     try:
         sys.stdout.write(json.dumps(obj, indent=2) + "\n")

@@ -11,6 +11,7 @@ import typer
 from bctool.cli.app import app
 from bctool.cli.errors import reports_errors
 from bctool.cli.options import (
+    QuietAccepted,
     Device,
     PanelCommand,
     Quiet,
@@ -63,8 +64,8 @@ def train(
     old_embeddings: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
     old_model: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Old checkpoint run on every training batch, on the very views the new model sees, instead of --old-embeddings.")] = None,
     old_views: Annotated[Optional[list[Path]], typer.Option("--old-views", rich_help_panel="Old side (compatible training)", help="With --old-embeddings: old embeddings of a stored augmented view of every training image (`bctool extract --view crop --view-index K`), repeatable, one file per view. Each sample is then the clean image or one of these views, drawn uniformly, and is trained against the old embedding of that very view.", show_default=False)] = None,
-    method: Annotated[Optional[str], typer.Option(callback=method_choice, rich_help_panel="Old side (compatible training)", help="Compatibility method (`bctool methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
-    param: Annotated[Optional[list[str]], typer.Option("--param", rich_help_panel="Old side (compatible training)", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool methods` lists them with their defaults.")] = None,
+    method: Annotated[Optional[str], typer.Option(callback=method_choice, rich_help_panel="Old side (compatible training)", help="Compatibility method (`bctool list methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", rich_help_panel="Old side (compatible training)", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool list methods` lists them with their defaults.")] = None,
     old_classes: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Text file of the class names the old model was trained on, one per line (default: from the old checkpoint's metadata, else every label of the old file).")] = None,
     boundary_threshold: Annotated[Optional[float], typer.Option(hidden=True, rich_help_panel="Old side (compatible training)", help="Deprecated: --param threshold=T.", show_default=False)] = None,
     compat_weight: Annotated[float, typer.Option(callback=at_least(0.0), rich_help_panel="Old side (compatible training)", help="Multiplier of the compatibility loss parts (1.0: each method's terms at their published weights).")] = 1.0,
@@ -209,7 +210,8 @@ def _method_params(pairs: list[str] | None, threshold: float | None) -> dict[str
 def plot(
     log_dir: Annotated[Path, typer.Argument(metavar="LOG_DIR", help="The folder given to `bctool train --log-dir`.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", parser=output_file, help="Plot to write, PNG, SVG or PDF by its suffix (default: LOG_DIR/training.png).")] = None,
-    quiet: Quiet = False,
+    # Instant, it draws nothing on stderr: -q is accepted (scripts pass it everywhere), hidden from the help.
+    quiet: QuietAccepted = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
     from bctool.plotting import plot_format

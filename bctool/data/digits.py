@@ -23,6 +23,7 @@ from PIL import Image
 
 from bctool.errors import DataError
 from bctool.io import atomic_write_text
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def load_digits(source: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]
 
 
 def write_digits_dataset(out_dir: str | os.PathLike[str], split: DigitsSplit = DigitsSplit(),
-                         source: str | os.PathLike[str] | None = None) -> dict:
+                         source: str | os.PathLike[str] | None = None, progress: Progress = NULL_PROGRESS) -> dict:
     """Write ``OUT/images/NNNN.png`` and ``old_train.txt``, ``new_train.txt``, ``query.txt``,
-    ``gallery.txt``; return a summary."""
+    ``gallery.txt``; return a summary. ``progress`` counts the images (one task, "write images")."""
     if not 0 < split.test_fraction < 1 or not 0 < split.old_fraction <= 1:
         raise DataError(f"test_fraction {split.test_fraction} must lie in (0, 1) and old_fraction "
                         f"{split.old_fraction} in (0, 1]")
@@ -75,10 +76,15 @@ def write_digits_dataset(out_dir: str | os.PathLike[str], split: DigitsSplit = D
     images, labels = load_digits(source)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        target = out / "images" / f"{i:04d}.png"
-        if not target.exists():
-            Image.fromarray(image, "L").save(target)
+    progress.start("write images", len(images))
+    try:
+        for i, image in enumerate(images):
+            target = out / "images" / f"{i:04d}.png"
+            if not target.exists():
+                Image.fromarray(image, "L").save(target)
+            progress.advance()
+    finally:
+        progress.stop()
     rng = random.Random(split.seed)
     parts: dict[str, list[int]] = {"old_train.txt": [], "new_train.txt": [], "query.txt": [], "gallery.txt": []}
     for digit in range(10):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from bctool.errors import DataError
 from bctool.io import atomic_path, atomic_write_text
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,11 @@ def _same_pixels(path: Path, tile: Image.Image) -> bool:
         return False
 
 
-def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -> dict:
+def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit(),
+                        progress: Progress = NULL_PROGRESS) -> dict:
     """Write PNGs under ``OUT/images/VENDOR/`` and list files ``old_train.txt``,
-    ``new_train.txt``, ``query.txt``, ``gallery.txt``; return a summary dict."""
+    ``new_train.txt``, ``query.txt``, ``gallery.txt``; return a summary dict. ``progress``
+    counts the images (one task, "write images")."""
     out = Path(out_dir)
     index = load_index()
     entries = index["emoji"][: split.limit] if split.limit else index["emoji"]
@@ -98,22 +101,27 @@ def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit()) -
     if split.query_vendor == split.gallery_vendor:
         raise DataError("query and gallery vendors must differ (google and twitter)")
     names = [class_name(e) for e in entries]
-    for vendor in index["vendors"]:
-        sheet = load_sheet(vendor)
-        folder = out / "images" / vendor
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, name in enumerate(names):
-            x, y = (i % columns) * size, (i // columns) * size
-            target = folder / f"{name}.png"
-            tile = sheet.crop((x, y, x + size, y + size))
-            if not target.exists():
-                with atomic_path(target) as tmp:  # a killed run leaves no torn PNG
-                    tile.save(tmp, format="PNG")
-            elif not _same_pixels(target, tile):
-                raise DataError(
-                    f"{str(target)!r} is already there and is not the {vendor} {name} emoji bctool ships; it would be "
-                    f"listed as that emoji. Write the dataset into an empty folder, or remove {str(folder)!r} first"
-                )
+    progress.start("write images", len(index["vendors"]) * len(names))
+    try:
+        for vendor in index["vendors"]:
+            sheet = load_sheet(vendor)
+            folder = out / "images" / vendor
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, name in enumerate(names):
+                x, y = (i % columns) * size, (i // columns) * size
+                target = folder / f"{name}.png"
+                tile = sheet.crop((x, y, x + size, y + size))
+                if not target.exists():
+                    with atomic_path(target) as tmp:  # a killed run leaves no torn PNG
+                        tile.save(tmp, format="PNG")
+                elif not _same_pixels(target, tile):
+                    raise DataError(
+                        f"{str(target)!r} is already there and is not the {vendor} {name} emoji bctool ships; it would "
+                        f"be listed as that emoji. Write the dataset into an empty folder, or remove {str(folder)!r} first"
+                    )
+                progress.advance()
+    finally:
+        progress.stop()
     parts = split_classes(names, split)
 
     def lines(classes: list[str], vendors: list[str]) -> str:

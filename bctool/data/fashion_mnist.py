@@ -23,6 +23,7 @@ from PIL import Image
 
 from bctool.errors import DataError
 from bctool.io import atomic_write_text
+from bctool.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +95,19 @@ def load_fashion_mnist(source: str | os.PathLike[str] = DEFAULT_SOURCE) -> dict[
     return out
 
 
-def _write_images(folder: Path, images: np.ndarray) -> None:
+def _write_images(folder: Path, images: np.ndarray, progress: Progress) -> None:
     """All images as ``folder/NNNNN.png``, written into a temporary folder renamed at the end,
-    so an interrupted run leaves no partial folder (and no fsync per file is needed)."""
+    so an interrupted run leaves no partial folder (and no fsync per file is needed); each
+    image (or a folder already whole) is counted on ``progress``."""
     if folder.is_dir() and sum(1 for _ in folder.glob("*.png")) == len(images):
+        progress.advance(len(images))
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for i, image in enumerate(images):
             Image.fromarray(image).save(tmp / f"{i:05d}.png", format="PNG")
+            progress.advance()
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -128,9 +132,11 @@ def split_indices(labels: np.ndarray, per_class: int | None, rng: random.Random,
 
 
 def write_fashion_mnist_dataset(out_dir: str | os.PathLike[str], split: FashionSplit = FashionSplit(),
-                                source: str | os.PathLike[str] = DEFAULT_SOURCE) -> dict:
+                                source: str | os.PathLike[str] = DEFAULT_SOURCE,
+                                progress: Progress = NULL_PROGRESS) -> dict:
     """Write ``OUT/images/{train,test}/NNNNN.png`` and the lists ``old_train.txt`` (extended-data:
-    ``old_fraction`` of every class), ``new_train.txt``, ``query.txt`` and ``gallery.txt``."""
+    ``old_fraction`` of every class), ``new_train.txt``, ``query.txt`` and ``gallery.txt``.
+    ``progress`` counts the images (one task, "write images")."""
     if not 0 < split.old_fraction <= 1:
         raise DataError(f"old_fraction {split.old_fraction} must lie in (0, 1]")
     if split.train_per_class is not None and split.train_per_class < 2:
@@ -139,8 +145,12 @@ def write_fashion_mnist_dataset(out_dir: str | os.PathLike[str], split: FashionS
         raise DataError(f"query_per_class {split.query_per_class} must be at least 1")
     out = Path(out_dir)
     data = load_fashion_mnist(source)
-    for part, (images, _) in data.items():
-        _write_images(out / "images" / part, images)
+    progress.start("write images", sum(len(images) for images, _ in data.values()))
+    try:
+        for part, (images, _) in data.items():
+            _write_images(out / "images" / part, images, progress)
+    finally:
+        progress.stop()
     rng = random.Random(split.seed)
     old, kept = split_indices(data["train"][1], split.train_per_class, rng, fraction=split.old_fraction)
     new = sorted(old + kept)

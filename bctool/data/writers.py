@@ -1,16 +1,17 @@
 """Dataset writers by name: each writes images and list files into a folder.
 
 A writer is ``write(out_dir, params) -> summary``, its ``params`` argument annotated with a
-frozen dataclass of its parameters; the
-built-ins are the embedded emoji set and Fashion-MNIST (``bctool dataset emoji`` and ``bctool
-dataset fashion-mnist``, typed commands of their own), and the entry-point group
-``bctool.datasets`` adds others, which ``bctool dataset make NAME OUT_DIR --param KEY=VALUE``
-writes (:mod:`bctool.registry`).
+frozen dataclass of its parameters; a writer that also takes a ``progress`` keyword is given a
+:class:`~bctool.progress.Progress` to count the images it writes. The built-ins are the embedded
+emoji set, Fashion-MNIST and scikit-learn's digits, and the entry-point group ``bctool.datasets``
+adds others; ``bctool dataset make NAME OUT_DIR --param KEY=VALUE`` writes any of them
+(:mod:`bctool.registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from bctool.data.digits import DigitsSplit, write_digits_dataset
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.errors import DataError
+from bctool.progress import NULL_PROGRESS, Progress
 from bctool.registry import Registry, resolve_params
 
 DatasetWriter = Callable[[Path, Any], dict]
@@ -53,17 +55,17 @@ class FashionParams(FashionSplit):
 
 
 @DATASETS.register("emoji", params=EmojiSplit)
-def write_emoji(out_dir: Path, params: EmojiSplit) -> dict:
+def write_emoji(out_dir: Path, params: EmojiSplit, progress: Progress = NULL_PROGRESS) -> dict:
     """The embedded emoji set (Google and Twitter renderings) with extended-class lists."""
-    return write_emoji_dataset(out_dir, params)
+    return write_emoji_dataset(out_dir, params, progress)
 
 
 @DATASETS.register("fashion-mnist", params=FashionParams)
-def write_fashion(out_dir: Path, params: FashionParams) -> dict:
+def write_fashion(out_dir: Path, params: FashionParams, progress: Progress = NULL_PROGRESS) -> dict:
     """Fashion-MNIST as PNGs with extended-data lists (Debian's dataset-fashion-mnist)."""
     split = FashionSplit(seed=params.seed, train_per_class=params.train_per_class, old_fraction=params.old_fraction,
                          query_per_class=params.query_per_class)
-    return write_fashion_mnist_dataset(out_dir, split, params.source)
+    return write_fashion_mnist_dataset(out_dir, split, params.source, progress)
 
 
 @dataclass(frozen=True)
@@ -74,14 +76,28 @@ class DigitsParams(DigitsSplit):
 
 
 @DATASETS.register("digits", params=DigitsParams)
-def write_digits(out_dir: Path, params: DigitsParams) -> dict:
+def write_digits(out_dir: Path, params: DigitsParams, progress: Progress = NULL_PROGRESS) -> dict:
     """scikit-learn's handwritten digits (8x8, 10 classes) with extended-data lists (pip install scikit-learn)."""
     split = DigitsSplit(seed=params.seed, test_fraction=params.test_fraction, query_per_class=params.query_per_class,
                         old_fraction=params.old_fraction)
-    return write_digits_dataset(out_dir, split, params.source or None)
+    return write_digits_dataset(out_dir, split, params.source or None, progress)
 
 
-def write_dataset(name: str, out_dir: str | os.PathLike[str], params: Mapping[str, Any] | None = None) -> dict:
-    """Write the dataset registered as ``name`` into ``out_dir`` with ``params`` over its defaults."""
+def _takes_progress(write: Callable) -> bool:
+    """Whether a writer accepts a ``progress`` keyword (a plugin's need not)."""
+    try:
+        parameters = inspect.signature(write).parameters
+    except (TypeError, ValueError):  # a callable without a signature takes none
+        return False
+    return "progress" in parameters
+
+
+def write_dataset(name: str, out_dir: str | os.PathLike[str], params: Mapping[str, Any] | None = None,
+                  progress: Progress = NULL_PROGRESS) -> dict:
+    """Write the dataset registered as ``name`` into ``out_dir`` with ``params`` over its defaults;
+    a writer that takes ``progress`` counts its images there."""
     entry = DATASETS.entry(name)
-    return entry.obj(Path(out_dir), resolve_params("dataset", name, entry.params, params))
+    resolved = resolve_params("dataset", name, entry.params, params)
+    if _takes_progress(entry.obj):
+        return entry.obj(Path(out_dir), resolved, progress=progress)
+    return entry.obj(Path(out_dir), resolved)
