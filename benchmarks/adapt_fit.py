@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from _common import in_fresh_process, peak_rss_mib  # this folder is on sys.path when run
+from _common import (  # this folder is on sys.path when run
+    in_fresh_process,
+    peak_rss_mib,
+)
 
 
 def _pairs(n: int, dim: int, seed: int = 0):  # noqa: ANN202 - (Embeddings, Embeddings)

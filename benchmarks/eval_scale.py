@@ -31,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import in_fresh_process, peak_rss_mib
-
 import numpy as np
+from _common import in_fresh_process, peak_rss_mib
 
 from bctool.embeddings import Embeddings, save_embeddings, write_embeddings
 

@@ -34,10 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import in_fresh_process, peak_rss_mib
-
 import torch
-
+from _common import in_fresh_process, peak_rss_mib
 
 
 def _current_rss_mib() -> float:

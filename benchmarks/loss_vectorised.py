@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from bctool.models import ModelConfig, create_model
 from bctool.train.compat import compute_old_stats
-from bctool.train.methods import MethodContext, create_method
 from bctool.train.compat.stats import OldStats
+from bctool.train.methods import MethodContext, create_method
 
 
 def make_old_embeddings(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 from bctool.adapt import fit_adapter, load_adapter, save_adapter, slerp, transform_file
 from bctool.adapt.transform import check_source
 from bctool.cli import app
-from bctool.embeddings import Embeddings, load_embeddings, normalize_rows, save_embeddings
+from bctool.embeddings import (
+    Embeddings,
+    load_embeddings,
+    normalize_rows,
+    save_embeddings,
+)
 from bctool.errors import EmbeddingsError
 
 runner = CliRunner()
@@ -147,6 +152,7 @@ def test_slerp_keeps_unit_length_and_interpolates_the_angle() -> None:
     np.testing.assert_allclose(slerp(a, a, 0.3), a, atol=1e-6)  # parallel rows: no division by zero
 
 
+@pytest.mark.slow
 def test_cli_adapt_transform_extract_and_export_with_an_adapter(emoji_dir: Path, tmp_path: Path) -> None:
     """A tiny model's embeddings mapped into a second model's space; the ONNX export with the
     adapter matches `extract --adapter` within 1e-4; an adapter of another model is refused."""

@@ -65,7 +65,8 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 def test_checkpoint_with_tampered_weights_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, _model(), Preprocess(32), ["a", "b", "c"])
-    from safetensors.torch import load_file, save_file as save_pt
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_pt
 
     state = load_file(str(path))
     meta = read_checkpoint_metadata(path)

@@ -14,9 +14,10 @@ from bctool.checkpoint import load_checkpoint
 from bctool.cli import app
 from bctool.errors import ModelError
 from bctool.models import BACKBONES, ModelConfig, create_model, register_backbone
+from helpers import tiny_train
 
 runner = CliRunner()
-TINY = ["--image-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu", "-q"]
+TINY = tiny_train(epochs=1, arch=None)
 # A user's backbone, written as a module file: pooled features and their width, num_features.
 USER_MODULE = '''
 from torch import nn

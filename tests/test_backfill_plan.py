@@ -14,7 +14,13 @@ from bctool.backfill import POLICIES, plan_order, read_plan
 from bctool.cli import app
 from bctool.embeddings import Embeddings, save_embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate.backfill import _calibrated, backfill_curve, calibrated_query, fit_calibration, order_rows
+from bctool.evaluate.backfill import (
+    _calibrated,
+    backfill_curve,
+    calibrated_query,
+    fit_calibration,
+    order_rows,
+)
 from bctool.evaluate.retrieval import evaluate_retrieval
 
 runner = CliRunner()

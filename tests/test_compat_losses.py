@@ -17,8 +17,8 @@ from torch import nn
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig, create_model
 from bctool.train.compat import OldStats, compute_old_stats, grad_reverse, grl_alpha
-from bctool.train.methods import METHODS, MethodContext, create_method, resolve_params
 from bctool.train.compat import stats as stats_module
+from bctool.train.methods import METHODS, MethodContext, create_method, resolve_params
 
 C, D = 6, 8
 EPS = 1e-6  # the acos clamp of the implementation

@@ -12,14 +12,22 @@ from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate import scores as score_functions
 from bctool.evaluate.backfill import backfill_curve, partial_backfill
+from bctool.evaluate.metrics import QueryAP
 from bctool.evaluate.plots import plot_backfill
+from bctool.evaluate.protocols import Protocol, Table, make_protocol
 from bctool.evaluate.reports import (
     BackfillOptions,
     CompatibilityOptions,
+    backfill_report,
+    backfill_table,
     chain_matrix,
+    chain_report,
+    chain_table,
     compatibility_report,
+    compatibility_table,
     delta_interval,
 )
+from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
 from bctool.evaluate.scores import (
     bootstrap_interval,
     bootstrap_means,
@@ -29,10 +37,6 @@ from bctool.evaluate.scores import (
     paper_scores,
     update_gain,
 )
-from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.protocols import Protocol, Table, make_protocol
-from bctool.evaluate.reports import backfill_report, backfill_table, chain_report, chain_table, compatibility_table
-from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
 
 LABEL_NAMES = ["a", "b", "c", "d"]
 

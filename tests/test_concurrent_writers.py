@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_train
 from typer.testing import CliRunner
 
 from bctool.cli import app
 from bctool.io import lock_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TRAIN = ["--arch", "small", "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-         "--device", "cpu", "-q"]
+TRAIN = tiny_train(epochs=1, image_size=16, batch_size=8)
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -61,6 +61,7 @@ def model(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["extract", "train"])
 def test_a_second_writer_is_refused_and_the_first_file_is_intact(command: str, emoji_dir: Path, model: Path,
                                                                  tmp_path: Path) -> None:

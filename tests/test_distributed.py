@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from bctool.checkpoint import file_sha256, load_checkpoint
 from bctool.data import load_image_set
+from bctool.embeddings import save_embeddings
 from bctool.errors import ConfigError
 from bctool.extract import extract
-from bctool.checkpoint import file_sha256, load_checkpoint
-from bctool.embeddings import save_embeddings
 from bctool.train import TrainConfig, train
 from bctool.train.distributed import Rank, ShardedShuffle, per_rank_batch
 
@@ -89,6 +89,7 @@ def _train_cli(launcher: list[str], args: list[str]) -> subprocess.CompletedProc
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_one_process_loss_trajectory(
     emoji_dir: Path, old_embeddings: Path, tmp_path: Path
 ) -> None:
@@ -120,6 +121,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(
     assert not (tmp_path / "two.state.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_without_sync_bn_train_and_write_once(
     emoji_dir: Path, old_embeddings: Path, tmp_path: Path
 ) -> None:
@@ -148,9 +150,9 @@ def _collectives_worker(rank: int, world: int, init_file: str) -> None:
 
     from bctool.models import ModelConfig, create_model
     from bctool.train.compat import compute_old_stats
+    from bctool.train.distributed import GlobalBatchNorm, sync_batchnorm
     from bctool.train.methods import MethodContext, create_method
     from bctool.train.methods.parts import masked_mean as _masked_mean
-    from bctool.train.distributed import GlobalBatchNorm, sync_batchnorm
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -219,5 +221,6 @@ def _collectives_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batchnorm_hotrefresh_and_masked_means_equal_the_whole_batch(tmp_path: Path) -> None:
     torch.multiprocessing.spawn(_collectives_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)

@@ -41,6 +41,7 @@ def _onnx_embed(path: Path, images: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(("arch", "fmt"), [("small", "onnx"), ("resnet18", "onnx"), ("small", "torchscript"),
                                            ("resnet18", "torchscript")])
+@pytest.mark.slow
 def test_export_matches_extract_on_real_images(arch: str, fmt: str, emoji_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime") if fmt == "onnx" else None
     model = _checkpoint(tmp_path, arch, 32)
@@ -85,9 +86,9 @@ def test_normalisation_inside_takes_rgb_in_unit_range(tmp_path: Path) -> None:
 
 
 def test_a_mismatch_refuses_the_export_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bctool import export
-
     from dataclasses import replace
+
+    from bctool import export
 
     checkpoint = load_checkpoint(_checkpoint(tmp_path, "small", 32))
     saved = export.FORMATS.snapshot()

@@ -15,18 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from bctool.checkpoint import save_checkpoint
 from bctool.cli import app
-from bctool.data.transforms import Preprocess
 from bctool.files import FilePlan, watch_plans
-from bctool.models import ModelConfig, create_model
+from helpers import tiny_checkpoint, tiny_train
 
 runner = CliRunner()
-TINY = ["--arch", "small", "--image-size", "32", "--embedding-dim", "8", "--epochs", "1", "--batch-size", "16",
-        "--workers", "0", "-q"]
+TINY = tiny_train(epochs=1, embedding_dim=8)
 
 
 def _ok(args: list[str]) -> None:
@@ -39,14 +35,8 @@ def world(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """An old checkpoint, its embeddings, a two-part shard set (folder and manifest) of the
     queries, the new model's queries and an adapter between the two spaces."""
     work = tmp_path_factory.mktemp("plan")
-    torch.manual_seed(0)
-    old = work / "old.safetensors"
-    save_checkpoint(old, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3)).eval(),
-                    Preprocess(image_size=32), ["a", "b", "c"])
-    new = work / "new.safetensors"
-    torch.manual_seed(1)
-    save_checkpoint(new, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3)).eval(),
-                    Preprocess(image_size=32), ["a", "b", "c"])
+    old = tiny_checkpoint(work / "old.safetensors", seed=0)
+    new = tiny_checkpoint(work / "new.safetensors", seed=1)
     files = {"old": old, "new": new, "old_emb": work / "old_emb.safetensors", "parts": work / "parts",
              "new_q": work / "new_q.safetensors", "new_g": work / "new_g.safetensors", "adapter": work / "A.safetensors", "manifest": work / "m.txt"}
     quiet = ["--workers", "0", "-q"]

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from bctool.cli import app
 from bctool.embeddings import Embeddings, save_embeddings
+from bctool.errors import ConfigError
 from bctool.evaluate.gate import check_requirements, parse_requirement
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
-from bctool.errors import ConfigError
 
 runner = CliRunner()
 

@@ -17,6 +17,8 @@ from bctool.evaluate import (
 from bctool.evaluate.inputs import check_same_dim
 from bctool.evaluate.search import build_index, iter_index_rankings
 
+from helpers import ref_ap
+
 # ---------------------------------------------------------------- slow references
 
 
@@ -25,28 +27,6 @@ def ref_ranking(q: np.ndarray, gallery: np.ndarray, skip: int = -1) -> list[int]
     scores = [float(np.dot(q.astype(np.float64), g.astype(np.float64))) for g in gallery]
     order = sorted(range(len(gallery)), key=lambda j: (-scores[j], j))
     return [j for j in order if j != skip]
-
-
-def ref_ap(rel: list[bool], n_pos: int) -> float:
-    if n_pos == 0:
-        return float("nan")
-    hits, total = 0, 0.0
-    for r, is_rel in enumerate(rel):
-        if is_rel:
-            hits += 1
-            total += hits / (r + 1)
-    return total / n_pos
-
-
-def ref_ap_at_k(rel: list[bool], n_pos: int, k: int) -> float:
-    if n_pos == 0:
-        return float("nan")
-    hits, total = 0, 0.0
-    for i in range(min(k, len(rel))):
-        if rel[i]:
-            hits += 1
-            total += hits / (i + 1)
-    return total / min(n_pos, k)
 
 
 def ref_recall(rel: list[bool], k: int) -> float:
@@ -68,7 +48,7 @@ def ref_evaluate(query: Embeddings, gallery: Embeddings, top_k: int | None, ks: 
         rel = [g_names[j] == name for j in ref_ranking(qn[qi], gn, skip)]
         depth = len(rel) if top_k is None else top_k
         per_metric["map"].append(ref_ap(rel[:depth], n_pos))
-        per_metric["map@100"].append(ref_ap_at_k(rel, n_pos, 100))
+        per_metric["map@100"].append(ref_ap(rel, n_pos, 100))
         for k in ks:
             per_metric[f"recall@{k}"].append(ref_recall(rel, k))
     out: dict = {key: sum(v) / len(v) for key, v in per_metric.items()}
@@ -133,7 +113,7 @@ def test_metric_functions_match_reference(seed: int) -> None:
         row = rel[i].tolist()
         np.testing.assert_allclose(ap[i], ref_ap(row, int(n_pos[i])), equal_nan=True)
         for k, values in ap_k.items():
-            np.testing.assert_allclose(values[i], ref_ap_at_k(row, int(n_pos[i]), k), equal_nan=True)
+            np.testing.assert_allclose(values[i], ref_ap(row, int(n_pos[i]), k), equal_nan=True)
         for k, values in recalls.items():
             assert values[i] == ref_recall(row, k)
 

@@ -9,13 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from bctool.checkpoint import save_checkpoint
 from bctool.cli import app
-from bctool.data.transforms import Preprocess
-from bctool.models import ModelConfig, create_model
+from helpers import tiny_checkpoint, tiny_train
 
 runner = CliRunner()
 
@@ -24,10 +21,7 @@ runner = CliRunner()
 def files(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every kind of input a command reads: list files, a checkpoint, embeddings, a log folder."""
     work = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    model = work / "model.safetensors"
-    save_checkpoint(model, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=3)).eval(),
-                    Preprocess(image_size=32), ["a", "b", "c"])
+    model = tiny_checkpoint(work / "model.safetensors")
     emb = work / "emb.safetensors"
     result = runner.invoke(app, ["extract", str(emoji_dir / "new_train.txt"), "-m", str(model), "-o", str(emb),
                                  "--workers", "0", "-q"])
@@ -50,7 +44,7 @@ def files(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             "train_list": Path(lists["new_train"]), "query_list": Path(lists["query"])}
 
 
-TRAIN = ["--arch", "small", "--image-size", "32", "--embedding-dim", "8", "--epochs", "1", "--workers", "0", "-q"]
+TRAIN = tiny_train(epochs=1, embedding_dim=8)
 CASES = {  # name: (command before the output option, which input the output is, flag)
     "train DATA": (lambda f: ["train", str(f["train_list"]), *TRAIN], "train_list", "--out"),
     "train --old-embeddings": (lambda f: ["train", str(f["train_list"]), "--old-embeddings", str(f["emb"]), *TRAIN], "emb", "--out"),

@@ -21,9 +21,9 @@ from bctool.extract import extract
 from bctool.train import TrainConfig, train
 from bctool.train.compat import compute_old_stats
 from bctool.train.consistency import consistency_floor, discriminator_accuracy
+from bctool.train.log import read_records
 from bctool.train.loop import lr_at
 from bctool.train.regime import REGIMES, regime, step_milestones
-from bctool.train.log import read_records
 
 
 def _config(**options: object) -> TrainConfig:

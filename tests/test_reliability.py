@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from helpers import tiny_train
 from safetensors.torch import load_file
 
 from bctool.train.state import state_path
 
-TRAIN = ["--arch", "small", "--image-size", "32", "--epochs", "6", "--batch-size", "8", "--workers", "0",
-         "--device", "cpu", "--augment", "none", "-q"]
+TRAIN = tiny_train(epochs=6, batch_size=8, augment="none")
 
 
 def _bctool(*args: str) -> subprocess.Popen:
@@ -50,6 +51,7 @@ def _same_weights(a: Path, b: Path) -> None:
         assert torch.equal(x[key], y[key]), key
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_the_same_model(emoji_dir: Path, tmp_path: Path) -> None:
     data = str(emoji_dir / "new_train.txt")
     straight = tmp_path / "straight.safetensors"
@@ -71,6 +73,7 @@ def test_sigkill_then_resume_reaches_the_same_model(emoji_dir: Path, tmp_path: P
     _same_weights(straight, out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(emoji_dir: Path, tmp_path: Path) -> None:
     data = str(emoji_dir / "new_train.txt")
     out = tmp_path / "m.safetensors"
@@ -136,6 +139,7 @@ def test_training_leaves_unreadable_images_out_or_stops_with_strict(emoji_dir: P
     assert result.stderr.startswith("Error: image ") and ("cannot be decoded" in result.stderr or "does not exist" in result.stderr)
 
 
+@pytest.mark.slow
 def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_path: Path) -> None:
     """Two processes, one command: identical files; the metadata names seed, versions, command."""
     from bctool.checkpoint import read_checkpoint_metadata
@@ -156,6 +160,7 @@ def test_same_seed_and_data_give_the_same_checkpoint_bytes(emoji_dir: Path, tmp_
     assert "--augment crop" in meta["command"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path) -> None:
     """Extraction saves its rows on SIGTERM (exit 143) and --resume finishes the same file."""
     from bctool.checkpoint import save_checkpoint
@@ -188,13 +193,14 @@ def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path)
     assert out.read_bytes() == straight.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_live_loader_workers_resumes_at_once(emoji_dir: Path, tmp_path: Path) -> None:
     """A scheduler requeueing a preempted job: the main process is SIGKILLed while its data
     loader workers live on for a few seconds; the same command with --resume, started at
     once, takes the output (the lock belongs to the killed process alone) and finishes."""
     data = str(emoji_dir / "new_train.txt")
     out = tmp_path / "m.safetensors"
-    workers = [a if a != "0" or TRAIN[i - 1] != "--workers" else "2" for i, a in enumerate(TRAIN)]
+    workers = [*TRAIN, "--workers", "2"]  # the last --workers wins
     proc = _bctool("train", data, "--out", str(out), *workers, "--save-every", "1")
     _wait_for_state(state_path(out), proc, min_step=3)
     proc.send_signal(signal.SIGKILL)  # the main process only, as the kernel's OOM killer or a node loss would

@@ -14,7 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from bctool.cli import app
-from bctool.embeddings import Embeddings, LazyRows, RowIds, load_embeddings, save_embeddings
+from bctool.embeddings import (
+    Embeddings,
+    LazyRows,
+    RowIds,
+    load_embeddings,
+    save_embeddings,
+)
 from bctool.errors import EmbeddingsError
 from bctool.evaluate.inputs import repeated_ids, warn_zero_rows
 from bctool.evaluate.protocols import make_protocol

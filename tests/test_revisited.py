@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from bctool.cli import app
+from bctool.data.gnd import RevisitedGroundTruth, load_gnd
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import DataError, EmbeddingsError
-from bctool.data.gnd import RevisitedGroundTruth, load_gnd
 from bctool.evaluate.inputs import id_stem, match_rows
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.revisited import (

@@ -9,9 +9,9 @@ import pytest
 
 from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+from bctool.data.images import load_rgb
 from bctool.data.sources import load_image_set
 from bctool.data.transforms import EvalTransform, Preprocess
-from bctool.data.images import load_rgb
 from bctool.evaluate import evaluate_retrieval
 from bctool.extract import extract, pixel_embeddings
 from bctool.train import TrainConfig, train
@@ -43,6 +43,7 @@ def emoji300(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_small_image_default_beats_raw_pixels_on_the_emoji_set(emoji300: Path, tmp_path: Path) -> None:
     query, gallery = load_image_set(emoji300 / "query.txt"), load_image_set(emoji300 / "gallery.txt")
     pre = Preprocess(image_size=32)

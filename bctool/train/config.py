@@ -21,9 +21,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bctool.data.transforms import TRAINING_VIEWS
 from bctool.errors import ConfigError
 from bctool.models import ModelConfig
-from bctool.data.transforms import TRAINING_VIEWS
 from bctool.train.regime import SCHEDULES, regime, regime_parts
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -135,7 +135,7 @@ class CompatOptions:
         if given and not self.compatible:
             raise ConfigError(
                 f"method {self.method!r} trains without an old side, so {given[0]} would be ignored: drop it, or "
-                "pick a compatible method (`bctool methods` lists them)"
+                "pick a compatible method (`bctool list methods` lists them)"
             )
         if self.compatible and not (self.old_embeddings or self.old_model):
             raise ConfigError(

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from bctool.errors import ConfigError
 from bctool.train.config import OPTION_GROUP

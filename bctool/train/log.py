@@ -18,7 +18,6 @@ import numpy as np
 
 from bctool.errors import ConfigError
 
-
 # What `bctool train --log-dir DIR` writes into DIR (compat.json with --diagnostics).
 LOG_FILES = ("steps.jsonl", "epochs.jsonl", "compat.json")
 DEFAULT_PLOT = "training.png"  # what `bctool plot DIR` draws into DIR without --out
