@@ -1,0 +1,84 @@
+"""Is M(n,o) > M(o,o) shown over seeds? The tests of bctool.evaluate.seeds on paper-table runs.
+
+    python scripts/seed_tests.py docs/paper/seeds5/runs            # writes tests.json and tests.md beside it
+
+For every setting and method of ``examples/paper_table.py``'s run files (one JSON per setting,
+seed and method, each holding M(o,o), M(n,o) and the per-query AP of both), the seed
+differences D_s = M_s(n,o) - M_s(o,o) go through the paired t test (the claim's test), the
+random-effects estimate (each seed's variance of its mean difference over queries, s^2 / Q) and
+the crossed seeds x queries estimate (the per-query differences of every seed, on the same
+queries). Figures in mAP points; the minimum detectable effect is the paired test's at 80% power.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bctool.evaluate.seeds import crossed_test, paired_seed_test, random_effects
+
+
+def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """setting -> method -> seed -> run file, for every run file under ``results``."""
+    runs: dict[str, dict[str, dict[int, dict]]] = {}
+    for path in sorted(results.glob("*/seed*/*.json")):
+        row = json.loads(path.read_text())
+        runs.setdefault(row["setting"], {}).setdefault(row["method"], {})[row["seed"]] = row
+    return runs
+
+
+def judge(by_seed: dict[int, dict]) -> dict:
+    """The three tests of one setting and method, in mAP points, with what they ran on."""
+    seeds = sorted(by_seed)
+    deltas = [100 * (by_seed[s]["cross"]["map"] - by_seed[s]["old"]["map"]) for s in seeds]
+    report: dict = {"seeds": seeds, "deltas": [round(d, 3) for d in deltas],
+                    "revisions": sorted({by_seed[s].get("revision") or "unknown" for s in seeds})}
+    if len(seeds) < 2:
+        return report
+    report["paired"] = paired_seed_test(deltas).to_dict()
+    with_queries = [s for s in seeds if "per_query" in by_seed[s]]
+    if len(with_queries) == len(seeds) and len({by_seed[s]["per_query"]["ids_sha256"] for s in seeds}) == 1:
+        table = np.array([np.subtract(by_seed[s]["per_query"]["cross"], by_seed[s]["per_query"]["old"])
+                          for s in seeds]) * 100
+        variances = table.var(axis=1, ddof=1) / table.shape[1]
+        report["random_effects"] = random_effects(deltas, variances).to_dict()
+        report["crossed"] = crossed_test(table).to_dict()
+        report["queries"] = int(table.shape[1])
+    return report
+
+
+def markdown(judged: dict[str, dict[str, dict]]) -> str:
+    """One row per setting and method: the paired test (the verdict), then the crossed one."""
+    lines = ["| setting | method | seeds | mean delta | paired 95% interval | p | MDE (80%) | shown | crossed 95% interval | crossed p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for setting, methods in judged.items():
+        for method, r in methods.items():
+            if "paired" not in r:
+                continue
+            p, c = r["paired"], r.get("crossed")
+            crossed = (f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3f}" if c else "- | -")
+            lines.append(f"| {setting} | {method} | {len(r['seeds'])} | {p['mean']:+.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] "
+                         f"| {p['p']:.3f} | {p['mde']:.2f} | {'yes' if p['shown'] else 'no'} | {crossed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a folder of paper_table.py run files (SETTING/seedS/METHOD.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
+    args = parser.parse_args()
+    runs = collect(args.results)
+    judged = {setting: {method: judge({s: r for s, r in by_seed.items() if args.seeds is None or s in args.seeds})
+                        for method, by_seed in sorted(methods.items())}
+              for setting, methods in sorted(runs.items())}
+    out = args.results.parent
+    (out / "tests.json").write_text(json.dumps(judged, indent=1) + "\n")
+    (out / "tests.md").write_text(markdown(judged))
+    print(markdown(judged))
+
+
+if __name__ == "__main__":
+    main()
