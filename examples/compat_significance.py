@@ -5,10 +5,9 @@
 For every setting, method and seed that ``examples/paper_table.py`` trained (its ``--workdir``
 keeps the query and gallery embeddings), the per-query AP of the new and the old queries
 against the old gallery gives delta with a paired bootstrap 95% interval (1,000 resamples,
-seeded by the seed), as ``bctool evaluate`` reports it. Over the seeds, the pooled delta is the
-mean of the seeds' deltas, and its interval comes from a stratified bootstrap: each resample
-draws queries within every seed and averages the seeds' resampled means, so each old model
-keeps its weight. Writes ``docs/paper/significance.json`` and prints a markdown table.
+seeded by the seed), as ``bctool evaluate`` reports it. Over the seeds, the mean of the seeds' deltas is judged by
+the paired t test on the seed deltas, with the crossed seeds x queries estimate beside it
+(``bctool.evaluate.seeds``). Writes ``docs/paper/significance.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bctool.embeddings import load_embeddings
-from bctool.evaluate.scores import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, bootstrap_means, paired_delta
+from bctool.evaluate.scores import DEFAULT_BOOTSTRAP, paired_delta
+from bctool.evaluate.seeds import crossed_test, paired_seed_test
 from bctool.evaluate.retrieval import evaluate_retrieval_per_query
 from bctool.train.recipe import WARM_LR
 from paper_table import SETTINGS  # this folder is on sys.path when the script runs
@@ -63,12 +63,17 @@ def seed_deltas(workdir: Path, setting: str, method: str, n: int, tag: str = "",
     return out
 
 
-def pooled(per_seed: dict[int, dict], n: int, level: float = DEFAULT_LEVEL) -> dict[str, float]:
-    """The mean of the seeds' deltas and its stratified bootstrap interval."""
-    means = np.mean([bootstrap_means(r["diff"], n, seed) for seed, r in sorted(per_seed.items())], axis=0)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    delta = float(np.mean([r["delta"] for r in per_seed.values()]))
-    return {"delta": delta, "delta_low": float(low), "delta_high": float(high), "significant": bool(low > 0)}
+def over_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
+    """The mean of the seeds' deltas judged over seeds (bctool.evaluate.seeds): the paired t test
+    on the seed deltas (the verdict), and the crossed seeds x queries estimate, in mAP points.
+    (A stratified bootstrap of the queries within each seed, averaged, has no between-seed
+    variance: it is not a test over seeds.)"""
+    seeds = sorted(per_seed)
+    verdict: dict[str, dict] = {}
+    if len(seeds) >= 2:
+        verdict["paired"] = paired_seed_test([100 * per_seed[s]["delta"] for s in seeds]).to_dict()
+        verdict["crossed"] = crossed_test(np.array([100 * per_seed[s]["diff"] for s in seeds])).to_dict()
+    return verdict
 
 
 def main() -> None:
@@ -85,7 +90,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="resamples")
     parser.add_argument("--out", type=Path, default=Path("docs/paper/significance.json"))
     args = parser.parse_args()
-    rows, record = ["| setting | method | delta per seed (95% interval), points | compatible | pooled delta (95% interval) |",
+    rows, record = ["| setting | method | delta per seed (95% interval), points | compatible | mean delta, paired t over seeds (95% interval, p) |",
                     "| --- | --- | --- | --- | --- |"], {}
     for setting in args.settings:
         tag = (f"-lr{WARM_LR:g}" if SETTINGS[setting].warm else "") + (args.tag or "")
@@ -96,15 +101,16 @@ def main() -> None:
             per_seed = seed_deltas(workdir, setting, method, args.bootstrap, tag, args.seeds)
             if not per_seed:
                 continue
-            both = pooled(per_seed, args.bootstrap)
+            judged = over_seeds(per_seed)
             record.setdefault(setting, {})[method] = {
-                "seeds": {s: {k: v for k, v in r.items() if k != "diff"} for s, r in per_seed.items()},
-                "pooled": both}
+                "seeds": {s: {k: v for k, v in r.items() if k != "diff"} for s, r in per_seed.items()}, **judged}
             seeds = "; ".join(f"{100 * r['delta']:+.2f} [{100 * r['delta_low']:+.2f}, {100 * r['delta_high']:+.2f}]"
                               for _, r in sorted(per_seed.items()))
             wins = sum(r["delta"] > 0 for r in per_seed.values())
-            rows.append(f"| {setting} | {method} | {seeds} | {wins}/{len(per_seed)} | "
-                        f"{100 * both['delta']:+.2f} [{100 * both['delta_low']:+.2f}, {100 * both['delta_high']:+.2f}] |")
+            paired = judged.get("paired")
+            verdict = (f"{paired['mean']:+.2f} [{paired['low']:+.2f}, {paired['high']:+.2f}], p {paired['p']:.3f}"
+                       if paired else "one seed: no test over seeds")
+            rows.append(f"| {setting} | {method} | {seeds} | {wins}/{len(per_seed)} | {verdict} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
     print("\n".join(rows))
