@@ -57,3 +57,9 @@ def invoke_ok(args: Sequence[str]) -> str:
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, (list(args), result.stdout, result.stderr)
     return result.stdout
+
+
+def docs_page(page: str) -> str:
+    """The text of a page of the documentation site (``guides/training.md``): tests that hold a
+    page to the code read it here."""
+    return (Path(__file__).parents[1] / "docs" / page).read_text(encoding="utf-8")

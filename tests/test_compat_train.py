@@ -25,7 +25,7 @@ from bctool.train import loop as train_loop
 from bctool.train.methods import METHODS
 from bctool.train.old_side import OnTheFlyOld, PrecomputedOld, match_by_id
 from bctool.train.state import state_path
-from helpers import tiny_train
+from helpers import docs_page, tiny_train
 
 runner = CliRunner()
 TINY = tiny_train()
@@ -426,8 +426,8 @@ def test_diagnostics_change_nothing_and_write_the_final_radii(emoji_dir: Path, o
 def test_readme_lists_every_registered_method_and_parameter() -> None:
     from bctool.train.methods import describe_methods
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    tables = readme[readme.index("| method | compatibility term |"):readme.index("**Adding a method**")]
+    page = docs_page("guides/training.md")
+    tables = page[page.index("| method | compatibility term |"):page.index("A method of your own")]
     for method in describe_methods():
         assert f"`{method['name']}`" in tables, method["name"]
         for name, default in method["params"].items():

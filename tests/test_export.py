@@ -18,6 +18,7 @@ from bctool.embeddings import load_embeddings
 from bctool.errors import BctoolError, ConfigError
 from bctool.export import export_model, read_exported_metadata
 from bctool.models import ModelConfig, create_model
+from helpers import docs_page
 
 runner = CliRunner()
 
@@ -128,7 +129,7 @@ def test_missing_extra_and_bad_options_are_clear(tmp_path: Path, monkeypatch: py
 
 def _readme_snippet() -> str:
     """The README's onnxruntime serving snippet, as written."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = docs_page("guides/rolling-out.md")
     after = readme[readme.index("Serving it with onnxruntime"):]
     return after[after.index("```python\n") + len("```python\n"):after.index("```\n", after.index("```python"))]
 

@@ -24,6 +24,7 @@ from bctool.train.consistency import consistency_floor, discriminator_accuracy
 from bctool.train.log import read_records
 from bctool.train.loop import lr_at
 from bctool.train.regime import REGIMES, regime, step_milestones
+from helpers import docs_page
 
 
 def _config(**options: object) -> TrainConfig:
@@ -212,13 +213,13 @@ def test_discriminator_accuracy_leaves_the_random_streams_alone() -> None:
 def test_readme_names_every_regime_and_the_method_table_names_advbcts() -> None:
     """The README's regime table lists every registered regime with its parts, and the method
     table says which regime trains AdvBCT as its authors do."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = docs_page("guides/training.md")
     table = readme[readme.index("| regime | `--augment` |"):]
     table = table[:table.index("\n\n")]
     for name, chosen in REGIMES.items():
         row = next(line for line in table.splitlines() if line.startswith(f"| `{name}`"))
         assert f"`{chosen.augment}`" in row and f"`{chosen.schedule}`" in row, name
         assert f"| {chosen.warmup_epochs:g} |" in row and ("| yes |" if chosen.head_bias else "| no |") in row, name
-    methods = readme[readme.index("| method | compatibility term |"):readme.index("**Adding a method**")]
+    methods = readme[readme.index("| method | compatibility term |"):readme.index("A method of your own")]
     advbct = next(line for line in methods.splitlines() if line.startswith("| `advbct` |"))
     assert "`--regime paper`" in advbct

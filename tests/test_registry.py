@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from bctool.cli import app
 from bctool.errors import ConfigError
 from bctool.registry import KIND_MODULES, Registry, param, registry, resolve_params
+from helpers import docs_page
 
 runner = CliRunner()
 
@@ -117,9 +118,8 @@ def test_help_names_every_built_in_choice(command: list[str], option: str, kind:
 
 
 def test_the_readme_names_every_kind_and_its_entry_point_group() -> None:
-    from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    listing = readme[readme.index("### `bctool list [KIND]`"):readme.index("## Bad input")]
+    page = docs_page("reference/registries.md")
+    listing = page[page.index("## `bctool list [KIND]`"):]
     for plural in KIND_MODULES:
         assert plural in listing and f"`{registry(plural).group}`" in listing, plural
