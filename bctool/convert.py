@@ -40,6 +40,7 @@ import numpy as np
 
 from bctool.embeddings import (
     Embeddings,
+    EmbeddingsSpec,
     RowIds,
     load_embeddings,
     normalize_rows,
@@ -155,9 +156,7 @@ def _read_bctool(src: Path, ids: str | None, labels: str | None) -> Embeddings:
 
 
 def _write_bctool(emb: Embeddings, out: Path, where: str, progress: Progress) -> dict[str, str]:
-    with write_embeddings(out, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
-                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard,
-                          dtype=storage_dtype(emb.embeddings)) as writer:
+    with write_embeddings(out, EmbeddingsSpec.of(emb, storage_dtype(emb.embeddings))) as writer:
         for start, block in _finite_blocks(emb, where, progress):
             writer.write(start, block)
     return {}

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from bctool.data.transforms import EvalTransform, Preprocess, StoredView, Stored
 from bctool.embeddings import (
     Embeddings,
     UNADAPTED_SUFFIX,
+    EmbeddingsSpec,
     EmbeddingsWriter,
     load_embeddings,
     write_embeddings,
@@ -233,22 +234,29 @@ def _fingerprint(head: bytes, images: ImageSet, rows: range) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How :func:`extract_to_file` embeds the images and stores their rows."""
+
+    batch_size: int = 256
+    workers: int = 2
+    shard: Shard | None = None  # one contiguous part of the list; None: all of it
+    strict: bool = False  # an unreadable image stops the run (default: skipped and reported)
+    resume: bool = False  # continue an interrupted run from its last saved row
+    save_every: float = 30.0  # seconds between saves of the rows so far
+    view: StoredView | None = None  # embed this seeded augmented view of every image
+    dtype: str = "float32"  # how the rows are stored: float32 or float16
+
+
 def extract_to_file(
     images: ImageSet,
     checkpoint: Checkpoint,
     out: str | os.PathLike[str],
     *,
-    batch_size: int = 256,
-    workers: int = 2,
-    shard: Shard | None = None,
-    strict: bool = False,
-    resume: bool = False,
-    save_every: float = 30.0,
+    options: ExtractOptions = ExtractOptions(),
     progress: Progress = NULL_PROGRESS,
-    view: StoredView | None = None,
-    dtype: str = "float32",
 ) -> ExtractResult:
-    """Embed ``images`` (or one ``shard`` of them) into the embeddings file ``out``.
+    """Embed ``images`` (or one ``options.shard`` of them) into the embeddings file ``out``.
 
     Rows stream into ``OUT.partial``; every ``save_every`` seconds, on an error, and when SIGINT
     or SIGTERM stops the run after a batch (:class:`~bctool.interrupt.Interrupted`), the rows so
@@ -264,27 +272,25 @@ def extract_to_file(
     out = Path(out)
     check_output_path(out, "emb.safetensors")
     with output_lock(out):  # one writer per output: OUT.partial is shared by every run on OUT
-        return _extract_locked(images, checkpoint, out, started, shard=shard, batch_size=batch_size,
-                               workers=workers, strict=strict, resume=resume, save_every=save_every,
-                               progress=progress, view=view, dtype=dtype)
+        return _extract_locked(images, checkpoint, out, started, options, progress)
 
 
-def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started: float, *, shard: Shard | None,
-                    batch_size: int, workers: int, strict: bool, resume: bool, save_every: float,
-                    progress: Progress, view: StoredView | None = None, dtype: str = "float32") -> ExtractResult:
+def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started: float, options: ExtractOptions,
+                    progress: Progress) -> ExtractResult:
     """:func:`extract_to_file` once its output is checked and locked."""
+    shard, resume = options.shard, options.resume
     rows = shard.rows(len(images)) if shard else range(len(images))
     if not len(images):
         raise DataError(f"{images.source!r}: no images to embed")
     if not len(rows):  # more parts than images: this part is empty, and still one member of the set
         logger.info("shard %s of %d images holds no image; its part file has no rows and completes the set",
                     shard, len(images))
-    meta = {**_file_meta(images, checkpoint, rows, shard, view), "dtype": dtype}
+    spec = _file_spec(images, checkpoint, rows, shard, options)
     partial, state = partial_paths(out)
     done, failed = (_resume_state(partial, state, out) if resume else (0, []))
     with _open_partial(partial, resume) as fh:
         try:
-            writer = _writer(fh, partial, meta, resume)
+            writer = _writer(fh, partial, spec, resume)
         except OSError as exc:  # the header, or the file at its full size, could not be written
             with contextlib.suppress(OSError):  # its buffered bytes cannot be written either
                 fh.close()
@@ -301,14 +307,13 @@ def _extract_locked(images: ImageSet, checkpoint: Checkpoint, out: Path, started
         progress.start(f"extract{f' shard {shard}' if shard else ''}", len(rows))
         progress.advance(done)
         try:
-            job = _Job(images, checkpoint, rows, batch_size, workers, strict, view)
-            _stream_rows(job, writer, progress_file, partial, save_every, progress)
+            _stream_rows(_Job(images, checkpoint, rows, options), writer, progress_file, partial, progress)
         finally:
             progress.stop()
         with _writing(partial):
             fh.flush()
             os.fsync(fh.fileno())
-    result = _finish(partial, state, out, meta, failed)
+    result = _finish(partial, state, out, spec, failed)
     result.shard = str(shard) if shard else None
     result.resumed_from_row = done
     result.seconds = time.perf_counter() - started
@@ -321,9 +326,9 @@ def _identity(checkpoint: Checkpoint, view: StoredView | None) -> dict[str, Any]
     return {**identity, "view": view.to_dict()} if view else identity
 
 
-def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Shard | None,
-               view: StoredView | None = None) -> dict[str, Any]:
-    """The output file's header: the rows' labels and ids, the model, and which shard it is."""
+def _file_spec(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Shard | None,
+               options: ExtractOptions) -> EmbeddingsSpec:
+    """The output file's spec: the rows' labels and ids, the model, which shard it is, the dtype."""
     ids = images.ids
     shard_meta = None
     if shard is not None:
@@ -332,11 +337,12 @@ def _file_meta(images: ImageSet, checkpoint: Checkpoint, rows: range, shard: Sha
             "total": len(images), "list": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         }
     labels = np.asarray(images.labels, dtype=np.int64)
-    return {
-        "labels": labels[rows.start : rows.stop], "ids": ids[rows.start : rows.stop],
-        "label_names": list(images.label_names), "dim": checkpoint.config.embedding_dim,
-        "model": _identity(checkpoint, view), "root": os.path.abspath(images.root), "shard": shard_meta,
-    }
+    return EmbeddingsSpec(
+        labels=labels[rows.start : rows.stop], ids=ids[rows.start : rows.stop],
+        label_names=list(images.label_names), dim=checkpoint.config.embedding_dim,
+        model=_identity(checkpoint, options.view), root=os.path.abspath(images.root), shard=shard_meta,
+        dtype=options.dtype,
+    )
 
 
 def _open_partial(partial: Path, resume: bool):  # noqa: ANN202 - a binary file object
@@ -348,12 +354,12 @@ def _open_partial(partial: Path, resume: bool):  # noqa: ANN202 - a binary file 
         raise ConfigError(f"cannot write {str(partial)!r}: {exc.strerror or exc}; choose a writable --out") from exc
 
 
-def _writer(fh: Any, partial: Path, meta: dict[str, Any], resume: bool) -> EmbeddingsWriter:
+def _writer(fh: Any, partial: Path, spec: EmbeddingsSpec, resume: bool) -> EmbeddingsWriter:
     """The writer of the partial file: its header written anew, or checked on ``resume``."""
     if not resume:
-        return EmbeddingsWriter.create(fh, **meta)
+        return EmbeddingsWriter.create(fh, spec)
     try:
-        return EmbeddingsWriter.reopen(fh, **meta)
+        return EmbeddingsWriter.reopen(fh, spec)
     except EmbeddingsError as exc:
         raise ConfigError(f"--resume: {str(partial)!r}: {exc}; start again without --resume") from exc
 
@@ -378,29 +384,24 @@ class _Progress:
 
 @dataclass(frozen=True)
 class _Job:
-    """What to embed: the rows of ``images`` with ``checkpoint``, and how to load them."""
+    """What to embed: the rows of ``images`` with ``checkpoint``, and how (``options``)."""
 
     images: ImageSet
     checkpoint: Checkpoint
     rows: range
-    batch_size: int
-    workers: int
-    strict: bool
-    view: StoredView | None = None
+    options: ExtractOptions
 
 
-def _stream_rows(
-    job: _Job, writer: EmbeddingsWriter, state: _Progress, partial: Path, save_every: float, progress: Progress,
-) -> None:
+def _stream_rows(job: _Job, writer: EmbeddingsWriter, state: _Progress, partial: Path, progress: Progress) -> None:
     """Embed the rows after ``state.done`` into ``writer``, saving ``state`` every
-    ``save_every`` seconds, on an error and on a stop signal."""
-    images, rows = job.images, job.rows
+    ``options.save_every`` seconds, on an error and on a stop signal."""
+    images, rows, options = job.images, job.rows, job.options
     ids = images.ids
     last_save = time.monotonic()
     try:
         with StopSignals() as stop:
-            batches = _embed_batches(images, job.checkpoint, rows[state.done:], job.batch_size, job.workers, job.strict,
-                                     job.view)
+            batches = _embed_batches(images, job.checkpoint, rows[state.done:], options.batch_size, options.workers,
+                                     options.strict, options.view)
             for start, emb, failures in batches:
                 with _writing(partial):
                     writer.write(start - rows.start, emb)
@@ -412,7 +413,7 @@ def _stream_rows(
                     raise Interrupted(
                         f"{stop.name}: stopped after {state.done} of {len(rows)} images; they are saved in "
                         f"{str(partial)!r}: continue with the same command and --resume", stop.signal_number)
-                if time.monotonic() - last_save >= save_every:
+                if time.monotonic() - last_save >= options.save_every:
                     with _writing(partial):
                         state.save()
                     last_save = time.monotonic()
@@ -461,24 +462,26 @@ def _resume_state(partial: Path, state: Path, out: Path) -> tuple[int, list[dict
     return int(data["rows_done"]), list(data.get("failed", []))
 
 
-def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed: list[dict[str, Any]]) -> ExtractResult:
+def _finish(
+    partial: Path, state: Path, out: Path, spec: EmbeddingsSpec, failed: list[dict[str, Any]],
+) -> ExtractResult:
     """Move the complete ``partial`` to ``out`` (copying only good rows when some failed), and
     write or clear the report of skipped images."""
     report = write_report(out, failed)
     if report is not None:
         logger.info("%d images could not be read and were skipped; see %s", len(failed), report)
-    keep = np.ones(len(meta["ids"]), dtype=bool)
+    keep = np.ones(len(spec.ids), dtype=bool)
     keep[[f["row"] for f in failed]] = False
     if failed and not keep.any():
         partial.unlink(missing_ok=True)
         state.unlink(missing_ok=True)
         raise DataError(f"none of the {len(keep)} images could be read (first: {failed[0]['error']}); see {str(report)!r}")
-    labels = meta["labels"][keep]
+    labels = spec.labels[keep]
     if failed:
         source = load_embeddings(partial, mmap=True)
         kept_rows = np.flatnonzero(keep)
-        with write_embeddings(out, **{**meta, "labels": labels,
-                                      "ids": [meta["ids"][i] for i in kept_rows.tolist()]}) as writer:
+        kept = replace(spec, labels=labels, ids=[spec.ids[i] for i in kept_rows.tolist()])
+        with write_embeddings(out, kept) as writer:
             for pos in range(0, len(kept_rows), 65536):
                 block = kept_rows[pos : pos + 65536]
                 writer.write(pos, source.embeddings[block])
@@ -488,7 +491,7 @@ def _finish(partial: Path, state: Path, out: Path, meta: dict[str, Any], failed:
         os.replace(partial, out)
     state.unlink(missing_ok=True)
     return ExtractResult(
-        out=str(out), rows=int(keep.sum()), dim=meta["dim"], labelled=int((labels >= 0).sum()),
-        model=meta["model"], failed=[{k: str(v) for k, v in f.items()} for f in failed],
-        report=str(report) if report else None, dtype=meta.get("dtype", "float32"),
+        out=str(out), rows=int(keep.sum()), dim=spec.dim, labelled=int((labels >= 0).sum()),
+        model=spec.model, failed=[{k: str(v) for k, v in f.items()} for f in failed],
+        report=str(report) if report else None, dtype=spec.dtype,
     )

@@ -1,6 +1,6 @@
 """Ridge least squares between two sets of rows, in numpy float64: the affine and MLP adapters
-(:mod:`bctool.adapt.maps`) and the ``disagreement`` backfill policy (:mod:`bctool.backfill`)
-share it."""
+(:mod:`bctool.adapt.maps`) and the ``disagreement`` backfill policy
+(:mod:`bctool.backfill.policies`) share it."""
 
 from __future__ import annotations
 

@@ -383,7 +383,7 @@ KIND_MODULES = {
     "export-formats": "bctool.export",
     "datasets": "bctool.data.writers",
     "adapters": "bctool.adapt.maps",
-    "backfill-policies": "bctool.backfill",
+    "backfill-policies": "bctool.backfill.policies",
 }
 
 

@@ -60,11 +60,12 @@ def _transform(gallery: str, adapter: str, result: str, out) -> None:  # noqa: A
 
 
 def _write_gallery(path: Path, rows: int, dim: int) -> None:
-    from bctool.embeddings import write_embeddings
+    from bctool.embeddings import EmbeddingsSpec, write_embeddings
 
     rng = np.random.default_rng(1)
-    with write_embeddings(path, labels=np.full(rows, -1), ids=[f"g{i}" for i in range(rows)], label_names=[], dim=dim,
-                          model={"sha256": "a" * 64}) as writer:
+    spec = EmbeddingsSpec(labels=np.full(rows, -1), ids=[f"g{i}" for i in range(rows)], label_names=[], dim=dim,
+                          model={"sha256": "a" * 64})
+    with write_embeddings(path, spec) as writer:
         for start in range(0, rows, 65536):
             writer.write(start, rng.normal(size=(min(65536, rows - start), dim)).astype(np.float32))
 

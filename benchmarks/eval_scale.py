@@ -11,10 +11,10 @@ each in a fresh process so that its peak RSS is its own:
 (a) bare faiss, flat: the memory-mapped rows read block by block, converted to float32,
     ``faiss.normalize_L2``, searched with an ``IndexFlatIP`` per block (k=100) and merged with a
     ``faiss.ResultHeap``: the least code that searches a gallery larger than memory;
-(b) ``evaluate_retrieval(query, load_embeddings(gallery, mmap=True), top_k=100)``, loading,
+(b) ``evaluate_retrieval(query, load_embeddings(gallery, mmap=True), search=SearchOptions(top_k=100))``, loading,
     id matching, labels and metrics included (the gallery streamed in blocks);
 (c) at sizes up to ``--ivf-max``: bare faiss IVF (``IndexIVFFlat``, the same lists, training
-    sample and nprobe as bctool's) against ``evaluate_retrieval(..., index="ivf")``.
+    sample and nprobe as bctool's) against ``evaluate_retrieval(..., search=SearchOptions(index="ivf"))``.
 
 Each is run twice, alternating, and the faster run is kept. Peak RSS (``ru_maxrss``) counts
 the pages of the memory-mapped gallery still resident; bctool releases each block's pages after
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from _common import in_fresh_process, peak_rss_mib
 
-from bctool.embeddings import Embeddings, save_embeddings, write_embeddings
+from bctool.embeddings import Embeddings, EmbeddingsSpec, save_embeddings, write_embeddings
 
 _BLOCK_ROWS = 200_000
 _K = 100
@@ -54,9 +54,10 @@ def write_gallery(path: Path, n: int, dim: int, n_classes: int, seed: int, dtype
     centers = _centers(n_classes, dim, seed)
     rng = np.random.default_rng(seed + 1)
     labels = rng.integers(0, n_classes, n).astype(np.int64)
-    with write_embeddings(path, labels=labels, ids=[f"g/{i}" for i in range(n)],
+    spec = EmbeddingsSpec(labels=labels, ids=[f"g/{i}" for i in range(n)],
                           label_names=[f"class{i}" for i in range(n_classes)], dim=dim,
-                          model={"arch": "synthetic"}, dtype=dtype) as writer:
+                          model={"arch": "synthetic"}, dtype=dtype)
+    with write_embeddings(path, spec) as writer:
         for start in range(0, n, _BLOCK_ROWS):
             writer.write(start, _rows(centers, labels[start : start + _BLOCK_ROWS], rng))
 
@@ -117,11 +118,12 @@ def _bare_ivf(query_path: str, gallery_path: str, out) -> None:  # noqa: ANN001
 def _evaluate(query_path: str, gallery_path: str, index: str, out) -> None:  # noqa: ANN001
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.retrieval import evaluate_retrieval
+    from bctool.evaluate.search import SearchOptions
 
     t0 = time.perf_counter()
     query = load_embeddings(query_path)
     gallery = load_embeddings(gallery_path, mmap=True)
-    metrics = evaluate_retrieval(query, gallery, top_k=_K, index=index)
+    metrics = evaluate_retrieval(query, gallery, search=SearchOptions(top_k=_K, index=index))
     out.put((time.perf_counter() - t0, peak_rss_mib(), metrics))
 
 

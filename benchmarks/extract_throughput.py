@@ -105,7 +105,7 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
     from bctool.data.dataset import ImageDataset
     from bctool.data.sources import load_image_set
     from bctool.data.transforms import EvalTransform
-    from bctool.extract import extract_to_file
+    from bctool.extract import ExtractOptions, extract_to_file
 
     images = load_image_set(list_path)
     ckpt = load_checkpoint(ckpt_path)
@@ -118,10 +118,10 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
     runs: dict[str, list[float]] = {"extract_workers2": [], "extract_workers0": [], "forward_only": []}
     for _ in range(2):
         t0 = time.perf_counter()
-        extract_to_file(images, ckpt, out, batch_size=batch_size, workers=2)
+        extract_to_file(images, ckpt, out, options=ExtractOptions(batch_size=batch_size, workers=2))
         runs["extract_workers2"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        extract_to_file(images, ckpt, out, batch_size=batch_size, workers=0)
+        extract_to_file(images, ckpt, out, options=ExtractOptions(batch_size=batch_size, workers=0))
         runs["extract_workers0"].append(time.perf_counter() - t0)
         runs["forward_only"].append(_bare_forward_s(ckpt.model, batches))
     n = len(images)
@@ -140,7 +140,7 @@ def throughput(list_path: Path, ckpt_path: Path, batch_size: int) -> dict:
 def _rss_child(list_path: str, ckpt_path: str, batch_size: int, out: mp.Queue) -> None:
     from bctool.checkpoint import load_checkpoint
     from bctool.data.sources import load_image_set
-    from bctool.extract import extract_to_file
+    from bctool.extract import ExtractOptions, extract_to_file
 
     images = load_image_set(Path(list_path))
     ckpt = load_checkpoint(ckpt_path)
@@ -148,7 +148,7 @@ def _rss_child(list_path: str, ckpt_path: str, batch_size: int, out: mp.Queue) -
     before_current, before_peak = _current_rss_mib(), peak_rss_mib()
     reset = _reset_peak()
     t0 = time.perf_counter()
-    result = extract_to_file(images, ckpt, target, batch_size=batch_size, workers=0)
+    result = extract_to_file(images, ckpt, target, options=ExtractOptions(batch_size=batch_size, workers=0))
     seconds = time.perf_counter() - t0
     during = _vm_hwm_mib() if reset else float("nan")
     emb_mib = result.rows * result.dim * 4 / 2**20

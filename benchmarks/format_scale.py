@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bctool.embeddings import write_embeddings
+from bctool.embeddings import EmbeddingsSpec, write_embeddings
 
 _BLOCK = 250_000
 
@@ -45,18 +45,18 @@ def write_set(folder: Path, rows: int, dim: int, classes: int, seed: int) -> dic
     ids = [_id(i) for i in range(rows)]
     names = [f"class{c}" for c in range(classes)]
     paths = {"old": folder / "old.safetensors", "new": folder / "new.safetensors", "query": folder / "query.safetensors"}
-    with write_embeddings(paths["old"], labels=labels, ids=ids, label_names=names, dim=dim, model={"sha256": "0" * 64},
-                          dtype="float16") as old, \
-         write_embeddings(paths["new"], labels=labels, ids=ids, label_names=names, dim=dim, model={"sha256": "1" * 64},
-                          dtype="float16") as new:
+    specs = {name: EmbeddingsSpec(labels=labels, ids=ids, label_names=names, dim=dim, model={"sha256": sha * 64},
+                                  dtype="float16") for name, sha in (("old", "0"), ("new", "1"))}
+    with write_embeddings(paths["old"], specs["old"]) as old, write_embeddings(paths["new"], specs["new"]) as new:
         for start in range(0, rows, _BLOCK):
             block = centers[labels[start : start + _BLOCK]] + 1.5 * rng.standard_normal((len(labels[start : start + _BLOCK]), dim), dtype=np.float32)
             old.write(start, block)
             new.write(start, block @ rotation + 0.3 * rng.standard_normal(block.shape, dtype=np.float32))
     q_labels = rng.integers(0, classes, 1000).astype(np.int64)
     q = (centers[q_labels] + 1.5 * rng.standard_normal((1000, dim), dtype=np.float32)) @ rotation
-    with write_embeddings(paths["query"], labels=q_labels, ids=[f"q/{i}" for i in range(1000)], label_names=names,
-                          dim=dim, model={"sha256": "1" * 64}) as writer:
+    query = EmbeddingsSpec(labels=q_labels, ids=[f"q/{i}" for i in range(1000)], label_names=names, dim=dim,
+                           model={"sha256": "1" * 64})
+    with write_embeddings(paths["query"], query) as writer:
         writer.write(0, q)
     v1_header = len(json.dumps(ids))
     print(f"a version-1 header would hold {v1_header / 1e6:.1f} MB of ids (limit 100 MB)", file=sys.stderr)

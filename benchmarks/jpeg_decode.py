@@ -38,7 +38,7 @@ from PIL import Image
 from bctool.checkpoint import load_checkpoint, save_checkpoint
 from bctool.data import load_image_set, load_rgb
 from bctool.data.transforms import EvalTransform, Preprocess, TrainTransform
-from bctool.extract import extract_to_file
+from bctool.extract import ExtractOptions, extract_to_file
 from bctool.models import ModelConfig, create_model
 
 DEFAULT_PHOTOS = Path("/usr/share/wallpapers")
@@ -123,7 +123,8 @@ def extraction(photos: list[Path], size: int, arch: str, repeats: int) -> dict[s
                     checkpoint.model.embed(b)
             bare = len(images) / (time.perf_counter() - start)
             start = time.perf_counter()
-            extract_to_file(images, checkpoint, work / f"e{round_}.safetensors", batch_size=len(photos))
+            extract_to_file(images, checkpoint, work / f"e{round_}.safetensors",
+                            options=ExtractOptions(batch_size=len(photos)))
             path = len(images) / (time.perf_counter() - start)
             out["bare"] = max(out.get("bare", 0.0), bare)
             out["extract"] = max(out.get("extract", 0.0), path)

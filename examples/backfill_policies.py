@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bctool.backfill import POLICIES, plan_order, sample_pairs
+from bctool.backfill import POLICIES, SCORINGS, plan_order, sample_pairs
 from bctool.embeddings import Embeddings, load_embeddings
-from bctool.evaluate.backfill import SCORINGS
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.reports import BackfillOptions, backfill_report
 from paper_table import _revision  # this folder is on sys.path when the script runs

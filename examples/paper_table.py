@@ -73,9 +73,9 @@ from bctool.data.transforms import TRAINING_VIEWS, StoredView
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.evaluate import evaluate_retrieval
 from bctool.evaluate.retrieval import evaluate_retrieval_per_query
-from bctool.evaluate.backfill import backfill_curve
+from bctool.backfill.curve import backfill_curve
 from bctool.evaluate.scores import paper_scores, update_gain
-from bctool.extract import extract, extract_to_file
+from bctool.extract import ExtractOptions, extract, extract_to_file
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
 from bctool.train.recipe import WARM_LR
@@ -164,7 +164,8 @@ def stored_views(old: dict[str, Path], data: Path, count: int) -> tuple[str, ...
         out = old["model"].parent / f"old_view{k}_new_train.safetensors"
         if not out.exists():
             ckpt = ckpt or load_checkpoint(old["model"])
-            extract_to_file(load_image_set(data / "new_train.txt"), ckpt, out, workers=2, view=StoredView("crop", k))
+            extract_to_file(load_image_set(data / "new_train.txt"), ckpt, out,
+                            options=ExtractOptions(workers=2, view=StoredView("crop", k)))
         files.append(str(out))
     return tuple(files)
 
@@ -416,7 +417,7 @@ def report(finished: dict[str, dict[str, dict[int, dict]]]) -> tuple[list[str], 
 def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], methods: list[str],
           suffix: str = "") -> list[str]:
     """Self vs cross mAP per method (a point per seed) and mean backfill curves, per setting."""
-    from bctool.plotting import pyplot, save_png
+    from bctool.plotting import pyplot, save_figure
 
     plt = pyplot("the paper-table plots")
     written = []
@@ -446,7 +447,7 @@ def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], method
         scatter.legend(fontsize="x-small", loc="best")
         curves.legend(fontsize="x-small", loc="best")
         path = out_dir / f"{name}{suffix}.png"
-        save_png(fig, path)
+        save_figure(fig, path)
         written.append(str(path))
     return written
 

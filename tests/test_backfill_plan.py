@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bctool.backfill import POLICIES, plan_order, read_plan
-from bctool.cli import app
-from bctool.embeddings import Embeddings, save_embeddings
-from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate.backfill import (
+from bctool.backfill.curve import (
     _calibrated,
     backfill_curve,
     calibrated_query,
     fit_calibration,
     order_rows,
 )
+from bctool.backfill.plan import plan_order, read_plan
+from bctool.backfill.policies import POLICIES
+from bctool.cli import app
+from bctool.embeddings import Embeddings, save_embeddings
+from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.retrieval import evaluate_retrieval
 
 runner = CliRunner()

@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pytest
 
+from bctool.backfill.curve import backfill_curve, partial_backfill
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate import scores as score_functions
-from bctool.evaluate.backfill import backfill_curve, partial_backfill
 from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.plots import plot_backfill
 from bctool.evaluate.protocols import Protocol, Table, make_protocol
 from bctool.evaluate.reports import (
     BackfillOptions,
@@ -28,6 +27,7 @@ from bctool.evaluate.reports import (
     delta_interval,
 )
 from bctool.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_per_query
+from bctool.evaluate.search import SearchOptions
 from bctool.evaluate.scores import (
     bootstrap_interval,
     bootstrap_means,
@@ -37,6 +37,7 @@ from bctool.evaluate.scores import (
     paper_scores,
     update_gain,
 )
+from bctool.plotting import plot_backfill
 
 LABEL_NAMES = ["a", "b", "c", "d"]
 
@@ -223,8 +224,8 @@ def test_per_query_ap_means_are_the_reported_map() -> None:
     cases = [(oq, og, None, oq.ids), (oq, gallery, None, with_d), (oq, gallery, 5, with_d),
              (oq, oq, None, oq.ids)]  # the query file as its own gallery: self rows left out
     for query, gal, top_k, evaluated in cases:
-        result, scores = evaluate_retrieval_per_query(query, gal, top_k=top_k)
-        assert result == evaluate_retrieval(query, gal, top_k=top_k)
+        result, scores = evaluate_retrieval_per_query(query, gal, search=SearchOptions(top_k=top_k))
+        assert result == evaluate_retrieval(query, gal, search=SearchOptions(top_k=top_k))
         assert list(scores.ids) == list(evaluated) and len(scores) == result["queries"]
         assert float(np.mean(scores.ap)) == pytest.approx(result["map"], rel=1e-12, abs=1e-15)
     assert result["queries_without_positives"] == 0 and cases[1][3] != oq.ids

@@ -21,6 +21,7 @@ from bctool.data.check import report_path
 from bctool.data.transforms import Preprocess
 from bctool.embeddings import (
     Embeddings,
+    EmbeddingsSpec,
     load_embeddings,
     merge_shards,
     save_embeddings,
@@ -28,7 +29,7 @@ from bctool.embeddings import (
 )
 from bctool.embeddings.format import _metadata
 from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.extract import Shard, extract, extract_to_file, partial_paths
+from bctool.extract import ExtractOptions, Shard, extract, extract_to_file, partial_paths
 from bctool.models import ModelConfig, create_model
 
 runner = CliRunner()
@@ -49,8 +50,8 @@ def test_streamed_file_is_what_safetensors_writes(tmp_path: Path, dtype: str) ->
                      ["a", "ü/b", 'c"q', "d\te", "e", "", "g"], ["x", "y"], {"sha256": "ab"}, root="/r",
                      shard={"index": 0, "count": 1, "start": 0, "stop": 7, "total": 7, "list": "h"})
     ours = tmp_path / "ours.safetensors"
-    with write_embeddings(ours, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=3,
-                          model=emb.model, root=emb.root, shard=emb.shard, dtype=dtype) as writer:
+    with write_embeddings(ours, EmbeddingsSpec(labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=3,
+                                               model=emb.model, root=emb.root, shard=emb.shard, dtype=dtype)) as writer:
         writer.write(4, emb.embeddings[4:])
         writer.write(0, emb.embeddings[:4])
     ref = tmp_path / "ref.safetensors"
@@ -73,14 +74,13 @@ def test_streamed_file_is_what_safetensors_writes(tmp_path: Path, dtype: str) ->
 
 def test_unwritten_rows_leave_no_file(tmp_path: Path) -> None:
     out = tmp_path / "e.safetensors"
+    spec = EmbeddingsSpec(labels=np.zeros(3, np.int64), ids=["a", "b", "c"], label_names=["x"], dim=2, model={})
     with pytest.raises(EmbeddingsError, match="1 of 3 rows were never written"):
-        with write_embeddings(out, labels=np.zeros(3, np.int64), ids=["a", "b", "c"], label_names=["x"], dim=2,
-                              model={}) as writer:
+        with write_embeddings(out, spec) as writer:
             writer.write(0, np.ones((2, 2), np.float32))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(EmbeddingsError, match="rows 2..4 lie outside a file of 3 rows"):
-        with write_embeddings(out, labels=np.zeros(3, np.int64), ids=["a", "b", "c"], label_names=["x"], dim=2,
-                              model={}) as writer:
+        with write_embeddings(out, spec) as writer:
             writer.write(2, np.ones((2, 2), np.float32))
 
 
@@ -125,7 +125,8 @@ def images(emoji_dir: Path, tmp_path: Path) -> Path:
 
 def test_streamed_extraction_equals_in_memory(images: Path, checkpoint: Checkpoint, tmp_path: Path) -> None:
     image_set = load_image_set(images)
-    result = extract_to_file(image_set, checkpoint, tmp_path / "e.safetensors", batch_size=5, workers=0)
+    result = extract_to_file(image_set, checkpoint, tmp_path / "e.safetensors",
+                             options=ExtractOptions(batch_size=5, workers=0))
     streamed, memory = load_embeddings(tmp_path / "e.safetensors"), extract(image_set, checkpoint, batch_size=5, workers=0)
     np.testing.assert_array_equal(streamed.embeddings, memory.embeddings)
     assert streamed.ids == memory.ids and streamed.shard is None
@@ -135,10 +136,11 @@ def test_streamed_extraction_equals_in_memory(images: Path, checkpoint: Checkpoi
 
 def test_shards_merge_into_the_whole(images: Path, checkpoint: Checkpoint, tmp_path: Path) -> None:
     image_set = load_image_set(images)
-    extract_to_file(image_set, checkpoint, tmp_path / "whole.safetensors", batch_size=4, workers=0)
+    extract_to_file(image_set, checkpoint, tmp_path / "whole.safetensors",
+                    options=ExtractOptions(batch_size=4, workers=0))
     parts = [tmp_path / f"part{i}.safetensors" for i in range(3)]
     for i, part in enumerate(parts):
-        extract_to_file(image_set, checkpoint, part, batch_size=4, workers=0, shard=Shard(i, 3))
+        extract_to_file(image_set, checkpoint, part, options=ExtractOptions(batch_size=4, workers=0, shard=Shard(i, 3)))
     assert load_embeddings(parts[1]).shard["start"] == len(image_set) // 3
     summary = merge_shards([parts[2], parts[0], parts[1]], tmp_path / "merged.safetensors")
     assert summary["images"] == len(image_set) and summary["parts"] == 3
@@ -155,8 +157,8 @@ def test_shards_merge_into_the_whole(images: Path, checkpoint: Checkpoint, tmp_p
         merge_shards([tmp_path / "whole.safetensors"], tmp_path / "m.safetensors")
     other_list = tmp_path / "half.txt"
     other_list.write_text("\n".join(images.read_text().splitlines()[:-1]) + "\n")
-    extract_to_file(load_image_set(other_list), checkpoint, tmp_path / "other.safetensors", workers=0,
-                    shard=Shard(1, 3))
+    extract_to_file(load_image_set(other_list), checkpoint, tmp_path / "other.safetensors",
+                    options=ExtractOptions(workers=0, shard=Shard(1, 3)))
     with pytest.raises(EmbeddingsError, match="differ in list"):
         merge_shards([parts[0], tmp_path / "other.safetensors", parts[2]], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
@@ -177,7 +179,7 @@ def test_unreadable_images_are_skipped_and_reported(images: Path, checkpoint: Ch
     bad_ids = _break_images(images, tmp_path)
     image_set = load_image_set(images)
     out = tmp_path / "e.safetensors"
-    result = extract_to_file(image_set, checkpoint, out, batch_size=4, workers=0)
+    result = extract_to_file(image_set, checkpoint, out, options=ExtractOptions(batch_size=4, workers=0))
     emb = load_embeddings(out)
     assert len(emb) == len(image_set) - 2 and not set(bad_ids) & set(emb.ids)
     readable = replace(image_set, records=tuple(r for r in image_set.records if r.id not in bad_ids))
@@ -188,7 +190,8 @@ def test_unreadable_images_are_skipped_and_reported(images: Path, checkpoint: Ch
     assert result.to_dict()["failed"] == 2 and result.report == str(report_path(out))
 
     with pytest.raises(DataError, match="cannot be decoded"):
-        extract_to_file(image_set, checkpoint, tmp_path / "strict.safetensors", workers=0, strict=True)
+        extract_to_file(image_set, checkpoint, tmp_path / "strict.safetensors",
+                        options=ExtractOptions(workers=0, strict=True))
     assert not (tmp_path / "strict.safetensors").exists()
 
 
@@ -210,7 +213,8 @@ def test_interrupted_extraction_resumes_to_the_same_file(
     images: Path, checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image_set = load_image_set(images)
-    extract_to_file(image_set, checkpoint, tmp_path / "straight.safetensors", batch_size=3, workers=0)
+    extract_to_file(image_set, checkpoint, tmp_path / "straight.safetensors",
+                    options=ExtractOptions(batch_size=3, workers=0))
     out = tmp_path / "e.safetensors"
     import bctool.extract as module
 
@@ -224,7 +228,7 @@ def test_interrupted_extraction_resumes_to_the_same_file(
 
     monkeypatch.setattr(module, "_embed_batches", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(image_set, checkpoint, out, batch_size=3, workers=0)
+        extract_to_file(image_set, checkpoint, out, options=ExtractOptions(batch_size=3, workers=0))
     monkeypatch.setattr(module, "_embed_batches", real)
     partial, state = partial_paths(out)
     assert not out.exists() and partial.exists()
@@ -238,7 +242,7 @@ def test_interrupted_extraction_resumes_to_the_same_file(
             yield batch
 
     monkeypatch.setattr(module, "_embed_batches", counting)
-    result = extract_to_file(image_set, checkpoint, out, batch_size=3, workers=0, resume=True)
+    result = extract_to_file(image_set, checkpoint, out, options=ExtractOptions(batch_size=3, workers=0, resume=True))
     assert result.resumed_from_row == 6 and seen[0] == 6
     assert out.read_bytes() == (tmp_path / "straight.safetensors").read_bytes()
     assert not partial.exists() and not state.exists()
@@ -248,17 +252,17 @@ def test_resume_refuses_another_run(images: Path, checkpoint: Checkpoint, tmp_pa
     image_set = load_image_set(images)
     out = tmp_path / "e.safetensors"
     with pytest.raises(ConfigError, match="no interrupted extraction to .* start without --resume"):
-        extract_to_file(image_set, checkpoint, out, workers=0, resume=True)
+        extract_to_file(image_set, checkpoint, out, options=ExtractOptions(workers=0, resume=True))
     partial, state = partial_paths(out)
-    extract_to_file(image_set, checkpoint, out, workers=0, shard=Shard(0, 2))
+    extract_to_file(image_set, checkpoint, out, options=ExtractOptions(workers=0, shard=Shard(0, 2)))
     # Fake an interrupted run of shard 0/2, then resume it as shard 1/2.
     shutil.copy(out, partial)
     state.write_text(json.dumps({"fingerprint": "x", "rows_done": 1, "failed": []}))
     with pytest.raises(ConfigError, match="was begun for other images, labels, model or shard"):
-        extract_to_file(image_set, checkpoint, out, workers=0, shard=Shard(1, 2), resume=True)
+        extract_to_file(image_set, checkpoint, out, options=ExtractOptions(workers=0, shard=Shard(1, 2), resume=True))
     state.write_text("{not json")
     with pytest.raises(ConfigError, match="is unreadable"):
-        extract_to_file(image_set, checkpoint, out, workers=0, shard=Shard(0, 2), resume=True)
+        extract_to_file(image_set, checkpoint, out, options=ExtractOptions(workers=0, shard=Shard(0, 2), resume=True))
 
 
 def test_cli_shards_and_merge(images: Path, checkpoint: Checkpoint, tmp_path: Path) -> None:

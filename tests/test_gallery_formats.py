@@ -210,11 +210,12 @@ def test_evaluate_on_a_streamed_gallery_equals_the_whole_index(monkeypatch: pyte
     """--top-k below the gallery size streams the gallery; the figures are those of one index."""
     import bctool.evaluate.search as search
     from bctool.evaluate.retrieval import evaluate_retrieval
+    from bctool.evaluate.search import SearchOptions
 
     gallery, query = _gallery(300, seed=4), _gallery(40, seed=5)
-    whole = evaluate_retrieval(query, gallery, top_k=299, ks=(1, 5))  # one block: the whole gallery
+    whole = evaluate_retrieval(query, gallery, ks=(1, 5), search=SearchOptions(top_k=299))  # one block: the whole gallery
     monkeypatch.setattr(search, "_STREAM_BLOCK_BYTES", 4 * 8 * 13)  # blocks of 13 rows
-    assert evaluate_retrieval(query, gallery, top_k=299, ks=(1, 5)) == whole
+    assert evaluate_retrieval(query, gallery, ks=(1, 5), search=SearchOptions(top_k=299)) == whole
     full = evaluate_retrieval(query, gallery, ks=(1, 5))  # the whole ranking: one index, not streamed
     assert full["map@100"] == pytest.approx(whole["map@100"])
 
@@ -233,7 +234,7 @@ def test_adapt_reads_at_most_max_pairs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("new_normalized", [False, True])
 def test_a_mixed_gallery_reads_the_rows_a_copy_would_hold(new_normalized: bool) -> None:
-    from bctool.evaluate.backfill import MixedRows, partial_backfill
+    from bctool.backfill.curve import MixedRows, partial_backfill
 
     old, new = _gallery(60, seed=8), _gallery(60, seed=9)
     shuffle = np.random.default_rng(0).permutation(60)  # the new file lists the images in another order

@@ -11,7 +11,10 @@ from typer.testing import CliRunner
 
 from bctool.cli import app
 from bctool.data import load_image_set
-from bctool.data.gldv2 import (
+from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+from bctool.errors import DataError, EmbeddingsError
+from bctool.evaluate.protocols import make_protocol
+from bctool.evaluate.protocols.gldv2.files import (
     GLDv2Solution,
     gldv2_image_path,
     is_train_csv,
@@ -22,10 +25,10 @@ from bctool.data.gldv2 import (
     write_gldv2_list,
     write_list_file,
 )
-from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
-from bctool.errors import DataError, EmbeddingsError
-from bctool.evaluate.gldv2 import evaluate_gldv2, evaluate_gldv2_per_query
-from bctool.evaluate.protocols import make_protocol
+from bctool.evaluate.protocols.gldv2.metric import (
+    evaluate_gldv2,
+    evaluate_gldv2_per_query,
+)
 
 
 def embeddings(vectors: np.ndarray, ids: list[str]) -> Embeddings:

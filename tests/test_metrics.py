@@ -15,7 +15,7 @@ from bctool.evaluate import (
     recall_at_k,
 )
 from bctool.evaluate.inputs import check_same_dim
-from bctool.evaluate.search import build_index, iter_index_rankings
+from bctool.evaluate.search import SearchOptions, build_index, iter_index_rankings
 
 from helpers import ref_ap
 
@@ -194,7 +194,7 @@ def test_evaluate_retrieval_matches_reference(seed: int, top_k: int | None) -> N
     q_x = tie_vectors(rng, 30)
     query = make_embeddings(q_x, np.where(q_labels >= 0, 4 - q_labels, -1), q_names, "q")
     assert query.label_strings() == [names[i] if i >= 0 else None for i in q_labels]
-    got = evaluate_retrieval(query, gallery, top_k=top_k)
+    got = evaluate_retrieval(query, gallery, search=SearchOptions(top_k=top_k))
     expected = ref_evaluate(query, gallery, top_k, (1, 5, 10))
     assert_same_result(got, expected)
     assert got["queries"] + got["queries_without_positives"] == len(query)
@@ -208,7 +208,7 @@ def test_evaluate_retrieval_self_matches(top_k: int | None) -> None:
     labels = rng.integers(-1, 5, size=50)
     labels[45] = 5  # the only row of label "5": no positive once its own row is excluded
     emb = make_embeddings(x, labels, [str(i) for i in range(6)], "img")
-    got = evaluate_retrieval(emb, emb, top_k=top_k, ks=(1, 3))
+    got = evaluate_retrieval(emb, emb, ks=(1, 3), search=SearchOptions(top_k=top_k))
     expected = ref_evaluate(emb, emb, top_k, (1, 3))
     assert_same_result(got, expected)
     assert set(got) == {

@@ -149,8 +149,8 @@ def _emb(ids: list[str], dim: int = 3) -> Embeddings:
 def test_every_pairing_refuses_a_repeated_id(tmp_path: Path) -> None:
     """The places that pair rows by id answer a repeated id alike."""
     from bctool.adapt.transform import _blend_rows
-    from bctool.backfill import sample_pairs
-    from bctool.evaluate.backfill import order_rows, partial_backfill
+    from bctool.backfill.curve import order_rows, partial_backfill
+    from bctool.backfill.policies import sample_pairs
     from bctool.evaluate.inputs import match_rows
     from bctool.train.old_side import match_by_id
 

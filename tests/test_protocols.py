@@ -25,6 +25,7 @@ from bctool.evaluate.protocols import (
     select_protocol,
 )
 from bctool.evaluate.retrieval import evaluate_retrieval
+from bctool.evaluate.search import SearchOptions
 
 LABELLED = Embeddings(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), ["a", "b", "c", "d"], ["x", "y"])
 
@@ -64,8 +65,8 @@ def test_make_protocol_picks_by_ground_truth(tmp_path: Path) -> None:
 
 def test_labels_protocol_passes_the_search_options() -> None:
     protocol = make_protocol(top_k=1, index="hnsw", ef_search=16)
-    assert protocol.evaluate(LABELLED, LABELLED) == evaluate_retrieval(LABELLED, LABELLED, top_k=1, index="hnsw",
-                                                                       ef_search=16)
+    search = SearchOptions(top_k=1, index="hnsw", ef_search=16)
+    assert protocol.evaluate(LABELLED, LABELLED) == evaluate_retrieval(LABELLED, LABELLED, search=search)
     metrics, scores = protocol.per_query(LABELLED, LABELLED)
     assert metrics == protocol.evaluate(LABELLED, LABELLED) and isinstance(scores, QueryAP)
     with pytest.raises(ConfigError, match=r"unknown index kind .lsh.; choose one of \[.flat., .hnsw., .ivf.\]"):
@@ -139,9 +140,11 @@ def test_a_new_protocol_is_one_registration(registry: dict, tmp_path: Path) -> N
 
 
 def test_benchmark_protocols_load_neither_torch_nor_pil() -> None:
-    """`bctool evaluate` pays for faiss and numpy only: the readers in bctool.data are light."""
-    code = ("import sys; import bctool.evaluate.protocols, bctool.evaluate.reports, bctool.data.gldv2, "
-            "bctool.data.gnd; print(sorted({'torch', 'PIL', 'torchvision'} & set(sys.modules)))")
+    """`bctool evaluate` pays for faiss and numpy only: the benchmarks' readers, the backfill package
+    and the plots are light."""
+    code = ("import sys; import bctool.evaluate.protocols, bctool.evaluate.reports, bctool.backfill, "
+            "bctool.plotting, bctool.evaluate.protocols.gldv2.files, bctool.evaluate.protocols.revisited.files; "
+            "print(sorted({'torch', 'PIL', 'torchvision'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

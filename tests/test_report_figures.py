@@ -32,6 +32,7 @@ from bctool.evaluate.reports import (
     compatibility_report,
 )
 from bctool.evaluate.retrieval import evaluate_retrieval
+from bctool.evaluate.search import SearchOptions
 from bctool.evaluate.scores import compatibility_verdict, paper_scores, update_gain
 
 runner = CliRunner()
@@ -166,7 +167,7 @@ def _every_path(old: tuple[Embeddings, Embeddings], new: tuple[Embeddings, Embed
     protocol = make_protocol()
     return {
         "single": lambda: protocol.evaluate(new[0], old[1]),
-        "streamed top-k": lambda: evaluate_retrieval(new[0], old[1], top_k=5),
+        "streamed top-k": lambda: evaluate_retrieval(new[0], old[1], search=SearchOptions(top_k=5)),
         "compatibility": lambda: compatibility_report(old, new, protocol, options=CompatibilityOptions(bootstrap=0)),
         "chain": lambda: chain_report([old, new], protocol),
         "backfill": lambda: backfill_report(new[0], old[1], new[1], protocol, BackfillOptions((0.0, 0.5, 1.0))),

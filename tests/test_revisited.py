@@ -13,17 +13,17 @@ import pytest
 from typer.testing import CliRunner
 
 from bctool.cli import app
-from bctool.data.gnd import RevisitedGroundTruth, load_gnd
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import DataError, EmbeddingsError
 from bctool.evaluate.inputs import id_stem, match_rows
 from bctool.evaluate.protocols import make_protocol
-from bctool.evaluate.revisited import (
-    PROTOCOLS,
+from bctool.evaluate.protocols.revisited.files import RevisitedGroundTruth, load_gnd
+from bctool.evaluate.protocols.revisited.metric import (
+    DIFFICULTIES,
+    difficulty_sets,
     evaluate_revisited,
     evaluate_revisited_per_query,
     junk_free_ranks,
-    protocol_sets,
     revisited_ap,
     revisited_precision_at_k,
 )
@@ -199,7 +199,7 @@ def test_metrics_match_reference_on_random_rankings(seed: int, overlap: bool) ->
     n_query, n_gallery = 40, 50
     gnd = random_gnd(rng, n_query, n_gallery, overlap=overlap)
     ranks = np.stack([rng.permutation(n_gallery) for _ in range(n_query)], axis=1)  # N x Q
-    for protocol in PROTOCOLS:
+    for protocol in DIFFICULTIES:
         sets = ref_protocol(gnd, protocol)
         if overlap:  # duplicates within "ok" would make the reference count a positive twice
             sets = [{"ok": np.unique(s["ok"]), "junk": s["junk"]} for s in sets]
@@ -215,7 +215,7 @@ def test_metrics_match_reference_on_random_rankings(seed: int, overlap: bool) ->
         assert np.isnan(aps).any()  # empty-positive queries were exercised
 
 
-def test_protocol_sets() -> None:
+def test_difficulty_sets() -> None:
     gnd = RevisitedGroundTruth(
         gallery_names=tuple("abcdef"),
         query_names=("q",),
@@ -225,12 +225,12 @@ def test_protocol_sets() -> None:
         bbx=np.zeros((1, 4)),
     )
     expected = {"easy": ([0, 1], [1, 2, 3]), "medium": ([0, 1, 2], [1, 3]), "hard": ([2], [0, 1, 3])}
-    for protocol, (want_ok, want_junk) in expected.items():
-        ok, junk = protocol_sets(gnd, protocol)
+    for difficulty, (want_ok, want_junk) in expected.items():
+        ok, junk = difficulty_sets(gnd, difficulty)
         assert [a.tolist() for a in ok] == [want_ok]
         assert [a.tolist() for a in junk] == [want_junk]
-    with pytest.raises(Exception, match="protocol must be one of"):
-        protocol_sets(gnd, "extreme")
+    with pytest.raises(Exception, match="difficulty must be one of"):
+        difficulty_sets(gnd, "extreme")
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_evaluate_revisited_matches_reference(tmp_path: Path) -> None:
     result = evaluate_revisited(q_emb, g_emb, gnd, ks=(1, 5, 10))
 
     ranks = ref_ranking(query_vecs, gallery_vecs)
-    for protocol in PROTOCOLS:
+    for protocol in DIFFICULTIES:
         sets = ref_protocol(gnd_dict, protocol)
         ref_map, _, ref_pr, ref_prs = ref_compute_map(ranks, sets, (1, 5, 10))
         assert result[f"map_{protocol}"] == pytest.approx(ref_map, rel=1e-9)

@@ -11,7 +11,7 @@ import pytest
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.retrieval import evaluate_retrieval
-from bctool.evaluate.search import rank_gallery
+from bctool.evaluate.search import SearchOptions, rank_gallery
 
 
 def _clustered(n: int, n_classes: int, dim: int, seed: int, prefix: str) -> Embeddings:
@@ -98,8 +98,8 @@ def test_mmap_rejects_bad_headers(pair: tuple[Embeddings, Path], tmp_path: Path)
 @pytest.mark.parametrize("top_k", [None, 50])
 def test_flat_on_mmap_gives_identical_metrics(pair: tuple[Embeddings, Path], top_k: int | None) -> None:
     query, path = pair
-    in_memory = evaluate_retrieval(query, load_embeddings(path), top_k=top_k)
-    mapped = evaluate_retrieval(query, load_embeddings(path, mmap=True), top_k=top_k)
+    in_memory = evaluate_retrieval(query, load_embeddings(path), search=SearchOptions(top_k=top_k))
+    mapped = evaluate_retrieval(query, load_embeddings(path, mmap=True), search=SearchOptions(top_k=top_k))
     assert mapped == in_memory
 
 
@@ -107,8 +107,8 @@ def test_flat_on_mmap_gives_identical_metrics(pair: tuple[Embeddings, Path], top
 def test_approximate_indexes_are_close_to_flat(pair: tuple[Embeddings, Path], kind: str) -> None:
     query, path = pair
     gallery = load_embeddings(path, mmap=True)
-    flat = evaluate_retrieval(query, gallery, top_k=100)
-    approx = evaluate_retrieval(query, gallery, top_k=100, index=kind)
+    flat = evaluate_retrieval(query, gallery, search=SearchOptions(top_k=100))
+    approx = evaluate_retrieval(query, gallery, search=SearchOptions(top_k=100, index=kind))
     assert abs(approx["recall@1"] - flat["recall@1"]) <= 0.05
     assert abs(approx["map@100"] - flat["map@100"]) <= 0.1
 
@@ -116,7 +116,7 @@ def test_approximate_indexes_are_close_to_flat(pair: tuple[Embeddings, Path], ki
 def test_approximate_rank_gallery_sorted_and_self_excluded() -> None:
     emb = _clustered(500, 5, 8, seed=2, prefix="g").normalized_embeddings()
     exclude = np.arange(20)
-    scores, indices = rank_gallery(emb[:20], emb, 10, exclude=exclude, index="ivf", nprobe=4)
+    scores, indices = rank_gallery(emb[:20], emb, 10, exclude=exclude, search=SearchOptions(index="ivf", nprobe=4))
     assert scores.shape == indices.shape == (20, 10)
     assert not (indices == exclude[:, None]).any()
     assert (np.diff(scores, axis=1) <= 0).all()
@@ -125,6 +125,6 @@ def test_approximate_rank_gallery_sorted_and_self_excluded() -> None:
 def test_unknown_index_names_the_choices(pair: tuple[Embeddings, Path]) -> None:
     query, path = pair
     with pytest.raises(ConfigError, match=r"unknown index kind .annoy.; choose one of \[.flat., .hnsw., .ivf.\]"):
-        evaluate_retrieval(query, load_embeddings(path), index="annoy")
+        evaluate_retrieval(query, load_embeddings(path), search=SearchOptions(index="annoy"))
     with pytest.raises(ConfigError, match="nprobe must be at least 1"):
-        rank_gallery(query.embeddings, query.embeddings, 3, index="ivf", nprobe=0)
+        rank_gallery(query.embeddings, query.embeddings, 3, search=SearchOptions(index="ivf", nprobe=0))

@@ -20,7 +20,7 @@ from bctool.data.sources import load_image_set
 from bctool.data.transforms import EvalTransform, Preprocess, StoredView
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.extract import extract, extract_to_file
+from bctool.extract import ExtractOptions, extract, extract_to_file
 from bctool.train import TrainConfig, train
 
 
@@ -40,7 +40,8 @@ def old_files(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     save_embeddings(extract(images, old, workers=0), files["clean"])
     for k in (0, 1):
         files[f"view{k}"] = folder / f"view{k}.safetensors"
-        extract_to_file(images, old, files[f"view{k}"], workers=0, view=StoredView("crop", k, seed=3))
+        extract_to_file(images, old, files[f"view{k}"],
+                        options=ExtractOptions(workers=0, view=StoredView("crop", k, seed=3)))
     return files
 
 

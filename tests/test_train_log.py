@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from bctool.cli import app
 from bctool.data import load_image_set
 from bctool.interrupt import Interrupted
+from bctool.plotting import _moving_mean
 from bctool.train import TrainConfig, train
-from bctool.train.log import _moving_mean, read_records
+from bctool.train.log import read_records
 
 runner = CliRunner()
 

@@ -27,6 +27,7 @@ import numpy as np
 from bctool.adapt.adapter import Adapter
 from bctool.embeddings import (
     Embeddings,
+    EmbeddingsSpec,
     find_rows,
     load_embeddings,
     normalize_rows,
@@ -116,9 +117,10 @@ def transform_file(emb_path: str | os.PathLike[str], adapter: Adapter, out: str 
         blend_record = {"file": str(Path(blend).resolve()), "weight": blend_weight,
                         "model": {k: v for k, v in old.model.items() if k != "trained_classes"}}
     model = adapted_model(emb.model, adapter, blend_record)
-    with write_embeddings(out, labels=np.asarray(emb.labels), ids=emb.ids, label_names=emb.label_names,
+    spec = EmbeddingsSpec(labels=np.asarray(emb.labels), ids=emb.ids, label_names=emb.label_names,
                           dim=adapter.target_dim, model=model, normalized=True, root=emb.root, shard=emb.shard,
-                          dtype=storage_dtype(emb.embeddings)) as writer:  # float16 in, float16 out
+                          dtype=storage_dtype(emb.embeddings))  # float16 in, float16 out
+    with write_embeddings(out, spec) as writer:
         progress.start("transform", len(emb))
         try:
             for start in range(0, len(emb), block_rows):

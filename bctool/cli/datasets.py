@@ -112,7 +112,7 @@ def dataset_gldv2(
     quiet: QuietAccepted = False,
 ) -> None:
     """Write a bctool list file for GLDv2 images from one of its CSV files."""
-    from bctool.data.gldv2 import write_gldv2_list
+    from bctool.evaluate.protocols.gldv2.files import write_gldv2_list
 
     FilePlan("dataset gldv2").read("CSV_FILE", csv_file).read("--images", images).write("--out", out, locked=True).check()
     with output_lock(out):

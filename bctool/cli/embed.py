@@ -60,7 +60,7 @@ def extract(
     from bctool.checkpoint import load_checkpoint
     from bctool.data import load_image_set
     from bctool.device import resolve_device
-    from bctool.extract import Shard, extract_to_file, unadapted_path
+    from bctool.extract import ExtractOptions, Shard, extract_to_file, unadapted_path
 
     setup_logging(verbose)
     _extract_files(data, model, out, gnd, adapter).check()
@@ -76,8 +76,8 @@ def extract(
         raise typer.BadParameter("--view-index and --view-seed choose a seeded view: pass --view crop (or flip) too")
     checkpoint = load_checkpoint(model, device=resolve_device(device))
     if gnd is not None:
-        from bctool.data.gnd import load_gnd
         from bctool.data.sources import image_set_from_names
+        from bctool.evaluate.protocols.revisited.files import load_gnd
 
         truth = load_gnd(gnd)
         if queries:
@@ -95,9 +95,9 @@ def extract(
         mapping = load_adapter(adapter)
         check_adapter_source(mapping, checkpoint)  # before any image is read
     raw = unadapted_path(out) if mapping else out
-    result = extract_to_file(images, checkpoint, raw, batch_size=batch_size, workers=workers, shard=part,
-                             strict=strict, resume=resume, progress=RichProgress(not quiet), view=stored_view,
-                             dtype=dtype)
+    options = ExtractOptions(batch_size=batch_size, workers=workers, shard=part, strict=strict, resume=resume,
+                             view=stored_view, dtype=dtype)
+    result = extract_to_file(images, checkpoint, raw, options=options, progress=RichProgress(not quiet))
     if result.failed and not quiet:
         stderr.print(f"[yellow]Skipped {len(result.failed)} unreadable images[/] (listed in {result.report}); "
                      "--strict stops at the first one instead.")

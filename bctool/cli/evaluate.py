@@ -60,7 +60,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(callback=at_least(0), rich_help_panel="Compatibility report", help="Compatibility report: resamples of the queries (paired, with replacement) for the 95% bootstrap interval of delta = M(n,o) - M(o,o); 0 turns the interval off.")] = 1000,
     plot: Annotated[Optional[Path], typer.Option(parser=output_file, rich_help_panel="Partial backfill", help="With --backfill: draw the curve to this file, PNG, SVG or PDF by its suffix (needs matplotlib).")] = None,
     order: Annotated[Optional[Path], typer.Option(rich_help_panel="Partial backfill", help="With --backfill: re-embed the gallery in this order (a plan from `bctool backfill plan`) instead of a random one.")] = None,
-    backfill_scoring: Annotated[str, typer.Option(callback=one_of("bctool.evaluate.backfill", "SCORINGS"), rich_help_panel="Partial backfill", help="With --backfill: raw (both models' cosines in one ranking) or calibrated (the old rows' cosines put on the new model's scale, fitted on the rows re-embedded so far).")] = "raw",
+    backfill_scoring: Annotated[str, typer.Option(callback=one_of("bctool.backfill.curve", "SCORINGS"), rich_help_panel="Partial backfill", help="With --backfill: raw (both models' cosines in one ranking) or calibrated (the old rows' cosines put on the new model's scale, fitted on the rows re-embedded so far).")] = "raw",
     top_k: Annotated[Optional[int], typer.Option(callback=at_least(1), rich_help_panel="Protocol and search", help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(rich_help_panel="Protocol and search", help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(rich_help_panel="Protocol and search", help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
@@ -123,7 +123,7 @@ def evaluate(
     _emit_gated(report, require or [], quiet)
 
 
-DEFAULT_POLICY = "norm"  # bctool.backfill.DEFAULT_POLICY, without importing numpy for --help
+DEFAULT_POLICY = "norm"  # bctool.backfill.policies.DEFAULT_POLICY, without importing numpy for --help
 GATE_FAILED = 3  # the exit code of a release gate that failed (errors exit 1, usage errors 2)
 
 
@@ -219,7 +219,7 @@ def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> dict:
 def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int, plot: Path | None,
                        protocol: Protocol, quiet: bool, scoring: str = "raw") -> dict:
     """``files``: the paths of --query, --old-query, --old-gallery and --new-gallery (by option name)."""
-    from bctool.backfill import read_plan
+    from bctool.backfill.plan import read_plan
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.reports import BackfillOptions, backfill_report, backfill_table
 
@@ -248,7 +248,7 @@ def _evaluate_backfill(files: dict[str, Path | None], fractions: str, seed: int,
 def backfill_plan(
     old_gallery: Annotated[Path, typer.Argument(metavar="OLD_GALLERY", help="The old model's gallery embeddings (the ids to re-embed).")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=output_file, help="The plan to write: one gallery id a line with its batch number (ID<TAB>BATCH).")],
-    policy: Annotated[str, typer.Option(callback=one_of("bctool.backfill", "POLICIES"), help="The order: norm (smallest old embeddings first; the default), random, crowded (old rows closest to another first) or disagreement (rows predicted to differ most between the models first; needs --new-sample); `bctool list backfill-policies`.")] = DEFAULT_POLICY,
+    policy: Annotated[str, typer.Option(callback=one_of("bctool.backfill.policies", "POLICIES"), help="The order: norm (smallest old embeddings first; the default), random, crowded (old rows closest to another first) or disagreement (rows predicted to differ most between the models first; needs --new-sample); `bctool list backfill-policies`.")] = DEFAULT_POLICY,
     new_sample: Annotated[Optional[Path], typer.Option(help="The new model's embeddings of a sample of the gallery's images (same ids).")] = None,
     batch: Annotated[int, typer.Option(callback=at_least(0), help="Ids a batch (0: one batch), so a backfill runs, stops and resumes batch by batch.")] = 0,
     seed: Annotated[int, typer.Option(callback=seed_range, help="Seed of the random policy.")] = 0,
@@ -257,7 +257,8 @@ def backfill_plan(
 ) -> None:
     """Write the order in which to re-embed a gallery with the new model (JSON summary);
     `bctool evaluate --backfill ... --order PLAN` measures its curve."""
-    from bctool.backfill import POLICIES, write_plan
+    from bctool.backfill.plan import write_plan
+    from bctool.backfill.policies import POLICIES
 
     if new_sample is not None and not POLICIES.entry(policy).declares.get("needs_sample"):
         users = [e.name for e in POLICIES.entries() if e.declares.get("needs_sample")]

@@ -214,8 +214,8 @@ def plot(
     quiet: QuietAccepted = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
-    from bctool.plotting import plot_format
-    from bctool.train.log import DEFAULT_PLOT, LOG_FILES, plot_training
+    from bctool.plotting import DEFAULT_PLOT, plot_format, plot_training
+    from bctool.train.log import LOG_FILES
 
     target = out if out is not None else log_dir / DEFAULT_PLOT
     (FilePlan("plot").read("LOG_DIR", [log_dir / name for name in LOG_FILES])

@@ -1,8 +1,8 @@
-"""Data in: list files, ImageFolder trees, the embedded emoji dataset, transforms, and the
-benchmark files (GLDv2 CSVs in ``gldv2.py``, Revisited Oxford/Paris ground truth in ``gnd.py``).
+"""Data in: list files, ImageFolder trees, the embedded emoji dataset, transforms, the dataset
+writers. A benchmark's own files (GLDv2's CSVs, Revisited Oxford/Paris ground truth) are read by
+its package in :mod:`bctool.evaluate.protocols`.
 
-The names below are imported on first use: the benchmark readers need neither torch nor PIL,
-so evaluating embeddings against a benchmark does not load them.
+The names below are imported on first use, so importing this package loads neither torch nor PIL.
 """
 
 from __future__ import annotations

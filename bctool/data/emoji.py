@@ -86,21 +86,10 @@ def _same_pixels(path: Path, tile: Image.Image) -> bool:
         return False
 
 
-def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit(),
-                        progress: Progress = NULL_PROGRESS) -> dict:
-    """Write PNGs under ``OUT/images/VENDOR/`` and list files ``old_train.txt``,
-    ``new_train.txt``, ``query.txt``, ``gallery.txt``; return a summary dict. ``progress``
-    counts the images (one task, "write images")."""
-    out = Path(out_dir)
-    index = load_index()
-    entries = index["emoji"][: split.limit] if split.limit else index["emoji"]
+def _write_images(out: Path, index: dict, names: list[str], progress: Progress) -> None:
+    """Every vendor's tile of every class ``names`` as ``OUT/images/VENDOR/NAME.png``; a file
+    already there must hold the same pixels."""
     size, columns = index["tile_size"], index["columns"]
-    for vendor in (split.query_vendor, split.gallery_vendor):
-        if vendor not in index["vendors"]:
-            raise DataError(f"unknown emoji vendor {vendor!r}; choose one of {index['vendors']}")
-    if split.query_vendor == split.gallery_vendor:
-        raise DataError("query and gallery vendors must differ (google and twitter)")
-    names = [class_name(e) for e in entries]
     progress.start("write images", len(index["vendors"]) * len(names))
     try:
         for vendor in index["vendors"]:
@@ -122,6 +111,24 @@ def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit(),
                 progress.advance()
     finally:
         progress.stop()
+
+
+def write_emoji_dataset(out_dir: str | Path, split: EmojiSplit = EmojiSplit(),
+                        progress: Progress = NULL_PROGRESS) -> dict:
+    """Write PNGs under ``OUT/images/VENDOR/`` and list files ``old_train.txt``,
+    ``new_train.txt``, ``query.txt``, ``gallery.txt``; return a summary dict. ``progress``
+    counts the images (one task, "write images")."""
+    out = Path(out_dir)
+    index = load_index()
+    entries = index["emoji"][: split.limit] if split.limit else index["emoji"]
+    size = index["tile_size"]
+    for vendor in (split.query_vendor, split.gallery_vendor):
+        if vendor not in index["vendors"]:
+            raise DataError(f"unknown emoji vendor {vendor!r}; choose one of {index['vendors']}")
+    if split.query_vendor == split.gallery_vendor:
+        raise DataError("query and gallery vendors must differ (google and twitter)")
+    names = [class_name(e) for e in entries]
+    _write_images(out, index, names, progress)
     parts = split_classes(names, split)
 
     def lines(classes: list[str], vendors: list[str]) -> str:

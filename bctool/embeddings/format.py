@@ -62,6 +62,32 @@ def _metadata(
     return metadata
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddingsSpec:
+    """What an embeddings file holds besides its rows: a label and an id per row, the rows'
+    dimension and storage ``dtype`` (float32 or float16), and the metadata (module docstring)."""
+
+    labels: np.ndarray
+    ids: Sequence[str]
+    label_names: list[str]
+    dim: int
+    model: dict[str, Any]
+    normalized: bool = False
+    root: str = ""
+    shard: dict[str, Any] | None = None
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, emb: Embeddings, dtype: str) -> EmbeddingsSpec:
+        """The spec of a file holding ``emb``'s rows, stored as ``dtype``."""
+        return cls(labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim, model=emb.model,
+                   normalized=emb.normalized, root=emb.root, shard=emb.shard, dtype=dtype)
+
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata, as safetensors stores it."""
+        return _metadata(self.label_names, self.model, self.normalized, self.root, self.shard)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """Where everything of an ``N x dim`` version-2 file lies: its header, the bytes of every
@@ -113,26 +139,18 @@ class EmbeddingsWriter:
         self._written = np.zeros(num_rows, dtype=bool)
 
     @classmethod
-    def _plan(
-        cls, fh: Any, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
-        model: dict[str, Any], normalized: bool, root: str, shard: dict[str, Any] | None, dtype: str,
-    ) -> EmbeddingsWriter:
-        row_ids = RowIds.encode(ids)
+    def _plan(cls, fh: Any, spec: EmbeddingsSpec) -> EmbeddingsWriter:
+        row_ids = RowIds.encode(spec.ids)
         n = len(row_ids)
-        labels = np.asarray(labels)
+        labels = np.asarray(spec.labels)
         if labels.shape != (n,):
             raise EmbeddingsError(f"{n} ids but labels of shape {labels.shape}; they must match")
-        metadata = _metadata(label_names, model, normalized, root, shard)
-        return cls(fh, n, dim, _layout(labels, row_ids, dim, dtype, metadata))
+        return cls(fh, n, spec.dim, _layout(labels, row_ids, spec.dim, spec.dtype, spec.metadata()))
 
     @classmethod
-    def create(
-        cls, fh: Any, *, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
-        model: dict[str, Any], normalized: bool = False, root: str = "",
-        shard: dict[str, Any] | None = None, dtype: str = "float32",
-    ) -> EmbeddingsWriter:
-        """Write the header, ids and labels of an ``len(ids) x dim`` file to ``fh`` (opened ``w+b``)."""
-        writer = cls._plan(fh, labels, ids, label_names, dim, model, normalized, root, shard, dtype)
+    def create(cls, fh: Any, spec: EmbeddingsSpec) -> EmbeddingsWriter:
+        """Write the header, ids and labels of a ``len(spec.ids) x spec.dim`` file to ``fh`` (opened ``w+b``)."""
+        writer = cls._plan(fh, spec)
         fh.seek(0)
         fh.write(writer.head)
         for offset, raw in writer.layout.fixed:
@@ -142,14 +160,10 @@ class EmbeddingsWriter:
         return writer
 
     @classmethod
-    def reopen(
-        cls, fh: Any, *, labels: np.ndarray, ids: Sequence[str], label_names: list[str], dim: int,
-        model: dict[str, Any], normalized: bool = False, root: str = "",
-        shard: dict[str, Any] | None = None, dtype: str = "float32",
-    ) -> EmbeddingsWriter:
-        """A writer over a file :meth:`create` began with the same arguments (opened ``r+b``);
+    def reopen(cls, fh: Any, spec: EmbeddingsSpec) -> EmbeddingsWriter:
+        """A writer over a file :meth:`create` began with the same spec (opened ``r+b``);
         an :class:`EmbeddingsError` if the file holds another header, ids, labels or size."""
-        writer = cls._plan(fh, labels, ids, label_names, dim, model, normalized, root, shard, dtype)
+        writer = cls._plan(fh, spec)
         fh.seek(0)
         same = fh.read(len(writer.head)) == writer.head
         for offset, raw in writer.layout.fixed:
@@ -185,17 +199,12 @@ class EmbeddingsWriter:
 
 
 @contextlib.contextmanager
-def write_embeddings(
-    path: str | os.PathLike[str], *, labels: np.ndarray, ids: Sequence[str], label_names: list[str],
-    dim: int, model: dict[str, Any], normalized: bool = False, root: str = "",
-    shard: dict[str, Any] | None = None, dtype: str = "float32",
-) -> Iterator[EmbeddingsWriter]:
-    """Stream an embeddings file to ``path``: atomically renamed into place once every row is
-    written (an error, or rows left unwritten, leaves any earlier file untouched). ``dtype``:
-    how the rows are stored (float32, or float16: half the disk and memory)."""
+def write_embeddings(path: str | os.PathLike[str], spec: EmbeddingsSpec) -> Iterator[EmbeddingsWriter]:
+    """Stream an embeddings file of ``spec`` to ``path``: atomically renamed into place once every
+    row is written (an error, or rows left unwritten, leaves any earlier file untouched).
+    ``spec.dtype``: how the rows are stored (float32, or float16: half the disk and memory)."""
     with atomic_path(path) as tmp, open(tmp, "w+b") as fh:
-        writer = EmbeddingsWriter.create(fh, labels=labels, ids=ids, label_names=label_names, dim=dim,
-                                         model=model, normalized=normalized, root=root, shard=shard, dtype=dtype)
+        writer = EmbeddingsWriter.create(fh, spec)
         yield writer
         if writer.missing():
             raise EmbeddingsError(f"{writer.missing()} of {writer.num_rows} rows were never written to {str(path)!r}")
@@ -206,8 +215,6 @@ def save_embeddings(emb: Embeddings, path: str | os.PathLike[str], block_rows: i
     """Write ``emb`` to ``path`` atomically as a safetensors file, ``block_rows`` rows at a time
     (a memory-mapped source is never read whole); ``dtype`` defaults to the rows' own
     (float16 rows stay float16, others are stored as float32)."""
-    with write_embeddings(path, labels=emb.labels, ids=emb.ids, label_names=emb.label_names, dim=emb.dim,
-                          model=emb.model, normalized=emb.normalized, root=emb.root, shard=emb.shard,
-                          dtype=dtype or storage_dtype(emb.embeddings)) as out:
+    with write_embeddings(path, EmbeddingsSpec.of(emb, dtype or storage_dtype(emb.embeddings))) as out:
         for start in range(0, len(emb), block_rows):
             out.write(start, emb.embeddings[start : start + block_rows])

@@ -133,33 +133,42 @@ def _checked_metadata(path: Path) -> dict[str, str]:
     return meta
 
 
+def _load_tensors(path: Path, mmap: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors (memory-mapped or read whole) and metadata of ``path``, an existing file."""
+    try:
+        if mmap:
+            return _load_mmap(path)
+        meta = _checked_metadata(path)
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable(path, str(exc)) from exc
+
+
+def _no_rows(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> EmbeddingsError:
+    """The error for a file without an ``embeddings`` tensor, saying what it holds instead."""
+    if meta.get("format") == "bctool.checkpoint":
+        return EmbeddingsError(
+            f"{str(path)!r} is a model checkpoint, not an embeddings file; embed images with "
+            "it first (`bctool extract DATA --model MODEL --out EMB.safetensors`), or pass it "
+            "to train as --old-model"
+        )
+    found = sorted(tensors)
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return EmbeddingsError(
+        f"{str(path)!r} has no 'embeddings' tensor (found {shown}); pass an embeddings file "
+        "written by `bctool extract`"
+    )
+
+
 def read_embeddings_file(path: Path, mmap: bool = False) -> Embeddings:
     """One embeddings file (not a shard set), as :func:`bctool.embeddings.load_embeddings` reads it."""
     if not path.is_file():
         raise EmbeddingsError(f"embeddings file {str(path)!r} does not exist; run `bctool extract` first")
-    try:
-        if mmap:
-            tensors, meta = _load_mmap(path)
-        else:
-            meta = _checked_metadata(path)
-            tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _unreadable(path, str(exc)) from exc
+    tensors, meta = _load_tensors(path, mmap)
     if meta.get("format") == FORMAT:
         check_format_version(path, meta, "bctool embeddings", FORMAT_VERSION, EmbeddingsError)
     if "embeddings" not in tensors:
-        if meta.get("format") == "bctool.checkpoint":
-            raise EmbeddingsError(
-                f"{str(path)!r} is a model checkpoint, not an embeddings file; embed images with "
-                "it first (`bctool extract DATA --model MODEL --out EMB.safetensors`), or pass it "
-                "to train as --old-model"
-            )
-        found = sorted(tensors)
-        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-        raise EmbeddingsError(
-            f"{str(path)!r} has no 'embeddings' tensor (found {shown}); pass an embeddings file "
-            "written by `bctool extract`"
-        )
+        raise _no_rows(path, tensors, meta)
     emb = tensors["embeddings"]
     n = emb.shape[0] if emb.ndim else 0
     labels = tensors.get("labels", np.full((n,), -1, dtype=np.int64))

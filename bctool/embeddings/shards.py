@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from bctool.embeddings.core import Embeddings
-from bctool.embeddings.format import write_embeddings
+from bctool.embeddings.format import EmbeddingsSpec, write_embeddings
 from bctool.embeddings.ids import concat_ids
 from bctool.embeddings.read import read_embeddings_file
 from bctool.embeddings.rows import ConcatRows, storage_dtype
@@ -156,9 +156,10 @@ def merge_shards(parts: list[str | os.PathLike[str]], out: str | os.PathLike[str
     count = len(ordered)
     ids = concat_ids([emb.ids for emb in ordered])
     labels = np.concatenate([emb.labels for emb in ordered])
-    with write_embeddings(out, labels=labels, ids=ids, label_names=first.label_names, dim=first.dim,
-                          model=first.model, normalized=first.normalized, root=first.root,
-                          dtype="float16" if all(storage_dtype(e.embeddings) == "float16" for e in ordered) else "float32") as writer:
+    dtype = "float16" if all(storage_dtype(e.embeddings) == "float16" for e in ordered) else "float32"
+    spec = EmbeddingsSpec(labels=labels, ids=ids, label_names=first.label_names, dim=first.dim, model=first.model,
+                          normalized=first.normalized, root=first.root, dtype=dtype)
+    with write_embeddings(out, spec) as writer:
         row = 0
         progress.start("merge", len(ids))
         try:

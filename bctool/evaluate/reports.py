@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from bctool.backfill.curve import backfill_curve
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.evaluate.backfill import backfill_curve
 from bctool.evaluate.inputs import check_ids_once, warn_zero_rows
-from bctool.evaluate.protocols import Protocol, Table
+from bctool.evaluate.protocols import Evaluator, Protocol, Table
 from bctool.evaluate.retrieval import evaluate_retrieval
 from bctool.evaluate.scores import (
     DEFAULT_BOOTSTRAP,
@@ -40,8 +40,6 @@ from bctool.evaluate.scores import (
 )
 
 logger = logging.getLogger(__name__)
-
-Evaluate = Callable[[Embeddings, Embeddings], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -61,7 +59,7 @@ class BackfillOptions:
     seed: int = 0
     plot: str | os.PathLike[str] | None = None  # PNG, SVG or PDF by suffix; None: no plot
     order: tuple[str, ...] | None = None  # gallery ids in the order re-embedded (a plan); None: random by seed
-    scoring: str = "raw"  # raw, or calibrated (bctool.evaluate.backfill.backfill_curve)
+    scoring: str = "raw"  # raw, or calibrated (bctool.backfill.curve.backfill_curve)
 
 
 def check_one_model(query: Embeddings, gallery: Embeddings, role: str) -> None:
@@ -148,7 +146,7 @@ def compatibility_report(
 
 def chain_matrix(
     models: Sequence[tuple[Embeddings, Embeddings]],
-    evaluate: Evaluate = evaluate_retrieval,
+    evaluate: Evaluator = evaluate_retrieval,
     key: str = "map",
 ) -> np.ndarray:
     """T x T matrix M with M[i][j] = metric ``key`` (by default mAP) of model i's queries
@@ -189,7 +187,7 @@ def backfill_report(
     old_query: Embeddings | None = None,
 ) -> dict[str, Any]:
     """The new model's ``query`` against the old gallery with each fraction re-embedded by the
-    new model (:func:`bctool.evaluate.backfill.backfill_curve`), and two reference levels.
+    new model (:func:`bctool.backfill.curve.backfill_curve`), and two reference levels.
 
     Returns ``{"metric", "seed", "m_oo" (``old_query`` against the old gallery, None without
     it), "m_nn" (``query`` against the new gallery), "curve", "plot"}``; ``options.plot`` names
@@ -203,7 +201,7 @@ def backfill_report(
     m_oo = protocol.evaluate(old_query, old_gallery)[key] if old_query is not None else None
     m_nn = protocol.evaluate(query, new_gallery)[key]
     if plot is not None:
-        from bctool.evaluate.plots import plot_backfill
+        from bctool.plotting import plot_backfill
 
         plot_backfill(curve, plot, old_map=m_oo, new_map=m_nn, key=key)
     area = _area(curve, key)

@@ -17,8 +17,7 @@ from bctool.evaluate.metrics import (
     recall_at_k,
 )
 from bctool.evaluate.search import (
-    DEFAULT_EF_SEARCH,
-    DEFAULT_NPROBE,
+    SearchOptions,
     build_index,
     iter_index_rankings,
     stream_rankings,
@@ -131,11 +130,8 @@ def _count_positives(q_lab: np.ndarray, g_lab: np.ndarray, exclude: np.ndarray) 
 def evaluate_retrieval(
     query: Embeddings,
     gallery: Embeddings,
-    top_k: int | None = None,
+    search: SearchOptions = SearchOptions(),
     ks: tuple[int, ...] = (1, 5, 10),
-    index: str = "flat",
-    nprobe: int = DEFAULT_NPROBE,
-    ef_search: int = DEFAULT_EF_SEARCH,
 ) -> dict[str, float | int]:
     """Rank the gallery for every query and report mAP, mAP@100 and recall@k.
 
@@ -143,25 +139,22 @@ def evaluate_retrieval(
     unknown label or without any relevant gallery row are skipped and counted in
     ``queries_without_positives`` (so ``queries + queries_without_positives`` is the number of
     query rows). A query never retrieves the gallery row with its own id (ids from one dataset
-    root). ``map`` is computed over the top ``top_k`` items (default: the whole gallery);
+    root). ``map`` is computed over the top ``search.top_k`` items (default: the whole gallery);
     positives ranked lower count as missed. Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
 
-    ``index`` is ``"flat"`` (exact), ``"ivf"`` (with ``nprobe``) or ``"hnsw"`` (with
+    ``search.index`` is ``"flat"`` (exact), ``"ivf"`` (with ``nprobe``) or ``"hnsw"`` (with
     ``ef_search``), as in :func:`bctool.evaluate.search.build_index`; approximate indexes may
     miss relevant rows and do not keep the tie order. The gallery may be memory-mapped
     (``load_embeddings(path, mmap=True)``): it is normalised block by block into the index.
     """
-    return _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, None)
+    return _evaluate(query, gallery, search, ks, None)
 
 
 def evaluate_retrieval_per_query(
     query: Embeddings,
     gallery: Embeddings,
-    top_k: int | None = None,
+    search: SearchOptions = SearchOptions(),
     ks: tuple[int, ...] = (1, 5, 10),
-    index: str = "flat",
-    nprobe: int = DEFAULT_NPROBE,
-    ef_search: int = DEFAULT_EF_SEARCH,
 ) -> tuple[dict[str, float | int], QueryAP]:
     """:func:`evaluate_retrieval`'s metrics and the AP of every evaluated query (the ``map`` key).
 
@@ -169,7 +162,7 @@ def evaluate_retrieval_per_query(
     """
     ap = np.full(len(query), np.nan, dtype=np.float64)
     top1 = np.zeros(len(query), dtype=bool)
-    result = _evaluate(query, gallery, top_k, ks, index, nprobe, ef_search, ap, top1)
+    result = _evaluate(query, gallery, search, ks, ap, top1)
     # Skipped queries keep their NaN: an evaluated one has positives, so a finite AP.
     evaluated = np.flatnonzero(~np.isnan(ap))
     return result, QueryAP(tuple(query.ids[i] for i in evaluated), ap[evaluated], top1[evaluated])
@@ -223,16 +216,14 @@ def _metric_sums(
 def _evaluate(
     query: Embeddings,
     gallery: Embeddings,
-    top_k: int | None,
+    search: SearchOptions,
     ks: tuple[int, ...],
-    index: str,
-    nprobe: int,
-    ef_search: int,
     ap_out: np.ndarray | None,
     top1_out: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """The body of :func:`evaluate_retrieval`; fills ``ap_out[row]`` (and ``top1_out[row]``)
     with each evaluated query's AP (and rank-1 hit) when given."""
+    top_k, index = search.top_k, search.index
     _check_inputs(query, gallery, top_k, ks)
     q_lab, g_lab = _shared_labels(query, gallery)
     exclude = _self_rows(query, gallery)
@@ -257,7 +248,8 @@ def _evaluate(
             logger.warning(
                 "ranking all %d gallery rows holds them in one index (%.1f GiB); pass --top-k 100 (or another depth) "
                 "to stream the gallery from its file instead", n_gallery, n_gallery * gallery.dim * 4 / 2**30)
-        g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=nprobe, ef_search=ef_search)
+        g_index = build_index(gallery.embeddings, index, normalize=True, nprobe=search.nprobe,
+                              ef_search=search.ef_search)
         rankings = _rankings(g_index, query.normalized_embeddings(), evaluated, exclude, depth)
     sums = _metric_sums(rankings, q_lab, g_lab, n_pos, map_depth, ks, ap_out, top1_out)
 

@@ -181,6 +181,19 @@ class IndexSettings:
     ef_search: int = DEFAULT_EF_SEARCH  # HNSW candidates kept while searching
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a gallery is searched: ``index`` names an index kind (:data:`INDEX_KINDS`) and
+    ``nprobe`` and ``ef_search`` are its settings (those of :func:`build_index`); ``top_k`` is
+    the depth of the ranking a retrieval evaluation scores (None: the whole gallery), where
+    :func:`rank_gallery` takes its own ``k``."""
+
+    top_k: int | None = None
+    index: str = "flat"
+    nprobe: int = DEFAULT_NPROBE  # IVF lists searched
+    ef_search: int = DEFAULT_EF_SEARCH  # HNSW candidates kept while searching
+
+
 # An index kind builds an empty inner-product index: (dimension, gallery rows, settings,
 # sample) -> index, where ``sample(size)`` returns up to ``size`` gallery rows to train on
 # (already normalised when the gallery is). The gallery is added block by block afterwards.
@@ -317,15 +330,13 @@ def iter_rankings(
     exclude: np.ndarray | None = None,
     block_size: int = 4096,
     *,
-    index: str = "flat",
     normalize: bool = False,
-    nprobe: int = DEFAULT_NPROBE,
-    ef_search: int = DEFAULT_EF_SEARCH,
+    search: SearchOptions = SearchOptions(),
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(first_query_row, scores, indices)`` for each block of queries.
 
     Same contract as :func:`rank_gallery`, streamed so that callers never hold all rankings.
-    ``index``, ``normalize``, ``nprobe`` and ``ef_search`` are those of :func:`build_index`.
+    ``normalize`` and the index of ``search`` are those of :func:`build_index`.
     """
     q = _as_matrix(query, "query")
     g = _check_gallery(gallery)
@@ -334,7 +345,7 @@ def iter_rankings(
         raise ConfigError(f"k must be at least 1, got {k}")
     if block_size < 1:
         raise ConfigError(f"block_size must be at least 1, got {block_size}")
-    idx = build_index(g, index, normalize=normalize, nprobe=nprobe, ef_search=ef_search)
+    idx = build_index(g, search.index, normalize=normalize, nprobe=search.nprobe, ef_search=search.ef_search)
     yield from iter_index_rankings(idx, q, k, exclude, block_size)
 
 
@@ -393,10 +404,8 @@ def rank_gallery(
     exclude: np.ndarray | None = None,
     block_size: int = 4096,
     *,
-    index: str = "flat",
     normalize: bool = False,
-    nprobe: int = DEFAULT_NPROBE,
-    ef_search: int = DEFAULT_EF_SEARCH,
+    search: SearchOptions = SearchOptions(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` gallery rows of every query by inner product: ``(scores, indices)``, ``(Q, k)``.
 
@@ -404,16 +413,13 @@ def rank_gallery(
     ``q``'s ranking, or -1 for none. ``k`` is clamped to the gallery size, minus one when
     ``exclude`` names any row (then every query gets that many results). Scores are float32,
     indices int64; rows are sorted by descending score, then ascending gallery index.
-    ``index="ivf"`` or ``"hnsw"`` search approximately (no tie-order guarantee; -1 marks slots
-    an approximate index left empty); ``normalize=True`` normalises the gallery block by block.
+    ``search.index`` ``"ivf"`` or ``"hnsw"`` search approximately (no tie-order guarantee; -1
+    marks slots an approximate index left empty); ``normalize=True`` normalises the gallery
+    block by block. ``search.top_k`` is not read: ``k`` is the depth.
     """
     score_blocks: list[np.ndarray] = []
     index_blocks: list[np.ndarray] = []
-    rankings = iter_rankings(
-        query, gallery, k, exclude, block_size,
-        index=index, normalize=normalize, nprobe=nprobe, ef_search=ef_search,
-    )
-    for _, scores, indices in rankings:
+    for _, scores, indices in iter_rankings(query, gallery, k, exclude, block_size, normalize=normalize, search=search):
         score_blocks.append(scores)
         index_blocks.append(indices)
     if not score_blocks:  # no queries

@@ -1,4 +1,5 @@
-"""Training curves: ``bctool train --log-dir DIR`` writes them, ``bctool plot DIR`` draws them.
+"""Training logs: ``bctool train --log-dir DIR`` writes them, ``bctool plot DIR`` draws their curves
+(:func:`bctool.plotting.plot_training`).
 
 ``DIR/steps.jsonl``: one JSON object per step, ``{"step", "epoch", "lr", <loss part>: value,
 ...}`` (``step`` counts from 1; loss parts averaged over ranks). ``DIR/epochs.jsonl``: one per
@@ -14,13 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
 from bctool.errors import ConfigError
 
 # What `bctool train --log-dir DIR` writes into DIR (compat.json with --diagnostics).
 LOG_FILES = ("steps.jsonl", "epochs.jsonl", "compat.json")
-DEFAULT_PLOT = "training.png"  # what `bctool plot DIR` draws into DIR without --out
 
 
 class TrainLog:
@@ -83,48 +81,3 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             records.append(record)
     return records
 
-
-def _moving_mean(values: list[float], window: int) -> np.ndarray:
-    """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
-    y = np.asarray(values, dtype=np.float64)
-    total = np.concatenate([[0.0], np.cumsum(y)])
-    end = np.arange(1, len(y) + 1)
-    start = np.maximum(0, end - window)
-    return (total[end] - total[start]) / (end - start)
-
-
-def plot_training(folder: str | os.PathLike[str], out_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Draw the curves logged in ``folder``: every loss part per step (with a moving average)
-    and per epoch, and the learning rate. Returns ``{"out", "steps", "epochs", "parts"}``."""
-    from bctool.plotting import pyplot, save_png
-
-    folder = Path(folder)
-    steps, epochs = read_records(folder / "steps.jsonl"), read_records(folder / "epochs.jsonl")
-    if not steps:
-        raise ConfigError(
-            f"{str(folder)!r} holds no training log (steps.jsonl); train with --log-dir {folder} first"
-        )
-    fixed = {"step", "epoch", "lr", "seconds", "images_per_second"}
-    parts = [k for k in steps[0] if k not in fixed]
-    plt = pyplot("plotting training curves")
-    fig, axes = plt.subplots(len(parts) + 1, 1, figsize=(7, 1.9 * (len(parts) + 1)), sharex=True)
-    x = [r["step"] for r in steps]
-    window = max(1, len(steps) // 50)
-    for ax, part in zip(axes, parts):
-        y = [r.get(part, float("nan")) for r in steps]
-        ax.plot(x, y, color="lightsteelblue" if window > 1 else "steelblue", linewidth=0.8, label="step")
-        if window > 1:
-            ax.plot(x, _moving_mean(y, window), color="steelblue", linewidth=1.2, label=f"mean of {window} steps")
-        if epochs:
-            ax.plot([e["step"] for e in epochs], [e.get(part, float("nan")) for e in epochs], "o",
-                    color="darkorange", markersize=3, label="epoch mean")
-        ax.set_ylabel(part)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(loc="upper right", fontsize="x-small")
-    axes[-1].plot(x, [r.get("lr", float("nan")) for r in steps], color="grey")
-    axes[-1].set_ylabel("lr")
-    axes[-1].set_xlabel("step")
-    axes[-1].grid(True, alpha=0.3)
-    out = Path(out_path) if out_path is not None else folder / DEFAULT_PLOT
-    save_png(fig, out)
-    return {"out": str(out), "steps": len(steps), "epochs": len(epochs), "parts": parts}

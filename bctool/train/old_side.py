@@ -24,6 +24,7 @@ from bctool.embeddings import Embeddings, find_rows, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
 from bctool.io import unused_path
 from bctool.progress import NULL_PROGRESS, Progress
+from bctool.train.config import CompatOptions
 
 logger = logging.getLogger(__name__)
 
@@ -178,21 +179,37 @@ def _checkpoint_of(emb: Embeddings, device: torch.device) -> Checkpoint | None:
         return None
 
 
+@dataclass(frozen=True)
+class OldSource:
+    """Where the old side comes from (the options of the same names): an embeddings file or an
+    old checkpoint (exactly one), the old embeddings of stored augmented views (``extract
+    --view``), and a file naming the old classes."""
+
+    old_embeddings: str | None = None
+    old_model: str | None = None
+    old_classes: str | None = None
+    old_views: Sequence[str] = ()
+
+    @classmethod
+    def of(cls, compat: CompatOptions) -> OldSource:
+        """The old side a training configuration's compatibility options name."""
+        return cls(compat.old_embeddings, compat.old_model, compat.old_classes, compat.old_views)
+
+
 def load_old_side(
     images: ImageSet,
     embedding_dim: int,
     preprocess: Preprocess,
     device: torch.device,
-    old_embeddings: str | None = None,
-    old_model: str | None = None,
-    old_classes: str | None = None,
+    source: OldSource,
+    *,
     need_old_head: bool = False,
     workers: int = 0,
     progress: Progress = NULL_PROGRESS,
-    old_views: Sequence[str] = (),
 ) -> OldSide:
     """Build the old side from an embeddings file or an old checkpoint (exactly one); with
-    ``old_views``, also the old embeddings of stored augmented views (``extract --view``)."""
+    ``source.old_views``, also the old embeddings of stored augmented views (``extract --view``)."""
+    old_embeddings, old_model, old_classes = source.old_embeddings, source.old_model, source.old_classes
     if bool(old_embeddings) == bool(old_model):
         raise ConfigError("pass exactly one of --old-embeddings OLD_EMB.safetensors or --old-model OLD.safetensors")
     explicit = _read_class_list(Path(old_classes)) if old_classes else None
@@ -207,8 +224,8 @@ def load_old_side(
         return _from_model(images, embedding_dim, preprocess, device, old_model, explicit, workers, progress)
     assert old_embeddings is not None
     side = _from_embeddings(images, embedding_dim, device, old_embeddings, explicit, need_old_head)
-    if old_views:
-        views, tables = _stored_views(images, side.embeddings, old_embeddings, old_views)
+    if source.old_views:
+        views, tables = _stored_views(images, side.embeddings, old_embeddings, source.old_views)
         # The class statistics (centers, r_max) come from every view the new model trains on.
         side.embeddings = torch.cat([side.embeddings, *tables])
         side.module = PrecomputedOld(side.embeddings, views)

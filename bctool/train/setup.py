@@ -120,13 +120,12 @@ def build_task(
         return ClassificationTask(model), {}
     from bctool.train.compat import compute_old_stats
     from bctool.train.methods import MethodContext, create_method, method_class
-    from bctool.train.old_side import load_old_side
+    from bctool.train.old_side import OldSource, load_old_side
 
     old = load_old_side(
-        images, config.model.embedding_dim, preprocess, device,
-        old_embeddings=config.compat.old_embeddings, old_model=config.compat.old_model,
-        old_classes=config.compat.old_classes, need_old_head=method_class(config.compat.method).uses_old_head,
-        workers=config.optim.workers, progress=progress, old_views=config.compat.old_views,
+        images, config.model.embedding_dim, preprocess, device, OldSource.of(config.compat),
+        need_old_head=method_class(config.compat.method).uses_old_head, workers=config.optim.workers,
+        progress=progress,
     )
     labels = torch.tensor(images.labels, dtype=torch.int64)
     labels = labels.repeat(old.embeddings.shape[0] // len(images))  # one per view, with stored views

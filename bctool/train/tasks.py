@@ -88,10 +88,10 @@ class CompatibleTask(ClassificationTask):
         # The compatibility terms divide cosines by small temperatures and take arccos: keep
         # them in float32 even when the backbone runs under autocast.
         with torch.autocast(images.device.type, enabled=False):
-            compat = self.compat(embedding.float(), labels, old.float(), labels)
+            returned = self.compat(embedding.float(), labels, old.float(), labels)
         if not self._parts_checked:
-            self._check_parts(compat)
-        parts = {k: self.weight * v for k, v in compat.items()}
+            self._check_parts(returned)
+        parts = {k: self.weight * v for k, v in returned.items()}
         total = cls + sum(parts.values()) if parts else cls
         facts = self.diagnostics(embedding, {"cls": cls, **parts}) if self.diagnose else {}
         return {"cls": cls, **parts, "loss": total, **facts}

@@ -1,7 +1,10 @@
-"""Retrieval protocols, one file each, registered by name (the contract: ``base.py``).
+"""Retrieval protocols, one module each, registered by name (the contract: ``base.py``).
 
-Every module of this package is imported here, so a new file that registers a protocol is all
-it takes to add one.
+``labels.py`` is the default protocol; a benchmark is a package holding its files' reader, its
+metric and its registry entry (``gldv2/``, ``revisited/``).
+
+Every module and package here is imported, so a new one that registers a protocol is all it
+takes to add one.
 """
 
 import importlib

@@ -9,7 +9,7 @@ A protocol declares, when it registers (:func:`register_protocol`):
 * how its metrics read as a table (``rows`` and ``columns``);
 * a constructor from :class:`ProtocolOptions` returning its two evaluators.
 
-Adding a protocol is one file in this package that registers it (the package imports every
+Adding a protocol is one module (or package) here that registers it (the package imports every
 module in it), or a builder so decorated in a user's package and named in the entry-point group
 ``bctool.protocols`` (:mod:`bctool.registry`). :func:`make_protocol` is the one entry point that picks and builds one.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError
 from bctool.evaluate.metrics import QueryAP
-from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, INDEX_KINDS
+from bctool.evaluate.search import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, INDEX_KINDS, SearchOptions
 from bctool.registry import Registry
 
 Evaluator = Callable[[Embeddings, Embeddings], dict[str, Any]]
@@ -71,15 +71,12 @@ class ProtocolOptions:
     """What picks and configures a protocol.
 
     ``truth`` maps a protocol's option to its ground-truth file (``{"gnd": path}``); entries
-    that are None are not passed. The search settings (``top_k``, ``index``, ``nprobe``,
-    ``ef_search``) are those of :func:`bctool.evaluate.retrieval.evaluate_retrieval`.
+    that are None are not passed. ``search`` is that of
+    :func:`bctool.evaluate.retrieval.evaluate_retrieval`.
     """
 
     truth: Mapping[str, str | os.PathLike[str] | None] = field(default_factory=dict)
-    top_k: int | None = None
-    index: str = "flat"
-    nprobe: int = DEFAULT_NPROBE
-    ef_search: int = DEFAULT_EF_SEARCH
+    search: SearchOptions = SearchOptions()
 
     def given(self) -> dict[str, str | os.PathLike[str]]:
         """The ground-truth files passed (``truth`` without its empty entries)."""
@@ -183,11 +180,11 @@ def select_protocol(options: ProtocolOptions) -> ProtocolSpec:
             raise ConfigError(f"no default protocol is registered; pass one of {sorted(o for o in by_option if o)}")
         chosen = [by_option[None]]
     spec = chosen[0]
-    if not INDEX_KINDS.entry(options.index).declares.get("exact") and not spec.approximate_index:
+    if not INDEX_KINDS.entry(options.search.index).declares.get("exact") and not spec.approximate_index:
         exact = " and ".join(sorted(f"--{s.option}" for s in PROTOCOLS.values() if s.option and not s.approximate_index))
         plural = "search" if " and " in exact else "searches"
         raise ConfigError(
-            f"--index {options.index} is for labelled galleries; {exact} {plural} exactly (--index flat)"
+            f"--index {options.search.index} is for labelled galleries; {exact} {plural} exactly (--index flat)"
         )
     return spec
 
@@ -206,9 +203,9 @@ def make_protocol(
     **truth: str | os.PathLike[str] | None,
 ) -> Protocol:
     """Labels by default; a ground-truth file by its protocol's option for a benchmark:
-    ``gnd=`` for the revisited protocols, ``solution=`` for GLDv2.
+    ``gnd=`` for Revisited Oxford/Paris, ``solution=`` for GLDv2.
 
     ``index`` (flat, ivf, hnsw), ``nprobe`` and ``ef_search`` apply to the labelled protocol,
     the one for large galleries; the benchmark protocols always search exactly.
     """
-    return build_protocol(ProtocolOptions(truth, top_k, index, nprobe, ef_search))
+    return build_protocol(ProtocolOptions(truth, SearchOptions(top_k, index, nprobe, ef_search)))

@@ -11,9 +11,7 @@ COLUMNS = ("map", "map@100", "recall@1", "recall@5", "recall@10", "queries", "qu
 @register_protocol("labels", title="labels", headline="map", columns=COLUMNS, approximate_index=True)
 def build(options: ProtocolOptions) -> tuple[Evaluator, PerQueryEvaluator]:
     """:func:`evaluate_retrieval` with the options' top-k and search index."""
-    search = {"top_k": options.top_k, "index": options.index, "nprobe": options.nprobe,
-              "ef_search": options.ef_search}
     return (
-        lambda q, g: evaluate_retrieval(q, g, **search),
-        lambda q, g: evaluate_retrieval_per_query(q, g, **search),
+        lambda q, g: evaluate_retrieval(q, g, options.search),
+        lambda q, g: evaluate_retrieval_per_query(q, g, options.search),
     )

@@ -1,4 +1,5 @@
-"""Revisited Oxford/Paris evaluation (Radenović et al., CVPR 2018): mAP and mP@k per protocol.
+"""Revisited Oxford/Paris evaluation (Radenović et al., CVPR 2018): mAP and mP@k per difficulty
+(the paper's Easy, Medium and Hard protocols: :data:`DIFFICULTIES`).
 
 The metric functions are pure and vectorised. They take two bool ``(Q, K)`` arrays in rank order
 (rank 0 first): ``ok`` marks positives and ``junk`` marks images removed from the ranking before
@@ -22,16 +23,17 @@ import logging
 
 import numpy as np
 
-from bctool.data.gnd import RevisitedGroundTruth
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, DataError
 from bctool.evaluate.inputs import check_same_dim, match_rows, warn_zero_rows
 from bctool.evaluate.metrics import QueryAP
+from bctool.evaluate.protocols.revisited.files import RevisitedGroundTruth
 from bctool.evaluate.search import iter_rankings
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("easy", "medium", "hard")
+# The paper calls these its protocols; in bctool a protocol is a registered one (revisited, gldv2...).
+DIFFICULTIES = ("easy", "medium", "hard")
 # Most (queries x gallery) entries of rankings and masks held at once.
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -103,10 +105,10 @@ def revisited_precision_at_k(
     return out
 
 
-def protocol_sets(
-    gnd: RevisitedGroundTruth, protocol: str
+def difficulty_sets(
+    gnd: RevisitedGroundTruth, difficulty: str
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per query, the positive and the junk gallery indices of ``protocol``.
+    """Per query, the positive and the junk gallery indices at ``difficulty``.
 
     Easy: ok = easy, junk = junk + hard. Medium: ok = easy + hard, junk = junk.
     Hard: ok = hard, junk = junk + easy.
@@ -116,9 +118,9 @@ def protocol_sets(
         "medium": ((gnd.easy, gnd.hard), (gnd.junk,)),
         "hard": ((gnd.hard,), (gnd.junk, gnd.easy)),
     }
-    if protocol not in parts:
-        raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
-    ok_src, junk_src = parts[protocol]
+    if difficulty not in parts:
+        raise ConfigError(f"difficulty must be one of {list(DIFFICULTIES)}, got {difficulty!r}")
+    ok_src, junk_src = parts[difficulty]
 
     def join(sources: tuple[tuple[np.ndarray, ...], ...]) -> list[np.ndarray]:
         # Unique, so an image listed twice counts once towards the number of positives.
@@ -159,12 +161,12 @@ def evaluate_revisited(
     gnd: RevisitedGroundTruth,
     ks: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float | int]:
-    """Rank the whole gallery for every ground-truth query; mAP and mP@k per protocol.
+    """Rank the whole gallery for every ground-truth query; mAP and mP@k per difficulty.
 
     Query and gallery rows are found by image name (:func:`match_rows`); gallery rows not in
     the ground truth's ``imlist`` are not ranked. Keys: ``map_easy``, ``map_medium``,
-    ``map_hard``, ``mp@{k}_{protocol}``, ``queries_{protocol}`` (queries with positives), and
-    ``map``, ``mp@{k}``, ``queries`` for the Medium protocol; values are fractions in [0, 1].
+    ``map_hard``, ``mp@{k}_{difficulty}``, ``queries_{difficulty}`` (queries with positives), and
+    ``map``, ``mp@{k}``, ``queries`` for Medium; values are fractions in [0, 1].
     Ties are ranked by gallery index (see :mod:`bctool.evaluate.search`).
     """
     return _evaluate(query, gallery, gnd, ks)[0]
@@ -176,7 +178,7 @@ def evaluate_revisited_per_query(
     gnd: RevisitedGroundTruth,
     ks: tuple[int, ...] = (1, 5, 10),
 ) -> tuple[dict[str, float | int], QueryAP]:
-    """:func:`evaluate_revisited`'s metrics and the Medium-protocol AP of every query with a
+    """:func:`evaluate_revisited`'s metrics and the Medium AP of every query with a
     Medium positive (the ``map`` key), named by the ground truth's ``qimlist``, in its order."""
     result, medium_ap, medium_top1 = _evaluate(query, gallery, gnd, ks)
     evaluated = np.flatnonzero(~np.isnan(medium_ap))  # NaN: no positive
@@ -185,14 +187,14 @@ def evaluate_revisited_per_query(
 
 
 def _means(ap_sum: dict, pr_sum: dict, counted: dict, ks: tuple[int, ...]) -> dict[str, float | int]:
-    """mAP and mP@k per protocol from their sums; the Medium protocol's also unsuffixed."""
+    """mAP and mP@k per difficulty from their sums; Medium's also unsuffixed."""
     result: dict[str, float | int] = {}
-    for protocol in PROTOCOLS:
-        n = counted[protocol]
-        result[f"map_{protocol}"] = ap_sum[protocol] / n if n else float("nan")
+    for difficulty in DIFFICULTIES:
+        n = counted[difficulty]
+        result[f"map_{difficulty}"] = ap_sum[difficulty] / n if n else float("nan")
         for k in ks:
-            result[f"mp@{k}_{protocol}"] = pr_sum[(protocol, k)] / n if n else float("nan")
-        result[f"queries_{protocol}"] = n
+            result[f"mp@{k}_{difficulty}"] = pr_sum[(difficulty, k)] / n if n else float("nan")
+        result[f"queries_{difficulty}"] = n
     result["map"] = result["map_medium"]
     for k in ks:
         result[f"mp@{k}"] = result[f"mp@{k}_medium"]
@@ -216,32 +218,32 @@ def _evaluate(
     n_gallery = len(g_rows)
 
     pairs = {}
-    for protocol in PROTOCOLS:
-        ok_sets, junk_sets = protocol_sets(gnd, protocol)
-        pairs[protocol] = (_pairs(ok_sets), _pairs(junk_sets))
-    ap_sum = dict.fromkeys(PROTOCOLS, 0.0)
-    pr_sum = {(p, k): 0.0 for p in PROTOCOLS for k in ks}
-    counted = dict.fromkeys(PROTOCOLS, 0)
+    for difficulty in DIFFICULTIES:
+        ok_sets, junk_sets = difficulty_sets(gnd, difficulty)
+        pairs[difficulty] = (_pairs(ok_sets), _pairs(junk_sets))
+    ap_sum = dict.fromkeys(DIFFICULTIES, 0.0)
+    pr_sum = {(d, k): 0.0 for d in DIFFICULTIES for k in ks}
+    counted = dict.fromkeys(DIFFICULTIES, 0)
     medium_ap = np.full(q_emb.shape[0], np.nan, dtype=np.float64)
     medium_top1 = np.zeros(q_emb.shape[0], dtype=bool)
 
     block_size = max(1, _BLOCK_ELEMENTS // n_gallery)
     for start, _, indices in iter_rankings(q_emb, g_emb, n_gallery, block_size=block_size, normalize=True):
-        for protocol, (ok_pairs, junk_pairs) in pairs.items():
+        for difficulty, (ok_pairs, junk_pairs) in pairs.items():
             ok = _block_mask(ok_pairs, start, indices)
             junk = _block_mask(junk_pairs, start, indices)
             n_pos = ok.sum(axis=1)
             has_pos = n_pos > 0
-            counted[protocol] += int(has_pos.sum())
+            counted[difficulty] += int(has_pos.sum())
             ap = revisited_ap(ok, junk, n_pos)
-            ap_sum[protocol] += float(np.sum(ap[has_pos]))
-            if protocol == "medium":
+            ap_sum[difficulty] += float(np.sum(ap[has_pos]))
+            if difficulty == "medium":
                 medium_ap[start : start + ap.shape[0]] = ap
-                # The first result that is not junk (junk is ignored by the protocol) is relevant.
+                # The first result that is not junk (junk is ignored at every difficulty) is relevant.
                 first = np.argmax(~junk, axis=1)
                 medium_top1[start : start + ap.shape[0]] = ok[np.arange(ok.shape[0]), first]
             for k, pr in revisited_precision_at_k(ok, junk, n_pos, ks).items():
-                pr_sum[(protocol, k)] += float(np.sum(pr[has_pos]))
+                pr_sum[(difficulty, k)] += float(np.sum(pr[has_pos]))
 
     if not any(counted.values()):
         raise DataError(

@@ -9,8 +9,9 @@ Files (https://github.com/cvdfoundation/google-landmark):
   ``train_clean.csv``: ``landmark_id,images`` with space-separated image ids;
 - ``index.csv`` / ``test.csv``: ``id`` or ``id,url``.
 
-Image ``0123456789abcdef`` is stored as ``0/1/2/0123456789abcdef.jpg``. The retrieval metric
-(mAP@100) is :mod:`bctool.evaluate.gldv2`.
+Image ``0123456789abcdef`` is stored as ``0/1/2/0123456789abcdef.jpg``; ``bctool dataset gldv2``
+writes a list file of the images a CSV names (:func:`write_gldv2_list`). The retrieval metric
+(mAP@100) is :mod:`bctool.evaluate.protocols.gldv2.metric`.
 """
 
 from __future__ import annotations

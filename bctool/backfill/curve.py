@@ -1,12 +1,14 @@
-"""Partial backfill: the old gallery with a share of its rows re-embedded by the new model, and
-the retrieval curve over the shares."""
+"""Backfill curves: the old gallery with a share of its rows re-embedded by the new model (a
+partial backfill, in random order or a plan's), and the retrieval curve over the shares.
+
+Evaluation code: numpy and faiss, never torch."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,9 +25,11 @@ from bctool.errors import ConfigError, EmbeddingsError, shown
 from bctool.evaluate.inputs import check_ids_once, mark_checked, warn_zero_rows
 from bctool.evaluate.retrieval import evaluate_retrieval
 
+if TYPE_CHECKING:
+    from bctool.evaluate.protocols import Evaluator
+
 logger = logging.getLogger(__name__)
 
-Evaluate = Callable[[Embeddings, Embeddings], dict[str, Any]]
 SCORINGS = ("raw", "calibrated")
 
 
@@ -222,7 +226,7 @@ def backfill_curve(
     new_gallery: Embeddings,
     fractions: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     seed: int = 0,
-    evaluate: Evaluate = evaluate_retrieval,
+    evaluate: Evaluator = evaluate_retrieval,
     key: str = "map",
     order: Sequence[str] | None = None,
     scoring: str = "raw",

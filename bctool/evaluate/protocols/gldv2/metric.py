@@ -1,4 +1,4 @@
-"""Google Landmarks v2 (GLDv2) retrieval mAP@100 (its files are read by :mod:`bctool.data.gldv2`).
+"""Google Landmarks v2 (GLDv2) retrieval mAP@100; its files are read by :mod:`.files`.
 
 The metric follows the official Kaggle scorer (``MeanAveragePrecision`` in
 tensorflow/models ``delf/python/datasets/google_landmarks_dataset/metrics.py``):
@@ -14,11 +14,11 @@ import logging
 
 import numpy as np
 
-from bctool.data.gldv2 import USAGES, GLDv2Solution
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.inputs import check_same_dim, id_stem, match_rows, warn_zero_rows
 from bctool.evaluate.metrics import QueryAP, average_precision_at_k
+from bctool.evaluate.protocols.gldv2.files import USAGES, GLDv2Solution
 from bctool.evaluate.search import stream_rankings
 
 logger = logging.getLogger(__name__)

@@ -1,18 +1,22 @@
-"""``gldv2``: Google Landmarks v2 retrieval (``--solution``), mAP@100 for Public and Private."""
+"""The registry entry ``gldv2``: Google Landmarks v2 retrieval (``--solution``), mAP@100 for Public
+and Private."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from bctool.data.gldv2 import read_retrieval_solution
-from bctool.evaluate.gldv2 import evaluate_gldv2, evaluate_gldv2_per_query
 from bctool.evaluate.protocols.base import (
     Evaluator,
     PerQueryEvaluator,
     ProtocolOptions,
     Rows,
     register_protocol,
+)
+from bctool.evaluate.protocols.gldv2.files import read_retrieval_solution
+from bctool.evaluate.protocols.gldv2.metric import (
+    evaluate_gldv2,
+    evaluate_gldv2_per_query,
 )
 
 COLUMNS = ("map@100", "queries")

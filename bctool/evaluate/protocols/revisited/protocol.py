@@ -1,11 +1,11 @@
-"""``revisited``: Revisited Oxford/Paris ground truth (``--gnd``), mAP and mP@k per protocol."""
+"""The registry entry ``revisited``: Revisited Oxford/Paris ground truth (``--gnd``), mAP and mP@k per
+difficulty."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from bctool.data.gnd import load_gnd
 from bctool.evaluate.protocols.base import (
     Evaluator,
     PerQueryEvaluator,
@@ -13,15 +13,20 @@ from bctool.evaluate.protocols.base import (
     Rows,
     register_protocol,
 )
-from bctool.evaluate.revisited import PROTOCOLS, evaluate_revisited, evaluate_revisited_per_query
+from bctool.evaluate.protocols.revisited.files import load_gnd
+from bctool.evaluate.protocols.revisited.metric import (
+    DIFFICULTIES,
+    evaluate_revisited,
+    evaluate_revisited_per_query,
+)
 
 COLUMNS = ("map", "mp@1", "mp@5", "mp@10", "queries")
 
 
 def rows(metrics: Mapping[str, Any]) -> Rows:
-    """One row per protocol (easy, medium, hard): mAP, mP@1/5/10 and the queries counted."""
-    return {p: {"map": metrics[f"map_{p}"], **{f"mp@{k}": metrics[f"mp@{k}_{p}"] for k in (1, 5, 10)},
-                "queries": metrics[f"queries_{p}"]} for p in PROTOCOLS}
+    """One row per difficulty (easy, medium, hard): mAP, mP@1/5/10 and the queries counted."""
+    return {d: {"map": metrics[f"map_{d}"], **{f"mp@{k}": metrics[f"mp@{k}_{d}"] for k in (1, 5, 10)},
+                "queries": metrics[f"queries_{d}"]} for d in DIFFICULTIES}
 
 
 @register_protocol("revisited", title="Revisited Oxford/Paris", headline="map", columns=COLUMNS, rows=rows,
