@@ -7,7 +7,9 @@ seed and method, each holding M(o,o), M(n,o) and the per-query AP of both), the 
 differences D_s = M_s(n,o) - M_s(o,o) go through the paired t test (the claim's test), the
 random-effects estimate (each seed's variance of its mean difference over queries, s^2 / Q) and
 the crossed seeds x queries estimate (the per-query differences of every seed, on the same
-queries). Figures in mAP points; the minimum detectable effect is the paired test's at 80% power.
+queries). Each method is also compared with ``independent`` of the same seeds (rows ``METHOD -
+independent``: M(n,o) of the method minus M(n,o) of the independent model, both on the old
+gallery). Figures in mAP points; the minimum detectable effect is the paired test's at 80% power.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import numpy as np
 
 from bctool.evaluate.seeds import crossed_test, paired_seed_test, random_effects
 
+BASELINE = "independent"  # each method is also compared with it: the same start without a compatibility term
+
 
 def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
     """setting -> method -> seed -> run file, for every run file under ``results``."""
@@ -30,10 +34,13 @@ def collect(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
     return runs
 
 
-def judge(by_seed: dict[int, dict]) -> dict:
-    """The three tests of one setting and method, in mAP points, with what they ran on."""
+def judge(by_seed: dict[int, dict], baseline: dict[int, dict] | None = None) -> dict:
+    """The three tests of one setting and method, in mAP points, with what they ran on: of
+    M(n,o) - M(o,o), or with ``baseline`` (another method's runs of the same seeds) of
+    M(n,o) - M(baseline,o), the two new models' queries on the same old gallery."""
     seeds = sorted(by_seed)
-    deltas = [100 * (by_seed[s]["cross"]["map"] - by_seed[s]["old"]["map"]) for s in seeds]
+    reference = {s: (baseline[s]["cross"] if baseline else by_seed[s]["old"]) for s in seeds}
+    deltas = [100 * (by_seed[s]["cross"]["map"] - reference[s]["map"]) for s in seeds]
     report: dict = {"seeds": seeds, "deltas": [round(d, 3) for d in deltas],
                     "revisions": sorted({by_seed[s].get("revision") or "unknown" for s in seeds})}
     if len(seeds) < 2:
@@ -41,7 +48,8 @@ def judge(by_seed: dict[int, dict]) -> dict:
     report["paired"] = paired_seed_test(deltas).to_dict()
     with_queries = [s for s in seeds if "per_query" in by_seed[s]]
     if len(with_queries) == len(seeds) and len({by_seed[s]["per_query"]["ids_sha256"] for s in seeds}) == 1:
-        table = np.array([np.subtract(by_seed[s]["per_query"]["cross"], by_seed[s]["per_query"]["old"])
+        against = "cross" if baseline else "old"
+        table = np.array([np.subtract(by_seed[s]["per_query"]["cross"], (baseline or by_seed)[s]["per_query"][against])
                           for s in seeds]) * 100
         variances = table.var(axis=1, ddof=1) / table.shape[1]
         report["random_effects"] = random_effects(deltas, variances).to_dict()
@@ -71,9 +79,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
     args = parser.parse_args()
     runs = collect(args.results)
-    judged = {setting: {method: judge({s: r for s, r in by_seed.items() if args.seeds is None or s in args.seeds})
-                        for method, by_seed in sorted(methods.items())}
-              for setting, methods in sorted(runs.items())}
+    def chosen(by_seed: dict[int, dict]) -> dict[int, dict]:
+        return {s: r for s, r in by_seed.items() if args.seeds is None or s in args.seeds}
+
+    judged: dict[str, dict[str, dict]] = {}
+    for setting, methods in sorted(runs.items()):
+        judged[setting] = {method: judge(chosen(by_seed)) for method, by_seed in sorted(methods.items())}
+        baseline = chosen(methods.get(BASELINE, {}))
+        for method, by_seed in sorted(methods.items()):
+            paired = {s: r for s, r in chosen(by_seed).items() if s in baseline}
+            if method != BASELINE and len(paired) >= 2:
+                judged[setting][f"{method} - {BASELINE}"] = judge(paired, baseline)
     out = args.results.parent
     (out / "tests.json").write_text(json.dumps(judged, indent=1) + "\n")
     (out / "tests.md").write_text(markdown(judged))
