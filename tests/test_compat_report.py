@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bctool.backfill.curve import backfill_curve, partial_backfill
+from bctool.backfill.curve import Headline, backfill_curve, partial_backfill
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate import scores as score_functions
@@ -454,7 +454,7 @@ def test_chain_and_backfill_read_the_headline_key() -> None:
     by_map = chain_matrix(versions)
     np.testing.assert_array_equal(chain_matrix(versions, _headline_only("score").evaluate, key="score"), by_map)
     old, new, _ = _galleries()
-    curve = backfill_curve(new, old, new, [0.0, 1.0], evaluate=_headline_only("score").evaluate, key="score")
+    curve = backfill_curve(new, old, new, [0.0, 1.0], headline=Headline(_headline_only("score").evaluate, "score"))
     assert [set(point) for point in curve] == [{"fraction", "score", "queries"}] * 2
 
 

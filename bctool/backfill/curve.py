@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -220,21 +221,29 @@ def fit_calibration(query: Embeddings, old_gallery: Embeddings, new_gallery: Emb
     return (a, float(self_.mean() - a * cross.mean())) if a > 0 else None
 
 
+@dataclass(frozen=True)
+class Headline:
+    """How a curve's points are scored: the evaluator, and the metric it logs (``map@100`` for
+    GLDv2)."""
+
+    evaluate: Evaluator = evaluate_retrieval
+    key: str = "map"
+
+
 def backfill_curve(
     query: Embeddings,
     old_gallery: Embeddings,
     new_gallery: Embeddings,
     fractions: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     seed: int = 0,
-    evaluate: Evaluator = evaluate_retrieval,
-    key: str = "map",
     order: Sequence[str] | None = None,
     scoring: str = "raw",
+    headline: Headline = Headline(),
 ) -> list[dict[str, Any]]:
     """Retrieval metrics of ``query`` against the partially backfilled gallery, per fraction.
 
-    Each entry is ``{"fraction": f, "map": ..., ...}`` with every metric ``evaluate`` returns;
-    ``key`` is the headline metric it logs (``map@100`` for GLDv2). ``order``: the gallery ids in
+    Each entry is ``{"fraction": f, "map": ..., ...}`` with every metric ``headline.evaluate``
+    returns; ``headline.key`` is the one it logs (``map@100`` for GLDv2). ``order``: the gallery ids in
     the order they are re-embedded (a backfill plan; default random, by ``seed``). ``scoring``:
     ``raw`` (cosines of both models in one ranking) or ``calibrated`` (the old rows' cosines put
     on the new model's scale, :func:`fit_calibration` on the rows re-embedded so far).
@@ -253,7 +262,7 @@ def backfill_curve(
             calibration = fit_calibration(query, old_gallery, new_gallery, rows[:count], seed=seed)
         # Its rows are those of the two galleries checked above: no second pass over them.
         gallery = mark_checked(partial_backfill(old_gallery, new_gallery, float(fraction), seed, rows, calibration))
-        result = evaluate(calibrated_query(query) if calibration is not None else query, gallery)
-        logger.info("backfill %.0f%%: %s %.4f", 100 * fraction, key, result[key])
+        result = headline.evaluate(calibrated_query(query) if calibration is not None else query, gallery)
+        logger.info("backfill %.0f%%: %s %.4f", 100 * fraction, headline.key, result[headline.key])
         curve.append({"fraction": float(fraction), **result})
     return curve

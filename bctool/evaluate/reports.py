@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bctool.backfill.curve import backfill_curve
+from bctool.backfill.curve import Headline, backfill_curve
 from bctool.embeddings import Embeddings
 from bctool.errors import ConfigError, EmbeddingsError
 from bctool.evaluate.inputs import check_ids_once, warn_zero_rows
@@ -195,8 +195,8 @@ def backfill_report(
     """
     fractions, seed, plot = options.fractions, options.seed, options.plot
     key = protocol.headline
-    curve = backfill_curve(query, old_gallery, new_gallery, fractions, seed=seed, evaluate=protocol.evaluate, key=key,
-                           order=options.order, scoring=options.scoring)
+    curve = backfill_curve(query, old_gallery, new_gallery, fractions, seed=seed, order=options.order,
+                           scoring=options.scoring, headline=Headline(protocol.evaluate, key))
     # Reference lines: the old system as it is (old queries, old gallery) and the full upgrade.
     m_oo = protocol.evaluate(old_query, old_gallery)[key] if old_query is not None else None
     m_nn = protocol.evaluate(query, new_gallery)[key]
