@@ -1,6 +1,7 @@
 """Is M(n,o) > M(o,o) shown over seeds? The tests of bctool.evaluate.seeds on paper-table runs.
 
     python scripts/seed_tests.py docs/paper/seeds5/runs            # writes tests.json and tests.md beside it
+    python scripts/seed_tests.py --backfill docs/backfill/seeds5/runs   # each order's area over random
 
 For every setting and method of ``examples/paper_table.py``'s run files (one JSON per setting,
 seed and method, each holding M(o,o), M(n,o) and the per-query AP of both), the seed
@@ -58,6 +59,39 @@ def judge(by_seed: dict[int, dict], baseline: dict[int, dict] | None = None) -> 
     return report
 
 
+def collect_backfill(results: Path) -> dict[str, dict[int, dict]]:
+    """setting -> seed -> run file of ``examples/backfill_policies.py`` (one per setting and seed)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(results.glob("*/seed*.json")):
+        row = json.loads(path.read_text())
+        runs.setdefault(row["setting"], {})[row["seed"]] = row
+    return runs
+
+
+def judge_backfill(by_seed: dict[int, dict]) -> dict[str, dict]:
+    """Each order's area over the random order's (same scoring, same seed), in mAP points: the
+    paired t test over seeds, and the crossed estimate from every query's own area."""
+    seeds = sorted(by_seed)
+    judged: dict[str, dict] = {}
+    for name in sorted({name for s in seeds for name in by_seed[s]["curves"]}):
+        policy, scoring = name.split("/")
+        if policy == "random" or any(name not in by_seed[s]["curves"] for s in seeds):
+            continue
+        against = f"random/{scoring}"
+        deltas = [100 * by_seed[s]["curves"][name]["area_minus_random"] for s in seeds]
+        report: dict = {"seeds": seeds, "deltas": [round(d, 3) for d in deltas],
+                        "revisions": sorted({by_seed[s].get("revision") or "unknown" for s in seeds})}
+        if len(seeds) >= 2:
+            report["paired"] = paired_seed_test(deltas).to_dict()
+            if len({by_seed[s].get("per_query_ids_sha256") for s in seeds}) == 1:
+                table = 100 * np.array([np.subtract(by_seed[s]["curves"][name]["per_query_area"],
+                                                    by_seed[s]["curves"][against]["per_query_area"]) for s in seeds])
+                report["crossed"] = crossed_test(table).to_dict()
+                report["queries"] = int(table.shape[1])
+        judged[f"{name} - {against}"] = report
+    return judged
+
+
 def markdown(judged: dict[str, dict[str, dict]]) -> str:
     """One row per setting and method: the paired test (the verdict), then the crossed one."""
     lines = ["| setting | method | seeds | mean delta | paired 95% interval | p | MDE (80%) | shown | crossed 95% interval | crossed p |",
@@ -75,22 +109,33 @@ def markdown(judged: dict[str, dict[str, dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="a folder of paper_table.py run files (SETTING/seedS/METHOD.json)")
+    parser.add_argument("results", type=Path, help="a folder of paper_table.py run files (SETTING/seedS/METHOD.json), "
+                        "or with --backfill of backfill_policies.py run files (SETTING/seedS.json)")
+    parser.add_argument("--backfill", action="store_true", help="judge each backfill order's area over the random order's")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
     args = parser.parse_args()
-    runs = collect(args.results)
+
     def chosen(by_seed: dict[int, dict]) -> dict[int, dict]:
         return {s: r for s, r in by_seed.items() if args.seeds is None or s in args.seeds}
 
     judged: dict[str, dict[str, dict]] = {}
-    for setting, methods in sorted(runs.items()):
+    if args.backfill:
+        for setting, by_seed in sorted(collect_backfill(args.results).items()):
+            judged[setting] = judge_backfill(chosen(by_seed))
+        write(args.results.parent, judged)
+        return
+    for setting, methods in sorted(collect(args.results).items()):
         judged[setting] = {method: judge(chosen(by_seed)) for method, by_seed in sorted(methods.items())}
         baseline = chosen(methods.get(BASELINE, {}))
         for method, by_seed in sorted(methods.items()):
             paired = {s: r for s, r in chosen(by_seed).items() if s in baseline}
             if method != BASELINE and len(paired) >= 2:
                 judged[setting][f"{method} - {BASELINE}"] = judge(paired, baseline)
-    out = args.results.parent
+    write(args.results.parent, judged)
+
+
+def write(out: Path, judged: dict[str, dict[str, dict]]) -> None:
+    """``tests.json`` and ``tests.md`` in ``out``; the table on stdout too."""
     (out / "tests.json").write_text(json.dumps(judged, indent=1) + "\n")
     (out / "tests.md").write_text(markdown(judged))
     print(markdown(judged))
