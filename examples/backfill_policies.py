@@ -11,11 +11,18 @@ embeddings of a seeded 5% sample of the gallery) and scores the mixed gallery ra
 at every tenth of the gallery. Per curve: its area (the mean mAP over the share re-embedded,
 trapezoids), and its lowest point against the 0% point (no re-embedding). One JSON per setting
 and seed; the table in ``RESULTS/../table.md``.
+
+Each curve in a run file also keeps the area of the random order with the same scoring and seed
+(``random_area``, ``area_minus_random``) and every query's own area (``per_query_area``: the mean
+over the share re-embedded of that query's AP, in query-id order, 6 decimals; the curve's area is
+their mean), with a sha256 of the query ids (``per_query_ids_sha256``): a policy's paired
+difference to random per query, the input of a test over seeds and queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -28,7 +35,7 @@ from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.backfill import SCORINGS
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.reports import BackfillOptions, backfill_report
-from paper_table import _revision  # this folder is on sys.path when the script runs
+from paper_table import _ids_digest, _revision, _rounded  # this folder is on sys.path when the script runs
 
 log = logging.getLogger("backfill_policies")
 SETTINGS = {"extended-class-warm": "emoji", "extended-data-fashion-warm": "Fashion-MNIST"}
@@ -58,22 +65,55 @@ def run(args: argparse.Namespace, setting: str, seed: int) -> dict | None:
                         [new_gallery.ids[i] for i in picked], new_gallery.label_names, model=new_gallery.model)
     sample_pairs(old_gallery, sample)  # checks the ids
     protocol = make_protocol()
+    recorded: list = []  # every evaluation's per-query AP, in call order
+
+    def evaluate(q: Embeddings, g: Embeddings) -> dict:
+        metrics, ap = protocol.per_query(q, g)
+        recorded.append(ap)
+        return metrics
+
+    recording = dataclasses.replace(protocol, evaluate=evaluate)
     row = {"setting": setting, "seed": seed, "revision": _revision(), "fractions": list(FRACTIONS), "curves": {}}
+    ids = None
     for policy in POLICIES.names():
         order = tuple(plan_order(old_gallery, policy, sample, seed))
         for scoring in SCORINGS:
-            report = backfill_report(query, old_gallery, new_gallery, protocol,
+            recorded.clear()
+            report = backfill_report(query, old_gallery, new_gallery, recording,
                                      BackfillOptions(FRACTIONS, seed=seed, order=order, scoring=scoring),
                                      old_query=old_query)
             maps = [p["map"] for p in report["curve"]]
+            per_query = _per_query_area(recorded[: len(FRACTIONS)], report["area"])
+            if ids is None:
+                ids = recorded[0].ids
+            elif recorded[0].ids != ids:
+                raise SystemExit(f"{setting} seed {seed} {policy}/{scoring}: other query ids than the first curve's")
             row["curves"][f"{policy}/{scoring}"] = {"map": maps, "area": report["area"],
-                                                    "lowest_minus_start": min(maps) - maps[0]}
+                                                    "lowest_minus_start": min(maps) - maps[0],
+                                                    "per_query_area": _rounded(per_query)}
             row["m_oo"], row["m_nn"] = report["m_oo"], report["m_nn"]
             log.info("%s seed %d %s/%s: area %.4f, lowest - start %+.4f", setting, seed, policy, scoring,
                      report["area"], min(maps) - maps[0])
+    for key, curve in row["curves"].items():  # the random order of the same scoring and seed
+        curve["random_area"] = row["curves"][f"random/{key.split('/')[1]}"]["area"]
+        curve["area_minus_random"] = curve["area"] - curve["random_area"]
+    row["per_query_ids_sha256"] = _ids_digest(ids)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _per_query_area(aps: list, area: float) -> np.ndarray:
+    """Every query's area (the trapezoid mean of its AP over the fractions, as the curve's area
+    is of mAP); their mean is ``area`` (checked)."""
+    if len(aps) != len(FRACTIONS) or any(ap.ids != aps[0].ids for ap in aps):
+        raise SystemExit("the backfill curve's points evaluate other queries")
+    points = np.stack([np.asarray(ap.ap, dtype=np.float64) for ap in aps])  # fractions x queries
+    f = np.asarray(FRACTIONS, dtype=np.float64)
+    per_query = ((f[1:] - f[:-1])[:, None] * (points[1:] + points[:-1]) / 2).sum(axis=0) / (f[-1] - f[0])
+    if abs(float(per_query.mean()) - area) > 1e-9:
+        raise SystemExit(f"the per-query areas average {per_query.mean()}, the curve's area is {area}")
+    return per_query
 
 
 def report(rows: list[dict]) -> str:
