@@ -20,6 +20,10 @@ adapter kind both ways:
 
 Every figure is mAP; delta = M(.) - M(o,o) comes with a paired bootstrap interval over the
 queries. One JSON per setting and seed in ``--results``; the table in ``RESULTS/../table*.md``.
+Each figure with a delta also keeps ``per_query``: the AP of every query of old/old (``old``) and
+of the figure (``new``), in query-id order, 6 decimals, with a sha256 of the query ids one a line
+(``ids_sha256``), as ``paper_table.py``'s run files do: the paired differences a test over seeds
+and queries needs.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.scores import paired_delta
 from bctool.extract import extract
 from bctool.train import TrainConfig
-from paper_table import SETTINGS, _revision, old_side, prepare_data, run_method  # this folder is on sys.path
+from paper_table import SETTINGS, _ids_digest, _revision, _rounded, old_side, prepare_data, run_method  # this folder is on sys.path
 
 log = logging.getLogger("adapter_table")
 KINDS = ["procrustes", "affine", "mlp"]
@@ -60,9 +64,14 @@ def _mapped(emb: Embeddings, rows: np.ndarray) -> Embeddings:
 
 
 def _score(protocol, query: Embeddings, gallery: Embeddings, base_ap, bootstrap: int, seed: int) -> dict:
-    """mAP of ``query`` against ``gallery`` and its paired delta to ``base_ap`` (M(o,o)'s per-query AP)."""
+    """mAP of ``query`` against ``gallery``, its paired delta to ``base_ap`` (M(o,o)'s per-query AP)
+    and the per-query AP of both, in the query-id order of ``base_ap``."""
     metrics, ap = protocol.per_query(query, gallery)
-    return {"map": metrics["map"], **paired_delta(base_ap, ap, bootstrap, seed)}
+    if tuple(ap.ids) != tuple(base_ap.ids):
+        raise SystemExit("a figure evaluates other query ids than old/old: no per-query pairs")
+    return {"map": metrics["map"], **paired_delta(base_ap, ap, bootstrap, seed),
+            "per_query": {"ids_sha256": _ids_digest(tuple(base_ap.ids)), "old": _rounded(base_ap.ap),
+                          "new": _rounded(ap.ap)}}
 
 
 def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict | None:
