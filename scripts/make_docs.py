@@ -45,7 +45,7 @@ REQUIRED = {
     "results/rolling-out.md": ["docs/backfill/table.md"],
     "results/recipe.md": ["docs/paper/clean-views/table.md"],
     "results/paper-table.md": ["docs/paper/table.md"],
-    "results/seed-tests.md": ["docs/paper/seeds5/tests.md"],
+    "results/seed-tests.md": ["docs/paper/seeds5/tests.md", "docs/backfill/seeds5/tests.md"],
 }
 
 START = "<!-- generated from {source} -->"
