@@ -3,10 +3,9 @@
 Warm-start the new model from the old checkpoint and fine-tune it at a lower learning rate
 (:data:`WARM_LR`) with :data:`RECOMMENDED_METHOD`, on the clean training views its precomputed
 old embeddings are of (the bctool regime's views, :mod:`bctool.train.regime`). Chosen on a pilot
-seed (100) on the emoji extended-class and Fashion-MNIST extended-data sets: among the warm-started
-methods on clean views (independent, bct, lce, advbct), LCE was the only one whose M(n,o) - M(o,o)
-interval lay above 0 on both sets, with the best P_1 (README, "The recipe and its evidence", which
-has the runs on seeds 0-2 that no choice looked at). A config asks for it with
+seed (100) on the emoji extended-class and Fashion-MNIST extended-data sets, and judged over
+seeds 0-4 by the paired t test on the seed differences (docs/results/seed-tests.md, generated
+from docs/paper/seeds5/tests.md). A config asks for it with
 ``init_from="auto"`` and ``lr=None`` (the defaults); :func:`bctool.train.defaults.resolve_defaults`
 turns those into concrete values, which are what the checkpoint records.
 """
