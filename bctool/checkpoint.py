@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from bctool import __version__
 from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ModelError
-from bctool.io import check_format_version, read_safetensors_header, save_safetensors
+from bctool.utils.io import check_format_version, read_safetensors_header, save_safetensors
 from bctool.models import EmbeddingModel, ModelConfig, create_model
 
 FORMAT = "bctool.checkpoint"

@@ -20,7 +20,7 @@ checked both ways: one a row, unique, no line breaks; rows are checked block by 
 are written: a NaN or inf row is refused, naming it, and nothing is written.
 
 A ``.npy`` or ``.faiss`` output and its ids and labels files are written as one unit
-(:func:`bctool.io.atomic_paths`): a failed conversion leaves the previous three files whole,
+(:func:`bctool.utils.io.atomic_paths`): a failed conversion leaves the previous three files whole,
 never new ids beside old rows. The labels file is always written (empty lines when no row is
 labelled), so a labels file left by an earlier conversion is never paired with new rows.
 """
@@ -48,8 +48,8 @@ from bctool.embeddings import (
     write_embeddings,
 )
 from bctool.errors import BctoolError, ConfigError, EmbeddingsError
-from bctool.io import atomic_path, atomic_paths
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.io import atomic_path, atomic_paths
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 BLOCK_ROWS = 65536

@@ -19,13 +19,13 @@ from typing import Any
 from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
-from bctool.device import resolve_device
+from bctool.utils.device import resolve_device
 from bctool.embeddings import Embeddings, save_embeddings
 from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
 from bctool.evaluate.scores import DEFAULT_BOOTSTRAP
 from bctool.evaluate.protocols import make_protocol
 from bctool.extract import extract
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train import TrainConfig, train
 from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
 from bctool.train.state import state_path

@@ -38,7 +38,7 @@ from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.errors import BctoolError, ConfigError
-from bctool.io import atomic_path
+from bctool.utils.io import atomic_path
 from bctool.registry import Registry
 
 logger = logging.getLogger(__name__)

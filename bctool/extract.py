@@ -39,9 +39,9 @@ from bctool.embeddings import (
     write_embeddings,
 )
 from bctool.errors import BctoolError, ConfigError, DataError, EmbeddingsError
-from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text, check_output_path, output_lock
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.interrupt import Interrupted, StopSignals
+from bctool.utils.io import atomic_write_text, check_output_path, output_lock
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def extract_to_file(
     """Embed ``images`` (or one ``options.shard`` of them) into the embeddings file ``out``.
 
     Rows stream into ``OUT.partial``; every ``save_every`` seconds, on an error, and when SIGINT
-    or SIGTERM stops the run after a batch (:class:`~bctool.interrupt.Interrupted`), the rows so
+    or SIGTERM stops the run after a batch (:class:`~bctool.utils.interrupt.Interrupted`), the rows so
     far are synced and their count saved to ``OUT.partial.json``, so ``resume`` continues from
     there. Unreadable images are skipped and listed in ``OUT.failed.tsv``
     (``strict`` stops instead). When all rows are in, the file is renamed to ``out`` (or, when

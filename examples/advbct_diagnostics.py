@@ -81,7 +81,7 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(runs: dict[str, list[dict]], out: Path) -> None:
     """Radii histograms, discriminator accuracy and gradient shares per epoch, a row per run."""
-    from bctool.plotting import pyplot, save_figure
+    from bctool.utils.plotting import pyplot, save_figure
 
     plt = pyplot("the AdvBCT diagnostics plot")
     fig, axes = plt.subplots(len(runs), 3, figsize=(13, 3.3 * len(runs)), squeeze=False)

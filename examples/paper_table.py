@@ -417,7 +417,7 @@ def report(finished: dict[str, dict[str, dict[int, dict]]]) -> tuple[list[str], 
 def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], methods: list[str],
           suffix: str = "") -> list[str]:
     """Self vs cross mAP per method (a point per seed) and mean backfill curves, per setting."""
-    from bctool.plotting import pyplot, save_figure
+    from bctool.utils.plotting import pyplot, save_figure
 
     plt = pyplot("the paper-table plots")
     written = []

@@ -263,7 +263,7 @@ def test_the_ids_live_in_tensors_so_the_header_cap_does_not_bound_the_rows(
     without ids, the file is still written and reads back whole. What still lives in the header
     (the label names) is checked before any image is embedded, pointing to what to do."""
     import bctool.extract as extract_module
-    import bctool.io
+    import bctool.utils.io
 
     checkpoint = load_checkpoint(checkpoint_path)
     images = load_image_set(emoji_dir / "gallery.txt")
@@ -271,11 +271,11 @@ def test_the_ids_live_in_tensors_so_the_header_cap_does_not_bound_the_rows(
     extract_to_file(images, checkpoint, first, options=ExtractOptions(workers=0))
     header_bytes = int.from_bytes(first.read_bytes()[:8], "little")
     ids_json = len(json.dumps(list(images.ids)))
-    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", header_bytes)  # a version-1 file would need ids_json more
+    monkeypatch.setattr(bctool.utils.io, "MAX_HEADER_BYTES", header_bytes)  # a version-1 file would need ids_json more
     assert ids_json > 8
     extract_to_file(images, checkpoint, tmp_path / "e.safetensors", options=ExtractOptions(workers=0))
     assert load_embeddings(tmp_path / "e.safetensors").ids == images.ids
-    monkeypatch.setattr(bctool.io, "MAX_HEADER_BYTES", header_bytes - 8)
+    monkeypatch.setattr(bctool.utils.io, "MAX_HEADER_BYTES", header_bytes - 8)
     monkeypatch.setattr(extract_module, "_embed_batches", lambda *a, **k: pytest.fail("embedded first"))
     with pytest.raises(EmbeddingsError, match=r"label names: the file's header would take .* over safetensors' limit"):
         extract_to_file(images, checkpoint, tmp_path / "f.safetensors", options=ExtractOptions(workers=0))

@@ -37,7 +37,7 @@ from bctool.evaluate.scores import (
     paper_scores,
     update_gain,
 )
-from bctool.plotting import plot_backfill
+from bctool.utils.plotting import plot_backfill
 
 LABEL_NAMES = ["a", "b", "c", "d"]
 

@@ -19,7 +19,7 @@ from bctool.data import load_image_set, load_rgb
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.embeddings import load_embeddings
 from bctool.errors import ConfigError
-from bctool.interrupt import Interrupted
+from bctool.utils.interrupt import Interrupted
 from bctool.train import TrainConfig, train
 from bctool.train import loop as train_loop
 from bctool.train.methods import METHODS

@@ -15,7 +15,7 @@ from helpers import tiny_train
 from typer.testing import CliRunner
 
 from bctool.cli import app
-from bctool.io import lock_path
+from bctool.utils.io import lock_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = tiny_train(epochs=1, image_size=16, batch_size=8)
@@ -92,7 +92,7 @@ def test_a_second_writer_is_refused_and_the_first_file_is_intact(command: str, e
 
 def _holder(out: Path) -> subprocess.Popen:
     """A process holding ``out``'s lock until killed."""
-    code = ("import sys, time\nfrom bctool.io import output_lock\nwith output_lock(sys.argv[1]):\n"
+    code = ("import sys, time\nfrom bctool.utils.io import output_lock\nwith output_lock(sys.argv[1]):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -135,7 +135,7 @@ def test_every_command_writing_a_file_refuses_a_held_output(emoji_dir: Path, mod
 
 def test_a_killed_writer_leaves_no_lock_behind(tmp_path: Path) -> None:
     """A record lock is released by the kernel when its holder dies: the next writer gets the output."""
-    from bctool.io import output_lock
+    from bctool.utils.io import output_lock
 
     out = tmp_path / "x.safetensors"
     holder = _holder(out)

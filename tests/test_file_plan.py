@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bctool.cli import app
-from bctool.files import FilePlan, watch_plans
+from bctool.utils.files import FilePlan, watch_plans
 from helpers import tiny_checkpoint, tiny_train
 
 runner = CliRunner()

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bctool.io import lock_path, output_lock
+from bctool.utils.io import lock_path, output_lock
 
 # Takes the lock, forks a long-lived worker as a torch DataLoader does (the fork start method),
 # prints the worker's pid and waits to be killed.
 HOLDER = """
 import multiprocessing, sys, time
-from bctool.io import output_lock
+from bctool.utils.io import output_lock
 
 with output_lock(sys.argv[1]):
     worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,), daemon=True)

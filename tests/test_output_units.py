@@ -19,7 +19,7 @@ from bctool.cli import app
 from bctool.convert import convert
 from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
 from bctool.errors import BctoolError
-from bctool.io import atomic_paths, atomic_write_text
+from bctool.utils.io import atomic_paths, atomic_write_text
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SIZE_LIMIT = 16384  # bytes: the ids and labels files fit, 200 rows of 64 floats do not

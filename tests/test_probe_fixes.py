@@ -44,7 +44,7 @@ def _emb(rows: np.ndarray, ids: list[str], shard: dict | None = None, model: dic
 def test_a_fresh_run_refuses_to_start_over_an_interrupted_runs_state(
     emoji_dir: Path, tmp_path: Path, sigterm_at_step  # noqa: ANN001 - the conftest fixture
 ) -> None:
-    from bctool.interrupt import Interrupted
+    from bctool.utils.interrupt import Interrupted
 
     images = load_image_set(emoji_dir / "new_train.txt")
     config = TrainConfig.from_options(arch="small", image_size=16, epochs=1, batch_size=16, workers=0, device="cpu")

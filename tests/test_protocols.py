@@ -143,7 +143,7 @@ def test_benchmark_protocols_load_neither_torch_nor_pil() -> None:
     """`bctool evaluate` pays for faiss and numpy only: the benchmarks' readers, the backfill package
     and the plots are light."""
     code = ("import sys; import bctool.evaluate.protocols, bctool.evaluate.reports, bctool.backfill, "
-            "bctool.plotting, bctool.evaluate.protocols.gldv2.files, bctool.evaluate.protocols.revisited.files; "
+            "bctool.utils.plotting, bctool.evaluate.protocols.gldv2.files, bctool.evaluate.protocols.revisited.files; "
             "print(sorted({'torch', 'PIL', 'torchvision'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

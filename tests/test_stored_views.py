@@ -153,7 +153,7 @@ def test_a_run_against_stored_views_resumes_to_the_straight_run(
 ) -> None:
     """The options (a tuple of files) compare equal to the saved state's; the views drawn after the
     resumption are those of the straight run."""
-    from bctool.interrupt import Interrupted
+    from bctool.utils.interrupt import Interrupted
 
     images = load_image_set(emoji_dir / "new_train.txt")
     options = dict(method="lce", old_embeddings=str(old_files["clean"]), old_views=(str(old_files["view0"]),),

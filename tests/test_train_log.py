@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from bctool.cli import app
 from bctool.data import load_image_set
-from bctool.interrupt import Interrupted
-from bctool.plotting import _moving_mean
+from bctool.utils.interrupt import Interrupted
+from bctool.utils.plotting import _moving_mean
 from bctool.train import TrainConfig, train
 from bctool.train.log import read_records
 

@@ -34,7 +34,7 @@ from bctool.adapt.maps import ADAPTERS
 from bctool.checkpoint import file_sha256
 from bctool.embeddings import Embeddings, RowIds, has_repeats, normalize_rows, pair_rows
 from bctool.errors import ConfigError, EmbeddingsError, shown
-from bctool.io import atomic_path, check_format_version
+from bctool.utils.io import atomic_path, check_format_version
 from bctool.registry import resolve_params
 
 logger = logging.getLogger(__name__)

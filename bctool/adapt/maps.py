@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bctool.errors import ConfigError
-from bctool.linear import ridge_least_squares
+from bctool.utils.linear import ridge_least_squares
 from bctool.registry import Registry, param
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ procrustes_fit.build = lambda d_in, d_out, params: LinearMap(d_in, d_out, bias=F
 
 
 def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of ridge least squares y ~ x W + b (:func:`bctool.linear.ridge_least_squares`)."""
+    """(W, b) of ridge least squares y ~ x W + b (:func:`bctool.utils.linear.ridge_least_squares`)."""
     weight, bias = ridge_least_squares(x.double().numpy(), y.double().numpy(), ridge)
     return torch.from_numpy(weight), torch.from_numpy(bias)
 

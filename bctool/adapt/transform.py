@@ -36,7 +36,7 @@ from bctool.embeddings import (
     write_embeddings,
 )
 from bctool.errors import ConfigError, EmbeddingsError, shown
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 from bctool.backfill.policies import DEFAULT_POLICY, POLICIES, sample_pairs
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.io import atomic_write_text
+from bctool.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

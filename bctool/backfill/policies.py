@@ -35,7 +35,7 @@ from bctool.embeddings import (
     release_rows,
 )
 from bctool.errors import ConfigError, EmbeddingsError
-from bctool.linear import ridge_least_squares
+from bctool.utils.linear import ridge_least_squares
 from bctool.registry import Registry
 
 Policy = Callable[[Embeddings, "tuple[Embeddings, Embeddings] | None", int], np.ndarray]
@@ -44,7 +44,7 @@ Policy = Callable[[Embeddings, "tuple[Embeddings, Embeddings] | None", int], np.
 # means over 3 seeds), with no point of its curve below the unconverted gallery.
 DEFAULT_POLICY = "norm"
 BLOCK = 65536
-RIDGE = 1e-2  # the disagreement policy's ridge penalty (bctool.linear)
+RIDGE = 1e-2  # the disagreement policy's ridge penalty (bctool.utils.linear)
 
 
 def _admit(name: str, policy: object) -> None:

@@ -24,8 +24,8 @@ from bctool.cli.output import (
     setup_logging,
     stderr,
 )
-from bctool.files import FilePlan
-from bctool.io import output_lock
+from bctool.utils.files import FilePlan
+from bctool.utils.io import output_lock
 
 
 @app.command()

@@ -27,8 +27,8 @@ from bctool.cli.output import (
     emit_json,
     setup_logging,
 )
-from bctool.files import FilePlan
-from bctool.io import output_lock
+from bctool.utils.files import FilePlan
+from bctool.utils.io import output_lock
 
 # A command with nothing to draw still takes -q (scripts pass it everywhere), hidden from its help.
 

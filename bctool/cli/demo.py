@@ -27,7 +27,7 @@ from bctool.cli.output import (
     setup_logging,
     stderr,
 )
-from bctool.files import FilePlan
+from bctool.utils.files import FilePlan
 
 
 @app.command()

@@ -25,8 +25,8 @@ from bctool.cli.output import (
     setup_logging,
     stderr,
 )
-from bctool.files import FilePlan
-from bctool.io import output_lock
+from bctool.utils.files import FilePlan
+from bctool.utils.io import output_lock
 
 
 @app.command()
@@ -59,7 +59,7 @@ def extract(
     """
     from bctool.checkpoint import load_checkpoint
     from bctool.data import load_image_set
-    from bctool.device import resolve_device
+    from bctool.utils.device import resolve_device
     from bctool.extract import ExtractOptions, Shard, extract_to_file, unadapted_path
 
     setup_logging(verbose)

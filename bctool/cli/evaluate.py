@@ -28,8 +28,8 @@ from bctool.cli.output import (
     setup_logging,
     stderr,
 )
-from bctool.files import FilePlan
-from bctool.io import output_lock
+from bctool.utils.files import FilePlan
+from bctool.utils.io import output_lock
 
 if TYPE_CHECKING:
     from bctool.evaluate.protocols import Protocol, Table
@@ -95,7 +95,7 @@ def evaluate(
     plan.read("--gnd", gnd).read("--solution", solution).read("--truth", list(_truth_files(truth).values()))
     plan.read("--order", order).write("--plot", plot, locked=True).check()
     if plot is not None:
-        from bctool.plotting import plot_format
+        from bctool.utils.plotting import plot_format
 
         plot_format(plot)
     truths = {"gnd": gnd, "solution": solution, **_truth_files(truth)}

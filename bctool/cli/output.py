@@ -50,7 +50,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 class RichProgress:
-    """The :class:`bctool.progress.Progress` protocol drawn as a rich bar on stderr.
+    """The :class:`bctool.utils.progress.Progress` protocol drawn as a rich bar on stderr.
 
     Off when ``enabled`` is False (``--quiet``) or stderr is not a terminal.
     """

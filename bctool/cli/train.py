@@ -31,8 +31,8 @@ from bctool.cli.output import (
     emit_json,
     setup_logging,
 )
-from bctool.files import FilePlan
-from bctool.io import output_lock
+from bctool.utils.files import FilePlan
+from bctool.utils.io import output_lock
 
 
 @app.command(cls=PanelCommand)
@@ -214,7 +214,7 @@ def plot(
     quiet: QuietAccepted = False,
 ) -> None:
     """Draw the training curves of a --log-dir folder (loss parts per step and per epoch, learning rate) as a PNG."""
-    from bctool.plotting import DEFAULT_PLOT, plot_format, plot_training
+    from bctool.utils.plotting import DEFAULT_PLOT, plot_format, plot_training
     from bctool.train.log import LOG_FILES
 
     target = out if out is not None else log_dir / DEFAULT_PLOT

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from bctool.data.images import load_rgb
 from bctool.data.sources import ImageSet
 from bctool.errors import DataError
-from bctool.io import atomic_write_text
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.io import atomic_write_text
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 
 class _Decode(Dataset):

@@ -17,8 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from bctool.errors import DataError
-from bctool.io import atomic_path, atomic_write_text
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.io import atomic_path, atomic_write_text
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 

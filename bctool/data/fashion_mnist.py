@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from bctool.errors import DataError
-from bctool.io import atomic_write_text
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.io import atomic_write_text
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A writer is ``write(out_dir, params) -> summary``, its ``params`` argument annotated with a
 frozen dataclass of its parameters; a writer that also takes a ``progress`` keyword is given a
-:class:`~bctool.progress.Progress` to count the images it writes. The built-ins are the embedded
+:class:`~bctool.utils.progress.Progress` to count the images it writes. The built-ins are the embedded
 emoji set, Fashion-MNIST and scikit-learn's digits, and the entry-point group ``bctool.datasets``
 adds others; ``bctool dataset make NAME OUT_DIR --param KEY=VALUE`` writes any of them
 (:mod:`bctool.registry`).
@@ -23,7 +23,7 @@ from bctool.data.digits import DigitsSplit, write_digits_dataset
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.errors import DataError
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.registry import Registry, resolve_params
 
 DatasetWriter = Callable[[Path, Any], dict]

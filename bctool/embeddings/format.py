@@ -37,7 +37,7 @@ from bctool.embeddings.core import Embeddings
 from bctool.embeddings.ids import RowIds
 from bctool.embeddings.rows import storage_dtype
 from bctool.errors import BctoolError, EmbeddingsError
-from bctool.io import atomic_path, safetensors_header
+from bctool.utils.io import atomic_path, safetensors_header
 
 FORMAT = "bctool.embeddings"
 FORMAT_VERSION = "2"

@@ -19,7 +19,7 @@ from bctool.embeddings.core import Embeddings
 from bctool.embeddings.format import FORMAT, FORMAT_VERSION
 from bctool.embeddings.ids import RowIds
 from bctool.errors import EmbeddingsError
-from bctool.io import check_format_version, read_safetensors_header
+from bctool.utils.io import check_format_version, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from bctool.embeddings.ids import concat_ids
 from bctool.embeddings.read import read_embeddings_file
 from bctool.embeddings.rows import ConcatRows, storage_dtype
 from bctool.errors import EmbeddingsError
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 
 UNADAPTED_SUFFIX = ".unadapted.safetensors"  # the model's own rows, beside a part of `extract --adapter`
 

@@ -201,7 +201,7 @@ def backfill_report(
     m_oo = protocol.evaluate(old_query, old_gallery)[key] if old_query is not None else None
     m_nn = protocol.evaluate(query, new_gallery)[key]
     if plot is not None:
-        from bctool.plotting import plot_backfill
+        from bctool.utils.plotting import plot_backfill
 
         plot_backfill(curve, plot, old_map=m_oo, new_map=m_nn, key=key)
     area = _area(curve, key)

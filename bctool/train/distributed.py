@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from bctool.device import resolve_device
+from bctool.utils.device import resolve_device
 from bctool.errors import ConfigError
 
 

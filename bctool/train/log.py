@@ -1,5 +1,5 @@
 """Training logs: ``bctool train --log-dir DIR`` writes them, ``bctool plot DIR`` draws their curves
-(:func:`bctool.plotting.plot_training`).
+(:func:`bctool.utils.plotting.plot_training`).
 
 ``DIR/steps.jsonl``: one JSON object per step, ``{"step", "epoch", "lr", <loss part>: value,
 ...}`` (``step`` counts from 1; loss parts averaged over ranks). ``DIR/epochs.jsonl``: one per

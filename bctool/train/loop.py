@@ -22,10 +22,10 @@ from bctool.checkpoint import save_checkpoint
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ConfigError
-from bctool.interrupt import Interrupted, StopSignals
-from bctool.io import atomic_write_text, check_output_path, output_lock
+from bctool.utils.interrupt import Interrupted, StopSignals
+from bctool.utils.io import atomic_write_text, check_output_path, output_lock
 from bctool.models import EmbeddingModel
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
 from bctool.train.defaults import Resolved, resolve_defaults
 from bctool.train.distributed import (
@@ -129,7 +129,7 @@ def train(
 
     The training state is saved to ``OUT.state.safetensors`` after every epoch, every
     ``config.run.save_every`` steps, and when SIGINT or SIGTERM stops the run (after the step in
-    flight; :class:`~bctool.interrupt.Interrupted` is raised then). ``config.run.resume`` continues
+    flight; :class:`~bctool.utils.interrupt.Interrupted` is raised then). ``config.run.resume`` continues
     from it, mid-epoch included; it is removed once the checkpoint is written. A run without
     ``resume`` is refused while that state exists (it would train from scratch and replace it).
     Unreadable images are left out first (listed in ``OUT.failed.tsv``) unless ``config.optim.strict``.

@@ -22,8 +22,8 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import TORCH_MODES, Preprocess, StoredView
 from bctool.embeddings import Embeddings, find_rows, load_embeddings
 from bctool.errors import ConfigError, DataError, EmbeddingsError
-from bctool.io import unused_path
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.io import unused_path
+from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train.config import CompatOptions
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from bctool.data.sources import ImageSet
 from bctool.data.transforms import TRAINING_VIEWS, Preprocess, StoredView
 from bctool.errors import DataError
 from bctool.models import EmbeddingModel, create_model
-from bctool.progress import NULL_PROGRESS, Progress
+from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
 from bctool.train.distributed import (
     Rank,

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from bctool.errors import ConfigError
-from bctool.io import save_safetensors
+from bctool.utils.io import save_safetensors
 from bctool.train.config import RESUMABLE_CHANGES  # the run group's options
 
 FORMAT = "bctool.train-state"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bctool.errors import DataError
-from bctool.io import atomic_write_text
+from bctool.utils.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

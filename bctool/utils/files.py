@@ -95,7 +95,7 @@ class FilePlan:
         if given is not None:
             self.writes.append(Use(role, Path(given)))
             if locked:
-                from bctool.io import lock_path
+                from bctool.utils.io import lock_path
 
                 self.writes.append(Use(f"{role}'s lock", lock_path(given)))
         return self
@@ -191,8 +191,8 @@ def _fix_option(*uses: Use) -> str:
 
 
 def _refuse_special(out: Use) -> None:
-    """A folder cannot be an output; nor a device, FIFO or socket (see :func:`~bctool.io.refuse_special`)."""
-    from bctool.io import refuse_special
+    """A folder cannot be an output; nor a device, FIFO or socket (see :func:`~bctool.utils.io.refuse_special`)."""
+    from bctool.utils.io import refuse_special
 
     if Path(out.path).is_dir():
         raise ConfigError(f"{_what(out)} {str(out.path)!r} is a folder; pass the name of a file (in it, for example)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bctool.errors import ConfigError
-from bctool.io import atomic_path
+from bctool.utils.io import atomic_path
 
 # The formats a plot may be written in, by the output's suffix (matplotlib's names).
 PLOT_FORMATS = ("png", "svg", "pdf")
