@@ -20,12 +20,12 @@ from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
 from bctool.utils.device import resolve_device
-from bctool.embeddings import Embeddings, save_embeddings
+from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
 from bctool.evaluate.scores import DEFAULT_BOOTSTRAP
 from bctool.evaluate.protocols import make_protocol
-from bctool.extract import extract
 from bctool.utils.progress import NULL_PROGRESS, Progress
+from bctool.workflow import embed_splits, run_record, write_run
 from bctool.train import TrainConfig, train
 from bctool.train.recipe import COLD_LR, RECOMMENDED_METHOD, WARM_LR
 from bctool.train.state import state_path
@@ -92,14 +92,12 @@ def pairs(models: list[str]) -> dict[str, tuple[str, str]]:
 
 def _embed(model_path: Path, lists: dict[str, Path], splits: tuple[str, ...], name: str, workdir: Path,
            config: DemoConfig, progress: Progress) -> dict[str, Embeddings]:
+    """``NAME_SPLIT.safetensors`` of each split (:func:`bctool.workflow.embed_splits`: a file made by
+    this very checkpoint from this very list is kept), loaded."""
     checkpoint = load_checkpoint(model_path, device=resolve_device(config.device))
-    out = {}
-    for split in splits:
-        emb = extract(load_image_set(lists[split], require_labels=False), checkpoint,
-                      workers=config.workers, progress=progress)
-        save_embeddings(emb, workdir / f"{name}_{split}.safetensors")
-        out[split] = emb
-    return out
+    files = embed_splits(checkpoint, {split: lists[split] for split in splits}, workdir / name,
+                         workers=config.workers, progress=progress)
+    return {split: load_embeddings(path) for split, path in files.items()}
 
 
 def _evaluate(embeddings: dict[str, dict[str, Embeddings]], models: list[str],
@@ -126,7 +124,8 @@ def update_gain_figures(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
              progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
-    """Run the whole upgrade in ``workdir``; return the summary with the mAP table."""
+    """Run the whole upgrade in ``workdir``; return the summary with the mAP table, also written
+    to ``workdir/summary.json`` with the command and revision that made it."""
     start = time.perf_counter()
     workdir = Path(workdir)
     dataset = write_emoji_dataset(workdir / "emoji", EmojiSplit(seed=config.seed, limit=config.limit))
@@ -152,7 +151,7 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         name = config.published
         published = {"method": name, "regime": "paper", "M(n,n)": m[f"{name}/{name}"], "M(n,o)": m[f"{name}/old"],
                      "compatible": m[f"{name}/old"] > m["old/old"]}
-    return {
+    summary = {
         "workdir": str(workdir),
         "method": config.method,
         "warm_start": config.warm_start,
@@ -169,6 +168,9 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         "published": published,
         "seconds": round(time.perf_counter() - start, 1),
     }
+    # The figures the demo prints, kept with the command and revision that made them.
+    write_run(workdir / "summary.json", run_record(**summary))
+    return summary
 
 
 def with_overrides(config: DemoConfig, **overrides: Any) -> DemoConfig:

@@ -3,7 +3,7 @@
     python scripts/seed_tests.py docs/paper/seeds5/runs            # writes tests.json and tests.md beside it
     python scripts/seed_tests.py --backfill docs/backfill/seeds5/runs   # each order's area over random
 
-For every setting and method of ``examples/paper_table.py``'s run files (one JSON per setting,
+For every setting and method of ``experiments/paper_table.py``'s run files (one JSON per setting,
 seed and method, each holding M(o,o), M(n,o) and the per-query AP of both), the seed
 differences D_s = M_s(n,o) - M_s(o,o) go through the paired t test (the claim's test), the
 random-effects estimate (each seed's variance of its mean difference over queries, s^2 / Q) and
@@ -60,7 +60,7 @@ def judge(by_seed: dict[int, dict], baseline: dict[int, dict] | None = None) -> 
 
 
 def collect_backfill(results: Path) -> dict[str, dict[int, dict]]:
-    """setting -> seed -> run file of ``examples/backfill_policies.py`` (one per setting and seed)."""
+    """setting -> seed -> run file of ``experiments/backfill_policies.py`` (one per setting and seed)."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(results.glob("*/seed*.json")):
         row = json.loads(path.read_text())

@@ -158,6 +158,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "new_query.safetensors").is_file()
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])
+    stored = json.loads((tmp_path / "summary.json").read_text())  # the figures, with what made them
+    assert stored["M(n,o)"] == summary["M(n,o)"] and {"command", "revision"} <= set(stored)
     assert summary["delta"] == pytest.approx(summary["M(n,o)"] - summary["M(o,o)"])
     assert summary["delta_low"] <= summary["delta"] <= summary["delta_high"] and summary["bootstrap"] == 200
     assert summary["compatible_significant"] == (summary["delta_low"] > 0)

@@ -1,4 +1,4 @@
-"""examples/paper_table.py: the summary and table from finished runs (no training here)."""
+"""experiments/paper_table.py: the summary and table from finished runs (no training here)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from bctool.evaluate.scores import paper_scores
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "paper_table.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "paper_table.py"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_scores_summarise_over_the_datasets_of_a_setting(paper, tmp_path: Path) 
 
 
 def test_seeds_are_judged_by_the_paired_test_on_their_deltas(paper) -> None:  # noqa: ANN001
-    """examples/compat_significance.py: the seeds' mean delta is judged by the paired t test on the
+    """experiments/compat_significance.py: the seeds' mean delta is judged by the paired t test on the
     seed deltas (in mAP points), with the crossed seeds x queries estimate beside it; one seed
     gives no test over seeds."""
     import numpy as np

@@ -39,7 +39,7 @@ from bctool.utils.linear import ridge_least_squares
 from bctool.registry import Registry
 
 Policy = Callable[[Embeddings, "tuple[Embeddings, Embeddings] | None", int], np.ndarray]
-# The default order, by measurement (examples/backfill_policies.py, docs/backfill/table.md): the
+# The default order, by measurement (experiments/backfill_policies.py, docs/backfill/table.md): the
 # only policy ahead of random order on both sets (emoji +0.72, Fashion-MNIST +1.12 mAP of area,
 # means over 3 seeds), with no point of its curve below the unconverted gallery.
 DEFAULT_POLICY = "norm"

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 # Below this image side ``arch="auto"`` picks the small CNN: a ResNet's ImageNet stem and four
-# stride-2 stages leave a 1x1 map at 32 px (examples/small_images.py measures both).
+# stride-2 stages leave a 1x1 map at 32 px (experiments/small_images.py measures both).
 SMALL_IMAGE_SIDE = 64
 GIVEN, DEFAULT, RECIPE, IMAGE_SIZE = "given", "default", "recipe", "image size"
 # The options resolve_defaults fills in when they are left open, with the value that means "open".

@@ -6,7 +6,7 @@ trains the new model against the old model's precomputed embeddings, embeds the 
 query (Google) and gallery (Twitter) images, and measures M(n,n) and M(n,o) next to M(o,o).
 Finished runs are cached in WORKDIR, so an interrupted run resumes where it stopped.
 
-    python examples/compat_table.py --workdir runs/compat --seeds 0 1 2
+    python experiments/compat_table.py --workdir runs/compat --seeds 0 1 2
 
 Prints a markdown table (mean and standard deviation over seeds) on stdout and writes
 WORKDIR/results.json with every figure.
@@ -21,14 +21,13 @@ import statistics
 import time
 from pathlib import Path
 
-from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
-from bctool.embeddings import load_embeddings, save_embeddings
+from bctool.embeddings import load_embeddings
 from bctool.evaluate import evaluate_retrieval
-from bctool.extract import extract
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
+from bctool.workflow import embed_splits, run_record, train_once, write_run
 
 log = logging.getLogger("compat_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
@@ -36,14 +35,8 @@ METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct",
 
 
 def embed(model: Path, lists: dict[str, Path], splits: list[str], prefix: Path) -> None:
-    """Extract each split with ``model`` to ``PREFIX_SPLIT.safetensors`` unless cached."""
-    ckpt = None
-    for split in splits:
-        out = prefix.parent / f"{prefix.name}_{split}.safetensors"
-        if out.exists():
-            continue
-        ckpt = ckpt or load_checkpoint(model)
-        save_embeddings(extract(load_image_set(lists[split], require_labels=False), ckpt, workers=2), out)
+    """Extract each split with ``model`` to ``PREFIX_SPLIT.safetensors`` (cached by model and list)."""
+    embed_splits(model, {split: lists[split] for split in splits}, prefix)
 
 
 def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, limit: int | None,
@@ -56,9 +49,8 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
     sdir = workdir / f"seed{seed}"
     sdir.mkdir(parents=True, exist_ok=True)
     old = sdir / "old.safetensors"
-    if not old.exists():
-        log.info("seed %d: training the old model", seed)
-        train(load_image_set(lists["old_train"]), base.replace(seed=seed, epochs=old_epochs), old)
+    if train_once(lists["old_train"], base.replace(seed=seed, epochs=old_epochs), old) is not None:
+        log.info("seed %d: trained the old model", seed)
     embed(old, lists, ["new_train", "query", "gallery"], sdir / "old")
     results = {"old/old": _eval(sdir / "old_query.safetensors", sdir / "old_gallery.safetensors")}
     for method in methods:
@@ -81,7 +73,8 @@ def run_seed(workdir: Path, seed: int, methods: list[str], base: TrainConfig, li
             "final": summary.final,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        cache.write_text(json.dumps(row, indent=1))
+        row = run_record(**row)
+        write_run(cache, row)
         results[method] = row
     return results
 

@@ -1,9 +1,9 @@
 """Upgrades without retraining: adapters between an old model and a new model never trained for
 compatibility, next to compatible training, over seeds.
 
-    OMP_NUM_THREADS=1 python examples/adapter_table.py --seeds 100          # the pilot: defaults chosen here
-    OMP_NUM_THREADS=1 python examples/adapter_table.py --seeds 0 1 2        # the confirmation
-    python examples/adapter_table.py --report-only --seeds 0 1 2
+    OMP_NUM_THREADS=1 python experiments/adapter_table.py --seeds 100          # the pilot: defaults chosen here
+    OMP_NUM_THREADS=1 python experiments/adapter_table.py --seeds 0 1 2        # the confirmation
+    python experiments/adapter_table.py --report-only --seeds 0 1 2
 
 For each setting of the paper table (emoji extended-class, Fashion-MNIST extended-data) and seed
 it takes the paper table's old model and its fresh independent new model (trained with
@@ -33,19 +33,18 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bctool.adapt import fit_adapter, slerp
-from bctool.checkpoint import load_checkpoint
-from bctool.data.sources import load_image_set
-from bctool.embeddings import Embeddings, load_embeddings, save_embeddings
+from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.scores import paired_delta
-from bctool.extract import extract
 from bctool.train import TrainConfig
-from paper_table import SETTINGS, _ids_digest, _revision, _rounded, old_side, prepare_data, run_method  # this folder is on sys.path
+from bctool.workflow import embed_splits, ids_digest, rounded, run_record, write_run
+from paper_table import SETTINGS, old_side, prepare_data, run_method  # this folder is on sys.path
 
 log = logging.getLogger("adapter_table")
 KINDS = ["procrustes", "affine", "mlp"]
@@ -53,10 +52,21 @@ PAIRS = {"extended-class": "extended-class-warm", "extended-data-fashion": "exte
 
 
 
-def _embed(model: Path, list_file: Path, out: Path) -> Embeddings:
-    if not out.exists():
-        save_embeddings(extract(load_image_set(list_file, require_labels=False), load_checkpoint(model), workers=2), out)
-    return load_embeddings(out)
+@dataclass(frozen=True)
+class AdapterStudy:
+    """Where the study reads and writes, and what it measures."""
+
+    workdir: Path  # paper_table.py's --workdir: the models and embeddings
+    paper_results: Path  # paper_table.py's --results of the independent models
+    results: Path  # one JSON per setting and seed
+    bootstrap: int = 1000
+    blend_weights: tuple[float, ...] = (0.25, 0.5, 0.75)
+
+
+def _embed_train(model: Path, data: Path) -> Embeddings:
+    """The model's embeddings of the new training list, beside it (cached by model and list)."""
+    prefix = model.with_name(model.stem)
+    return load_embeddings(embed_splits(model, {"new_train": data / "new_train.txt"}, prefix)["new_train"])
 
 
 def _mapped(emb: Embeddings, rows: np.ndarray) -> Embeddings:
@@ -70,16 +80,17 @@ def _score(protocol, query: Embeddings, gallery: Embeddings, base_ap, bootstrap:
     if tuple(ap.ids) != tuple(base_ap.ids):
         raise SystemExit("a figure evaluates other query ids than old/old: no per-query pairs")
     return {"map": metrics["map"], **paired_delta(base_ap, ap, bootstrap, seed),
-            "per_query": {"ids_sha256": _ids_digest(tuple(base_ap.ids)), "old": _rounded(base_ap.ap),
-                          "new": _rounded(ap.ap)}}
+            "per_query": {"ids_sha256": ids_digest(base_ap.ids), "old": rounded(base_ap.ap),
+                          "new": rounded(ap.ap)}}
 
 
-def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict | None:
-    cache = args.results / name / f"seed{seed}.json"
+def run_seed(study: AdapterStudy, name: str, seed: int) -> dict | None:
+    """Every adapter of one setting and seed (cached as JSON in ``study.results``)."""
+    cache = study.results / name / f"seed{seed}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     setting = SETTINGS[name]
-    data = prepare_data(args.workdir, setting.dataset)
+    data = prepare_data(study.workdir, setting.dataset)
     if data is None:
         log.warning("skipping %s: its data is not installed", name)
         return None
@@ -88,17 +99,17 @@ def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict | None:
     old_base = base.replace(lr=0.1)
     old_seed = seed + 1000
     started = time.perf_counter()
-    independent = run_method(args.workdir, args.paper_results, data, name, seed, "independent", base, old_base, old_seed)
-    old = old_side(args.workdir, data, setting, old_seed, old_base)
-    folder = next((args.workdir / name).glob(f"seed{seed}-old{old_seed}-e{base.optim.epochs}-none"))
+    independent = run_method(study.workdir, study.paper_results, data, name, seed, "independent", base, old_base, old_seed)
+    old = old_side(study.workdir, data, setting, old_seed, old_base)
+    folder = next((study.workdir / name).glob(f"seed{seed}-old{old_seed}-e{base.optim.epochs}-none"))
     new_model = folder / "independent.safetensors"
-    new_train = _embed(new_model, data / "new_train.txt", folder / "independent_new_train.safetensors")
+    new_train = _embed_train(new_model, data)
     emb = {"old_train": load_embeddings(old["new_train"]), "old_query": load_embeddings(old["query"]),
            "old_gallery": load_embeddings(old["gallery"]), "new_query": load_embeddings(folder / "independent_query.safetensors"),
            "new_gallery": load_embeddings(folder / "independent_gallery.safetensors")}
     protocol = make_protocol()
     base_metrics, base_ap = protocol.per_query(emb["old_query"], emb["old_gallery"])
-    row = {"setting": name, "seed": seed, "old_seed": old_seed, "revision": _revision(),
+    row = {"setting": name, "seed": seed, "old_seed": old_seed,
            "m_oo": base_metrics["map"], "m_nn": independent["self"]["map"], "m_no": independent["cross"]["map"],
            "query_adapter": {}, "gallery_transform": {}, "fit": {}}
     for kind in KINDS:
@@ -107,36 +118,36 @@ def run_seed(args: argparse.Namespace, name: str, seed: int) -> dict | None:
         row["fit"][kind] = {"new_to_old": forward.fit, "old_to_new": backward.fit}
         mapped_query = forward.apply(np.asarray(emb["new_query"].embeddings))
         entry = {"alone": _score(protocol, _mapped(emb["new_query"], mapped_query),
-                                 emb["old_gallery"], base_ap, args.bootstrap, seed)}
-        for weight in args.blend_weights:
+                                 emb["old_gallery"], base_ap, study.bootstrap, seed)}
+        for weight in study.blend_weights:
             blended = slerp(np.asarray(emb["old_query"].embeddings), mapped_query, weight)
             entry[f"blend{weight:g}"] = _score(protocol, _mapped(emb["new_query"], blended),
-                                               emb["old_gallery"], base_ap, args.bootstrap, seed)
+                                               emb["old_gallery"], base_ap, study.bootstrap, seed)
         row["query_adapter"][kind] = entry
         gallery = _mapped(emb["old_gallery"], backward.apply(np.asarray(emb["old_gallery"].embeddings)))
-        row["gallery_transform"][kind] = _score(protocol, emb["new_query"], gallery, base_ap, args.bootstrap, seed)
+        row["gallery_transform"][kind] = _score(protocol, emb["new_query"], gallery, base_ap, study.bootstrap, seed)
         log.info("%s seed %d %s: query adapter %.4f, gallery transform %.4f (M(o,o) %.4f, M(n,n) %.4f)", name, seed,
                  kind, entry["alone"]["map"], row["gallery_transform"][kind]["map"], row["m_oo"], row["m_nn"])
-    recipe = _recipe(args, name, seed, old_seed, data)
+    recipe = _recipe(study, name, seed, old_seed, data)
     if recipe is not None:
-        lce_train = _embed(recipe, data / "new_train.txt", recipe.with_name("lce_new_train.safetensors"))
+        lce_train = _embed_train(recipe, data)
         lce_query = load_embeddings(recipe.with_name("lce_query.safetensors"))
-        row["recipe"] = {"cross": _score(protocol, lce_query, emb["old_gallery"], base_ap, args.bootstrap, seed),
+        row["recipe"] = {"cross": _score(protocol, lce_query, emb["old_gallery"], base_ap, study.bootstrap, seed),
                          "self": protocol.evaluate(lce_query, load_embeddings(recipe.with_name("lce_gallery.safetensors")))["map"],
                          "gallery_transform": {}}
         for kind in KINDS:
             backward = fit_adapter(emb["old_train"], lce_train, kind, holdout=0.1, seed=seed)
             gallery = _mapped(emb["old_gallery"], backward.apply(np.asarray(emb["old_gallery"].embeddings)))
-            row["recipe"]["gallery_transform"][kind] = _score(protocol, lce_query, gallery, base_ap, args.bootstrap, seed)
+            row["recipe"]["gallery_transform"][kind] = _score(protocol, lce_query, gallery, base_ap, study.bootstrap, seed)
     row["seconds"] = round(time.perf_counter() - started, 1)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(row, indent=1))
+    row = run_record(**row)
+    write_run(cache, row)
     return row
 
 
-def _recipe(args: argparse.Namespace, name: str, seed: int, old_seed: int, data: Path) -> Path | None:
+def _recipe(study: AdapterStudy, name: str, seed: int, old_seed: int, data: Path) -> Path | None:
     """The recipe's (lce, warm, clean views) model of the paired -warm setting, if it was trained."""
-    found = sorted((args.workdir / PAIRS[name]).glob(f"seed{seed}-old{old_seed}-e*-lr0.03-none/lce.safetensors"))
+    found = sorted((study.workdir / PAIRS[name]).glob(f"seed{seed}-old{old_seed}-e*-lr0.03-none/lce.safetensors"))
     return found[0] if found and found[0].with_name("lce_query.safetensors").exists() else None
 
 
@@ -196,12 +207,13 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="no work: the table from --results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    study = AdapterStudy(args.workdir, args.paper_results, args.results, args.bootstrap, tuple(args.blend_weights))
     rows = []
     for name in args.settings:
         for seed in args.seeds:
             cache = args.results / name / f"seed{seed}.json"
             row = json.loads(cache.read_text()) if args.report_only and cache.exists() else (
-                None if args.report_only else run_seed(args, name, seed))
+                None if args.report_only else run_seed(study, name, seed))
             if row is not None:
                 rows.append(row)
     text = report(rows, args.blend_weights)

@@ -1,10 +1,10 @@
 """The consistency floor of the paper table's old models: their own training views against the
 old embeddings the new models train against.
 
-    python examples/consistency_floor.py --workdir runs/paper     # the old models paper_table trained
+    python experiments/consistency_floor.py --workdir runs/paper     # the old models paper_table trained
 
 For every old model under ``WORKDIR/old/`` (one per dataset, old list and seed, trained by
-``examples/paper_table.py``) and every training view (none, flip, crop), ``bctool train
+``experiments/paper_table.py``) and every training view (none, flip, crop), ``bctool train
 --diagnostics`` measures the floor (README, "--diagnostics"): the old model in the new model's
 place, over one pass of the new training list's views, against its own precomputed embeddings of
 the clean images. One epoch of a throw-away compatible model is trained to get there. Writes

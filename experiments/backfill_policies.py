@@ -1,7 +1,7 @@
 """Which backfill order, and which scoring of the mixed gallery: curves over seeds.
 
-    python examples/backfill_policies.py --workdir runs/paper                # seeds 0 1 2
-    python examples/backfill_policies.py --report-only
+    python experiments/backfill_policies.py --workdir runs/paper                # seeds 0 1 2
+    python experiments/backfill_policies.py --report-only
 
 For the compatible-training recipe's new models of the paper table (``lce``, warm start, clean
 views: ``extended-class-warm`` on emoji, ``extended-data-fashion-warm`` on Fashion-MNIST; trained
@@ -34,7 +34,7 @@ from bctool.backfill import POLICIES, SCORINGS, plan_order, sample_pairs
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.reports import BackfillOptions, backfill_report
-from paper_table import _ids_digest, _revision, _rounded  # this folder is on sys.path when the script runs
+from bctool.workflow import ids_digest, rounded, run_record, write_run
 
 log = logging.getLogger("backfill_policies")
 SETTINGS = {"extended-class-warm": "emoji", "extended-data-fashion-warm": "Fashion-MNIST"}
@@ -43,16 +43,18 @@ SAMPLE = 0.05
 
 
 
-def run(args: argparse.Namespace, setting: str, seed: int) -> dict | None:
-    cache = args.results / setting / f"seed{seed}.json"
+def run(workdir: Path, results: Path, setting: str, seed: int) -> dict | None:
+    """Every order with each scoring for one setting and seed, from the paper table's recipe and
+    old models in ``workdir`` (cached as JSON in ``results``)."""
+    cache = results / setting / f"seed{seed}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    found = sorted((args.workdir / setting).glob(f"seed{seed}-old{seed + 1000}-e*-lr0.03-none/lce_query.safetensors"))
-    old_dirs = sorted((args.workdir / "old").glob(f"*-old_train-small-e*-seed{seed + 1000}"))
+    found = sorted((workdir / setting).glob(f"seed{seed}-old{seed + 1000}-e*-lr0.03-none/lce_query.safetensors"))
+    old_dirs = sorted((workdir / "old").glob(f"*-old_train-small-e*-seed{seed + 1000}"))
     dataset = "emoji" if setting.startswith("extended-class") else "fashion-mnist"
     old_dirs = [d for d in old_dirs if d.name.startswith(dataset) and "-paper" not in d.name and "-noaug" not in d.name]
     if not found or not old_dirs:
-        log.warning("skipping %s seed %d: no recipe model or old model in %s", setting, seed, args.workdir)
+        log.warning("skipping %s seed %d: no recipe model or old model in %s", setting, seed, workdir)
         return None
     query = load_embeddings(found[0])
     new_gallery = load_embeddings(found[0].with_name("lce_gallery.safetensors"))
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace, setting: str, seed: int) -> dict | None:
         return metrics
 
     recording = dataclasses.replace(protocol, evaluate=evaluate)
-    row = {"setting": setting, "seed": seed, "revision": _revision(), "fractions": list(FRACTIONS), "curves": {}}
+    row = {"setting": setting, "seed": seed, "fractions": list(FRACTIONS), "curves": {}}
     ids = None
     for policy in POLICIES.names():
         order = tuple(plan_order(old_gallery, policy, sample, seed))
@@ -89,16 +91,16 @@ def run(args: argparse.Namespace, setting: str, seed: int) -> dict | None:
                 raise SystemExit(f"{setting} seed {seed} {policy}/{scoring}: other query ids than the first curve's")
             row["curves"][f"{policy}/{scoring}"] = {"map": maps, "area": report["area"],
                                                     "lowest_minus_start": min(maps) - maps[0],
-                                                    "per_query_area": _rounded(per_query)}
+                                                    "per_query_area": rounded(per_query)}
             row["m_oo"], row["m_nn"] = report["m_oo"], report["m_nn"]
             log.info("%s seed %d %s/%s: area %.4f, lowest - start %+.4f", setting, seed, policy, scoring,
                      report["area"], min(maps) - maps[0])
     for key, curve in row["curves"].items():  # the random order of the same scoring and seed
         curve["random_area"] = row["curves"][f"random/{key.split('/')[1]}"]["area"]
         curve["area_minus_random"] = curve["area"] - curve["random_area"]
-    row["per_query_ids_sha256"] = _ids_digest(ids)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(row, indent=1))
+    row["per_query_ids_sha256"] = ids_digest(ids)
+    row = run_record(**row)
+    write_run(cache, row)
     return row
 
 
@@ -153,7 +155,7 @@ def main() -> None:
     for setting in SETTINGS:
         for seed in args.seeds:
             cache = args.results / setting / f"seed{seed}.json"
-            row = (json.loads(cache.read_text()) if cache.exists() else None) if args.report_only else run(args, setting, seed)
+            row = (json.loads(cache.read_text()) if cache.exists() else None) if args.report_only else run(args.workdir, args.results, setting, seed)
             if row is not None:
                 rows.append(row)
     text = report(rows)

@@ -1,8 +1,8 @@
 """Is M(n,o) > M(o,o) real? Bootstrap intervals of delta = M(n,o) - M(o,o) for the paper table's runs.
 
-    python examples/compat_significance.py --settings extended-class-warm extended-data-fashion-warm
+    python experiments/compat_significance.py --settings extended-class-warm extended-data-fashion-warm
 
-For every setting, method and seed that ``examples/paper_table.py`` trained (its ``--workdir``
+For every setting, method and seed that ``experiments/paper_table.py`` trained (its ``--workdir``
 keeps the query and gallery embeddings), the per-query AP of the new and the old queries
 against the old gallery gives delta with a paired bootstrap 95% interval (1,000 resamples,
 seeded by the seed), as ``bctool evaluate`` reports it. Over the seeds, the mean of the seeds' deltas is judged by

@@ -1,8 +1,8 @@
 """Why AdvBCT trails here: its elastic radius, its discriminator and its gradients, measured.
 
-    python examples/paper_table.py --diagnostics --results docs/paper/diagnostics/runs \
+    python experiments/paper_table.py --diagnostics --results docs/paper/diagnostics/runs \
         --settings extended-class extended-data-fashion --methods advbct --seeds 0 1 2
-    python examples/advbct_diagnostics.py docs/paper/diagnostics/runs
+    python experiments/advbct_diagnostics.py docs/paper/diagnostics/runs
 
 Reads the runs that ``paper_table.py --diagnostics`` wrote (each run's JSON then holds every
 epoch's loss parts and side measurements, and AdvBCT's final boundary radii) and writes, beside

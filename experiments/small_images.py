@@ -1,7 +1,7 @@
 """Which backbone for small images: raw pixels against `small` and ResNet-18 at 32 px.
 
-    python examples/small_images.py                  # seeds 0 1 2, about 10 minutes on 2 CPU cores
-    python examples/small_images.py --seeds 0 --image-size 32 48
+    python experiments/small_images.py                  # seeds 0 1 2, about 10 minutes on 2 CPU cores
+    python experiments/small_images.py --seeds 0 --image-size 32 48
 
 On the embedded emoji set (extended-class lists): each backbone is trained as the old model is
 (the 401 old classes, 30 epochs, batch 128) and retrieves the held-out classes (Google queries,

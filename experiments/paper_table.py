@@ -1,8 +1,8 @@
 """The AdvBCT paper's main table at small scale: three allocation settings, every method, seeds.
 
-    python examples/paper_table.py                       # everything (hours on 2 CPU cores)
-    python examples/paper_table.py --settings extended-class --seeds 0 1 2
-    python examples/paper_table.py --report-only          # table and plots from finished runs
+    python experiments/paper_table.py                       # everything (hours on 2 CPU cores)
+    python experiments/paper_table.py --settings extended-class --seeds 0 1 2
+    python experiments/paper_table.py --report-only          # table and plots from finished runs
 
 Settings, on the embedded emoji set (held-out classes: Google renderings query Twitter ones):
 
@@ -62,7 +62,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from bctool.checkpoint import load_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
@@ -70,16 +69,17 @@ from bctool.data.digits import DigitsSplit, default_source, write_digits_dataset
 from bctool.data.fashion_mnist import DEFAULT_SOURCE, FashionSplit, write_fashion_mnist_dataset
 from bctool.data.sources import load_image_set
 from bctool.data.transforms import TRAINING_VIEWS, StoredView
-from bctool.embeddings import load_embeddings, save_embeddings
+from bctool.embeddings import load_embeddings
 from bctool.evaluate import evaluate_retrieval
 from bctool.evaluate.retrieval import evaluate_retrieval_per_query
 from bctool.backfill.curve import backfill_curve
 from bctool.evaluate.scores import paper_scores, update_gain
-from bctool.extract import ExtractOptions, extract, extract_to_file
+from bctool.extract import ExtractOptions, extract_to_file
 from bctool.train import TrainConfig, train
 from bctool.train.methods import METHODS as REGISTERED
 from bctool.train.recipe import WARM_LR
 from bctool.train.regime import REGIMES
+from bctool.workflow import embed_splits, ids_digest, rounded, run_record, write_run
 
 log = logging.getLogger("paper_table")
 METHODS = ["independent", "l2", "bct", "lce", "unibct", "hotrefresh", "advbct"]
@@ -146,15 +146,8 @@ def prepare_data(workdir: Path, dataset: str) -> Path | None:
 
 
 def _embed(model: Path, data: Path, splits: list[str], prefix: str) -> dict[str, Path]:
-    """``PREFIX_SPLIT.safetensors`` for each split (cached)."""
-    out, ckpt = {}, None
-    for split in splits:
-        out[split] = model.parent / f"{prefix}_{split}.safetensors"
-        if not out[split].exists():
-            ckpt = ckpt or load_checkpoint(model)
-            save_embeddings(extract(load_image_set(data / f"{split}.txt", require_labels=False), ckpt, workers=2),
-                            out[split])
-    return out
+    """``PREFIX_SPLIT.safetensors`` beside ``model`` for each split (cached by model and list)."""
+    return embed_splits(model, {split: data / f"{split}.txt" for split in splits}, model.parent / prefix)
 
 
 def stored_views(old: dict[str, Path], data: Path, count: int) -> tuple[str, ...]:
@@ -234,41 +227,28 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
         "compat_weight": config.compat.compat_weight, **_views(base, old_base, old_source),
-        "revision": _revision(),
         "old": old_metrics,
         "self": evaluate_retrieval(query, gallery),
         "cross": cross_metrics,
         # Per-query AP (in query-id order) of old/old and new/old: the paired differences a test
         # over seeds and queries needs (bctool.evaluate.seeds); the ids' digest pairs runs.
-        "per_query": {"ids_sha256": _ids_digest(old_ap.ids), "old": _rounded(old_ap.ap),
-                      "cross": _rounded(cross_ap.ap)},
+        "per_query": {"ids_sha256": ids_digest(old_ap.ids), "old": rounded(old_ap.ap),
+                      "cross": rounded(cross_ap.ap)},
         "backfill": [{"fraction": p["fraction"], "map": p["map"]}
                      for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
         "final": summary.final,
         "seconds": round(time.perf_counter() - start, 1),
-        # Results are bit-for-bit the same for the same torch thread count, not across counts.
-        "torch_threads": torch.get_num_threads(),
     }
     if diagnostics:  # every epoch's loss parts and side measurements, and the loss's final state
         row["history"] = summary.history
         compat_state = folder / f"{method}-log" / "compat.json"  # AdvBCT: r_max and r̃ of every old class
         if compat_state.exists():
             row["compat"] = json.loads(compat_state.read_text())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(row, indent=1))
+    row = run_record(**row)  # the command, revision and torch thread count
+    write_run(cache, row)
     return row
 
 
-def _ids_digest(ids: tuple[str, ...]) -> str:
-    """sha256 of the query ids, one a line: runs with the same digest score the same queries."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
-
-
-def _rounded(values: object) -> list[float]:
-    """Per-query APs for a run file, to 6 decimals (far below any difference reported)."""
-    return [round(float(v), 6) for v in values]  # type: ignore[union-attr]
 
 
 def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
@@ -300,16 +280,6 @@ def _tag(config: TrainConfig, prefix: str = "", precomputed_old: bool = False) -
     tag = "" if resolved.optim.regime == "bctool" else f"-{resolved.optim.regime}"
     return tag + ("" if resolved.optim.augment == "crop" else f"-{prefix}{resolved.optim.augment}")
 
-
-def _revision() -> str | None:
-    """The git commit the code ran at (None outside a git checkout), recorded in every run."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def collect(results: Path, seeds: list[int] | None = None) -> dict[str, dict[str, dict[int, dict]]]:
