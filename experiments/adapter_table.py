@@ -44,7 +44,7 @@ from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.scores import paired_delta
 from bctool.train import TrainConfig
 from bctool.workflow import embed_splits, ids_digest, rounded, run_record, write_run
-from paper_table import SETTINGS, old_side, prepare_data, run_method  # this folder is on sys.path
+from paper_table import SETTINGS, Study, old_side, prepare_data, run_method  # this folder is on sys.path
 
 log = logging.getLogger("adapter_table")
 KINDS = ["procrustes", "affine", "mlp"]
@@ -99,7 +99,8 @@ def run_seed(study: AdapterStudy, name: str, seed: int) -> dict | None:
     old_base = base.replace(lr=0.1)
     old_seed = seed + 1000
     started = time.perf_counter()
-    independent = run_method(study.workdir, study.paper_results, data, name, seed, "independent", base, old_base, old_seed)
+    independent = run_method(Study(study.workdir, study.paper_results, data, base, old_base), name, seed,
+                             "independent", old_seed)
     old = old_side(study.workdir, data, setting, old_seed, old_base)
     folder = next((study.workdir / name).glob(f"seed{seed}-old{old_seed}-e{base.optim.epochs}-none"))
     new_model = folder / "independent.safetensors"

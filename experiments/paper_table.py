@@ -175,71 +175,95 @@ def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: Train
     return {**_embed(model, data, ["new_train", "query", "gallery"], "old"), "model": model}
 
 
-def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, method: str,
-               base: TrainConfig, old_base: TrainConfig, old_seed: int, diagnostics: bool = False,
-               old_source: str = "embeddings") -> dict:
-    """Train, embed and evaluate one new model; the result is cached as JSON in ``results``."""
-    cache = results / name / f"seed{seed}" / f"{method}.json"
-    setting = SETTINGS[name]
-    if cache.exists():
-        row = json.loads(cache.read_text())
-        asked = {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "old_seed": old_seed,
-                 "compat_weight": base.compat.compat_weight, **_views(base, old_base, old_source)}
-        differ = {key: (_recorded(row, key), value) for key, value in asked.items()
-                  if _recorded(row, key, value) != value}
-        if differ:
-            raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
-                             "give these options another --results folder")
-        return row
-    old = old_side(workdir, data, setting, old_seed, old_base)
-    # Warm-start runs at several rates, and runs at other compatibility weights, share a workdir.
-    tag = (f"-lr{base.optim.lr:g}" if setting.warm else "") + (f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
-    side: dict[str, object] = ({"old_model": str(old["model"])} if old_source == "model"
+@dataclass(frozen=True)
+class Study:
+    """Where one table's runs live and how its models train (from the command line)."""
+
+    workdir: Path  # models and embeddings
+    results: Path  # one JSON per finished run
+    data: Path  # the dataset folder of the setting
+    base: TrainConfig  # the new models' training
+    old_base: TrainConfig  # the old models' training
+    diagnostics: bool = False
+    old_source: str = "embeddings"  # embeddings, model or viewsK
+
+    def asked(self, old_seed: int) -> dict[str, object]:
+        """The options a cached run must have been made with."""
+        base, old_base = self.base, self.old_base
+        return {"lr": base.optim.lr, "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs,
+                "old_seed": old_seed, "compat_weight": base.compat.compat_weight,
+                **_views(base, old_base, self.old_source)}
+
+
+def _cached(study: Study, cache: Path, old_seed: int) -> dict | None:
+    """A finished run's row, refused when it was made with other options."""
+    if not cache.exists():
+        return None
+    row = json.loads(cache.read_text())
+    differ = {key: (_recorded(row, key), value) for key, value in study.asked(old_seed).items()
+              if _recorded(row, key, value) != value}
+    if differ:
+        raise SystemExit(f"{cache} was run with other options ({', '.join(f'{k} {a} there, {b} asked' for k, (a, b) in differ.items())}): "
+                         "give these options another --results folder")
+    return row
+
+
+def _new_config(study: Study, name: str, seed: int, method: str, old: dict[str, Path], folder: Path) -> TrainConfig:
+    """The new model's training config: the setting's backbone, the old side the method needs."""
+    setting, source = SETTINGS[name], study.old_source
+    side: dict[str, object] = ({"old_model": str(old["model"])} if source == "model"
                                else {"old_embeddings": str(old["new_train"])})
-    if old_source.startswith("views"):
-        side["old_views"] = stored_views(old, data, int(old_source.removeprefix("views")))
-    precomputed = old_source != "model"
-    tag += _tag(base, precomputed_old=precomputed) + _tag(old_base, "old-")
-    tag += {"embeddings": "", "model": "-oldmodel"}.get(old_source, f"-old{old_source}")
-    folder = workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
+    if source.startswith("views"):
+        side["old_views"] = stored_views(old, study.data, int(source.removeprefix("views")))
+    # A method without an old side trains on the views the compatible methods see.
+    views = study.base.with_regime(precomputed_old=source != "model").optim.augment
+    return study.base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
+                              **(side if REGISTERED[method].needs_old_side else {}),
+                              log_dir=str(folder / f"{method}-log"),
+                              init_from=str(old["model"]) if setting.warm else None, diagnostics=study.diagnostics)
+
+
+def _run_folder(study: Study, name: str, seed: int, old_seed: int) -> Path:
+    """The work folder of a setting's new models for one seed, tagged by every choice that changes
+    them (warm-start runs at several rates, and runs at other compatibility weights, share a workdir)."""
+    base, old_base, source = study.base, study.old_base, study.old_source
+    tag = (f"-lr{base.optim.lr:g}" if SETTINGS[name].warm else "") + (
+        f"-cw{base.compat.compat_weight:g}" if base.compat.compat_weight != 1 else "")
+    tag += _tag(base, precomputed_old=source != "model") + _tag(old_base, "old-")
+    tag += {"embeddings": "", "model": "-oldmodel"}.get(source, f"-old{source}")
+    folder = study.workdir / name / f"seed{seed}-old{old_seed}-e{old_base.optim.epochs}{tag}"
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_method(study: Study, name: str, seed: int, method: str, old_seed: int) -> dict:
+    """Train, embed and evaluate one new model; the result is cached as JSON in ``study.results``."""
+    cache = study.results / name / f"seed{seed}" / f"{method}.json"
+    row = _cached(study, cache, old_seed)
+    if row is not None:
+        return row
+    setting = SETTINGS[name]
+    old = old_side(study.workdir, study.data, setting, old_seed, study.old_base)
+    folder = _run_folder(study, name, seed, old_seed)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
     shutil.rmtree(folder / f"{method}-log", ignore_errors=True)  # an interrupted run's log: this run's starts anew
-    # A method without an old side trains on the views the compatible methods see.
-    views = base.with_regime(precomputed_old=precomputed).optim.augment
-    config = base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
-                     **(side if REGISTERED[method].needs_old_side else {}),
-                     log_dir=str(folder / f"{method}-log"),
-                     init_from=str(old["model"]) if setting.warm else None, diagnostics=diagnostics)
-    summary = train(load_image_set(data / "new_train.txt"), config, model)
-    new = _embed(model, data, ["query", "gallery"], method)
-    query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
-    old_query, old_gallery = load_embeddings(old["query"]), load_embeddings(old["gallery"])
-    old_metrics, old_ap = evaluate_retrieval_per_query(old_query, old_gallery)
-    cross_metrics, cross_ap = evaluate_retrieval_per_query(query, old_gallery)
-    if old_ap.ids != cross_ap.ids:
-        raise SystemExit(f"{name} seed {seed}: the old and new queries evaluate other query ids")
+    config = _new_config(study, name, seed, method, old, folder)
+    summary = train(load_image_set(study.data / "new_train.txt"), config, model)
+    new = _embed(model, study.data, ["query", "gallery"], method)
     row = {
         "setting": name, "seed": seed, "old_seed": old_seed, "method": method,
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
-        "epochs": base.optim.epochs, "old_epochs": old_base.optim.epochs, "lr": config.optim.lr, "warm": setting.warm,
-        "compat_weight": config.compat.compat_weight, **_views(base, old_base, old_source),
-        "old": old_metrics,
-        "self": evaluate_retrieval(query, gallery),
-        "cross": cross_metrics,
-        # Per-query AP (in query-id order) of old/old and new/old: the paired differences a test
-        # over seeds and queries needs (bctool.evaluate.seeds); the ids' digest pairs runs.
-        "per_query": {"ids_sha256": ids_digest(old_ap.ids), "old": rounded(old_ap.ap),
-                      "cross": rounded(cross_ap.ap)},
-        "backfill": [{"fraction": p["fraction"], "map": p["map"]}
-                     for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
+        "epochs": study.base.optim.epochs, "old_epochs": study.old_base.optim.epochs, "lr": config.optim.lr,
+        "warm": setting.warm, "compat_weight": config.compat.compat_weight,
+        **_views(study.base, study.old_base, study.old_source),
+        **_scores(new, old, seed, f"{name} seed {seed}"),
         "final": summary.final,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if diagnostics:  # every epoch's loss parts and side measurements, and the loss's final state
+    if study.diagnostics:  # every epoch's loss parts and side measurements, and the loss's final state
         row["history"] = summary.history
         compat_state = folder / f"{method}-log" / "compat.json"  # AdvBCT: r_max and r̃ of every old class
         if compat_state.exists():
@@ -249,6 +273,24 @@ def run_method(workdir: Path, results: Path, data: Path, name: str, seed: int, m
     return row
 
 
+def _scores(new: dict[str, Path], old: dict[str, Path], seed: int, what: str) -> dict:
+    """M(o,o), M(n,n), M(n,o) with the per-query APs of old/old and new/old (in query-id order:
+    the paired differences a test over seeds and queries needs, :mod:`bctool.evaluate.seeds`; the
+    ids' digest pairs runs) and the partial-backfill curve."""
+    query, gallery = load_embeddings(new["query"]), load_embeddings(new["gallery"])
+    old_query, old_gallery = load_embeddings(old["query"]), load_embeddings(old["gallery"])
+    old_metrics, old_ap = evaluate_retrieval_per_query(old_query, old_gallery)
+    cross_metrics, cross_ap = evaluate_retrieval_per_query(query, old_gallery)
+    if old_ap.ids != cross_ap.ids:
+        raise SystemExit(f"{what}: the old and new queries evaluate other query ids")
+    return {
+        "old": old_metrics,
+        "self": evaluate_retrieval(query, gallery),
+        "cross": cross_metrics,
+        "per_query": {"ids_sha256": ids_digest(old_ap.ids), "old": rounded(old_ap.ap), "cross": rounded(cross_ap.ap)},
+        "backfill": [{"fraction": p["fraction"], "map": p["map"]}
+                     for p in backfill_curve(query, old_gallery, gallery, FRACTIONS, seed=seed)],
+    }
 
 
 def _views(base: TrainConfig, old_base: TrainConfig, old_source: str) -> dict[str, str]:
@@ -422,7 +464,8 @@ def plots(out_dir: Path, all_runs: dict[str, dict[str, dict[int, dict]]], method
     return written
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: what to run and where."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to run")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(REGISTERED), help="methods to compare")
@@ -453,6 +496,11 @@ def main() -> None:
     parser.add_argument("--diagnostics", action="store_true",
                         help="log gradient norms and the methods' side measurements; keep them in each run's JSON")
     parser.add_argument("--report-only", action="store_true", help="no training: table and plots from --results")
+    return parser
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not args.report_only:
@@ -469,11 +517,11 @@ def main() -> None:
                                compat_weight=args.compat_weight, regime=args.regime, augment=args.augment)
             old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0,
                                     augment=args.old_augment)
+            study = Study(args.workdir, args.results, data, base, old_base, args.diagnostics,
+                          f"views{args.stored_views}" if args.old_side == "views" else args.old_side)
             for seed in args.seeds:
                 for method in args.methods:
-                    run_method(args.workdir, args.results, data, name, seed, method, base, old_base,
-                               seed + args.old_seed_offset, args.diagnostics,
-                               f"views{args.stored_views}" if args.old_side == "views" else args.old_side)
+                    run_method(study, name, seed, method, seed + args.old_seed_offset)
     finished = collect(args.results, args.seeds)
     sections, summaries = report(finished)
     if not sections:

@@ -118,13 +118,13 @@ def test_a_cached_run_of_other_views_or_old_side_is_refused(paper, tmp_path: Pat
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(legacy))
     with pytest.raises(SystemExit, match=r"augment crop there, none asked"):
-        paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000)
+        paper.run_method(paper.Study(tmp_path, tmp_path, tmp_path, base, old_base), "extended-class-warm", 0, "bct", 1000)
     # against the old model on the same views, bctool's views are crops: the legacy run matches but its old side
     with pytest.raises(SystemExit, match=r"old_source embeddings there, model asked"):
-        paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000,
-                         old_source="model")
+        paper.run_method(paper.Study(tmp_path, tmp_path, tmp_path, base, old_base, old_source="model"),
+                         "extended-class-warm", 0, "bct", 1000)
     path.write_text(json.dumps({**legacy, **paper._views(base, old_base, "embeddings")}))
-    assert paper.run_method(tmp_path, tmp_path, tmp_path, "extended-class-warm", 0, "bct", base, old_base, 1000)["seed"] == 0
+    assert paper.run_method(paper.Study(tmp_path, tmp_path, tmp_path, base, old_base), "extended-class-warm", 0, "bct", 1000)["seed"] == 0
 
 
 def test_significance_finds_the_old_model_of_a_tagged_run() -> None:
