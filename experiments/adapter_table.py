@@ -152,17 +152,15 @@ def _recipe(study: AdapterStudy, name: str, seed: int, old_seed: int, data: Path
     return found[0] if found and found[0].with_name("lce_query.safetensors").exists() else None
 
 
-def _cell(values: list[float], deltas: list[dict] | None = None) -> str:
+def _cell(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds, in mAP %. Whether a difference is shown over seeds is
+    the paired test's (``scripts/seed_tests.py --adapters``), not a count of per-seed intervals."""
     mean = 100 * statistics.fmean(values)
-    text = f"{mean:.1f}" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
-    if deltas:
-        significant = sum(d.get("compatible_significant", False) for d in deltas)
-        text += f" ({significant}/{len(deltas)})"
-    return text
+    return f"{mean:.1f}" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
 def report(rows: list[dict], blend_weights: list[float]) -> str:
-    """One table per setting: every path's mAP over seeds, with (significant / seeds) of delta > 0."""
+    """One table per setting: every path's mAP over seeds (mean ± std)."""
     out = []
     for name in PAIRS:
         runs = [r for r in rows if r["setting"] == name]
@@ -171,7 +169,7 @@ def report(rows: list[dict], blend_weights: list[float]) -> str:
         seeds = [r["seed"] for r in runs]
         lines = [f"**{name}** (seeds {seeds}): M(o,o) {_cell([r['m_oo'] for r in runs])}, independent new model "
                  f"M(n,n) {_cell([r['m_nn'] for r in runs])}, M(n,o) {_cell([r['m_no'] for r in runs])}; mAP % mean ± "
-                 "std, (seeds whose delta to M(o,o) has its 95% interval above 0)", "",
+                 "std over seeds", "",
                  "| path | " + " | ".join(KINDS) + " |", "| --- | " + " | ".join("---" for _ in KINDS) + " |"]
         paths = [("query adapter alone: M(A(n), o)", lambda r, k: r["query_adapter"][k]["alone"])]
         paths += [(f"query adapter, blend {w:g}: M(slerp(o, A(n)), o)",
@@ -182,11 +180,10 @@ def report(rows: list[dict], blend_weights: list[float]) -> str:
             paths += [("recipe (lce) + gallery transform: M(lce, T(o))", lambda r, k: r["recipe"]["gallery_transform"][k])]
         for title, get in paths:
             use = with_recipe if "recipe" in title else runs
-            lines.append(f"| {title} | " + " | ".join(_cell([get(r, k)["map"] for r in use], [get(r, k) for r in use])
-                                                       for k in KINDS) + " |")
+            lines.append(f"| {title} | " + " | ".join(_cell([get(r, k)["map"] for r in use]) for k in KINDS) + " |")
         if with_recipe:
             lines.append(f"| recipe (lce), no adapter: M(lce, o) / M(lce, lce) | "
-                         f"{_cell([r['recipe']['cross']['map'] for r in with_recipe], [r['recipe']['cross'] for r in with_recipe])}"
+                         f"{_cell([r['recipe']['cross']['map'] for r in with_recipe])}"
                          f" / {_cell([r['recipe']['self'] for r in with_recipe])} | | |")
         held = {k: statistics.fmean(r["fit"][k]["new_to_old"]["held_out_cosine"] for r in runs) for k in KINDS}
         lines.append("| held-out cosine of the query map (new -> old) | " + " | ".join(f"{held[k]:.3f}" for k in KINDS) + " |")
