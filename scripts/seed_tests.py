@@ -166,6 +166,27 @@ def markdown(judged: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def judge_folder(results: Path, mode: str = "paper", seeds: list[int] | None = None) -> dict[str, dict[str, dict]]:
+    """setting -> figure -> tests of a folder of run files: ``paper`` (paper_table.py's, with each
+    method also against ``independent``), ``backfill`` or ``adapters``; only ``seeds`` when given."""
+
+    def chosen(by_seed: dict[int, dict]) -> dict[int, dict]:
+        return {s: r for s, r in by_seed.items() if seeds is None or s in seeds}
+
+    if mode != "paper":
+        judge_one = judge_backfill if mode == "backfill" else judge_adapters
+        return {setting: judge_one(chosen(by_seed)) for setting, by_seed in sorted(collect_backfill(results).items())}
+    judged: dict[str, dict[str, dict]] = {}
+    for setting, methods in sorted(collect(results).items()):
+        judged[setting] = {method: judge(chosen(by_seed)) for method, by_seed in sorted(methods.items())}
+        baseline = chosen(methods.get(BASELINE, {}))
+        for method, by_seed in sorted(methods.items()):
+            paired = {s: r for s, r in chosen(by_seed).items() if s in baseline}
+            if method != BASELINE and len(paired) >= 2:
+                judged[setting][f"{method} - {BASELINE}"] = judge(paired, baseline)
+    return judged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="a folder of paper_table.py run files (SETTING/seedS/METHOD.json), "
@@ -175,25 +196,8 @@ def main() -> None:
                         help="judge adapter_table.py run files (SETTING/seedS.json): each adapter against M(o,o)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: all)")
     args = parser.parse_args()
-
-    def chosen(by_seed: dict[int, dict]) -> dict[int, dict]:
-        return {s: r for s, r in by_seed.items() if args.seeds is None or s in args.seeds}
-
-    judged: dict[str, dict[str, dict]] = {}
-    if args.backfill or args.adapters:
-        judge_one = judge_backfill if args.backfill else judge_adapters
-        for setting, by_seed in sorted(collect_backfill(args.results).items()):
-            judged[setting] = judge_one(chosen(by_seed))
-        write(args.results.parent, judged)
-        return
-    for setting, methods in sorted(collect(args.results).items()):
-        judged[setting] = {method: judge(chosen(by_seed)) for method, by_seed in sorted(methods.items())}
-        baseline = chosen(methods.get(BASELINE, {}))
-        for method, by_seed in sorted(methods.items()):
-            paired = {s: r for s, r in chosen(by_seed).items() if s in baseline}
-            if method != BASELINE and len(paired) >= 2:
-                judged[setting][f"{method} - {BASELINE}"] = judge(paired, baseline)
-    write(args.results.parent, judged)
+    mode = "backfill" if args.backfill else "adapters" if args.adapters else "paper"
+    write(args.results.parent, judge_folder(args.results, mode, args.seeds))
 
 
 def write(out: Path, judged: dict[str, dict[str, dict]]) -> None:

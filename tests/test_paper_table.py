@@ -138,3 +138,27 @@ def test_significance_finds_the_old_model_of_a_tagged_run() -> None:
     assert module.old_tag("-lr0.03") == "" and module.old_tag("-lr0.03-none") == ""  # old model on crops
     assert module.old_tag("-lr0.03-none-old-none") == "-none"
     assert module.old_tag("-paper-paper-old-none") == "-paper-none"
+
+
+@pytest.mark.parametrize(("folder", "seeds"), [("docs/paper/seeds5", [0, 1, 2, 3, 4]),
+                                               ("docs/paper/seeds5/fresh", [0, 1, 2, 3, 4])])
+def test_a_stored_table_is_what_its_run_files_give(paper, folder: str, seeds: list[int]) -> None:  # noqa: ANN001
+    """The tables the results pages include are made again from the committed run files, here."""
+    root = SCRIPT.parents[1] / folder
+    sections, _ = paper.report(paper.collect(root / "runs", seeds))
+    suffix = "-seeds-" + "-".join(map(str, seeds))
+    assert "\n\n".join(sections) + "\n" == (root / f"table{suffix}.md").read_text()
+
+
+def test_the_adapter_table_is_what_its_run_files_give() -> None:
+    spec = importlib.util.spec_from_file_location("adapter_table", SCRIPT.parent / "adapter_table.py")
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["adapter_table"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    root = SCRIPT.parents[1] / "docs" / "adapters" / "seeds5"
+    rows = [json.loads(p.read_text()) for p in sorted((root / "runs").glob("*/seed*.json"))]
+    assert module.report(rows, [0.25, 0.5, 0.75]) + "\n" == (root / "table-seeds-0-1-2-3-4.md").read_text()

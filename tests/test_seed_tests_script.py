@@ -62,3 +62,14 @@ def test_the_verdict_names_both_directions_and_not_shown(seed_tests) -> None:  #
     assert seed_tests.verdict({"low": 0.1, "high": 2}) == "above 0"
     assert seed_tests.verdict({"low": -2, "high": -0.1}) == "below 0"
     assert seed_tests.verdict({"low": -1, "high": 1}) == "not shown"
+
+
+ROOT = SCRIPT.parents[1]
+
+
+@pytest.mark.parametrize(("folder", "mode"), [("docs/paper/seeds5", "paper"), ("docs/backfill/seeds5", "backfill"),
+                                              ("docs/adapters/seeds5", "adapters")])
+def test_the_stored_verdicts_are_what_the_run_files_give(seed_tests, folder: str, mode: str) -> None:  # noqa: ANN001
+    """The tables the results pages show are made again from the committed run files, here."""
+    judged = seed_tests.judge_folder(ROOT / folder / "runs", mode)
+    assert seed_tests.markdown(judged) == (ROOT / folder / "tests.md").read_text()
