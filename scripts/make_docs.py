@@ -43,9 +43,10 @@ REQUIRED = {
     "reference/registries.md": [REGISTRIES],
     "results/adapters.md": ["docs/adapters/table.md"],
     "results/rolling-out.md": ["docs/backfill/table.md"],
-    "results/recipe.md": ["docs/paper/clean-views/table.md"],
-    "results/paper-table.md": ["docs/paper/table.md"],
-    "results/seed-tests.md": ["docs/paper/seeds5/tests.md", "docs/backfill/seeds5/tests.md"],
+    "results/recipe.md": ["docs/paper/seeds5/table-seeds-0-1-2-3-4.md", "docs/paper/seeds5/tests.md"],
+    "results/paper-table.md": ["docs/paper/table.md", "docs/paper/diagnostics/diagnostics.md"],
+    "results/shared-init.md": ["docs/paper/shared-init/table.md"],
+    "results/seed-tests.md": ["docs/paper/seeds5/tests.md", "docs/backfill/seeds5/tests.md", "docs/adapters/seeds5/tests.md"],
 }
 
 START = "<!-- generated from {source} -->"
