@@ -64,6 +64,8 @@ def evaluate(
     top_k: Annotated[Optional[int], typer.Option(callback=at_least(1), rich_help_panel="Protocol and search", help="Rank only the top K gallery items per query (default: the whole gallery); relevant items below K count as missed.")] = None,
     gnd: Annotated[Optional[Path], typer.Option(rich_help_panel="Protocol and search", help="Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl, gnd_rparis6k.pkl): report mAP and mP@k for the Easy, Medium and Hard protocols; rows are matched to the image names by id stem.")] = None,
     solution: Annotated[Optional[Path], typer.Option(rich_help_panel="Protocol and search", help="GLDv2 retrieval_solution_v2.1.csv: report mAP@100 for the Public and Private queries and both together.")] = None,
+    qrels: Annotated[Optional[Path], typer.Option(rich_help_panel="Protocol and search", help="Relevance judgments in the TREC qrels layout (QUERY_ID 0 DOC_ID RELEVANCE, graded; ids are embedding ids or file stems): report trec_eval's map, ndcg@10, p@10, recall@100 and mrr@10 over the judged queries (the others are counted and left out), ranking --top-k documents a query (default 1000).")] = None,
+    run_file: Annotated[Optional[Path], typer.Option(parser=output_file, rich_help_panel="Protocol and search", help="Also write the search of --query against --gallery as a TREC run file (QUERY_ID Q0 DOC_ID RANK SCORE TAG; --top-k results a query, default 1000), for trec_eval or ir-measures.")] = None,
     truth: Annotated[Optional[list[str]], typer.Option("--truth", rich_help_panel="Protocol and search", help="The ground truth of any registered protocol as OPTION=PATH, repeatable: --truth gnd=FILE is --gnd FILE; a protocol added to bctool.evaluate.protocols is reached this way with no other change.")] = None,
     index: Annotated[str, typer.Option(callback=one_of("bctool.evaluate.search", "INDEX_KINDS"), rich_help_panel="Protocol and search", help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(callback=at_least(1), rich_help_panel="Protocol and search", help="With --index ivf: inverted lists visited per query.")] = 32,
@@ -74,7 +76,8 @@ def evaluate(
     """Retrieval quality of queries against a gallery, a compatibility report, a model chain or
     a partial backfill; print one JSON object.
 
-    Relevance: the same label name, or with --gnd / --solution the benchmark's ground truth.
+    Relevance: the same label name, with --gnd / --solution the benchmark's ground truth, or
+    with --qrels relevance judgments (TREC qrels).
     """
     from bctool.embeddings import load_embeddings
     from bctool.evaluate.protocols import make_protocol
@@ -92,13 +95,17 @@ def evaluate(
                          "--independent-gallery": independent_gallery}.items():
         plan.read_embeddings(option, path)
     plan.read_embeddings("QUERY,GALLERY", [path for text in pairs or [] for path in text.split(",") if path])
-    plan.read("--gnd", gnd).read("--solution", solution).read("--truth", list(_truth_files(truth).values()))
-    plan.read("--order", order).write("--plot", plot, locked=True).check()
+    plan.read("--gnd", gnd).read("--solution", solution).read("--qrels", qrels)
+    plan.read("--truth", list(_truth_files(truth).values())).read("--order", order)
+    plan.write("--plot", plot, locked=True).write("--run-file", run_file, locked=True).check()
+    if run_file is not None and (chain or pairs or backfill is not None or old_query or new_query):
+        raise typer.BadParameter("--run-file writes the search of --query against --gallery; it does not apply to "
+                                 "a compatibility report, --chain or --backfill (evaluate each pair on its own)")
     if plot is not None:
         from bctool.utils.plotting import plot_format
 
         plot_format(plot)
-    truths = {"gnd": gnd, "solution": solution, **_truth_files(truth)}
+    truths = {"gnd": gnd, "solution": solution, "qrels": qrels, **_truth_files(truth)}
     protocol = make_protocol(top_k=top_k, index=index, nprobe=nprobe, ef_search=ef_search, **truths)
     if chain:
         report = _evaluate_chain(pairs or [], protocol, quiet)
@@ -116,10 +123,17 @@ def evaluate(
         if query is None or gallery is None:
             raise typer.BadParameter("pass --query and --gallery (or a compatibility report, --chain or --backfill)")
         # The gallery is read memory-mapped: a million rows need not fit twice in memory.
-        metrics = protocol.evaluate(load_embeddings(query), load_embeddings(gallery, mmap=True))
+        query_emb, gallery_emb = load_embeddings(query), load_embeddings(gallery, mmap=True)
+        metrics = protocol.evaluate(query_emb, gallery_emb)
         if not quiet:
             _print_table(protocol.table(f"{query.name} -> {gallery.name}", metrics))
         report = {"query_file": str(query), "gallery_file": str(gallery), **metrics}
+        if run_file is not None:
+            from bctool.evaluate.protocols.qrels.files import write_run
+
+            with output_lock(run_file):
+                lines = write_run(run_file, query_emb, gallery_emb, top_k or 1000)
+            report["run_file"] = {"path": str(run_file), "lines": lines}
     _emit_gated(report, require or [], quiet)
 
 
