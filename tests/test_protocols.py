@@ -76,9 +76,9 @@ def test_labels_protocol_passes_the_search_options() -> None:
 def test_option_errors_name_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pass --gnd \(Revisited Oxford/Paris\) or --solution \(GLDv2\), not both"):
         make_protocol(gnd=tmp_path / "g.pkl", solution=tmp_path / "s.csv")
-    with pytest.raises(ConfigError, match=r"--index ivf is for labelled galleries; --gnd and --solution search exactly"):
+    with pytest.raises(ConfigError, match=r"--index ivf is for labelled galleries; --gnd, --qrels and --solution search exactly"):
         make_protocol(solution=tmp_path / "s.csv", index="ivf")
-    with pytest.raises(ConfigError, match=r"unknown ground-truth option\(s\) \['truth'\]; the protocols take \['gnd', 'solution'\]"):
+    with pytest.raises(ConfigError, match=r"unknown ground-truth option\(s\) \['truth'\]; the protocols take \['gnd', 'qrels', 'solution'\]"):
         make_protocol(truth=tmp_path / "t.csv")
     with pytest.raises(TypeError):
         make_protocol(tmp_path / "g.pkl")  # ground truths are passed by name
@@ -129,7 +129,7 @@ def test_a_new_protocol_is_one_registration(registry: dict, tmp_path: Path) -> N
     assert protocol.table("t", {"hits": 1.0, "extra": 2}).columns == ("hits",)
     with pytest.raises(ConfigError, match=r"pass --gnd \(Revisited Oxford/Paris\) or --toy_truth \(a toy benchmark\)"):
         make_protocol(gnd=tmp_path / "g.pkl", toy_truth=tmp_path / "toy.txt")
-    with pytest.raises(ConfigError, match="--gnd and --solution and --toy_truth search exactly"):
+    with pytest.raises(ConfigError, match="--gnd, --qrels, --solution and --toy_truth search exactly"):
         make_protocol(toy_truth=tmp_path / "toy.txt", index="hnsw")
     with pytest.raises(ConfigError, match="'toy' is registered twice"):
         register_protocol("toy", title="t", headline="hits", option="other")(lambda options: build(options))

@@ -70,6 +70,8 @@ def evaluate(
     index: Annotated[str, typer.Option(callback=one_of("bctool.evaluate.search", "INDEX_KINDS"), rich_help_panel="Protocol and search", help="Gallery index: flat (exact, default), ivf or hnsw (approximate, for very large galleries; ties then lose their fixed order).")] = "flat",
     nprobe: Annotated[int, typer.Option(callback=at_least(1), rich_help_panel="Protocol and search", help="With --index ivf: inverted lists visited per query.")] = 32,
     ef_search: Annotated[int, typer.Option(callback=at_least(1), rich_help_panel="Protocol and search", help="With --index hnsw: search breadth per query.")] = 128,
+    changes: Annotated[bool, typer.Option("--changes", rich_help_panel="Compatibility report", help="Add what the upgrade changes for each query, with no judgment needed: top-k overlap, rank-biased overlap and the share of changed first results of new/old (and new/new) against old/old (k: --top-k, default 10), and the identity check (each new gallery embedding searched among the old ones: the rank of its own old embedding); each with a bootstrap interval, keys usable by --require (top1_changed, overlap@10, rbo, identity_top1...; new/new with _new_new).")] = False,
+    label_free: Annotated[bool, typer.Option("--label-free", rich_help_panel="Compatibility report", help="Only what --changes reports, from --old-query, --old-gallery, --new-query (and --new-gallery): for a gallery without labels or judgments. Says how much changes, not whether it got better.")] = False,
     require: Annotated[Optional[list[str]], typer.Option("--require", callback=_requirements, rich_help_panel="Release gate", help="A release gate (repeatable): KEY (a yes/no figure that must hold, e.g. compatible_significant) or KEY OP NUMBER with OP one of <= >= < > == != (e.g. 'nfr<=0.05', 'delta>=0.01'); keys are the report's numbers and, in a compatibility report, nfr, pfr (new/old) and nfr_new_new, pfr_new_new. The JSON gains 'requirements'; any failure exits with code 3.")] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -98,6 +100,9 @@ def evaluate(
     plan.read("--gnd", gnd).read("--solution", solution).read("--qrels", qrels)
     plan.read("--truth", list(_truth_files(truth).values())).read("--order", order)
     plan.write("--plot", plot, locked=True).write("--run-file", run_file, locked=True).check()
+    if changes and not (old_query or new_query) or label_free and (chain or backfill is not None):
+        raise typer.BadParameter("--changes adds to a compatibility report and --label-free replaces it: pass "
+                                 "--old-query, --old-gallery and --new-query (not --chain or --backfill)")
     if run_file is not None and (chain or pairs or backfill is not None or old_query or new_query):
         raise typer.BadParameter("--run-file writes the search of --query against --gallery; it does not apply to "
                                  "a compatibility report, --chain or --backfill (evaluate each pair on its own)")
@@ -115,10 +120,16 @@ def evaluate(
         report = _evaluate_backfill({"query": query, "old-query": old_query, "old-gallery": old_gallery,
                                      "new-gallery": new_gallery, "order": order}, backfill, seed, plot, protocol, quiet,
                                     backfill_scoring)
+    elif label_free:
+        report = _evaluate_changes({"old": (old_query, old_gallery), "new": (new_query, new_gallery)},
+                                   top_k, bootstrap, seed, quiet)
     elif old_query or new_query:
         report = _evaluate_compatibility(
             {"old": (old_query, old_gallery), "new": (new_query, new_gallery),
              "independent": (independent_query, independent_gallery)}, protocol, bootstrap, seed, quiet)
+        if changes:
+            report["changes"] = _evaluate_changes({"old": (old_query, old_gallery), "new": (new_query, new_gallery)},
+                                                  top_k, bootstrap, seed, quiet)["changes"]
     else:
         if query is None or gallery is None:
             raise typer.BadParameter("pass --query and --gallery (or a compatibility report, --chain or --backfill)")
@@ -215,6 +226,29 @@ def _evaluate_compatibility(files: dict, protocol: Protocol, bootstrap: int, see
                          f"queries ({100 * flips['nfr']:.1f}%), positive flips {flips['pfr_count']}",
                          markup=False, highlight=False)
     return report
+
+
+def _evaluate_changes(files: dict, top_k: int | None, bootstrap: int, seed: int, quiet: bool) -> dict:
+    """The label-free change report (:mod:`bctool.evaluate.changes`) as ``{"changes": ...}``."""
+    from bctool.embeddings import load_embeddings
+    from bctool.evaluate.changes import ChangeOptions, change_report
+
+    (old_q, old_g), (new_q, new_g) = files["old"], files["new"]
+    if None in (old_q, old_g, new_q):
+        raise typer.BadParameter("--label-free and --changes need --old-query, --old-gallery and --new-query "
+                                 "(and --new-gallery for new/new)")
+    options = ChangeOptions(k=top_k or 10, bootstrap=bootstrap, seed=seed)
+    report = change_report((load_embeddings(old_q), load_embeddings(old_g, mmap=True)),
+                           (load_embeddings(new_q), load_embeddings(new_g, mmap=True) if new_g else None), options)
+    if not quiet:
+        rows = {pair: {key: report[pair][key] for key in (f"overlap@{report['k']}", "rbo", "top1_changed", "queries")}
+                for pair in ("new/old", "new/new") if pair in report}
+        stderr.print(metrics_table("what changes for each query, against old/old", rows,
+                                   [f"overlap@{report['k']}", "rbo", "top1_changed", "queries"]))
+        identity = report["identity"]
+        stderr.print(f"identity: {100 * identity['identity_top1']:.1f}% of {identity['identity_images']} images find "
+                     f"their own old embedding first (MRR {identity['identity_mrr']:.3f})", markup=False, highlight=False)
+    return {"changes": report}
 
 
 def _evaluate_chain(pairs: list[str], protocol: Protocol, quiet: bool) -> dict:

@@ -4,7 +4,9 @@ An expression is a key alone (a yes/no figure that must hold, ``compatible_signi
 ``KEY OP NUMBER`` with OP one of ``<= >= < > == !=`` (``nfr<=0.05``, ``delta>=0.01``). The keys
 are the report's own numbers and yes/no figures (its top level), and the flips of a
 compatibility report: ``nfr``, ``pfr`` (and their counts and interval) of new/old against
-old/old, and the same of new/new with the suffix ``_new_new``.
+old/old, and the same of new/new with the suffix ``_new_new``; with ``--changes`` or
+``--label-free`` the label-free figures the same way (``top1_changed``, ``overlap@10``, ``rbo``,
+``identity_top1``, ``identity_mrr``).
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def gate_values(report: Mapping[str, Any]) -> dict[str, float | bool]:
     # A figure the report left empty (null, say update_gain without M(*,*) above M(o,o)) is a key
     # whose requirement fails, not an unknown key.
     values = {key: value for key, value in report.items() if value is None or isinstance(value, (bool, int, float))}
-    for pair, suffix in (("new/old", ""), ("new/new", "_new_new")):
-        for key, value in (report.get("flips", {}) or {}).get(pair, {}).items():
-            values[f"{key}{suffix}"] = value
+    for section in ("flips", "changes"):
+        for pair, suffix in (("new/old", ""), ("new/new", "_new_new")):
+            for key, value in (report.get(section, {}) or {}).get(pair, {}).items():
+                values[f"{key}{suffix}"] = value
+    values.update((report.get("changes", {}) or {}).get("identity", {}))
     return values
 
 

@@ -181,8 +181,9 @@ def select_protocol(options: ProtocolOptions) -> ProtocolSpec:
         chosen = [by_option[None]]
     spec = chosen[0]
     if not INDEX_KINDS.entry(options.search.index).declares.get("exact") and not spec.approximate_index:
-        exact = " and ".join(sorted(f"--{s.option}" for s in PROTOCOLS.values() if s.option and not s.approximate_index))
-        plural = "search" if " and " in exact else "searches"
+        flags = sorted(f"--{s.option}" for s in PROTOCOLS.values() if s.option and not s.approximate_index)
+        exact = " and ".join(filter(None, [", ".join(flags[:-1]), flags[-1]]))
+        plural = "search" if len(flags) > 1 else "searches"
         raise ConfigError(
             f"--index {options.search.index} is for labelled galleries; {exact} {plural} exactly (--index flat)"
         )
