@@ -21,6 +21,7 @@ from bctool.data.emoji import EmojiSplit, write_emoji_dataset
 from bctool.data.sources import load_image_set
 from bctool.utils.device import resolve_device
 from bctool.embeddings import Embeddings, load_embeddings
+from bctool.evaluate.changes import ChangeOptions, change_report
 from bctool.evaluate.reports import CompatibilityOptions, compatibility_report
 from bctool.evaluate.scores import DEFAULT_BOOTSTRAP
 from bctool.evaluate.protocols import make_protocol
@@ -114,6 +115,13 @@ def _evaluate(embeddings: dict[str, dict[str, Embeddings]], models: list[str],
     return report, results
 
 
+def _changes(embeddings: dict[str, dict[str, Embeddings]], config: DemoConfig) -> dict[str, Any]:
+    """The label-free change report of the recommended new model against the old one (top-10)."""
+    old, new = embeddings["old"], embeddings["new"]
+    return change_report((old["query"], old["gallery"]), (new["query"], new["gallery"]),
+                         ChangeOptions(bootstrap=config.bootstrap, seed=config.seed))
+
+
 def update_gain_figures(report: dict[str, Any]) -> dict[str, Any]:
     """The update gain of a compatibility report with an independent model, as the demo's summary
     shows it: ``update_gain`` (None unless M(*,*) > M(o,o)) and, when it is None, ``undefined``
@@ -164,6 +172,8 @@ def run_demo(workdir: str | Path, config: DemoConfig = DemoConfig(),
         "M(*,*)": m["ind/ind"],
         "compatible": report["compatible"],
         **{key: report[key] for key in _DELTA_KEYS if key in report},
+        # The same upgrade judged without labels: how much changes for each query (bctool.evaluate.changes).
+        "changes": _changes(embeddings, config),
         **update_gain_figures(report),
         "published": published,
         "seconds": round(time.perf_counter() - start, 1),

@@ -158,6 +158,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "new_query.safetensors").is_file()
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])
+    changes = summary["changes"]  # the label-free verdict beside the labelled one
+    assert 0 <= changes["new/old"]["overlap@10"] <= 1 and changes["identity"]["identity_images"] == len(
+        load_embeddings(tmp_path / "new_gallery.safetensors"))
     stored = json.loads((tmp_path / "summary.json").read_text())  # the figures, with what made them
     assert stored["M(n,o)"] == summary["M(n,o)"] and {"command", "revision"} <= set(stored)
     assert summary["delta"] == pytest.approx(summary["M(n,o)"] - summary["M(o,o)"])
@@ -382,7 +385,7 @@ def test_invalid_choices_are_usage_errors(args: list[str], message: str) -> None
 
 # The instant commands: they draw nothing on stderr, so -q is accepted (scripts pass it to every
 # command) but hidden from their help. Every other command shows it and quiets something.
-QUIET_HIDDEN = {"list", "methods", "plot", "backfill plan", "dataset gldv2"}
+QUIET_HIDDEN = {"list", "methods", "plot", "backfill plan", "dataset gldv2", "import"}
 
 
 def test_every_command_takes_quiet_and_shows_it_where_it_quiets_something() -> None:
