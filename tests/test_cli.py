@@ -159,7 +159,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["M(n,o)"] == summary["results"]["new/old"]["map"]
     assert summary["compatible"] == (summary["M(n,o)"] > summary["M(o,o)"])
     changes = summary["changes"]  # the label-free verdict beside the labelled one
-    assert 0 <= changes["new/old"]["overlap@10"] <= 1 and changes["identity"]["identity_images"] == len(
+    assert 0 <= changes["new/old"][f"overlap@{changes['k']}"] <= 1 and changes["identity"]["identity_images"] == len(
         load_embeddings(tmp_path / "new_gallery.safetensors"))
     stored = json.loads((tmp_path / "summary.json").read_text())  # the figures, with what made them
     assert stored["M(n,o)"] == summary["M(n,o)"] and {"command", "revision"} <= set(stored)

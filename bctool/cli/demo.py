@@ -85,8 +85,8 @@ def demo(
             stderr.print(f"{ref['method']} in the paper's regime, from scratch: M(n,n) {100 * ref['M(n,n)']:.2f}  M(n,o) "
                          f"{100 * ref['M(n,o)']:.2f}, compatible: {'yes' if ref['compatible'] else 'no'}",
                          highlight=False, markup=False)
-        changes = summary["changes"]["new/old"]
-        stderr.print(f"without labels (new/old against old/old, top 10): overlap {100 * changes['overlap@10']:.1f}%, "
+        k, changes = summary["changes"]["k"], summary["changes"]["new/old"]
+        stderr.print(f"without labels (new/old against old/old, top {k}): overlap {100 * changes[f'overlap@{k}']:.1f}%, "
                      f"first result changed for {100 * changes['top1_changed']:.1f}% of queries; identity: "
                      f"{100 * summary['changes']['identity']['identity_top1']:.1f}% of gallery images find their own "
                      "old embedding first", highlight=False, markup=False)
