@@ -170,3 +170,17 @@ def test_evaluate_qrels_and_run_file_from_the_command_line(tmp_path: Path) -> No
     assert report["ndcg@10"] == pytest.approx(np.mean([r["ndcg_cut_10"] for r in reference.values()]), abs=1e-5)
     clash = runner.invoke(app, [*base, "--qrels", str(tmp_path / "j.qrels"), "--run-file", str(tmp_path / "j.qrels")])
     assert clash.exit_code == 1 and "--run-file" in clash.stderr
+
+
+def test_emoji_through_judgments_from_its_labels_gives_the_labelled_map(emoji_dir: Path, tmp_path: Path) -> None:
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data.sources import load_image_set
+    from bctool.extract import extract
+    from tests.helpers import tiny_checkpoint
+
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "m.safetensors", embedding_dim=16))
+    query, gallery = (extract(load_image_set(emoji_dir / f"{split}.txt"), checkpoint, workers=0)
+                      for split in ("query", "gallery"))
+    write_qrels(tmp_path / "emoji.qrels", qrels_from_labels(query.ids, query.labels, gallery.ids, gallery.labels))
+    judged = make_protocol(qrels=tmp_path / "emoji.qrels").evaluate(query, gallery)
+    assert judged["map"] == pytest.approx(evaluate_retrieval(query, gallery)["map"], abs=1e-6)
