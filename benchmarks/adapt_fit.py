@@ -21,6 +21,7 @@ import numpy as np
 from _common import (  # this folder is on sys.path when run
     in_fresh_process,
     peak_rss_mib,
+    save_result,
 )
 
 
@@ -73,11 +74,15 @@ def _write_gallery(path: Path, rows: int, dim: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k pairs and a 200k-row gallery")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     pairs, rows, dim = (10_000, 200_000, 256) if args.quick else (100_000, 2_000_000, 256)
+    result: dict = {"pairs": pairs, "dim": dim, "held_out_share": 0.05, "fit": {}}
     print(f"fit on {pairs:,} pairs of {dim}-d rows (95% fitted, 5% held out), each kind in a fresh process")
     for kind in ("procrustes", "affine", "mlp"):
         r = in_fresh_process(_fit, kind, pairs, dim)
+        result["fit"][kind] = {"seconds": round(r["seconds"], 2), "held_out_cosine": round(r["held_out_cosine"], 4),
+                               "peak_rss_mib": round(r["peak_mib"])}
         print(f"  {kind:>10}: {r['seconds']:7.1f} s, held-out cosine {r['held_out_cosine']:.3f}, "
               f"peak RSS {r['peak_mib']:.0f} MiB")
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,6 +97,10 @@ def main() -> None:
         print(f"transform of a {rows:,}-row gallery ({size_mib:.0f} MiB on disk): {r['seconds']:.1f} s, "
               f"{rows / r['seconds']:,.0f} rows/s; peak RSS {r['peak_mib']:.0f} MiB, {r['over_mib']:.0f} MiB over the "
               f"process before it (ratio to the gallery's size {r['over_mib'] / size_mib:.2f})")
+    result["transform"] = {"kind": "affine", "rows": rows, "gallery_mib": round(size_mib), "seconds": round(r["seconds"], 2),
+                           "rows_per_s": round(rows / r["seconds"]), "peak_rss_mib": round(r["peak_mib"]),
+                           "over_mib": round(r["over_mib"]), "over_gallery_ratio": round(r["over_mib"] / size_mib, 3)}
+    save_result(args.out, "adapt_fit", result)
 
 
 if __name__ == "__main__":

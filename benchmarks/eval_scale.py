@@ -32,9 +32,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import in_fresh_process, peak_rss_mib
+from _common import in_fresh_process, peak_rss_mib, save_result
 
-from bctool.embeddings import Embeddings, EmbeddingsSpec, save_embeddings, write_embeddings
+from bctool.embeddings import (
+    Embeddings,
+    EmbeddingsSpec,
+    save_embeddings,
+    write_embeddings,
+)
 
 _BLOCK_ROWS = 200_000
 _K = 100
@@ -174,6 +179,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--folder", type=Path, default=None, help="where the files go (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="small run: 20,000 and 60,000 x 64, 200 queries")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.queries, args.dim, args.classes, args.ivf_max = [20_000, 60_000], 200, 64, 500, 60_000
@@ -190,6 +196,7 @@ def main() -> None:
                   "evaluate_peak_rss_x": round(b["flat"]["evaluate_peak_rss_mib"] / a["flat"]["evaluate_peak_rss_mib"], 2),
                   "log10_rows": round(math.log10(b["gallery"]), 2)}
     print(json.dumps({"runs": results, "growth": growth}, indent=2))
+    save_result(args.out, "eval_scale", {"runs": results, "growth": growth})
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import in_fresh_process, peak_rss_mib
+from _common import in_fresh_process, peak_rss_mib, save_result
 
 
 def _current_rss_mib() -> float:
@@ -206,11 +206,13 @@ def main() -> None:
     parser.add_argument("--resnet-images", type=int, default=1_000, help="images for resnet18@64px throughput")
     parser.add_argument("--rss-images", type=int, nargs=2, default=[1_000, 10_000], help="two image counts for RSS")
     parser.add_argument("--quick", action="store_true", help="small@32px only, 1,000 images; RSS at 200 and 2,000")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     if args.quick:
         args.throughput_images, args.rss_images = 1_000, [200, 2_000]
     result = run(args)
     print(json.dumps(result, indent=2))
+    save_result(args.out, "extract_throughput", result)
     parts = [f"{k}: extract {v['images_per_s']['extract_workers2']} img/s (w=2) / "
              f"{v['images_per_s']['extract_workers0']} (w=0) vs forward {v['images_per_s']['forward_only']} "
              f"({v['extract_w2_over_forward']:.0%} / {v['extract_w0_over_forward']:.0%})"

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import save_result  # this folder is on sys.path when run
 
 from bctool.embeddings import EmbeddingsSpec, write_embeddings
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
     parser.add_argument("--classes", type=int, default=30_000, help="label classes")
     parser.add_argument("--folder", type=Path, default=None, help="where the files go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         folder = Path(tmp)
@@ -134,6 +136,7 @@ def main() -> None:
         report["npy_round_trip_exact"] = bool(np.array_equal(a.embeddings, b.embeddings) and a.ids == b.ids
                                               and a.label_strings() == b.label_strings())
     print(json.dumps(report, indent=2))
+    save_result(args.out, "format_scale", report)
 
 
 if __name__ == "__main__":

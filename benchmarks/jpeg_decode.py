@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import save_result  # this folder is on sys.path when run
 from PIL import Image
 
 from bctool.checkpoint import load_checkpoint, save_checkpoint
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50", help="backbone of the difference and extraction runs")
     parser.add_argument("--repeats", type=int, default=3, help="passes over the photos per measurement")
     parser.add_argument("--quick", action="store_true", help="6 photos, resnet18, 1 repeat")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     photos = find_photos(args.photos)
     if not photos:
@@ -164,6 +166,7 @@ def main() -> None:
         "arch": args.arch, "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result, indent=1))
+    save_result(args.out, "jpeg_decode", result)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,11 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import save_result  # this folder is on sys.path when run
 
 from bctool.models import ModelConfig, create_model
 from bctool.train.compat import compute_old_stats
@@ -194,11 +196,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (a third for the slow stats)")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--quick", action="store_true", help="small run: 500 classes, 10,000 old embeddings")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     if args.quick:
         args.classes, args.old_n, args.repeats = 500, 10_000, 5
     result = run(args)
     print(json.dumps(result, indent=2))
+    save_result(args.out, "loss_vectorised", result)
     lo, st = result["loss_fwd_bwd_ms"], result["old_stats_ms"]
     print(
         f"values match; advbct loss fwd+bwd {lo['vectorised']} ms vs loop {lo['loop']} ms "

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import save_result  # this folder is on sys.path when run
 
 from bctool.data.sources import ImageRecord, ImageSet
 from bctool.train import TrainConfig
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     states = {}
     for amp in modes:
         config = TrainConfig.from_options(arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, amp=amp,
-                             device=str(device), workers=0)
+                                          device=str(device), workers=0, init_from=None)  # a fresh model
         torch.manual_seed(0)
         task = ClassificationTask(build_model(classes, config)[0]).to(device)
         if device.type == "cuda":
@@ -107,12 +108,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per precision per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true", help="ResNet-18 at 64 px, batch 16, few steps")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     if args.quick:
         args.arch, args.image_size, args.batch_size, args.classes = "resnet18", 64, 16, 100
         args.warmup, args.steps, args.rounds = 1, 3, 2
     result = run(args)
     print(json.dumps(result, indent=2))
+    save_result(args.out, "train_amp", result)
     print(f"{result['arch']} @ {result['image_size']} px on {result['device']}: "
           + ", ".join(f"{amp} {r} img/s ({result['over_off'][amp]:.2f}x)" for amp, r in result["images_per_s"].items()),
           file=sys.stderr)

@@ -13,7 +13,8 @@ Writes the embedded emoji set (``EmojiSplit(limit=400)``) into a temporary folde
 
 The old model is a seeded, untrained ``small`` checkpoint over the same classes (its weights do
 not change the step's cost). Batches are drawn once through ``make_loader`` (workers=0,
-augmentation on) and kept in memory, so a "step" is exactly what the loop does per batch:
+each task's training views as `bctool train` resolves them) and kept in memory, so a "step" is
+exactly what the loop does per batch:
 lr update, forward (new model, old side, losses), zero_grad, backward, optimizer step and the
 one host sync of ``float(loss)``. Data loading is not timed.
 
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import save_result  # this folder is on sys.path when run
 
 from bctool.checkpoint import load_checkpoint, save_checkpoint
 from bctool.data.emoji import EmojiSplit, write_emoji_dataset
@@ -42,6 +44,7 @@ from bctool.embeddings import save_embeddings
 from bctool.extract import extract
 from bctool.models import create_model
 from bctool.train.config import TrainConfig
+from bctool.train.defaults import resolve_defaults
 from bctool.train.loop import (
     build_model,
     build_task,
@@ -52,10 +55,12 @@ from bctool.train.loop import (
 
 
 def _config(args: argparse.Namespace, **kw) -> TrainConfig:  # noqa: ANN003
-    return TrainConfig.from_options(
+    """The config ``bctool train`` would run with these options: every open part (the views, the
+    schedule) resolved as training resolves it."""
+    return resolve_defaults(TrainConfig.from_options(
         arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, embedding_dim=args.dim,
         epochs=1, workers=0, device="cpu", seed=0, lr=0.1, init_from=None, **kw,
-    )
+    )).config
 
 
 def _write_old_side(images, args: argparse.Namespace, folder: Path) -> tuple[str, str]:  # noqa: ANN001
@@ -167,11 +172,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per task per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true", help="small run: 5 steps x 2 rounds")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file, with the command, revision and machine")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rounds, args.warmup = 5, 2, 2
     result = run(args)
     print(json.dumps(result, indent=2))
+    save_result(args.out, "train_step", result)
     m = result["median_step_ms"]
     print(
         f"step ms (median): independent {m['independent']}, advbct+old-embeddings "
