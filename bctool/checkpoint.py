@@ -5,7 +5,11 @@ Metadata keys (JSON strings): ``format`` (``"bctool.checkpoint"``), ``format_ver
 ``train`` (the training config, seed included), ``bctool_version``, ``environment`` (the
 python, torch, numpy and safetensors versions and the platform), ``command`` (the command line
 that wrote it) and ``extra`` (method-specific facts, e.g. which classes an old model was
-trained on). The same seed, data, options and device give the same file, byte for byte, on the
+trained on; ``pretrained``: the name, sha256, package and preprocessing of the weights the
+backbone started from, or a weights file's path and sha256; ``imported``: a network written as
+it is by ``bctool import``, with an identity neck). ``preprocess`` holds every step extraction
+applies, ``crop_fraction`` included (absent from files written before it: the whole shorter
+side). The same seed, data, options and device give the same file, byte for byte, on the
 CPU (safetensors' own writer orders metadata keys at random; bctool writes them in order).
 """
 

@@ -117,8 +117,10 @@ def _input_spec(pre: Preprocess, normalize: bool) -> dict[str, Any]:
               f"RGB in [0, 1], then (x - mean) / std per channel, mean {list(pre.mean)}, std {list(pre.std)}")
     return {"name": INPUT, "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
             "values": values,
-            "resize": f"shorter side to {pre.image_size} px ({pre.interpolation}), then a centre crop of "
-                      f"{pre.image_size} x {pre.image_size}",
+            "resize": (f"shorter side to {pre.image_size} px ({pre.interpolation}), then a centre crop of "
+                       f"{pre.image_size} x {pre.image_size}" if pre.crop_fraction == 1 else
+                       f"the centred square of {pre.crop_fraction:g} of the shorter side, resized to "
+                       f"{pre.image_size} x {pre.image_size} px ({pre.interpolation})"),
             "background": f"transparent pixels composited on RGB {list(pre.background)}",
             "preprocess": dataclasses.asdict(pre)}
 
@@ -219,6 +221,9 @@ def _run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
 def _export_torchscript(module: Embedder, example: torch.Tensor, path: Path, metadata: dict[str, Any]) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still served
+        # The input side is fixed (the checkpoint's image size), so sizes read while tracing (the
+        # TensorFlow padding of EfficientNet-Lite) are constants, as the warning fears: right here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example)
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
 

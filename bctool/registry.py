@@ -375,6 +375,7 @@ KIND_MODULES = {
     "methods": "bctool.train.methods",
     "protocols": "bctool.evaluate.protocols",
     "backbones": "bctool.models.model",
+    "weights": "bctool.models.weights",
     "heads": "bctool.models.heads",
     "regimes": "bctool.train.regime",
     "schedules": "bctool.train.regime",

@@ -4,7 +4,8 @@ studies in ``experiments/`` both run.
 - :func:`train_once`: train a model unless its checkpoint is already there;
 - :func:`embed_splits`: embed each list with a model to ``PREFIX_SPLIT.safetensors``, reusing a
   file only when its recorded model is this very checkpoint file (sha256) and its ids are the
-  list's, so a retrained model never meets a stale gallery;
+  list's, so a retrained model never meets a stale gallery; a model trained with frozen stages
+  runs them once per list for every model that shares them (the frozen-output cache);
 - :func:`run_record` / :func:`write_run`: one JSON file per finished run, with the command that
   made it, the git revision of the code and the torch thread count, written atomically;
 - :func:`ids_digest` and :func:`rounded`: how a run file stores per-query APs, so the tests over
@@ -28,8 +29,8 @@ import torch
 from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bctool.data.sources import load_image_set
 from bctool.embeddings import load_embeddings, save_embeddings
-from bctool.extract import extract
 from bctool.train import TrainConfig, train
+from bctool.train.frozen import embed_through_frozen
 from bctool.utils.io import atomic_path
 from bctool.utils.progress import NULL_PROGRESS, Progress
 
@@ -66,7 +67,8 @@ def embed_splits(model: Path | Checkpoint, lists: Mapping[str, Path], prefix: Pa
         images = load_image_set(list_file, require_labels=False)
         if not _cached(path, sha256, images.ids):
             checkpoint = checkpoint or load_checkpoint(model, device=device)
-            save_embeddings(extract(images, checkpoint, workers=workers, progress=progress), path)
+            # A model trained with frozen stages embeds through their cached outputs (bctool.train.frozen).
+            save_embeddings(embed_through_frozen(checkpoint, images, workers=workers, progress=progress), path)
         out[split] = path
     return out
 

@@ -100,6 +100,12 @@ class Setting:
     new_arch: str
     epochs: int | None = None  # overrides --epochs (Fashion-MNIST has more images an epoch)
     warm: bool = False  # the new model starts from the old checkpoint (--init-from), at --warm-lr
+    image_size: int = 32
+    # Both models start from these named weights (a warm start takes the old model's instead),
+    # train only the backbone's last ``trainable`` stages, and the old model sees ``old_augment``.
+    pretrained: str | None = None
+    trainable: str = "all"
+    old_augment: str | None = None  # None: --old-augment (the regime's by default)
 
 
 SETTINGS = {
@@ -111,6 +117,14 @@ SETTINGS = {
                                    warm=True),
     "extended-data-fashion-warm": Setting("extended-data, warm start", "fashion-mnist", "old_train.txt", "small",
                                           "small", epochs=10, warm=True),
+    # ImageNet-pretrained EfficientNet-Lite0 models at 128 px, the last two stages trained (their
+    # frozen outputs computed once), clean views for the old model too: where users start.
+    "pretrained-class": Setting("extended-class, ImageNet start", "emoji", "old_train.txt", "efficientnet_lite0",
+                                "efficientnet_lite0", image_size=128, pretrained="imagenet", trainable="2",
+                                old_augment="none"),
+    "pretrained-class-warm": Setting("extended-class, ImageNet start, warm start", "emoji", "old_train.txt",
+                                     "efficientnet_lite0", "efficientnet_lite0", warm=True, image_size=128,
+                                     pretrained="imagenet", trainable="2", old_augment="none"),
     # A third real set, kept out of every choice of the recipe: its confirmation.
     "extended-data-digits": Setting("extended-data", "digits", "old_train.txt", "small", "small"),
     "extended-data-digits-warm": Setting("extended-data, warm start", "digits", "old_train.txt", "small", "small",
@@ -220,7 +234,9 @@ def _new_config(study: Study, name: str, seed: int, method: str, old: dict[str, 
     return study.base.replace(arch=setting.new_arch, seed=seed, method=method, augment=views,
                               **(side if REGISTERED[method].needs_old_side else {}),
                               log_dir=str(folder / f"{method}-log"),
-                              init_from=str(old["model"]) if setting.warm else None, diagnostics=study.diagnostics)
+                              init_from=str(old["model"]) if setting.warm else None, diagnostics=study.diagnostics,
+                              # a warm start takes the old model's weights, pretrained ones included
+                              **({"pretrained": None} if setting.warm else {}))
 
 
 def _run_folder(study: Study, name: str, seed: int, old_seed: int) -> Path:
@@ -257,7 +273,8 @@ def run_method(study: Study, name: str, seed: int, method: str, old_seed: int) -
         "dataset": setting.dataset, "allocation": setting.allocation,
         "old_arch": setting.old_arch, "new_arch": setting.new_arch,
         "epochs": study.base.optim.epochs, "old_epochs": study.old_base.optim.epochs, "lr": config.optim.lr,
-        "warm": setting.warm, "compat_weight": config.compat.compat_weight,
+        "warm": setting.warm, "compat_weight": config.compat.compat_weight, "image_size": setting.image_size,
+        "pretrained": setting.pretrained, "trainable": setting.trainable,
         **_views(study.base, study.old_base, study.old_source),
         **_scores(new, old, seed, f"{name} seed {seed}"),
         "final": summary.final,
@@ -512,11 +529,12 @@ def main() -> None:
                        else f"apt install dataset-fashion-mnist, into {DEFAULT_SOURCE}")
                 log.warning("skipping %s: no %s data (%s)", name, setting.dataset, how)
                 continue
-            base = TrainConfig.from_options(image_size=32, epochs=setting.epochs or args.epochs, batch_size=128,
-                               device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
-                               compat_weight=args.compat_weight, regime=args.regime, augment=args.augment)
+            base = TrainConfig.from_options(image_size=setting.image_size, epochs=setting.epochs or args.epochs,
+                               batch_size=128, device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
+                               compat_weight=args.compat_weight, regime=args.regime, augment=args.augment,
+                               pretrained=setting.pretrained, trainable=setting.trainable)
             old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0,
-                                    augment=args.old_augment)
+                                    augment=setting.old_augment or args.old_augment)
             study = Study(args.workdir, args.results, data, base, old_base, args.diagnostics,
                           f"views{args.stored_views}" if args.old_side == "views" else args.old_side)
             for seed in args.seeds:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,29 @@ def test_the_site_builds_without_a_warning(tmp_path: Path) -> None:
     site = tmp_path / "site"
     assert (site / "reference" / "cli" / "index.html").is_file()
     assert not list(site.rglob("runs*")), "the run folders are left out of the site"
+
+
+# A measured figure: a decimal (61.5, +2.11, -0.3), a per-seed count (3 of 3, 2/3) or a percentage.
+FIGURE = re.compile(r"(?<![\w.])[+\-−]?\d+\.\d+(?![\w.])|\b\d+ of \d+\b|(?<![\w/])\d+/\d+(?![\w/])|\b\d+(?:\.\d+)?\s?%")
+
+
+def hand_typed_figures(text: str) -> list[str]:
+    """The figures of a page outside its generated blocks, code and links: those typed by hand."""
+    text = re.sub(r"^<!-- generated from .*?^<!-- end -->$", "", text, flags=re.S | re.M)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    text = re.sub(r"\]\([^)\s]*\)", "]", text)
+    return FIGURE.findall(text)
+
+
+def test_hand_typed_figures_are_found_and_generated_ones_are_not() -> None:
+    page = ("M(o,o) 60.2 and +2.11, 3 of 3 seeds, 2/3, 95% and `0.03` [t](../a-1.2.md)\n"
+            "<!-- generated from docs/x.md -->\n| 61.5 |\n<!-- end -->\n```bash\nx --lr 0.1\n```\n")
+    assert hand_typed_figures(page) == ["60.2", "+2.11", "3 of 3", "2/3", "95%"]
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs" / "results").glob("*.md")))
+def test_no_figure_on_a_results_page_is_typed_by_hand(page: str) -> None:
+    """Every figure of a results page comes from a stored file, through a generated block."""
+    figures = hand_typed_figures((ROOT / "docs" / "results" / page).read_text(encoding="utf-8"))
+    assert not figures, f"docs/results/{page} types figures by hand: {figures[:12]}"

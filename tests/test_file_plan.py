@@ -247,6 +247,8 @@ RUNS: dict[str, Callable[[dict[str, Path], Path, Path], list[str]]] = {
     "dataset emoji": lambda w, e, t: ["dataset", "emoji", str(t / "emoji"), "--limit", "4"],
     "dataset make": lambda w, e, t: ["dataset", "make", "emoji", str(t / "emoji"), "--param", "limit=4"],
     "dataset gldv2": lambda w, e, t: _gldv2(t),
+    "import": lambda w, e, t: ["import", "efficientnet_lite0", "--pretrained", "imagenet", "--out",
+                               str(t / "lite0.safetensors"), "--image-size", "32"],
     "methods": lambda w, e, t: ["methods"],
     "list": lambda w, e, t: ["list", "regimes"],
 }
@@ -286,8 +288,16 @@ def test_every_command_is_checked_for_the_files_it_opens() -> None:
 
 @pytest.mark.parametrize("command", sorted(RUNS))
 def test_a_command_opens_only_what_it_declares(command: str, world: dict[str, Path], emoji_dir: Path,
-                                               tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+                                               tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     args = RUNS[command](world, emoji_dir, tmp_path)
+    if command == "import":  # named weights, converted into a cache folder under the recorded root
+        from bctool.models.weights import WEIGHTS
+
+        weights = WEIGHTS["efficientnet_lite0.imagenet"]
+        if not weights.installed():
+            pytest.skip(f"the weights package is not installed: {weights.install_command}")
+        monkeypatch.setenv("BCTOOL_CACHE", str(tmp_path / "cache"))
     if command in ("methods", "list"):
         opened = _Opened(tmp_path_factory.getbasetemp())
         _RECORDERS.append(opened)

@@ -184,10 +184,14 @@ def test_extra_key_is_unexpected(tmp_path: Path) -> None:
 
 
 def test_not_safetensors_names_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "weights.pth"
+    path = tmp_path / "weights.pth"  # a .pth state dict loads (weights-only): its keys are then checked
     torch.save({"conv1.weight": torch.zeros(1)}, path)
-    with pytest.raises(ModelError, match=rf"{re.escape(str(path))}.* is not a safetensors file"):
+    with pytest.raises(ModelError, match=rf"{re.escape(str(path))}.* does not fit the SmallCNN"):
         load_backbone_weights(SmallCNN(), path)
+    text = tmp_path / "weights.txt"
+    text.write_text("not weights")
+    with pytest.raises(ModelError, match=rf"{re.escape(str(text))}.* is not a safetensors file"):
+        load_backbone_weights(SmallCNN(), text)
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:

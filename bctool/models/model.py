@@ -30,6 +30,15 @@ def _resnet(name: str) -> BackboneFactory:
     return build
 
 
+def _efficientnet(name: str) -> BackboneFactory:
+    def build() -> nn.Module:
+        from bctool.models.efficientnet import efficientnet_lite
+
+        return efficientnet_lite(name)
+
+    return build
+
+
 def _small() -> nn.Module:
     from bctool.models.small import SmallCNN
 
@@ -47,6 +56,10 @@ BACKBONES: Registry[BackboneFactory] = Registry("backbone", "backbones", error=M
 BACKBONES.register("small", _small, description="A small four-stage CNN for fast CPU training on 32-64 px images.")
 for _depth in ("resnet18", "resnet34", "resnet50"):
     BACKBONES.register(_depth, _resnet(_depth), description=f"ResNet-{_depth[6:]} with the ImageNet stem.")
+for _lite, _size in (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+    BACKBONES.register(_lite, _efficientnet(_lite), description=(
+        f"EfficientNet-Lite{_lite[-1]} (no squeeze-excite, ReLU6, TensorFlow padding), 1280-d features; "
+        f"ImageNet weights ({_size} px): --pretrained imagenet."))
 
 
 def register_backbone(name: str, factory: BackboneFactory | None = None) -> Any:
@@ -159,9 +172,40 @@ class EmbeddingModel(nn.Module):
         """D, the embedding dimension."""
         return self.config.embedding_dim
 
+    # Training only part of the backbone (bctool.train.frozen): its stages, how many leading ones
+    # are frozen, and the stage the inputs of embed() enter at (0: images; frozen_stages: the
+    # frozen stages' outputs, computed once). Plain attributes: the state dict does not change.
+    stages: list[nn.Module] | None = None
+    frozen_stages: int = 0
+    input_stage: int = 0
+
+    def freeze_stages(self, count: int) -> None:
+        """Freeze the backbone's first ``count`` stages (:func:`bctool.models.stages.backbone_stages`):
+        no gradients, and their BatchNorm statistics kept (eval mode, also under ``train()``)."""
+        from bctool.models.stages import backbone_stages
+
+        self.stages = backbone_stages(self.backbone)
+        self.frozen_stages = count
+        for stage in self.stages[:count]:
+            stage.requires_grad_(False)
+            stage.eval()
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        """``nn.Module.train``, leaving the frozen stages in eval mode."""
+        super().train(mode)
+        for stage in (self.stages or [])[: self.frozen_stages]:
+            stage.eval()
+        return self
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw (un-normalised) embeddings f, shape (N, D)."""
-        return self.neck(self.backbone(images))
+        """Raw (un-normalised) embeddings f, shape (N, D). ``images`` are the frozen stages'
+        outputs instead while :attr:`input_stage` is set (training with the frozen cache)."""
+        if not self.input_stage:
+            return self.neck(self.backbone(images))
+        features = images
+        for stage in self.stages[self.input_stage:]:
+            features = stage(features)
+        return self.neck(features)
 
     def classify(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits from embeddings (training only)."""

@@ -25,6 +25,7 @@ from bctool.errors import BctoolError, ConfigError
 from bctool.utils.interrupt import Interrupted, StopSignals
 from bctool.utils.io import atomic_write_text, check_output_path, output_lock
 from bctool.models import EmbeddingModel
+from bctool.models.weights import describe_pretrained, training_preprocess
 from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
 from bctool.train.defaults import Resolved, resolve_defaults
@@ -37,6 +38,7 @@ from bctool.train.distributed import (
 )
 from bctool.train.log import TrainLog
 from bctool.train.regime import SCHEDULES, STEP_GAMMA
+from bctool.train.frozen import use_frozen_cache
 from bctool.train.setup import (
     build_model,
     build_task,
@@ -72,6 +74,7 @@ class TrainResult:
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     consistency: dict[str, Any] = field(default_factory=dict)  # --diagnostics: the consistency floor
+    frozen: dict[str, Any] = field(default_factory=dict)  # --trainable: the frozen stages and their cache
     defaults_from: dict[str, str] = field(default_factory=dict)  # option -> given, default, regime ..., recipe
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +96,7 @@ class TrainResult:
             "final": {k: round(v, 6) for k, v in self.final.items()},
             "history": [{k: round(v, 6) for k, v in epoch.items()} for epoch in self.history],
             **({"consistency": self.consistency} if self.consistency else {}),
+            **({"frozen": self.frozen} if self.frozen else {}),
             "defaults_from": self.defaults_from,
         }
 
@@ -181,7 +185,7 @@ def _train(images: ImageSet, resolved: Resolved, out: str | os.PathLike[str], pr
         classes=len(images.label_names), device=str(session.device), seconds=seconds,
         resumed_from_epoch=start_epoch, processes=rank.world_size, skipped=len(failed),
         final=history[-1] if history else {}, history=history, consistency=session.facts.get("consistency", {}),
-        defaults_from=dict(resolved.sources),
+        frozen=session.facts.get("frozen", {}), defaults_from=dict(resolved.sources),
     )
 
 
@@ -221,9 +225,11 @@ class _Session:
         """Build the model, the task, the optimizer and the loader of a run (seeded first)."""
         device = rank_device(config.run.device)
         generator = seed_everything(config.optim.seed)
-        preprocess = Preprocess(image_size=config.model.image_size)
+        preprocess = training_preprocess(config.model.arch, config.model.pretrained, config.model.image_size)
         model, init = build_model(images, config)
         task, facts = build_task(images, config, model, preprocess, device, progress)
+        if config.model.pretrained:  # the weights' name (or file), sha256 and preprocessing
+            facts["pretrained"] = describe_pretrained(config.model.arch, config.model.pretrained)
         task.to(device)
         if config.run.diagnostics and rank.is_main:
             facts["consistency"] = consistency_facts(images, config, task, preprocess, device)
@@ -236,6 +242,10 @@ class _Session:
         scaler = torch.amp.GradScaler(device.type) if optim.amp == "fp16" and device.type == "cuda" else None
         loader = make_loader(images, config, preprocess, generator, pin=device.type == "cuda", rank=rank,
                              views=getattr(getattr(task, "old", None), "views", ()))
+        loader, facts["frozen"] = use_frozen_cache(model, images, loader, config, preprocess, device,
+                                                   rank.world_size, progress)
+        if not facts["frozen"]:
+            del facts["frozen"]
         total = len(loader) * optim.epochs
         warmup = min(total // 2, round(optim.warmup_epochs * len(loader)))
         decays = SCHEDULES.get_obj(optim.schedule)(optim.epochs)
@@ -365,7 +375,7 @@ class _EpochRun:
                 group["lr"] = lr_at(self.step, self.total, self.warmup, config.optim.lr, self.milestones)
             task.set_progress(self.epoch, config.optim.epochs, self.step, self.total)
             images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if device.type == "cuda" and images.dim() == 4:  # images, or cached feature maps (not pooled rows)
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.optim.amp):
                 parts = self.forward(images, labels.to(device, non_blocking=True),

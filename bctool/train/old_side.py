@@ -63,6 +63,12 @@ class OnTheFlyOld(nn.Module):
                 "sees this run's images; precompute its embeddings with `bctool extract` to give it its own",
                 old.background, new.background,
             )
+        if old.crop_fraction != new.crop_fraction:
+            logger.warning(
+                "the old model crops %g of each image's shorter side, this run %g: with --old-model the old side "
+                "sees this run's crop; precompute its embeddings with `bctool extract` to give it its own",
+                old.crop_fraction, new.crop_fraction,
+            )
         # Undo the new normalisation and apply the old one, as one affine map per channel.
         scale = torch.tensor(new.std) / torch.tensor(old.std)
         shift = (torch.tensor(new.mean) - torch.tensor(old.mean)) / torch.tensor(old.std)
@@ -285,7 +291,10 @@ def _from_model(
 
     table = torch.from_numpy(extract(images, checkpoint, workers=workers, progress=progress).embeddings)
     trained = explicit if explicit is not None else checkpoint.extra.get("trained_classes")
-    mask = old_class_mask(images.label_names, trained, checkpoint.class_names, f"--old-model {old_model}")
+    # A model that knows no classes (an imported pretrained network) embeds every class as the
+    # old system does: every training class is old, as with an embeddings file of every label.
+    known = checkpoint.class_names or list(images.label_names)
+    mask = old_class_mask(images.label_names, trained, known, f"--old-model {old_model}")
     head = _frozen_head(checkpoint)
     mapping = _head_mapping(images.label_names, checkpoint.class_names, mask) if head else None
     return OldSide(module, table, mask, head, mapping, f"old model {old_model}")

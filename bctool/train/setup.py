@@ -97,18 +97,24 @@ def make_loader(
 
 def build_model(images: ImageSet, config: TrainConfig) -> tuple[EmbeddingModel, dict[str, Any] | None]:
     """A fresh model for ``images``' classes, with pretrained backbone weights or warm-started
-    from an old checkpoint if asked; and the warm start's record (None without one)."""
+    from an old checkpoint if asked, its first stages frozen if ``--trainable`` says so; and the
+    warm start's record (None without one)."""
     model = create_model(config.model_config(num_classes=len(images.label_names)))
     if config.model.pretrained:
-        from bctool.models.pretrained import load_backbone_weights
+        from bctool.models.weights import load_pretrained
 
-        report = load_backbone_weights(model.backbone, config.model.pretrained)
+        report = load_pretrained(model.backbone, config.model.arch, config.model.pretrained)
         logger.info("loaded %s pretrained tensors from %s", report.get("loaded"), config.model.pretrained)
+    init = None
     if config.model.init_from:
         from bctool.train.warm_start import warm_start
 
-        return model, warm_start(model, images.label_names, config.model.init_from).to_dict()
-    return model, None
+        init = warm_start(model, images.label_names, config.model.init_from).to_dict()
+    if config.optim.trainable != "all":  # after the weights are in: freezing does not change them
+        from bctool.models.stages import backbone_stages, frozen_stage_count
+
+        model.freeze_stages(frozen_stage_count(config.optim.trainable, len(backbone_stages(model.backbone))))
+    return model, init
 
 
 def build_task(
