@@ -151,3 +151,32 @@ def test_the_former_no_augment_flag_still_means_augment_none(old: dict[str, Path
     result = runner.invoke(app, ["train", str(emoji_dir / "new_train.txt"), "--out", str(tmp_path / "m.safetensors"),
                                  "--no-augment", "--augment", "crop"])
     assert result.exit_code == 2 and "contradict" in result.stderr
+
+
+def test_trainable_auto_is_the_neck_for_a_pretrained_start_on_the_cpu(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from bctool.checkpoint import save_checkpoint
+    from bctool.data.transforms import Preprocess
+    from bctool.models import ModelConfig, create_model
+
+    cpu = {**BASE, "arch": "small"}
+    scratch = resolve_defaults(TrainConfig.from_options(**cpu))
+    assert (scratch.config.optim.trainable, scratch.sources["trainable"]) == ("all", "default")
+    weights = tmp_path / "backbone.safetensors"  # a backbone weights file is a pretrained start
+    from safetensors.torch import save_file
+
+    save_file(create_model(ModelConfig(arch="small", embedding_dim=8)).backbone.state_dict(), str(weights))
+    pretrained = resolve_defaults(TrainConfig.from_options(**cpu, pretrained=str(weights)))
+    assert (pretrained.config.optim.trainable, pretrained.sources["trainable"]) == (
+        "neck", "recipe (pretrained start on the CPU)")
+    for trained, expected in (("neck", "neck"), ("all", "all")):  # a warm start keeps a neck-only model's choice
+        old = tmp_path / f"old-{trained}.safetensors"
+        save_checkpoint(old, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2)),
+                        Preprocess(image_size=32), ["a", "b"], train_config={"trainable": trained})
+        warm = resolve_defaults(TrainConfig.from_options(**cpu, embedding_dim=8, init_from=str(old)))
+        assert warm.config.optim.trainable == expected
+    given = resolve_defaults(TrainConfig.from_options(**cpu, pretrained=str(weights), trainable="all"))
+    assert given.config.optim.trainable == "all" and given.sources["trainable"] == "given"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # on a GPU the whole backbone trains
+    gpu = resolve_defaults(TrainConfig.from_options(**{**cpu, "device": "auto"}, pretrained=str(weights)))
+    assert (gpu.config.optim.trainable, gpu.sources["trainable"]) == ("all", "device")

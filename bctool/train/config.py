@@ -81,15 +81,17 @@ class OptimOptions:
     amp: str = "off"
     sync_bn: bool = False
     strict: bool = False  # an unreadable image stops training (default: left out, reported)
-    # How much of the backbone trains: all, neck (none of it) or N (its last N stages); the
-    # frozen stages' outputs are computed once when the views allow it (bctool.train.frozen).
-    trainable: str = "all"
+    # How much of the backbone trains: all, neck (none of it) or N (its last N stages); auto: the
+    # recipe's (bctool.train.defaults). The frozen stages' outputs are computed once when the
+    # views allow it (bctool.train.frozen).
+    trainable: str = "auto"
     frozen_cache: bool = True
 
     def __post_init__(self) -> None:
         _check(self, {
-            "trainable": (self.trainable in ("all", "neck") or (self.trainable.isdigit() and int(self.trainable) >= 1),
-                          "all, neck or a number of stages (1 or more)"),
+            "trainable": (self.trainable in ("auto", "all", "neck")
+                          or (self.trainable.isdigit() and int(self.trainable) >= 1),
+                          "auto, all, neck or a number of stages (1 or more)"),
             "epochs": (self.epochs >= 1, "at least 1"),
             "batch_size": (self.batch_size >= 2, "at least 2 (BatchNorm needs two samples)"),
             "lr": (self.lr is None or self.lr > 0, "positive"),

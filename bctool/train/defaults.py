@@ -1,9 +1,9 @@
 """The one place that turns a training config's unset options into values, and says where each
 value came from.
 
-A :class:`~bctool.train.config.TrainConfig` may leave eight options open: ``method`` (None),
+A :class:`~bctool.train.config.TrainConfig` may leave nine options open: ``method`` (None),
 ``arch`` (``auto``), the four parts a regime sets (``augment``, ``schedule``, ``warmup_epochs``,
-``head_bias``: None), ``init_from`` (``auto``) and ``lr`` (None). That is what ``TrainConfig()``
+``head_bias``: None), ``init_from`` (``auto``), ``lr`` (None) and ``trainable`` (``auto``). That is what ``TrainConfig()``
 and ``bctool train`` without those options both give, so a library caller and the command line
 train the same model. :func:`resolve_defaults` makes them concrete, in this order, each step
 seeing the ones before:
@@ -16,7 +16,11 @@ seeing the ones before:
 4. ``init_from``: the recipe's warm start from the known old checkpoint when it fits
    (:func:`~bctool.train.recipe.warm_start_source`), else a fresh start;
 5. ``lr``: the recipe's rate for a warm start (:data:`~bctool.train.recipe.WARM_LR`) or a fresh
-   one (:data:`~bctool.train.recipe.COLD_LR`).
+   one (:data:`~bctool.train.recipe.COLD_LR`);
+6. ``trainable``: on a CPU, ``neck`` for a pretrained start (``pretrained``, or a warm start from a
+   checkpoint that trained its neck alone): a frozen ImageNet backbone under a trained neck is
+   cheap (its features computed once) where fine-tuning the backbone costs hours on a few cores;
+   ``all`` otherwise, and always on a GPU (:func:`default_trainable`).
 
 The resolved config is what the checkpoint records, with :attr:`Resolved.sources` (``given``,
 ``default``, ``regime bctool``, ``recipe``, ``image size``) under ``defaults_from``.
@@ -40,7 +44,8 @@ AUTO = "auto"
 SMALL_IMAGE_SIDE = 64
 GIVEN, DEFAULT, RECIPE, IMAGE_SIZE = "given", "default", "recipe", "image size"
 # The options resolve_defaults fills in when they are left open, with the value that means "open".
-OPEN = {"method": None, "arch": AUTO, **{part: None for part in PARTS}, "init_from": AUTO, "lr": None}
+OPEN = {"method": None, "arch": AUTO, **{part: None for part in PARTS}, "init_from": AUTO, "lr": None,
+        "trainable": AUTO}
 
 
 def default_arch(image_size: int) -> str:
@@ -102,7 +107,39 @@ def resolve_defaults(config: TrainConfig, given: Iterable[str] | None = None) ->
         logger.info("recipe: %s, lr %g", f"warm start from {init_from}" if init_from else "fresh start",
                     late.get("lr", config.optim.lr))
     config = config.replace(**late)
+    if config.optim.trainable == AUTO:
+        trainable, why = default_trainable(config)
+        config = config.replace(trainable=trainable)
+        sources["trainable"] = why
     return Resolved(config, dict(sorted(sources.items())))
+
+
+def default_trainable(config: TrainConfig) -> tuple[str, str]:
+    """What ``trainable="auto"`` means for ``config`` (its ``init_from`` resolved), and why: on a
+    CPU, ``neck`` for a pretrained start (named or file weights, or a warm start from a
+    checkpoint that trained its neck alone), else ``all``; ``all`` on a GPU."""
+    from bctool.utils.device import resolve_device
+
+    if resolve_device(config.run.device).type != "cpu":
+        return "all", "device"
+    if config.model.pretrained:
+        return "neck", "recipe (pretrained start on the CPU)"
+    if config.model.init_from and _trained_neck_alone(config.model.init_from):
+        return "neck", "recipe (warm start from a neck-only model on the CPU)"
+    return "all", DEFAULT
+
+
+def _trained_neck_alone(checkpoint: str) -> bool:
+    """Whether the checkpoint's own training froze its whole backbone (``trainable`` neck)."""
+    import json
+
+    from bctool.checkpoint import read_checkpoint_metadata
+    from bctool.errors import BctoolError
+
+    try:
+        return json.loads(read_checkpoint_metadata(checkpoint).get("train", "{}")).get("trainable") == "neck"
+    except (BctoolError, OSError, ValueError):
+        return False
 
 
 def _value(config: TrainConfig, name: str) -> object:
