@@ -42,13 +42,13 @@ from bctool.adapt import fit_adapter, slerp
 from bctool.embeddings import Embeddings, load_embeddings
 from bctool.evaluate.protocols import make_protocol
 from bctool.evaluate.scores import paired_delta
-from bctool.train import TrainConfig
 from bctool.workflow import embed_splits, ids_digest, rounded, run_record, write_run
-from paper_table import SETTINGS, Study, old_side, prepare_data, run_method  # this folder is on sys.path
+from paper_table import SETTINGS, Study, base_configs, old_side, prepare_data, run_folder, run_method  # this folder is on sys.path
 
 log = logging.getLogger("adapter_table")
 KINDS = ["procrustes", "affine", "mlp"]
-PAIRS = {"extended-class": "extended-class-warm", "extended-data-fashion": "extended-data-fashion-warm"}
+PAIRS = {"extended-class": "extended-class-warm", "extended-data-fashion": "extended-data-fashion-warm",
+         "pretrained-class": "pretrained-class-warm"}
 
 
 
@@ -94,15 +94,13 @@ def run_seed(study: AdapterStudy, name: str, seed: int) -> dict | None:
     if data is None:
         log.warning("skipping %s: its data is not installed", name)
         return None
-    base = TrainConfig.from_options(image_size=32, epochs=setting.epochs or 30, batch_size=128, device="auto",
-                                    workers=2, lr=0.1)
-    old_base = base.replace(lr=0.1)
+    base, old_base = base_configs(setting)
     old_seed = seed + 1000
     started = time.perf_counter()
-    independent = run_method(Study(study.workdir, study.paper_results, data, base, old_base), name, seed,
-                             "independent", old_seed)
+    paper = Study(study.workdir, study.paper_results, data, base, old_base)
+    independent = run_method(paper, name, seed, "independent", old_seed)
     old = old_side(study.workdir, data, setting, old_seed, old_base)
-    folder = next((study.workdir / name).glob(f"seed{seed}-old{old_seed}-e{base.optim.epochs}-none"))
+    folder = run_folder(paper, name, seed, old_seed)
     new_model = folder / "independent.safetensors"
     new_train = _embed_train(new_model, data)
     emb = {"old_train": load_embeddings(old["new_train"]), "old_query": load_embeddings(old["query"]),
@@ -148,8 +146,10 @@ def run_seed(study: AdapterStudy, name: str, seed: int) -> dict | None:
 
 def _recipe(study: AdapterStudy, name: str, seed: int, old_seed: int, data: Path) -> Path | None:
     """The recipe's (lce, warm, clean views) model of the paired -warm setting, if it was trained."""
-    found = sorted((study.workdir / PAIRS[name]).glob(f"seed{seed}-old{old_seed}-e*-lr0.03-none/lce.safetensors"))
-    return found[0] if found and found[0].with_name("lce_query.safetensors").exists() else None
+    warm = PAIRS[name]
+    base, old_base = base_configs(SETTINGS[warm])
+    model = run_folder(Study(study.workdir, study.paper_results, data, base, old_base), warm, seed, old_seed) / "lce.safetensors"
+    return model if model.with_name("lce_query.safetensors").exists() else None
 
 
 def _cell(values: list[float]) -> str:

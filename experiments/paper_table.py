@@ -182,6 +182,21 @@ def stored_views(old: dict[str, Path], data: Path, count: int) -> tuple[str, ...
     return tuple(files)
 
 
+def base_configs(setting: Setting, *, epochs: int = 30, warm_lr: float = WARM_LR, compat_weight: float = 1.0,
+                 regime: str = "bctool", augment: str | None = None, old_epochs: int | None = None,
+                 old_augment: str | None = None) -> tuple[TrainConfig, TrainConfig]:
+    """The new and old models' training configs of ``setting`` (the command line's defaults
+    unless given): 128 images a batch, SGD at 0.1 (``warm_lr`` for a warm start), the setting's
+    image size, epochs, pretrained weights and trainable part."""
+    base = TrainConfig.from_options(image_size=setting.image_size, epochs=setting.epochs or epochs, batch_size=128,
+                                    device="auto", workers=2, lr=warm_lr if setting.warm else 0.1,
+                                    compat_weight=compat_weight, regime=regime, augment=augment,
+                                    pretrained=setting.pretrained, trainable=setting.trainable)
+    old_base = base.replace(epochs=old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0,
+                            augment=setting.old_augment or old_augment)
+    return base, old_base
+
+
 def old_side(workdir: Path, data: Path, setting: Setting, seed: int, base: TrainConfig) -> dict[str, Path]:
     """The old model of ``setting`` trained with ``seed`` (shared by settings with the same data,
     old list, backbone and epochs) and its embeddings of the new training list, query and gallery."""
@@ -244,7 +259,7 @@ def _new_config(study: Study, name: str, seed: int, method: str, old: dict[str, 
                               **({"pretrained": None} if setting.warm else {}))
 
 
-def _run_folder(study: Study, name: str, seed: int, old_seed: int) -> Path:
+def run_folder(study: Study, name: str, seed: int, old_seed: int) -> Path:
     """The work folder of a setting's new models for one seed, tagged by every choice that changes
     them (warm-start runs at several rates, and runs at other compatibility weights, share a workdir)."""
     base, old_base, source = study.base, study.old_base, study.old_source
@@ -265,7 +280,7 @@ def run_method(study: Study, name: str, seed: int, method: str, old_seed: int) -
         return row
     setting = SETTINGS[name]
     old = old_side(study.workdir, study.data, setting, old_seed, study.old_base)
-    folder = _run_folder(study, name, seed, old_seed)
+    folder = run_folder(study, name, seed, old_seed)
     model = folder / f"{method}.safetensors"
     log.info("%s seed %d: %s", name, seed, method)
     start = time.perf_counter()
@@ -534,12 +549,9 @@ def main() -> None:
                        else f"apt install dataset-fashion-mnist, into {DEFAULT_SOURCE}")
                 log.warning("skipping %s: no %s data (%s)", name, setting.dataset, how)
                 continue
-            base = TrainConfig.from_options(image_size=setting.image_size, epochs=setting.epochs or args.epochs,
-                               batch_size=128, device="auto", workers=2, lr=args.warm_lr if setting.warm else 0.1,
-                               compat_weight=args.compat_weight, regime=args.regime, augment=args.augment,
-                               pretrained=setting.pretrained, trainable=setting.trainable)
-            old_base = base.replace(epochs=args.old_epochs or base.optim.epochs, lr=0.1, compat_weight=1.0,
-                                    augment=setting.old_augment or args.old_augment)
+            base, old_base = base_configs(setting, epochs=args.epochs, warm_lr=args.warm_lr,
+                                          compat_weight=args.compat_weight, regime=args.regime, augment=args.augment,
+                                          old_epochs=args.old_epochs, old_augment=args.old_augment)
             study = Study(args.workdir, args.results, data, base, old_base, args.diagnostics,
                           f"views{args.stored_views}" if args.old_side == "views" else args.old_side)
             for seed in args.seeds:
