@@ -130,3 +130,18 @@ def test_training_records_the_warm_start_and_resume_checks_its_file(
     train(images, _config(copy, resume=True), stopped)
     a, b = load_checkpoint(straight).model.state_dict(), load_checkpoint(stopped).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_warm_start_keeps_the_preprocessing_its_weights_expect(emoji_dir: Path, tmp_path: Path) -> None:
+    """A model imported or trained from named weights normalises as those weights expect; a new
+    model warm-started from it must see its images the same way (not bctool's defaults)."""
+    from bctool.models import ModelConfig, create_model
+    from bctool.train import TrainConfig, train
+
+    own = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+    old = tmp_path / "old.safetensors"
+    save_checkpoint(old, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2)), own, ["a", "b"])
+    config = TrainConfig.from_options(arch="small", image_size=32, embedding_dim=8, epochs=1, batch_size=8,
+                                      workers=0, device="cpu", init_from=str(old))
+    train(load_image_set(emoji_dir / "old_train.txt"), config, tmp_path / "new.safetensors")
+    assert load_checkpoint(tmp_path / "new.safetensors").preprocess == own

@@ -25,7 +25,7 @@ from bctool.errors import BctoolError, ConfigError
 from bctool.utils.interrupt import Interrupted, StopSignals
 from bctool.utils.io import atomic_write_text, check_output_path, output_lock
 from bctool.models import EmbeddingModel
-from bctool.models.weights import describe_pretrained, training_preprocess
+from bctool.models.weights import describe_pretrained
 from bctool.utils.progress import NULL_PROGRESS, Progress
 from bctool.train.config import TrainConfig
 from bctool.train.defaults import Resolved, resolve_defaults
@@ -48,6 +48,7 @@ from bctool.train.setup import (
     distribute,
     make_loader,
     readable_images,
+    run_preprocess,
     seed_everything,
 )
 from bctool.train.state import load_train_state, save_train_state, state_path
@@ -225,7 +226,7 @@ class _Session:
         """Build the model, the task, the optimizer and the loader of a run (seeded first)."""
         device = rank_device(config.run.device)
         generator = seed_everything(config.optim.seed)
-        preprocess = training_preprocess(config.model.arch, config.model.pretrained, config.model.image_size)
+        preprocess = run_preprocess(config)
         model, init = build_model(images, config)
         task, facts = build_task(images, config, model, preprocess, device, progress)
         if config.model.pretrained:  # the weights' name (or file), sha256 and preprocessing

@@ -95,6 +95,24 @@ def make_loader(
     )
 
 
+def run_preprocess(config: TrainConfig) -> Preprocess:
+    """How a run trains and its checkpoint extracts, at the run's image size: a warm start keeps
+    the preprocessing of the checkpoint it starts from (the normalisation and interpolation its
+    weights expect: an imported or pretrained-start model's are not bctool's defaults); named
+    weights give theirs; else bctool's. Training sees the whole image (no evaluation crop)."""
+    from bctool.models.weights import training_preprocess
+
+    if config.model.init_from:
+        import dataclasses
+        import json
+
+        from bctool.checkpoint import read_checkpoint_metadata
+
+        recorded = Preprocess.from_dict(json.loads(read_checkpoint_metadata(config.model.init_from)["preprocess"]))
+        return dataclasses.replace(recorded, image_size=config.model.image_size, crop_fraction=1.0)
+    return training_preprocess(config.model.arch, config.model.pretrained, config.model.image_size)
+
+
 def build_model(images: ImageSet, config: TrainConfig) -> tuple[EmbeddingModel, dict[str, Any] | None]:
     """A fresh model for ``images``' classes, with pretrained backbone weights or warm-started
     from an old checkpoint if asked, its first stages frozen if ``--trainable`` says so; and the
