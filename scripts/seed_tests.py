@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bctool.evaluate.scores import bootstrap_interval
 from bctool.evaluate.seeds import crossed_test, paired_seed_test, random_effects
 
+GATE_RESAMPLES = 1000  # the bootstrap of one run's release gate (bctool evaluate's default)
 BASELINE = "independent"  # each method is also compared with it: the same start without a compatibility term
 
 
@@ -62,6 +64,11 @@ def judge(by_seed: dict[int, dict], baseline: dict[int, dict] | None = None) -> 
         report["random_effects"] = random_effects(deltas, variances).to_dict()
         report["crossed"] = crossed_test(table).to_dict()
         report["queries"] = int(table.shape[1])
+        if not baseline:  # what a user of one run sees: the release gate, its interval above 0
+            lows = [bootstrap_interval(np.asarray(by_seed[s]["per_query"]["cross"]),
+                                       np.asarray(by_seed[s]["per_query"]["old"]), GATE_RESAMPLES, s)[0] for s in seeds]
+            report["gates"] = {"passed": sum(low > 0 for low in lows), "of": len(seeds),
+                               "lows": [round(100 * low, 3) for low in lows]}
     return report
 
 
@@ -153,16 +160,18 @@ def verdict(paired: dict) -> str:
 
 def markdown(judged: dict[str, dict[str, dict]]) -> str:
     """One row per setting and method: the paired test (the verdict), then the crossed one."""
-    lines = ["| setting | method | seeds | mean delta | paired 95% interval | p | MDE (80%) | verdict | crossed 95% interval | crossed p |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| setting | method | seeds | mean delta | paired 95% interval | p | MDE (80%) | verdict | crossed 95% interval "
+             "| crossed p | single runs passing the gate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for setting, methods in judged.items():
         for method, r in methods.items():
             if "paired" not in r:
                 continue
             p, c = r["paired"], r.get("crossed")
             crossed = (f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['p']:.3f}" if c else "- | -")
+            gates = f"{r['gates']['passed']} of {r['gates']['of']}" if "gates" in r else "-"
             lines.append(f"| {setting} | {method} | {len(r['seeds'])} | {p['mean']:+.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] "
-                         f"| {p['p']:.3f} | {p['mde']:.2f} | {verdict(p)} | {crossed} |")
+                         f"| {p['p']:.3f} | {p['mde']:.2f} | {verdict(p)} | {crossed} | {gates} |")
     return "\n".join(lines) + "\n"
 
 
