@@ -169,6 +169,8 @@ def test_trainable_auto_is_the_neck_for_a_pretrained_start_on_the_cpu(tmp_path: 
     pretrained = resolve_defaults(TrainConfig.from_options(**cpu, pretrained=str(weights)))
     assert (pretrained.config.optim.trainable, pretrained.sources["trainable"]) == (
         "neck", "recipe (pretrained start on the CPU)")
+    assert pretrained.config.optim.augment == "none" and pretrained.sources["augment"].startswith("recipe")
+    assert scratch.config.optim.augment == "crop"  # a backbone that trains sees the regime's crops
     for trained, expected in (("neck", "neck"), ("all", "all")):  # a warm start keeps a neck-only model's choice
         old = tmp_path / f"old-{trained}.safetensors"
         save_checkpoint(old, create_model(ModelConfig(arch="small", embedding_dim=8, num_classes=2)),

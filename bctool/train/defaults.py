@@ -20,7 +20,10 @@ seeing the ones before:
 6. ``trainable``: on a CPU, ``neck`` for a pretrained start (``pretrained``, or a warm start from a
    checkpoint that trained its neck alone): a frozen ImageNet backbone under a trained neck is
    cheap (its features computed once) where fine-tuning the backbone costs hours on a few cores;
-   ``all`` otherwise, and always on a GPU (:func:`default_trainable`).
+   ``all`` otherwise, and always on a GPU (:func:`default_trainable`). With the backbone frozen
+   this way, training views left to the regime are the clean ones (``augment`` none), so its
+   features are computed once (crops would run it on every batch: not measured against, chosen
+   for cost).
 
 The resolved config is what the checkpoint records, with :attr:`Resolved.sources` (``given``,
 ``default``, ``regime bctool``, ``recipe``, ``image size``) under ``defaults_from``.
@@ -111,6 +114,10 @@ def resolve_defaults(config: TrainConfig, given: Iterable[str] | None = None) ->
         trainable, why = default_trainable(config)
         config = config.replace(trainable=trainable)
         sources["trainable"] = why
+        if trainable == "neck" and "augment" in open_parts and config.optim.augment != "none":
+            # A frozen backbone on clean views is run once per image; on crops, every batch.
+            config = config.replace(augment="none")
+            sources["augment"] = "recipe (a frozen backbone sees the clean views, its features computed once)"
     return Resolved(config, dict(sorted(sources.items())))
 
 
