@@ -54,22 +54,40 @@ def _extract_rate(images: ImageSet, folder: Path, size: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
+def table(result: dict) -> str:
+    """The figures as markdown (what the benchmarks page includes)."""
+    lines = [f"Frozen-output cache, EfficientNet-Lite0 at {result['cache_size']} px, {result['images']} emoji images, "
+             f"{result['threads']} threads: seconds an epoch", "",
+             "| --trainable | with the cache | without | speed-up |", "| --- | --- | --- | --- |"]
+    for trainable, s in result["epoch_seconds"].items():
+        lines.append(f"| {trainable} | {s['cached']:.2f} | {s['uncached']:.2f} | {s['speedup']:.1f}x |")
+    lines += ["", "| image side | full fine-tuning, images/s | extraction, images/s |", "| --- | --- | --- |"]
+    for size, r in result["images_per_second"].items():
+        lines.append(f"| {size} | {r['train_all']:.1f} | {r['extract']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
     parser.add_argument("--cache-size", type=int, default=128, help="image side of the cache comparison")
-    parser.add_argument("--out", type=Path, default=None, help="also write the figures here (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the figures here (JSON), and their table beside it (.md)")
+    parser.add_argument("--table-from", type=Path, default=None, help="no measuring: the table of a stored --out file")
     args = parser.parse_args()
+    if args.table_from:
+        args.table_from.with_suffix(".md").write_text(table(json.loads(args.table_from.read_text())["result"]))
+        return
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["BCTOOL_CACHE"] = str(folder / "cache")  # a cold cache: the fill is timed in the first epoch
         write_emoji_dataset(folder / "emoji", EmojiSplit(seed=0))
         lines = (folder / "emoji" / "new_train.txt").read_text().splitlines()[: args.images]
-        (folder / "subset.txt").write_text("\n".join(lines) + "\n")
-        images = load_image_set(folder / "subset.txt")
+        (folder / "emoji" / "subset.txt").write_text("\n".join(lines) + "\n")  # paths relative to the set
+        images = load_image_set(folder / "emoji" / "subset.txt")
         cache = {}
         for trainable in ("neck", "2"):
             seconds = {mode: _epoch_seconds(images, folder / f"{trainable}-{mode}.safetensors", args.cache_size,
@@ -88,7 +106,8 @@ def main() -> None:
     result = {"images": len(images), "threads": args.threads, "cache_size": args.cache_size, "epoch_seconds": cache,
               "images_per_second": rates}
     if args.out:
-        save_result(args.out, result)
+        save_result(args.out, "frozen_cache", result)
+        args.out.with_suffix(".md").write_text(table(result))
 
 
 if __name__ == "__main__":

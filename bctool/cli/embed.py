@@ -215,3 +215,43 @@ def merge(
     with output_lock(out):
         result = merge_shards(list(parts), out, progress=RichProgress(not quiet))
     emit_json(result)
+
+
+@app.command()
+@reports_errors
+def verify(
+    stored: Annotated[Path, typer.Argument(metavar="STORED", help="A stored embeddings file (bctool's format or a shard set; `bctool convert` turns .npy, parquet and faiss files into one) whose rows a model should reproduce.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="The checkpoint that should have made STORED (`bctool train` or `bctool import`).")],
+    data: Annotated[Optional[Path], typer.Option(help="A list file or folder naming the images behind STORED, by the same ids (default: found under the file's recorded root; an id is the image path without its extension).")] = None,
+    sample: Annotated[int, typer.Option(callback=at_least(1), help="Rows re-embedded, drawn at random (all when STORED has fewer).")] = 1000,
+    threshold: Annotated[float, typer.Option(help="Each re-embedded row's cosine to its stored row must be at least this; otherwise exit 1.")] = 0.99,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    quiet: Quiet = False,
+) -> None:
+    """Re-embed a sample of the images behind a stored embeddings file and compare each row with
+    its stored row (cosine): the check that a model and its preprocessing reproduce an old
+    system's embeddings, before training against them, and after any upgrade. Prints the cosines'
+    minimum, mean and quantiles and the worst rows; exits 1 when a row is below --threshold."""
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data.sources import load_image_set
+    from bctool.embeddings import load_embeddings
+    from bctool.utils.device import resolve_device
+    from bctool.verify import VerifyOptions, verify as verify_rows
+
+    rows = load_embeddings(stored, mmap=True)
+    plan = FilePlan("verify").read_embeddings("STORED", stored).read("--model", model).read_data("--data", data)
+    if data is None and rows.root and Path(rows.root).is_dir():
+        plan.read_data("STORED's recorded root", rows.root)  # the images are found under it
+    plan.check()
+    options = VerifyOptions(sample=sample, threshold=threshold, seed=seed, workers=workers)
+    report = verify_rows(rows, load_checkpoint(model, device=resolve_device(device)), options,
+                         load_image_set(data, require_labels=False) if data else None, RichProgress(not quiet))
+    if not quiet:
+        verdict = "reproduced" if report["passed"] else f"{report['below_threshold']} rows below {threshold}"
+        stderr.print(f"{report['checked']} rows re-embedded: cosine min {report['min']:.5f}, mean {report['mean']:.5f}; "
+                     f"{verdict}", highlight=False, markup=False)
+    emit_json(report)
+    if not report["passed"]:
+        raise typer.Exit(1)
