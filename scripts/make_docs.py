@@ -44,7 +44,7 @@ REQUIRED = {
     "results/adapters.md": ["docs/adapters/seeds5/table-seeds-0-1-2-3-4.md", "docs/adapters/seeds5/tests.md"],
     "results/rolling-out.md": ["docs/backfill/seeds5/table.md", "docs/backfill/seeds5/tests.md", "docs/backfill/seeds5/scoring-tests.md", "docs/demo/seeds5/backfill.md"],
     "results/demo.md": ["docs/demo/seeds5/table.md", "docs/demo/seeds5/backfill.md"],
-    "results/benchmarks.md": ["docs/benchmarks/table.md"],
+    "results/benchmarks.md": ["docs/benchmarks/table.md", "docs/benchmarks/frozen-cache.md"],
     "results/production-galleries.md": ["docs/benchmarks/eval-scale.md"],
     "results/recipe.md": ["docs/paper/seeds5/table-seeds-0-1-2-3-4.md", "docs/paper/seeds5/tests.md"],
     "results/paper-table.md": ["docs/paper/table.md", "docs/paper/diagnostics/diagnostics.md"],
