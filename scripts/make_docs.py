@@ -51,7 +51,9 @@ REQUIRED = {
     "results/shared-init.md": ["docs/paper/shared-init/table.md"],
     "results/label-free.md": ["docs/label-free/table.md"],
     "results/pretrained.md": ["docs/paper/pretrained/frozen.md", "docs/paper/pretrained/table-seeds-0-1-2-3-4.md",
-                              "docs/paper/pretrained/tests.md", "docs/adapters/pretrained/tests.md"],
+                              "docs/paper/pretrained/tests.md", "docs/adapters/pretrained/tests.md",
+                              "docs/paper/pretrained-fashion/table-seeds-0-1-2-3-4.md",
+                              "docs/paper/pretrained-fashion/tests.md"],
     "guides/without-labels.md": ["docs/label-free/table.md"],
     "results/seed-tests.md": ["docs/paper/seeds5/tests.md", "docs/backfill/seeds5/tests.md", "docs/adapters/seeds5/tests.md"],
 }
