@@ -31,6 +31,7 @@ from bctool.data.transforms import Preprocess
 from bctool.errors import BctoolError, ModelError
 from bctool.utils.io import check_format_version, read_safetensors_header, save_safetensors
 from bctool.models import EmbeddingModel, ModelConfig, create_model
+from bctool.models.external import ExternalConfig, ExternalModel, load_model_file, model_file_kind
 
 FORMAT = "bctool.checkpoint"
 FORMAT_VERSION = "1"
@@ -38,9 +39,10 @@ FORMAT_VERSION = "1"
 
 @dataclass
 class Checkpoint:
-    """A model rebuilt from a checkpoint file, with everything the file says about it."""
+    """A model rebuilt from a checkpoint file, with everything the file says about it (or an
+    ONNX or TorchScript file run as a black box: see :func:`load_model`)."""
 
-    model: EmbeddingModel
+    model: EmbeddingModel | ExternalModel
     preprocess: Preprocess
     class_names: list[str]
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +51,7 @@ class Checkpoint:
     path: str = ""
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self) -> ModelConfig | ExternalConfig:
         """The model's structural config."""
         return self.model.config
 
@@ -204,3 +206,25 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         sha256=file_sha256(path),
         path=str(Path(path).resolve()),
     )
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's inputs go to: its parameters' (or buffers', for a model file)."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
+    """A model to embed with: a bctool checkpoint, or an ONNX or TorchScript file run as a black
+    box with the preprocessing its bctool metadata records (:mod:`bctool.models.external`). A
+    warm start needs weights: it reads checkpoints alone (:func:`load_checkpoint`)."""
+    kind = model_file_kind(path)
+    if kind is None:
+        return load_checkpoint(path, device=device)
+    model, preprocess, record = load_model_file(path, device)
+    extra = dict(record.get("extra") or {})
+    extra["model_file"] = {"format": kind}
+    return Checkpoint(model=model.to(device), preprocess=preprocess, class_names=[], extra=extra,
+                      sha256=file_sha256(path), path=str(Path(path).resolve()))

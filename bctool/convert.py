@@ -323,6 +323,11 @@ def format_of(path: str | os.PathLike[str], role: str) -> Format:
     return FORMATS[path.suffix]
 
 
+def read_embeddings_any(src: str | os.PathLike[str], ids: str | None = None, labels: str | None = None) -> Embeddings:
+    """The embeddings of ``src`` in any format :data:`FORMATS` reads (by its suffix)."""
+    return format_of(src, "SRC").read(Path(src), ids, labels)
+
+
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], ids: str | None = None,
             labels: str | None = None, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
     """Read ``src`` and write ``out``, each in the format its suffix names; return a summary.

@@ -38,6 +38,7 @@ from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.errors import BctoolError, ConfigError
+from bctool.models.external import ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE
 from bctool.utils.io import atomic_path
 from bctool.registry import Registry
 
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # largest |exported - bctool| / |bctool| allowed, per embedding
 INPUT, OUTPUT = "images", "embeddings"
-METADATA_KEY = "bctool"  # ONNX metadata_props key / TorchScript extra file holding the metadata
+METADATA_KEY = ONNX_METADATA_KEY  # ONNX metadata_props key; TorchScript's extra file is TORCHSCRIPT_METADATA_FILE
 _ONNX_EXTRA = "pip install -e \".[export]\" (onnx, onnxscript and onnxruntime)"
 
 
@@ -117,12 +118,23 @@ def _input_spec(pre: Preprocess, normalize: bool) -> dict[str, Any]:
               f"RGB in [0, 1], then (x - mean) / std per channel, mean {list(pre.mean)}, std {list(pre.std)}")
     return {"name": INPUT, "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
             "values": values,
-            "resize": (f"shorter side to {pre.image_size} px ({pre.interpolation}), then a centre crop of "
-                       f"{pre.image_size} x {pre.image_size}" if pre.crop_fraction == 1 else
-                       f"the centred square of {pre.crop_fraction:g} of the shorter side, resized to "
-                       f"{pre.image_size} x {pre.image_size} px ({pre.interpolation})"),
+            "resize": _resize_text(pre),
             "background": f"transparent pixels composited on RGB {list(pre.background)}",
             "preprocess": dataclasses.asdict(pre)}
+
+
+def _resize_text(pre: Preprocess) -> str:
+    """The resize and crop steps of ``pre``, in words a serving stack can follow."""
+    size, how = pre.image_size, pre.interpolation
+    if pre.resize == "torchvision":
+        return (f"shorter side to floor({size} / {pre.crop_fraction:g}) px ({how}), the longer side in proportion "
+                f"(truncated), then the centred {size} x {size} square: torchvision's Resize + CenterCrop")
+    if pre.resize == "squash":
+        part = "the whole image" if pre.crop_fraction == 1 else f"the centred {pre.crop_fraction:g} of each side"
+        return f"{part} resized to {size} x {size} px ({how}), the aspect ratio not kept"
+    if pre.crop_fraction == 1:
+        return f"shorter side to {size} px ({how}), then a centre crop of {size} x {size}"
+    return f"the centred square of {pre.crop_fraction:g} of the shorter side, resized to {size} x {size} px ({how})"
 
 
 def check_batch(checkpoint: Checkpoint, images: ImageSet | None, count: int, normalize: bool,
@@ -225,7 +237,7 @@ def _export_torchscript(module: Embedder, example: torch.Tensor, path: Path, met
         # TensorFlow padding of EfficientNet-Lite) are constants, as the warning fears: right here.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example)
-        torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata)})
+        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
 
 
 def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
@@ -242,11 +254,11 @@ def _onnx_metadata(path: Path) -> dict[str, Any]:
 
 
 def _torchscript_metadata(path: Path) -> dict[str, Any]:
-    extra = {f"{METADATA_KEY}.json": ""}
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[f"{METADATA_KEY}.json"])
+    return json.loads(extra[TORCHSCRIPT_METADATA_FILE])
 
 
 @dataclass(frozen=True)

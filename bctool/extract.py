@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bctool.checkpoint import Checkpoint
+from bctool.checkpoint import Checkpoint, model_device
 from bctool.data.check import write_report
 from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
@@ -107,7 +107,7 @@ def _embed_batches(
     ``(row, error)`` of the batch's unreadable images (their embedding rows are meaningless).
     With ``view``, each image is embedded in that seeded view instead of clean."""
     model = checkpoint.model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     pre = checkpoint.preprocess
     loader = DataLoader(
         _Rows(images, rows, view.transform(pre) if view else EvalTransform(pre), strict),

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from bctool.checkpoint import Checkpoint, file_sha256, load_model
 from bctool.data.sources import load_image_set
 from bctool.embeddings import load_embeddings, save_embeddings
 from bctool.train import TrainConfig, train
@@ -66,7 +66,7 @@ def embed_splits(model: Path | Checkpoint, lists: Mapping[str, Path], prefix: Pa
         path = prefix.parent / f"{prefix.name}_{split}.safetensors"
         images = load_image_set(list_file, require_labels=False)
         if not _cached(path, sha256, images.ids):
-            checkpoint = checkpoint or load_checkpoint(model, device=device)
+            checkpoint = checkpoint or load_model(model, device=device)
             # A model trained with frozen stages embeds through their cached outputs (bctool.train.frozen).
             save_embeddings(embed_through_frozen(checkpoint, images, workers=workers, progress=progress), path)
         out[split] = path

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file, with the machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = imported_model("efficientnet_lite0", "imagenet")
+    model, _, _ = imported_model("efficientnet_lite0", "imagenet")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_emoji_dataset(Path(tmp), EmojiSplit(seed=0))

@@ -385,7 +385,7 @@ def test_invalid_choices_are_usage_errors(args: list[str], message: str) -> None
 
 # The instant commands: they draw nothing on stderr, so -q is accepted (scripts pass it to every
 # command) but hidden from their help. Every other command shows it and quiets something.
-QUIET_HIDDEN = {"list", "methods", "plot", "backfill plan", "dataset gldv2", "import"}
+QUIET_HIDDEN = {"list", "methods", "plot", "backfill plan", "dataset gldv2"}
 
 
 def test_every_command_takes_quiet_and_shows_it_where_it_quiets_something() -> None:

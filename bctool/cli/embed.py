@@ -33,7 +33,7 @@ from bctool.utils.io import output_lock
 @reports_errors
 def extract(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Images to embed: a list file (labels optional) or a class-folder tree.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint written by `bctool train`.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A checkpoint (`bctool train`, `bctool import`), or an ONNX or TorchScript file that records its preprocessing (`bctool export` writes one; `bctool import FILE` adds it to any).")],
     out: Annotated[Path, typer.Option("--out", "-o", parser=output_file, help="Where to write the embeddings (.safetensors).")],
     batch_size: Annotated[int, typer.Option(callback=at_least(1), help="Images per forward pass.")] = 256,
     gnd: Annotated[Optional[Path], typer.Option(help="Revisited Oxford/Paris ground truth: DATA is the dataset folder (holding jpg/); embed its gallery (imlist) in ground-truth order, or with --queries its queries.")] = None,
@@ -57,7 +57,7 @@ def extract(
     Memory stays flat whatever the number of images. Images that cannot be read are skipped,
     counted and listed in OUT.failed.tsv (or stop the run with --strict).
     """
-    from bctool.checkpoint import load_checkpoint
+    from bctool.checkpoint import load_model
     from bctool.data import load_image_set
     from bctool.utils.device import resolve_device
     from bctool.extract import ExtractOptions, Shard, extract_to_file, unadapted_path
@@ -74,7 +74,7 @@ def extract(
         stored_view = StoredView(view, view_index, view_seed)
     elif view_index or view_seed:
         raise typer.BadParameter("--view-index and --view-seed choose a seeded view: pass --view crop (or flip) too")
-    checkpoint = load_checkpoint(model, device=resolve_device(device))
+    checkpoint = load_model(model, device=resolve_device(device))
     if gnd is not None:
         from bctool.data.sources import image_set_from_names
         from bctool.evaluate.protocols.revisited.files import load_gnd
@@ -220,8 +220,8 @@ def merge(
 @app.command()
 @reports_errors
 def verify(
-    stored: Annotated[Path, typer.Argument(metavar="STORED", help="A stored embeddings file (bctool's format or a shard set; `bctool convert` turns .npy, parquet and faiss files into one) whose rows a model should reproduce.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="The checkpoint that should have made STORED (`bctool train` or `bctool import`).")],
+    stored: Annotated[Path, typer.Argument(metavar="STORED", help="A stored embeddings file whose rows a model should reproduce: bctool's format (or a shard set), or any format `bctool convert` reads (.npy with its ids beside it, .parquet, .faiss; these record no image root: give --data).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="The model that should have made STORED: a checkpoint (`bctool train`, `bctool import`), or an ONNX or TorchScript file with its preprocessing recorded.")],
     data: Annotated[Optional[Path], typer.Option(help="A list file or folder naming the images behind STORED, by the same ids (default: found under the file's recorded root; an id is the image path without its extension).")] = None,
     sample: Annotated[int, typer.Option(callback=at_least(1), help="Rows re-embedded, drawn at random (all when STORED has fewer).")] = 1000,
     threshold: Annotated[float, typer.Option(help="Each re-embedded row's cosine to its stored row must be at least this; otherwise exit 1.")] = 0.99,
@@ -233,25 +233,31 @@ def verify(
     """Re-embed a sample of the images behind a stored embeddings file and compare each row with
     its stored row (cosine): the check that a model and its preprocessing reproduce an old
     system's embeddings, before training against them, and after any upgrade. Prints the cosines'
-    minimum, mean and quantiles and the worst rows; exits 1 when a row is below --threshold."""
-    from bctool.checkpoint import load_checkpoint
-    from bctool.data.sources import load_image_set
-    from bctool.embeddings import load_embeddings
+    minimum, mean and quantiles and the worst rows; exits 1 when a row is below --threshold. Then
+    the worst rows are re-embedded with one preprocessing step changed at a time, and the changes
+    that bring them closer are named (as `bctool import` options)."""
     from bctool.utils.device import resolve_device
-    from bctool.verify import VerifyOptions, verify as verify_rows
+    from bctool.verify import VerifyOptions, recorded_root, verify_file
 
-    rows = load_embeddings(stored, mmap=True)
-    plan = FilePlan("verify").read_embeddings("STORED", stored).read("--model", model).read_data("--data", data)
-    if data is None and rows.root and Path(rows.root).is_dir():
-        plan.read_data("STORED's recorded root", rows.root)  # the images are found under it
+    plan = FilePlan("verify").read("STORED", stored).read("--model", model).read_data("--data", data)
+    root = recorded_root(stored) if data is None else None
+    if root and Path(root).is_dir():
+        plan.read_data("STORED's recorded root", root)  # the images are found under it
     plan.check()
     options = VerifyOptions(sample=sample, threshold=threshold, seed=seed, workers=workers)
-    report = verify_rows(rows, load_checkpoint(model, device=resolve_device(device)), options,
-                         load_image_set(data, require_labels=False) if data else None, RichProgress(not quiet))
+    report = verify_file(stored, model, options, data, RichProgress(not quiet), device=str(resolve_device(device)))
     if not quiet:
-        verdict = "reproduced" if report["passed"] else f"{report['below_threshold']} rows below {threshold}"
-        stderr.print(f"{report['checked']} rows re-embedded: cosine min {report['min']:.5f}, mean {report['mean']:.5f}; "
-                     f"{verdict}", highlight=False, markup=False)
+        print_verdict(report, threshold)
     emit_json(report)
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+def print_verdict(report: dict, threshold: float) -> None:
+    """`verify`'s one-line verdict on stderr, and the preprocessing change that would fix it."""
+    verdict = "reproduced" if report["passed"] else f"{report['below_threshold']} rows below {threshold}"
+    stderr.print(f"{report['checked']} rows re-embedded: cosine min {report['min']:.5f}, mean {report['mean']:.5f}; "
+                 f"{verdict}", highlight=False, markup=False)
+    for change in report.get("diagnosis", [])[:3]:
+        stderr.print(f"  with {change['change']}: cosine min {change['min']:.5f}, mean {change['mean']:.5f}"
+                     f"{' (passes)' if change['passes'] else ''}", highlight=False, markup=False)

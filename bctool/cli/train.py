@@ -64,7 +64,7 @@ def train(
     workers: Workers = 2,
     seed: Annotated[int, typer.Option(callback=seed_range, rich_help_panel="Optimisation", help="Random seed (weights, data order, augmentation).")] = 0,
     old_embeddings: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Old-model embeddings of the SAME training images (from `bctool extract`), matched by id: trains a compatible model.")] = None,
-    old_model: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Old checkpoint run on every training batch, on the very views the new model sees, instead of --old-embeddings.")] = None,
+    old_model: Annotated[Optional[Path], typer.Option(rich_help_panel="Old side (compatible training)", help="Old model run on every training batch, on the very views the new model sees, instead of --old-embeddings: a checkpoint, or an ONNX or TorchScript file with its preprocessing recorded (run as a black box; no warm start from it).")] = None,
     old_views: Annotated[Optional[list[Path]], typer.Option("--old-views", rich_help_panel="Old side (compatible training)", help="With --old-embeddings: old embeddings of a stored augmented view of every training image (`bctool extract --view crop --view-index K`), repeatable, one file per view. Each sample is then the clean image or one of these views, drawn uniformly, and is trained against the old embedding of that very view.", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option(callback=method_choice, rich_help_panel="Old side (compatible training)", help="Compatibility method (`bctool list methods` lists every registered one with its parameters and names the recommended one, the default with an old side, warm-started: see --init-from); advbct is the AdvBCT paper's (its authors' training: --regime paper); independent is the default without an old side.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", rich_help_panel="Old side (compatible training)", help="A parameter of the method as NAME=VALUE, repeatable (e.g. --param threshold=0.5 for advbct); `bctool list methods` lists them with their defaults.")] = None,
@@ -117,7 +117,8 @@ def train(
     options, given = _with_config_file(ctx, options, config_file)
     _train_files(data, out, options).check()
     config = TrainConfig.from_options(**options)
-    resolved = resolve_defaults(config, given).config
+    resolution = resolve_defaults(config, given)
+    resolved = resolution.config
     resolved.model_config(num_classes=1)  # a bad arch/head fails before any image is read
     if resolved.model.pretrained:  # so do weights of another backbone, or a missing package
         from bctool.models.weights import check_pretrained
@@ -125,7 +126,7 @@ def train(
         check_pretrained(resolved.model.arch, resolved.model.pretrained)
     images = load_image_set(data, require_labels=True)
     with process_group(config.run.device):
-        result = run_train(images, config, out, RichProgress(not quiet and main_rank), given=given)
+        result = run_train(images, config, out, RichProgress(not quiet and main_rank), given=given, resolved=resolution)
     if main_rank:  # unreadable images left out were logged as a warning, with the report's name
         emit_json(result.to_dict())
 

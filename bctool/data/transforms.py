@@ -22,6 +22,45 @@ from bctool.registry import Registry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Per-channel normalisations by the name a user may give instead of three numbers
+# (``bctool import --mean/--std``): the ImageNet statistics of torchvision and timm, OpenAI
+# CLIP's, and the Inception/TensorFlow-Lite one that maps [0, 1] to [-1, 1].
+NORMALISATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+
+
+def parse_channels(text: str, which: str) -> tuple[float, float, float]:
+    """Three per-channel values from ``"R,G,B"`` or a name of :data:`NORMALISATIONS` (``which``
+    is ``mean`` or ``std``: the statistic the name gives)."""
+    if text.strip().lower() in NORMALISATIONS:
+        return NORMALISATIONS[text.strip().lower()][0 if which == "mean" else 1]
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{which} {text!r} is not three numbers R,G,B (e.g. 0.5,0.5,0.5) nor one of "
+                         f"{sorted(NORMALISATIONS)}")
+    return values  # type: ignore[return-value]
+
+
+def parse_background(text: str) -> tuple[int, int, int]:
+    """An RGB colour from ``"R,G,B"`` (0-255) or ``white``/``black``."""
+    if text.strip().lower() in BACKGROUNDS:
+        return BACKGROUNDS[text.strip().lower()]
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(f"background {text!r} is not three integers R,G,B in 0-255 (e.g. 255,255,255) nor one "
+                         f"of {sorted(BACKGROUNDS)}")
+    return values  # type: ignore[return-value]
+
 
 # Resampling filters by the name a checkpoint records (PIL's, and torch's for a resize of tensors).
 INTERPOLATIONS = {
@@ -34,7 +73,13 @@ INTERPOLATIONS = {
 TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "lanczos": "bicubic"}
 # How an image becomes a square of ``image_size``: the one rule bctool implements, recorded by
 # name so that a file says it and a serving stack can rebuild it.
-RESIZE_RULES = ("shorter-side",)  # the shorter side is resized to image_size
+# shorter-side: the centred square (crop_fraction of the shorter side) resized to image_size in
+# one resampling (the aspect ratio kept); squash: the whole image (or its centred crop_fraction
+# of each side) resized to image_size x image_size (the aspect ratio not kept); torchvision: two
+# steps, as torchvision's Resize + CenterCrop and timm's evaluation transform do them: the
+# shorter side resized to floor(image_size / crop_fraction) (the longer side in proportion,
+# truncated), then the centred image_size square cut out (its offsets rounded).
+RESIZE_RULES = ("shorter-side", "squash", "torchvision")
 CROP_RULES = ("center",)  # then the centred square is cut out
 WHITE = (255, 255, 255)
 
@@ -48,7 +93,9 @@ class Preprocess:
     that square), scaled to [0, 1] and normalised per channel with ``mean`` and ``std``. With
     ``crop_fraction`` below 1 the centred square is that share of the shorter side (TensorFlow's
     and timm's evaluation crop: 224/256 = 0.875), resized to ``image_size`` in the same one
-    resampling."""
+    resampling. With ``resize="squash"`` the whole image (or its centred ``crop_fraction`` of
+    each side) is resized to the square, its aspect ratio not kept; with ``"torchvision"`` the
+    image is resized, then cropped, in two steps (:data:`RESIZE_RULES`)."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -96,9 +143,13 @@ class Preprocess:
         )
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The centred square an image of ``width`` x ``height`` is cut to before the resize."""
-        side = min(width, height) * self.crop_fraction
-        return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        """The centred box an image of ``width`` x ``height`` is cut to before the resize: a
+        square (``shorter-side``), or the image's own shape (``squash``)."""
+        if self.resize == "squash":
+            w, h = width * self.crop_fraction, height * self.crop_fraction
+        else:
+            w = h = min(width, height) * self.crop_fraction
+        return ((width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2)
 
 
 def _to_tensor(img: Image.Image, pre: Preprocess) -> torch.Tensor:
@@ -127,8 +178,22 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         size = self.pre.image_size
+        if self.pre.resize == "torchvision":
+            return _to_tensor(_resize_then_crop(img, self.pre), self.pre)
         img = img.resize((size, size), self.pre.resample, box=self.pre.crop_box(*img.size))
         return _to_tensor(img, self.pre)
+
+
+def _resize_then_crop(img: Image.Image, pre: Preprocess) -> Image.Image:
+    """torchvision's ``Resize(floor(size / crop_fraction))`` then ``CenterCrop(size)``, step by
+    step as torchvision computes them on a PIL image."""
+    size = pre.image_size
+    scaled = math.floor(size / pre.crop_fraction)
+    w, h = img.size
+    new = (scaled, int(scaled * h / w)) if w <= h else (int(scaled * w / h), scaled)
+    img = img.resize(new, pre.resample)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 class FlipTransform(EvalTransform):

@@ -8,7 +8,14 @@ The embedding dimension is the backbone's feature width; there is no classificat
 Being an ordinary checkpoint, it works everywhere one does: ``extract``, ``export``,
 ``--old-model`` and the warm start ``--init-from`` (which then starts from the identity neck).
 The preprocessing is the named weights' own (resolution, interpolation, normalisation, crop),
-or bctool's default for a weights file; ``image_size`` and ``crop_fraction`` override it.
+or bctool's default for a weights file; any of its steps can be given instead.
+
+With a :class:`Projection`, the neck is the user's own projection head instead of the identity:
+a Linear (with or without a bias) and optionally a BatchNorm1d after it, read from the weights
+file or a second one. bctool's neck is a bias-free Linear and a BatchNorm, so the Linear's bias
+moves into the BatchNorm's running mean (``BN(Wx + b) = BN'(Wx)`` with ``mean' = mean - b``), and
+without a BatchNorm the neck's is the identity shifted by the bias: the embedding is the
+projection's output, exactly (to float rounding).
 """
 
 from __future__ import annotations
@@ -36,7 +43,29 @@ from bctool.models.weights import (
     named_weights,
 )
 
+BATCHNORM_KEYS = ("weight", "bias", "running_mean", "running_var")
+
 DEFAULT_IMAGE_SIZE = 224  # of a weights file, which records no resolution
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A user's projection head in a weights file: the Linear at key prefix ``linear``
+    (``PREFIX.weight``, ``PREFIX.bias`` if it has one), optionally a BatchNorm1d at ``norm``
+    (``weight``, ``bias``, ``running_mean``, ``running_var``; ``eps`` its epsilon), read from
+    ``file`` (default: the backbone's weights file, whose other keys are then the backbone's)."""
+
+    linear: str
+    norm: str | None = None
+    file: str | None = None
+    eps: float = 1e-5
+
+    def keys(self) -> list[str]:
+        """Every key the projection may take from its file."""
+        keys = [f"{self.linear}.weight", f"{self.linear}.bias"]
+        if self.norm:
+            keys += [f"{self.norm}.{k}" for k in (*BATCHNORM_KEYS, "num_batches_tracked")]
+        return keys
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,7 @@ class ImportResult:
     embedding_dim: int
     pretrained: dict[str, Any]  # the weights' record (name, sha256, package...) or the file's
     preprocess: dict[str, Any]
+    neck: dict[str, Any]  # {"kind": "identity"} or the projection's record
     sha256: str  # of the checkpoint written
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,43 +101,104 @@ def set_identity_neck(model: EmbeddingModel) -> None:
         norm.running_var.fill_(1.0 - norm.eps)
 
 
-def imported_model(arch: str, pretrained: str) -> tuple[EmbeddingModel, dict[str, Any]]:
-    """The pretrained backbone ``arch`` with an identity neck and no head, in eval mode, and the
-    record of the weights loaded."""
+def imported_model(arch: str, pretrained: str,
+                   projection: Projection | None = None) -> tuple[EmbeddingModel, dict[str, Any], dict[str, Any]]:
+    """The pretrained backbone ``arch`` with an identity neck (or ``projection``) and no head, in
+    eval mode, the record of the weights loaded and the neck's record."""
     width = int(build_backbone(arch).num_features)
-    model = create_model(ModelConfig(arch=arch, embedding_dim=width, num_classes=0))
-    record = load_pretrained(model.backbone, arch, pretrained)
-    set_identity_neck(model)
-    return model.eval(), record
+    tensors = read_projection(projection, pretrained) if projection else None
+    dim = int(tensors["weight"].shape[0]) if tensors else width
+    if tensors and tensors["weight"].shape[1] != width:
+        raise ModelError(f"projection {projection.linear!r} maps {tensors['weight'].shape[1]} features to {dim}, "
+                         f"but the {arch} backbone gives {width}: pass the Linear that follows this backbone's "
+                         "pooled features")
+    model = create_model(ModelConfig(arch=arch, embedding_dim=dim, num_classes=0))
+    same_file = projection is not None and projection.file is None
+    record = load_pretrained(model.backbone, arch, pretrained, leave_out=projection.keys() if same_file else ())
+    set_identity_neck(model) if tensors is None else set_projection_neck(model, tensors, projection.eps)
+    neck: dict[str, Any] = {"kind": "identity"}
+    if projection is not None:
+        neck = {"kind": "projection", **asdict(projection), "out_features": dim,
+                "bias": "bias" in tensors, "batchnorm": projection.norm is not None}
+    return model.eval(), record, neck
 
 
-def imported_preprocess(arch: str, pretrained: str, image_size: int | None = None,
-                        crop_fraction: float | None = None) -> Preprocess:
+def read_projection(projection: Projection, pretrained: str) -> dict[str, torch.Tensor]:
+    """The projection's tensors by role (``weight``, ``bias``; ``bn_weight``, ``bn_bias``,
+    ``bn_running_mean``, ``bn_running_var``), from its file; a missing or misshapen key names
+    the keys the file holds under that prefix."""
+    from bctool.models.pretrained import read_weights_file, strip_wrapper_prefixes
+
+    if projection.file is None and is_weights_name(pretrained):
+        raise ConfigError(f"--pretrained {pretrained} is named weights with no projection in them; give the "
+                          "projection's file with --projection-file")
+    name = projection.file or pretrained
+    state = strip_wrapper_prefixes(read_weights_file(name))
+    wanted = {"weight": f"{projection.linear}.weight"}
+    if projection.norm:
+        wanted.update({f"bn_{k}": f"{projection.norm}.{k}" for k in BATCHNORM_KEYS})
+    missing = [key for key in wanted.values() if key not in state]
+    if missing:
+        prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight") and state[k].ndim == 2})
+        raise ModelError(f"weights file {str(name)!r} has no {', '.join(missing)}; the Linear layers it holds are "
+                         f"{prefixes[:10] or 'none'}: name one with --projection (and a BatchNorm with --projection-norm)")
+    tensors = {role: state[key].float() for role, key in wanted.items()}
+    if f"{projection.linear}.bias" in state:
+        tensors["bias"] = state[f"{projection.linear}.bias"].float()
+    out = tensors["weight"].shape[0]
+    bad = [f"{key} {tuple(state[key].shape)}" for role, key in wanted.items() if role != "weight"
+           and tuple(state[key].shape) != (out,)]
+    if tensors["weight"].ndim != 2 or bad or ("bias" in tensors and tuple(tensors["bias"].shape) != (out,)):
+        raise ModelError(f"projection in {str(name)!r} is misshapen: {projection.linear}.weight "
+                         f"{tuple(tensors['weight'].shape)} must be (out, in) and every other tensor (out,): {bad}")
+    return tensors
+
+
+def set_projection_neck(model: EmbeddingModel, tensors: dict[str, torch.Tensor], eps: float) -> None:
+    """Make ``model``'s neck compute the projection ``tensors`` (see the module docstring)."""
+    linear, norm = model.neck[0], model.neck[1]
+    bias = tensors.get("bias", torch.zeros(linear.weight.shape[0]))
+    with torch.no_grad():
+        linear.weight.copy_(tensors["weight"])
+        if "bn_weight" in tensors:
+            norm.weight.copy_(tensors["bn_weight"])
+            norm.bias.copy_(tensors["bn_bias"])
+            norm.running_mean.copy_(tensors["bn_running_mean"] - bias)
+            # The user's epsilon, in the neck's: var' + eps_neck = var + eps_user.
+            norm.running_var.copy_(tensors["bn_running_var"] + eps - norm.eps)
+        else:
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(bias)
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+
+
+def imported_preprocess(arch: str, pretrained: str, **steps: Any) -> Preprocess:
     """The preprocessing an imported network keeps: the named weights' own, or bctool's default
-    for a file (224 px), with ``image_size`` and ``crop_fraction`` overriding it when given."""
+    for a file (224 px), with each step given in ``steps`` (:class:`Preprocess` fields; None:
+    keep it) instead."""
     base = (named_weights(arch, pretrained).preprocess if is_weights_name(pretrained)
             else Preprocess(image_size=DEFAULT_IMAGE_SIZE))
-    changes: dict[str, Any] = {}
-    if image_size is not None:
-        changes["image_size"] = image_size
-    if crop_fraction is not None:
-        changes["crop_fraction"] = crop_fraction
-    return dataclasses.replace(base, **changes)
+    unknown = sorted(set(steps) - {f.name for f in dataclasses.fields(Preprocess)})
+    if unknown:
+        raise ConfigError(f"unknown preprocessing steps {unknown}")
+    return dataclasses.replace(base, **{k: v for k, v in steps.items() if v is not None})
 
 
-def import_pretrained(arch: str, pretrained: str, out: str | os.PathLike[str], image_size: int | None = None,
-                      crop_fraction: float | None = None) -> ImportResult:
+def import_pretrained(arch: str, pretrained: str, out: str | os.PathLike[str], *,
+                      projection: Projection | None = None, **steps: Any) -> ImportResult:
     """Write the checkpoint of the pretrained network ``arch`` (weights ``pretrained``: a name
-    such as ``imagenet``, or a file) as it is, to ``out`` (see the module docstring)."""
+    such as ``imagenet``, or a file), with ``projection`` as its neck when given, preprocessing
+    as ``steps`` say (see :func:`imported_preprocess`), to ``out``."""
     from bctool.checkpoint import file_sha256, save_checkpoint
 
     try:
-        preprocess = imported_preprocess(arch, pretrained, image_size, crop_fraction)
-    except ValueError as exc:  # a crop fraction or size out of range
+        preprocess = imported_preprocess(arch, pretrained, **steps)
+    except ValueError as exc:  # a crop fraction, size or normalisation out of range
         raise ConfigError(str(exc)) from exc
     check_pretrained(arch, pretrained)
-    model, record = imported_model(arch, pretrained)
-    extra = {"imported": {"neck": "identity"}, "pretrained": record}
+    model, record, neck = imported_model(arch, pretrained, projection)
+    extra = {"imported": {"neck": neck["kind"], **({"projection": neck} if projection else {})}, "pretrained": record}
     save_checkpoint(out, model, preprocess, [], train_config={}, extra=extra)
     return ImportResult(out=str(out), arch=arch, embedding_dim=model.embedding_dim, pretrained=record,
-                        preprocess=asdict(preprocess), sha256=file_sha256(Path(out)))
+                        preprocess=asdict(preprocess), neck=neck, sha256=file_sha256(Path(out)))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -45,17 +45,18 @@ _OTHER_ARCHS = {
 
 
 def load_backbone_weights(
-    backbone: torch.nn.Module, path: str | os.PathLike[str]
+    backbone: torch.nn.Module, path: str | os.PathLike[str], leave_out: Collection[str] = ()
 ) -> dict[str, Any]:
     """Load a weights file (safetensors, or a ``.pth`` state dict) into ``backbone`` strictly.
 
-    Wrapper prefixes and the backbone's ``classifier_keys`` are dropped; a missing
-    ``num_batches_tracked`` keeps the backbone's own. Any other missing, unexpected or
+    Wrapper prefixes and the backbone's ``classifier_keys`` are dropped, and the keys in
+    ``leave_out`` (after the prefixes are stripped: a projection head read from the same file);
+    a missing ``num_batches_tracked`` keeps the backbone's own. Any other missing, unexpected or
     mis-shaped key raises ``ModelError``. Returns ``{"loaded": int, "dropped": [keys],
     "source": the key layout}`` (``"timm/torchvision"`` for the ResNets).
     """
-    state = read_weights_file(path)
-    state = _strip_wrapper_prefixes(state)
+    state = strip_wrapper_prefixes(read_weights_file(path))
+    state = {k: v for k, v in state.items() if k not in set(leave_out)}
     expected = backbone.state_dict()
     classifier = tuple(getattr(backbone, "classifier_keys", CLASSIFIER_KEYS))
     dropped = [k for k in classifier if k in state and k not in expected]
@@ -119,7 +120,8 @@ def _state_dict_of(loaded: object, name: str) -> dict[str, torch.Tensor]:
     )
 
 
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the wrapper prefix every key shares (``module.``, ``model.``...)."""
     # Strip only a prefix that every key shares, so no key of the model itself gets renamed;
     # loop because wrappers nest (``module.model.``).
     while state:

@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -266,13 +267,15 @@ def describe_pretrained(arch: str, value: str | os.PathLike[str]) -> dict[str, A
     return {"path": str(Path(value).resolve()), "sha256": _file_sha256(Path(value))}
 
 
-def load_pretrained(backbone: torch.nn.Module, arch: str, value: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``--pretrained value`` into ``backbone`` (of ``arch``): named weights or a file.
-    Returns :func:`describe_pretrained`'s record with what was loaded and dropped."""
+def load_pretrained(backbone: torch.nn.Module, arch: str, value: str | os.PathLike[str],
+                    leave_out: Collection[str] = ()) -> dict[str, Any]:
+    """Load ``--pretrained value`` into ``backbone`` (of ``arch``): named weights or a file,
+    without the keys in ``leave_out``. Returns :func:`describe_pretrained`'s record with what was
+    loaded and dropped."""
     from bctool.models.pretrained import load_backbone_weights
 
     path = weights_file(named_weights(arch, str(value))) if is_weights_name(value) else value
-    report = load_backbone_weights(backbone, path)
+    report = load_backbone_weights(backbone, path, leave_out)
     return {**describe_pretrained(arch, value), "loaded": report["loaded"], "dropped": report["dropped"],
             "layout": report["source"]}
 

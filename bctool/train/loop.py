@@ -126,8 +126,11 @@ def train(
     out: str | os.PathLike[str],
     progress: Progress = NULL_PROGRESS,
     given: Iterable[str] | None = None,
+    resolved: Resolved | None = None,
 ) -> TrainResult:
-    """Train a model on ``images`` with ``config``; write the checkpoint to ``out``.
+    """Train a model on ``images`` with ``config``; write the checkpoint to ``out``. ``resolved``:
+    ``resolve_defaults(config, given)`` when the caller has made it already (resolved once, its
+    choices logged once).
 
     Options ``config`` leaves open are resolved by :func:`~bctool.train.defaults.resolve_defaults`
     (``given``: the options the user set, for the record of where each value came from).
@@ -145,7 +148,7 @@ def train(
     with output_lock(out) if current_rank().is_main else contextlib.nullcontext():
         if not config.run.resume:
             refuse_interrupted_state(out)
-        return _train(images, resolve_defaults(config, given), out, progress)
+        return _train(images, resolved or resolve_defaults(config, given), out, progress)
 
 
 def refuse_interrupted_state(out: str | os.PathLike[str]) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from bctool.checkpoint import Checkpoint, file_sha256, load_checkpoint, load_model
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import TORCH_MODES, Preprocess, StoredView
 from bctool.embeddings import Embeddings, find_rows, load_embeddings
@@ -63,11 +63,11 @@ class OnTheFlyOld(nn.Module):
                 "sees this run's images; precompute its embeddings with `bctool extract` to give it its own",
                 old.background, new.background,
             )
-        if old.crop_fraction != new.crop_fraction:
+        if (old.crop_fraction, old.resize) != (new.crop_fraction, new.resize):
             logger.warning(
-                "the old model crops %g of each image's shorter side, this run %g: with --old-model the old side "
+                "the old model crops %g of each image (%s), this run %g (%s): with --old-model the old side "
                 "sees this run's crop; precompute its embeddings with `bctool extract` to give it its own",
-                old.crop_fraction, new.crop_fraction,
+                old.crop_fraction, old.resize, new.crop_fraction, new.resize,
             )
         # Undo the new normalisation and apply the old one, as one affine map per channel.
         scale = torch.tensor(new.std) / torch.tensor(old.std)
@@ -283,7 +283,7 @@ def _from_model(
     explicit: list[str] | None, workers: int, progress: Progress,
 ) -> OldSide:
     """The old checkpoint run on every batch; its statistics from un-augmented training images."""
-    checkpoint = load_checkpoint(old_model, device=device)
+    checkpoint = load_model(old_model, device=device)
     _check_dim(checkpoint.config.embedding_dim, embedding_dim, old_model)
     module: nn.Module = OnTheFlyOld(checkpoint, preprocess)
     # Statistics come from the old model on un-augmented training images, as with a file.

@@ -107,7 +107,9 @@ def run_preprocess(config: TrainConfig) -> Preprocess:
         import json
 
         from bctool.checkpoint import read_checkpoint_metadata
+        from bctool.train.warm_start import refuse_model_file
 
+        refuse_model_file(config.model.init_from)
         recorded = Preprocess.from_dict(json.loads(read_checkpoint_metadata(config.model.init_from)["preprocess"]))
         return dataclasses.replace(recorded, image_size=config.model.image_size, crop_fraction=1.0)
     return training_preprocess(config.model.arch, config.model.pretrained, config.model.image_size)
@@ -201,7 +203,7 @@ def consistency_facts(
         return {}
     if not isinstance(task.old, PrecomputedOld):
         return {"skipped": "the old model runs on every training batch: the same views by construction"}
-    from bctool.checkpoint import load_checkpoint
+    from bctool.checkpoint import load_model
     from bctool.train.consistency import consistency_floor
     from bctool.train.old_side import OnTheFlyOld
     from bctool.train.recipe import known_old_checkpoint
@@ -209,7 +211,7 @@ def consistency_facts(
     path = known_old_checkpoint(config)
     if path is None:
         return {"skipped": "the old checkpoint is not known (keep the one the embeddings file names, unchanged)"}
-    old = OnTheFlyOld(load_checkpoint(path, device=device), preprocess).to(device)
+    old = OnTheFlyOld(load_model(path, device=device), preprocess).to(device)
     seed = config.optim.seed + 1  # its own draws: the training's are left alone
     loader = make_loader(images, config, preprocess, torch.Generator().manual_seed(seed), pin=False,
                          views=task.old.views)

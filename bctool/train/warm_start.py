@@ -18,6 +18,7 @@ import torch
 from bctool.checkpoint import load_checkpoint
 from bctool.errors import ModelError
 from bctool.models import EmbeddingModel
+from bctool.models.external import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
 from bctool.models.heads import Head
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,18 @@ def copy_head_rows(new_head: Head, new_names: Sequence[str], old_head: Head, old
     return len(pairs)
 
 
+def refuse_model_file(path: str | os.PathLike[str]) -> None:
+    """A :class:`ModelError` when ``--init-from`` names an ONNX or TorchScript file: a graph with
+    no weights to copy, so no warm start (the adapters, or importing the weights, instead)."""
+    if os.fspath(path).lower().endswith((*ONNX_SUFFIXES, *TORCHSCRIPT_SUFFIXES)):
+        raise ModelError(
+            f"--init-from {os.fspath(path)!r} is a model file (ONNX or TorchScript): a graph with no weights bctool "
+            "can copy, so nothing can start from it. Train with --init-from none (it can still be --old-model), "
+            "fit an adapter between the two spaces (`bctool adapt`), or import the network's state dict if you "
+            "have it (`bctool import ARCH --pretrained WEIGHTS`) and start from that"
+        )
+
+
 def warm_start(model: EmbeddingModel, class_names: Sequence[str], path: str | os.PathLike[str]) -> WarmStart:
     """Initialise ``model`` (built for ``class_names``) from the old checkpoint at ``path``.
 
@@ -65,6 +78,7 @@ def warm_start(model: EmbeddingModel, class_names: Sequence[str], path: str | os
     :class:`ModelError` naming both. A head of another kind (say cosine against linear) is left
     freshly initialised, and the record says so.
     """
+    refuse_model_file(path)
     old = load_checkpoint(path)
     new_cfg, old_cfg = model.config, old.config
     if (old_cfg.arch, old_cfg.embedding_dim) != (new_cfg.arch, new_cfg.embedding_dim):

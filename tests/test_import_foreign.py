@@ -1,0 +1,236 @@
+"""An old model made outside bctool (examples/foreign: a plain-torch ResNet-18 with a projection,
+its own preprocessing, its state dict, ONNX and TorchScript exports, and the gallery it wrote as
+.npy) goes through `import`, `verify`, `extract` and `train --old-model`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from bctool.cli import app
+from bctool.data.transforms import Preprocess, parse_background, parse_channels
+from bctool.embeddings import load_embeddings
+from bctool.errors import ModelError
+from bctool.models.imported import Projection, import_pretrained
+from bctool.train.warm_start import refuse_model_file
+
+runner = CliRunner()
+EXAMPLE = Path(__file__).parents[1] / "examples" / "foreign" / "foreign_model.py"
+SIZE = 32
+# The user's preprocessing, in bctool's words.
+RIGHT = ["--image-size", str(SIZE), "--resize", "torchvision", "--crop", "0.875", "--interpolation", "bicubic",
+         "--mean", "clip", "--std", "clip"]
+
+
+def _foreign():  # noqa: ANN202 - the example module
+    spec = importlib.util.spec_from_file_location("foreign_model", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["foreign_model"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def old_system(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Images of several shapes (transparent backgrounds, two classes), the foreign network, its
+    files and the gallery it embedded."""
+    fm = _foreign()
+    root = tmp_path_factory.mktemp("foreign")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(16):
+        w, h = int(rng.integers(30, 90)), int(rng.integers(30, 90))
+        img = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            draw.ellipse([x0, y0, x0 + int(rng.integers(5, w)), y0 + int(rng.integers(5, h))],
+                         fill=tuple(int(v) for v in rng.integers(0, 255, 4)))
+        path = root / "images" / ("x" if i < 8 else "y") / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        paths.append(path)
+    pre = fm.Preprocessing(size=SIZE)
+    net = fm.make_net(fm.inputs(paths, pre))
+    ids = [str(p.relative_to(root / "images").with_suffix("")) for p in paths]
+    embeddings = fm.embed(net, paths, pre)
+    fm.write_stored(embeddings, ids, root / "stored.npy")
+    fm.save_state_dict(net, root / "weights.pth")
+    fm.export_torchscript(net, root / "net.pt", SIZE)
+    fm.export_onnx(net, root / "net.onnx", SIZE)
+    return {"root": root, "net": net, "ids": ids, "embeddings": embeddings, "images": root / "images"}
+
+
+def _json(args: list[str], code: int = 0) -> dict:
+    result = runner.invoke(app, [*args, "-q"])
+    assert result.exit_code == code, result.stderr or result.stdout
+    return json.loads(result.stdout)
+
+
+def _by_id(path: Path, ids: list[str]) -> np.ndarray:
+    emb = load_embeddings(path)
+    order = [list(emb.ids).index(i) for i in ids]
+    return np.asarray(emb.embeddings)[order]
+
+
+def test_a_state_dict_with_its_projection_reproduces_the_users_gallery(old_system: dict, tmp_path: Path) -> None:
+    root = old_system["root"]
+    out = tmp_path / "old.safetensors"
+    result = _json(["import", "resnet18", "--pretrained", str(root / "weights.pth"), "--projection", "fc",
+                    "--projection-norm", "fc_norm", *RIGHT, "--background", "white", "--out", str(out),
+                    "--check", str(root / "stored.npy"), "--data", str(old_system["images"]), "--workers", "0"])
+    assert result["neck"]["kind"] == "projection" and result["neck"]["bias"] and result["neck"]["batchnorm"]
+    assert result["preprocess"] == {"image_size": SIZE, "mean": list(parse_channels("clip", "mean")),
+                                    "std": list(parse_channels("clip", "std")), "interpolation": "bicubic",
+                                    "resize": "torchvision", "crop": "center", "background": [255, 255, 255],
+                                    "crop_fraction": 0.875}
+    assert result["check"]["passed"] and result["check"]["min"] >= 0.9999
+    # The checkpoint extracts the user's rows (raw, before normalisation) to float rounding.
+    emb = tmp_path / "emb.safetensors"
+    _json(["extract", str(old_system["images"]), "-m", str(out), "--out", str(emb), "--workers", "0"])
+    got, want = _by_id(emb, old_system["ids"]), old_system["embeddings"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize(("wrong", "named"), [
+    (["--interpolation", "bilinear"], "--interpolation bicubic"),
+    (["--mean", "imagenet", "--std", "imagenet"], "--mean clip --std clip"),
+    (["--resize", "shorter-side"], "--resize torchvision"),
+])
+def test_a_wrong_preprocessing_step_is_caught_and_named(old_system: dict, tmp_path: Path, wrong: list[str],
+                                                        named: str) -> None:
+    root, out = old_system["root"], tmp_path / "old.safetensors"
+    args = RIGHT.copy()
+    flag = args.index(wrong[0])
+    args[flag + 1] = wrong[1]
+    if len(wrong) > 2:
+        args[args.index(wrong[2]) + 1] = wrong[3]
+    _json(["import", "resnet18", "--pretrained", str(root / "weights.pth"), "--projection", "fc",
+           "--projection-norm", "fc_norm", *args, "--out", str(out)])
+    report = _json(["verify", str(root / "stored.npy"), "-m", str(out), "--data", str(old_system["images"]),
+                    "--workers", "0"], code=1)
+    assert not report["passed"] and report["min"] < 0.99
+    assert report["diagnosis"][0]["change"] == named and report["diagnosis"][0]["passes"]
+
+
+def test_a_projection_from_a_second_file_with_a_bias_and_no_batchnorm(old_system: dict, tmp_path: Path) -> None:
+    """The Linear's bias becomes the neck's shift: the embedding is the projection's output."""
+    root, net = old_system["root"], old_system["net"]
+    state = {f"module.{k}": v for k, v in net.state_dict().items() if not k.startswith("fc")}
+    save_file(state, tmp_path / "body.safetensors")  # a wrapper prefix, as DataParallel leaves
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(512, 24)
+    save_file({"head.proj.weight": proj.weight.detach().clone(), "head.proj.bias": proj.bias.detach().clone()},
+              tmp_path / "proj.safetensors")
+    result = import_pretrained("resnet18", str(tmp_path / "body.safetensors"), tmp_path / "m.safetensors",
+                               projection=Projection("head.proj", file=str(tmp_path / "proj.safetensors")),
+                               image_size=SIZE)
+    assert result.embedding_dim == 24 and result.neck["bias"] and not result.neck["batchnorm"]
+    from bctool.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "m.safetensors").model
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        pooled = torch.nn.functional.max_pool2d(torch.relu(net.bn1(net.conv1(x))), 3, 2, 1)
+        pooled = net.layer4(net.layer3(net.layer2(net.layer1(pooled)))).mean(dim=(2, 3))
+        assert torch.allclose(model.embed(x), proj(pooled), atol=1e-5)
+    assert root.exists()
+
+
+def test_a_projection_that_is_missing_or_misshapen_names_what_the_file_holds(old_system: dict,
+                                                                             tmp_path: Path) -> None:
+    weights = str(old_system["root"] / "weights.pth")
+    with pytest.raises(ModelError, match=r"no head\.weight.*\['fc'\]"):
+        import_pretrained("resnet18", weights, tmp_path / "a.safetensors", projection=Projection("head"))
+    save_file({"p.weight": torch.zeros(8, 256)}, tmp_path / "p.safetensors")
+    with pytest.raises(ModelError, match=r"maps 256 features to 8.*gives 512"):
+        import_pretrained("resnet18", weights, tmp_path / "b.safetensors",
+                          projection=Projection("p", file=str(tmp_path / "p.safetensors")))
+    save_file({"p.weight": torch.zeros(8, 512), "n.weight": torch.ones(8), "n.bias": torch.zeros(8),
+               "n.running_mean": torch.zeros(9), "n.running_var": torch.ones(8)}, tmp_path / "q.safetensors")
+    with pytest.raises(ModelError, match=r"misshapen.*n\.running_mean \(9,\)"):
+        import_pretrained("resnet18", weights, tmp_path / "c.safetensors",
+                          projection=Projection("p", "n", file=str(tmp_path / "q.safetensors")))
+    usage = runner.invoke(app, ["import", "resnet18", "--pretrained", weights, "--projection-norm", "n",
+                                "--out", str(tmp_path / "d.safetensors")])
+    assert usage.exit_code == 2 and "--projection PREFIX" in usage.stderr
+
+
+@pytest.mark.parametrize("name", ["net.onnx", "net.pt"])
+def test_onnx_and_torchscript_files_run_as_models(old_system: dict, tmp_path: Path, name: str) -> None:
+    root, images = old_system["root"], old_system["images"]
+    bare = runner.invoke(app, ["extract", str(images), "-m", str(root / name), "--out", str(tmp_path / "x.safetensors"),
+                               "-q"])
+    assert bare.exit_code == 1 and "bctool import" in bare.stderr and "records no preprocessing" in bare.stderr
+    stamped = tmp_path / f"stamped{Path(name).suffix}"
+    result = _json(["import", str(root / name), *RIGHT, "--out", str(stamped), "--check", str(root / "stored.npy"),
+                    "--data", str(images), "--workers", "0"])
+    assert result["format"] == ("onnx" if name.endswith("onnx") else "torchscript")
+    assert result["check"]["passed"] and result["check"]["min"] >= 0.9999
+    emb = tmp_path / "emb.safetensors"
+    summary = _json(["extract", str(images), "-m", str(stamped), "--out", str(emb), "--workers", "0"])
+    assert summary["model"]["arch"] == result["format"]
+    got, want = _by_id(emb, old_system["ids"]), old_system["embeddings"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    with pytest.raises(ModelError, match="no weights bctool can copy"):
+        refuse_model_file(stamped)
+
+
+def test_a_state_dict_or_extra_options_given_as_a_model_file_are_refused(old_system: dict, tmp_path: Path) -> None:
+    root = old_system["root"]
+    state_dict = runner.invoke(app, ["import", str(root / "weights.pth"), *RIGHT, "--out", str(tmp_path / "x.pt")])
+    assert state_dict.exit_code == 2 and "bctool import ARCH --pretrained" in state_dict.stderr
+    onnx = runner.invoke(app, ["import", str(root / "net.onnx"), *RIGHT, "--pretrained", "imagenet",
+                               "--out", str(tmp_path / "x.onnx")])
+    assert onnx.exit_code == 2 and "leave them out" in onnx.stderr
+    no_size = runner.invoke(app, ["import", str(root / "net.pt"), "--out", str(tmp_path / "x.pt")])
+    assert no_size.exit_code == 2 and "--image-size" in no_size.stderr
+    wrong_kind = runner.invoke(app, ["import", str(root / "net.pt"), *RIGHT, "--out", str(tmp_path / "x.onnx")])
+    assert wrong_kind.exit_code == 1 and "same kind" in wrong_kind.stderr
+
+
+def test_an_imported_old_model_trains_a_compatible_model(old_system: dict, tmp_path: Path) -> None:
+    """As --old-model: the imported checkpoint is also the warm start; a model file is run as a
+    black box, with a fresh start."""
+    root, images = old_system["root"], old_system["images"]
+    old = tmp_path / "old.safetensors"
+    _json(["import", "resnet18", "--pretrained", str(root / "weights.pth"), "--projection", "fc",
+           "--projection-norm", "fc_norm", *RIGHT, "--out", str(old)])
+    stamped = tmp_path / "old.pt"
+    _json(["import", str(root / "net.pt"), *RIGHT, "--out", str(stamped)])
+    tiny = ["--epochs", "1", "--image-size", str(SIZE), "--batch-size", "8", "--workers", "0"]
+    warm = _json(["train", str(images), "--out", str(tmp_path / "warm.safetensors"), "--old-model", str(old),
+                  "--arch", "resnet18", "--embedding-dim", "64", *tiny])
+    assert warm["defaults_from"]["init_from"] == "recipe" and warm["method"] == "lce"
+    from bctool.checkpoint import read_checkpoint_metadata
+
+    record = json.loads(read_checkpoint_metadata(tmp_path / "warm.safetensors")["train"])
+    assert record["init_from"]["path"] == str(old) and record["init_from"]["head"] == "no head to copy"
+    black_box = _json(["train", str(images), "--out", str(tmp_path / "box.safetensors"), "--old-model", str(stamped),
+                       "--arch", "small", "--embedding-dim", "64", *tiny])
+    record = json.loads(read_checkpoint_metadata(tmp_path / "box.safetensors")["train"])
+    assert black_box["method"] == "lce" and record["init_from"] is None
+
+
+def test_preprocessing_options_parse_and_every_resize_rule_cuts_its_box() -> None:
+    assert parse_channels("0.1,0.2,0.3", "mean") == (0.1, 0.2, 0.3)
+    assert parse_channels("inception", "std") == (0.5, 0.5, 0.5)
+    assert parse_background("black") == (0, 0, 0) and parse_background("1,2,3") == (1, 2, 3)
+    for bad in ("0.1,0.2", "a,b,c", "nan,1,1"):
+        with pytest.raises(ValueError, match="three numbers"):
+            parse_channels(bad, "mean")
+    with pytest.raises(ValueError, match="0-255"):
+        parse_background("300,0,0")
+    assert Preprocess(image_size=8, resize="squash", crop_fraction=0.5).crop_box(20, 10) == (5.0, 2.5, 15.0, 7.5)
+    assert Preprocess(image_size=8, crop_fraction=0.5).crop_box(20, 10) == (7.5, 2.5, 12.5, 7.5)
+    with pytest.raises(ValueError, match="resize 'stretch'"):
+        Preprocess(resize="stretch")
