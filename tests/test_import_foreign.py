@@ -234,3 +234,55 @@ def test_preprocessing_options_parse_and_every_resize_rule_cuts_its_box() -> Non
     assert Preprocess(image_size=8, crop_fraction=0.5).crop_box(20, 10) == (7.5, 2.5, 12.5, 7.5)
     with pytest.raises(ValueError, match="resize 'stretch'"):
         Preprocess(resize="stretch")
+
+
+def test_a_classifier_comes_in_as_the_head_with_its_classes_and_other_keys_are_dropped_by_name(
+        old_system: dict, tmp_path: Path) -> None:
+    """The user's classifier on the embedding becomes a linear head whose rows a warm start copies
+    by name, and its classes are the ones the old model knew; a key the backbone does not take
+    is refused unless --drop names its prefix."""
+    net = old_system["net"]
+    torch.manual_seed(2)
+    classifier = torch.nn.Linear(64, 3)
+    state = {**net.state_dict(), "cls.weight": classifier.weight.detach().clone(),
+             "cls.bias": classifier.bias.detach().clone(), "aux.weight": torch.zeros(2, 2)}
+    torch.save(state, tmp_path / "with_head.pth")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    common = ["import", "resnet18", "--pretrained", str(tmp_path / "with_head.pth"), "--projection", "fc",
+              "--projection-norm", "fc_norm", *RIGHT]
+    refused = runner.invoke(app, [*common, "--out", str(tmp_path / "x.safetensors"), "-q"])
+    assert refused.exit_code == 1 and "aux.weight" in refused.stderr and "cls.weight" in refused.stderr
+    result = _json([*common, "--classifier", "cls", "--classes", str(tmp_path / "classes.txt"), "--drop", "aux",
+                    "--out", str(tmp_path / "m.safetensors")])
+    assert result["classes"] == 3
+    from bctool.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "m.safetensors")
+    assert checkpoint.class_names == ["cat", "dog", "bird"] and checkpoint.extra["trained_classes"] == ["cat", "dog", "bird"]
+    assert torch.equal(checkpoint.model.head.fc.weight, classifier.weight.detach())
+    assert checkpoint.identity()["trained_classes"] == ["cat", "dog", "bird"]
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    wrong = runner.invoke(app, [*common, "--classifier", "cls", "--classes", str(tmp_path / "two.txt"), "--drop", "aux",
+                                "--out", str(tmp_path / "y.safetensors"), "-q"])
+    assert wrong.exit_code == 1 and "3 rows" in wrong.stderr
+    alone = runner.invoke(app, [*common, "--classifier", "cls", "--out", str(tmp_path / "z.safetensors"), "-q"])
+    assert alone.exit_code == 2 and "go together" in alone.stderr
+
+
+def test_an_imported_network_embeds_through_the_frozen_output_cache(old_system: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its whole backbone is fixed weights: the workflow's extraction reads the cache, same rows."""
+    monkeypatch.setenv("BCTOOL_CACHE", str(tmp_path / "cache"))
+    from bctool.checkpoint import load_checkpoint
+    from bctool.data.sources import load_image_set
+    from bctool.extract import extract
+    from bctool.train.frozen import embed_through_frozen
+
+    model = tmp_path / "m.safetensors"
+    import_pretrained("resnet18", str(old_system["root"] / "weights.pth"), model, projection=Projection("fc", "fc_norm"),
+                      image_size=SIZE)
+    images = load_image_set(old_system["images"], require_labels=False)
+    plain = extract(images, load_checkpoint(model), workers=0).embeddings
+    cached = embed_through_frozen(load_checkpoint(model), images).embeddings
+    assert any((tmp_path / "cache" / "frozen").iterdir())
+    np.testing.assert_allclose(cached, plain, atol=1e-5, rtol=1e-5)

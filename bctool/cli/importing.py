@@ -94,6 +94,9 @@ def import_model(
     projection_norm: Annotated[Optional[str], typer.Option(rich_help_panel=PROJ, help="Key prefix of a BatchNorm1d after that Linear (weight, bias, running_mean, running_var).", show_default=False)] = None,
     projection_file: Annotated[Optional[Path], typer.Option(rich_help_panel=PROJ, help="The file holding the projection, when not the weights file.", show_default=False)] = None,
     projection_eps: Annotated[float, typer.Option(rich_help_panel=PROJ, help="That BatchNorm's epsilon.")] = 1e-5,
+    classifier: Annotated[Optional[str], typer.Option(rich_help_panel=PROJ, help="Key prefix of the user's classifier on the embedding (a Linear, classes x embedding dim), from the projection's file: the checkpoint's head, whose rows a warm start copies by class name (with --classes).", show_default=False)] = None,
+    classes: Annotated[Optional[Path], typer.Option(rich_help_panel=PROJ, help="With --classifier: a text file naming its classes, one a line, in the order of its rows.", show_default=False)] = None,
+    drop: Annotated[Optional[list[str]], typer.Option(rich_help_panel=PROJ, help="A key prefix of the weights file to leave out (repeatable), e.g. a classifier not imported; any other key the backbone does not take is refused, by name.", show_default=False)] = None,
     check: Annotated[Optional[Path], typer.Option(rich_help_panel=CHECK, help="Embeddings the original system wrote: re-embed a sample of their images with the imported model and compare (`bctool verify`); exit 1 below --threshold (the model is written either way).", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option(rich_help_panel=CHECK, help="With --check: the images behind it, when not under its recorded root.", show_default=False)] = None,
     threshold: Annotated[float, typer.Option(rich_help_panel=CHECK, help="With --check: the least cosine a row may have to its stored row.")] = 0.99,
@@ -105,10 +108,10 @@ def import_model(
     """Bring a network made elsewhere into bctool, as it is.
 
     From ARCH and --pretrained: a checkpoint of the backbone's pooled features through the
-    user's projection (--projection) or an exact identity neck, no classifier, and the
-    preprocessing given (the named weights' own by default). It works wherever a trained
-    checkpoint does: `extract`, `evaluate`, `export`, `train --old-model`, and the warm start
-    (same --arch and --embedding-dim). From an ONNX or TorchScript FILE: a copy that records its
+    user's projection (--projection) or an exact identity neck, the user's classifier as its head
+    (--classifier, --classes) or none, and the preprocessing given (the named weights' own by
+    default). It works wherever a trained checkpoint does: `extract`, `evaluate`, `export`,
+    `train --old-model`, and the warm start (same --arch and --embedding-dim). From an ONNX or TorchScript FILE: a copy that records its
     preprocessing, for `extract --model` and `train --old-model` (no warm start: no weights).
     """
     from bctool.models.external import model_file_kind
@@ -119,6 +122,7 @@ def import_model(
              "mean": mean, "std": std, "background": background}
     file_source = Path(source).is_file() and model_file_kind(source) is not None
     plan = _import_files(source, pretrained, out, projection_file, file_source).read("--check", check)
+    plan.read("--classes", classes)
     plan.read_data("--data", data)
     root = recorded_root(check) if check is not None and data is None else None
     if root and Path(root).is_dir():
@@ -126,10 +130,11 @@ def import_model(
     plan.check()
     with output_lock(out):
         if file_source:
-            result = _import_model_file(source, out, steps, pretrained, projection)
+            result = _import_model_file(source, out, steps, pretrained, projection or classifier or drop)
         else:
+            head = _classifier(classifier, classes, projection_file)
             result = _import_weights(source, out, steps, pretrained, projection, projection_norm, projection_file,
-                                     projection_eps)
+                                     projection_eps, head, tuple(drop or ()))
     if check is not None:
         result["check"] = _check(check, out, data, threshold, sample, workers, quiet)
     emit_json(result)
@@ -137,8 +142,21 @@ def import_model(
         raise typer.Exit(1)
 
 
+def _classifier(prefix: str | None, classes: Path | None, projection_file: Path | None) -> Any:
+    """The --classifier and --classes options as a Classifier (None without them)."""
+    from bctool.models.imported import Classifier
+
+    if (prefix is None) != (classes is None):
+        raise typer.BadParameter("--classifier PREFIX and --classes FILE go together: the rows and their names")
+    if prefix is None or classes is None:
+        return None
+    names = tuple(line.strip() for line in classes.read_text(encoding="utf-8").splitlines() if line.strip())
+    return Classifier(prefix, names, str(projection_file) if projection_file else None)
+
+
 def _import_weights(arch: str, out: Path, steps: dict[str, Any], pretrained: str | None, projection: str | None,
-                    norm: str | None, projection_file: Path | None, eps: float) -> dict[str, Any]:
+                    norm: str | None, projection_file: Path | None, eps: float, classifier: Any,
+                    drop: tuple[str, ...]) -> dict[str, Any]:
     from bctool.models.imported import Projection, import_pretrained
 
     if pretrained is None:
@@ -148,7 +166,8 @@ def _import_weights(arch: str, out: Path, steps: dict[str, Any], pretrained: str
         raise typer.BadParameter("--projection-norm and --projection-file describe a projection: name its Linear with "
                                  "--projection PREFIX too")
     head = Projection(projection, norm, str(projection_file) if projection_file else None, eps) if projection else None
-    return import_pretrained(arch, pretrained, out, projection=head, **steps).to_dict()
+    return import_pretrained(arch, pretrained, out, projection=head, classifier=classifier, drop=drop,
+                             **steps).to_dict()
 
 
 def _import_model_file(source: str, out: Path, steps: dict[str, Any], pretrained: str | None,
@@ -160,8 +179,8 @@ def _import_model_file(source: str, out: Path, steps: dict[str, Any], pretrained
     from bctool.models.external import model_file_kind, read_model_file_metadata, write_model_file_with_metadata
 
     if pretrained is not None or projection is not None:
-        raise typer.BadParameter(f"{source} is a whole model: --pretrained and --projection describe weights to "
-                                 "build one from; leave them out")
+        raise typer.BadParameter(f"{source} is a whole model: --pretrained, --projection and --classifier describe "
+                                 "weights to build one from; leave them out")
     record = read_model_file_metadata(source)
     if "preprocess" in record:
         base = Preprocess.from_dict(record["preprocess"])

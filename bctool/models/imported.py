@@ -15,7 +15,9 @@ a Linear (with or without a bias) and optionally a BatchNorm1d after it, read fr
 file or a second one. bctool's neck is a bias-free Linear and a BatchNorm, so the Linear's bias
 moves into the BatchNorm's running mean (``BN(Wx + b) = BN'(Wx)`` with ``mean' = mean - b``), and
 without a BatchNorm the neck's is the identity shifted by the bias: the embedding is the
-projection's output, exactly (to float rounding).
+projection's output, exactly (to float rounding). With a :class:`Classifier` (the user's Linear
+over their training classes, and the classes' names), the checkpoint has a linear head, so that
+a warm start copies the rows of the classes it knows, as from a model bctool trained.
 """
 
 from __future__ import annotations
@@ -69,6 +71,23 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class Classifier:
+    """A user's classifier on the embedding: the Linear at key prefix ``linear`` (``weight``
+    of shape (classes, embedding dim), ``bias`` if it has one), its rows named by ``classes`` in
+    order, read from ``file`` (default: the backbone's weights file). It becomes the checkpoint's
+    linear head, so that a warm start copies the rows of the classes it knows, as it does from a
+    model bctool trained."""
+
+    linear: str
+    classes: tuple[str, ...]
+    file: str | None = None
+
+    def keys(self) -> list[str]:
+        """Every key the classifier may take from its file."""
+        return [f"{self.linear}.weight", f"{self.linear}.bias"]
+
+
+@dataclass(frozen=True)
 class ImportResult:
     """What :func:`import_pretrained` wrote."""
 
@@ -78,6 +97,7 @@ class ImportResult:
     pretrained: dict[str, Any]  # the weights' record (name, sha256, package...) or the file's
     preprocess: dict[str, Any]
     neck: dict[str, Any]  # {"kind": "identity"} or the projection's record
+    classes: int  # rows of the imported classifier (0: none)
     sha256: str  # of the checkpoint written
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,10 +121,13 @@ def set_identity_neck(model: EmbeddingModel) -> None:
         norm.running_var.fill_(1.0 - norm.eps)
 
 
-def imported_model(arch: str, pretrained: str,
-                   projection: Projection | None = None) -> tuple[EmbeddingModel, dict[str, Any], dict[str, Any]]:
-    """The pretrained backbone ``arch`` with an identity neck (or ``projection``) and no head, in
-    eval mode, the record of the weights loaded and the neck's record."""
+def imported_model(arch: str, pretrained: str, projection: Projection | None = None,
+                   classifier: Classifier | None = None,
+                   drop: tuple[str, ...] = ()) -> tuple[EmbeddingModel, dict[str, Any], dict[str, Any]]:
+    """The pretrained backbone ``arch`` with an identity neck (or ``projection``) and no head (or
+    ``classifier``'s), in eval mode, the record of the weights loaded and the neck's record.
+    The keys under the prefixes in ``drop`` are left out of the weights file (a classifier or
+    any other part not imported)."""
     width = int(build_backbone(arch).num_features)
     tensors = read_projection(projection, pretrained) if projection else None
     dim = int(tensors["weight"].shape[0]) if tensors else width
@@ -112,10 +135,22 @@ def imported_model(arch: str, pretrained: str,
         raise ModelError(f"projection {projection.linear!r} maps {tensors['weight'].shape[1]} features to {dim}, "
                          f"but the {arch} backbone gives {width}: pass the Linear that follows this backbone's "
                          "pooled features")
-    model = create_model(ModelConfig(arch=arch, embedding_dim=dim, num_classes=0))
-    same_file = projection is not None and projection.file is None
-    record = load_pretrained(model.backbone, arch, pretrained, leave_out=projection.keys() if same_file else ())
-    set_identity_neck(model) if tensors is None else set_projection_neck(model, tensors, projection.eps)
+    head = _read_classifier(classifier, pretrained, dim) if classifier else None
+    model = create_model(ModelConfig(arch=arch, embedding_dim=dim, num_classes=len(classifier.classes) if head else 0,
+                                     head="linear", head_bias=bool(head and "bias" in head)))
+    leave_out = [*(projection.keys() if projection and projection.file is None else []),
+                 *(classifier.keys() if classifier and classifier.file is None else []),
+                 *(f"{prefix.rstrip('.')}." for prefix in drop)]
+    record = load_pretrained(model.backbone, arch, pretrained, leave_out=leave_out)
+    if tensors is None:
+        set_identity_neck(model)
+    else:
+        set_projection_neck(model, tensors, projection.eps)
+    if head is not None:
+        with torch.no_grad():
+            model.head.fc.weight.copy_(head["weight"])
+            if "bias" in head:
+                model.head.fc.bias.copy_(head["bias"])
     neck: dict[str, Any] = {"kind": "identity"}
     if projection is not None:
         neck = {"kind": "projection", **asdict(projection), "out_features": dim,
@@ -123,15 +158,28 @@ def imported_model(arch: str, pretrained: str,
     return model.eval(), record, neck
 
 
-def read_projection(projection: Projection, pretrained: str) -> dict[str, torch.Tensor]:
+def _read_classifier(classifier: Classifier, pretrained: str, dim: int) -> dict[str, torch.Tensor]:
+    head = read_projection(Projection(classifier.linear, file=classifier.file), pretrained, "--classifier")
+    rows, width = head["weight"].shape
+    if width != dim:
+        raise ModelError(f"classifier {classifier.linear!r} takes {width}-d inputs, but the embedding is {dim}-d: "
+                         "pass the Linear that classifies the embedding (after the projection)")
+    if rows != len(classifier.classes) or len(set(classifier.classes)) != rows:
+        raise ConfigError(f"classifier {classifier.linear!r} has {rows} rows, and --classes names "
+                          f"{len(classifier.classes)} ({len(set(classifier.classes))} distinct): give one distinct "
+                          "class name a line, in the order of the rows")
+    return head
+
+
+def read_projection(projection: Projection, pretrained: str, option: str = "--projection") -> dict[str, torch.Tensor]:
     """The projection's tensors by role (``weight``, ``bias``; ``bn_weight``, ``bn_bias``,
     ``bn_running_mean``, ``bn_running_var``), from its file; a missing or misshapen key names
     the keys the file holds under that prefix."""
     from bctool.models.pretrained import read_weights_file, strip_wrapper_prefixes
 
     if projection.file is None and is_weights_name(pretrained):
-        raise ConfigError(f"--pretrained {pretrained} is named weights with no projection in them; give the "
-                          "projection's file with --projection-file")
+        raise ConfigError(f"--pretrained {pretrained} is named weights with no {option} in them; give the "
+                          "file that holds it with --projection-file")
     name = projection.file or pretrained
     state = strip_wrapper_prefixes(read_weights_file(name))
     wanted = {"weight": f"{projection.linear}.weight"}
@@ -141,7 +189,7 @@ def read_projection(projection: Projection, pretrained: str) -> dict[str, torch.
     if missing:
         prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight") and state[k].ndim == 2})
         raise ModelError(f"weights file {str(name)!r} has no {', '.join(missing)}; the Linear layers it holds are "
-                         f"{prefixes[:10] or 'none'}: name one with --projection (and a BatchNorm with --projection-norm)")
+                         f"{prefixes[:10] or 'none'}: name one with {option}")
     tensors = {role: state[key].float() for role, key in wanted.items()}
     if f"{projection.linear}.bias" in state:
         tensors["bias"] = state[f"{projection.linear}.bias"].float()
@@ -149,7 +197,7 @@ def read_projection(projection: Projection, pretrained: str) -> dict[str, torch.
     bad = [f"{key} {tuple(state[key].shape)}" for role, key in wanted.items() if role != "weight"
            and tuple(state[key].shape) != (out,)]
     if tensors["weight"].ndim != 2 or bad or ("bias" in tensors and tuple(tensors["bias"].shape) != (out,)):
-        raise ModelError(f"projection in {str(name)!r} is misshapen: {projection.linear}.weight "
+        raise ModelError(f"{option} in {str(name)!r} is misshapen: {projection.linear}.weight "
                          f"{tuple(tensors['weight'].shape)} must be (out, in) and every other tensor (out,): {bad}")
     return tensors
 
@@ -186,10 +234,12 @@ def imported_preprocess(arch: str, pretrained: str, **steps: Any) -> Preprocess:
 
 
 def import_pretrained(arch: str, pretrained: str, out: str | os.PathLike[str], *,
-                      projection: Projection | None = None, **steps: Any) -> ImportResult:
+                      projection: Projection | None = None, classifier: Classifier | None = None,
+                      drop: tuple[str, ...] = (), **steps: Any) -> ImportResult:
     """Write the checkpoint of the pretrained network ``arch`` (weights ``pretrained``: a name
-    such as ``imagenet``, or a file), with ``projection`` as its neck when given, preprocessing
-    as ``steps`` say (see :func:`imported_preprocess`), to ``out``."""
+    such as ``imagenet``, or a file), with ``projection`` as its neck and ``classifier`` as its
+    head when given, preprocessing as ``steps`` say (see :func:`imported_preprocess`), the keys
+    under ``drop`` left out, to ``out``."""
     from bctool.checkpoint import file_sha256, save_checkpoint
 
     try:
@@ -197,8 +247,15 @@ def import_pretrained(arch: str, pretrained: str, out: str | os.PathLike[str], *
     except ValueError as exc:  # a crop fraction, size or normalisation out of range
         raise ConfigError(str(exc)) from exc
     check_pretrained(arch, pretrained)
-    model, record, neck = imported_model(arch, pretrained, projection)
-    extra = {"imported": {"neck": neck["kind"], **({"projection": neck} if projection else {})}, "pretrained": record}
-    save_checkpoint(out, model, preprocess, [], train_config={}, extra=extra)
+    model, record, neck = imported_model(arch, pretrained, projection, classifier, drop)
+    imported: dict[str, Any] = {"neck": neck["kind"], **({"projection": neck} if projection else {}),
+                                **({"dropped": list(drop)} if drop else {})}
+    if classifier is not None:
+        imported["classifier"] = {"linear": classifier.linear, "file": classifier.file, "classes": len(classifier.classes)}
+    classes = list(classifier.classes) if classifier else []
+    extra: dict[str, Any] = {"imported": imported, "pretrained": record}
+    if classes:  # the classes the old model was trained on: compatible training treats only these as old
+        extra["trained_classes"] = classes
+    save_checkpoint(out, model, preprocess, classes, train_config={}, extra=extra)
     return ImportResult(out=str(out), arch=arch, embedding_dim=model.embedding_dim, pretrained=record,
-                        preprocess=asdict(preprocess), neck=neck, sha256=file_sha256(Path(out)))
+                        preprocess=asdict(preprocess), neck=neck, classes=len(classes), sha256=file_sha256(Path(out)))

@@ -50,13 +50,15 @@ def load_backbone_weights(
     """Load a weights file (safetensors, or a ``.pth`` state dict) into ``backbone`` strictly.
 
     Wrapper prefixes and the backbone's ``classifier_keys`` are dropped, and the keys in
-    ``leave_out`` (after the prefixes are stripped: a projection head read from the same file);
+    ``leave_out`` (after the prefixes are stripped: a projection head read from the same file;
+    an entry ending in ``.`` leaves out every key it begins);
     a missing ``num_batches_tracked`` keeps the backbone's own. Any other missing, unexpected or
     mis-shaped key raises ``ModelError``. Returns ``{"loaded": int, "dropped": [keys],
     "source": the key layout}`` (``"timm/torchvision"`` for the ResNets).
     """
     state = strip_wrapper_prefixes(read_weights_file(path))
-    state = {k: v for k, v in state.items() if k not in set(leave_out)}
+    prefixes = tuple(k for k in leave_out if k.endswith("."))
+    state = {k: v for k, v in state.items() if k not in set(leave_out) and not k.startswith(prefixes)}
     expected = backbone.state_dict()
     classifier = tuple(getattr(backbone, "classifier_keys", CLASSIFIER_KEYS))
     dropped = [k for k in classifier if k in state and k not in expected]

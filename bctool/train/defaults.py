@@ -124,7 +124,8 @@ def resolve_defaults(config: TrainConfig, given: Iterable[str] | None = None) ->
 def default_trainable(config: TrainConfig) -> tuple[str, str]:
     """What ``trainable="auto"`` means for ``config`` (its ``init_from`` resolved), and why: on a
     CPU, ``neck`` for a pretrained start (named or file weights, or a warm start from a
-    checkpoint that trained its neck alone), else ``all``; ``all`` on a GPU."""
+    checkpoint that trained its neck alone or from an imported network, whose backbone is
+    pretrained weights as they are), else ``all``; ``all`` on a GPU."""
     from bctool.utils.device import resolve_device
 
     if resolve_device(config.run.device).type != "cpu":
@@ -132,19 +133,22 @@ def default_trainable(config: TrainConfig) -> tuple[str, str]:
     if config.model.pretrained:
         return "neck", "recipe (pretrained start on the CPU)"
     if config.model.init_from and _trained_neck_alone(config.model.init_from):
-        return "neck", "recipe (warm start from a neck-only model on the CPU)"
+        return "neck", "recipe (warm start from a neck-only or imported model on the CPU)"
     return "all", DEFAULT
 
 
 def _trained_neck_alone(checkpoint: str) -> bool:
-    """Whether the checkpoint's own training froze its whole backbone (``trainable`` neck)."""
+    """Whether the checkpoint's backbone is pretrained weights as they are: its own training froze
+    the whole backbone (``trainable`` neck), or ``bctool import`` wrote it."""
     import json
 
     from bctool.checkpoint import read_checkpoint_metadata
     from bctool.errors import BctoolError
 
     try:
-        return json.loads(read_checkpoint_metadata(checkpoint).get("train", "{}")).get("trainable") == "neck"
+        meta = read_checkpoint_metadata(checkpoint)
+        imported = "imported" in json.loads(meta.get("extra", "{}"))
+        return imported or json.loads(meta.get("train", "{}")).get("trainable") == "neck"
     except (BctoolError, OSError, ValueError):
         return False
 

@@ -171,14 +171,20 @@ def embed_through_frozen(checkpoint: Checkpoint, images: ImageSet, workers: int 
     records how many), the frozen stages' outputs taken from the cache folder (or computed and
     stored there): models that share those stages (every model fine-tuned from the same
     pretrained start) embed the same list with one pass through them. The rows are
-    :func:`~bctool.extract.extract`'s, up to the floating-point order of a batch."""
+    :func:`~bctool.extract.extract`'s, up to the floating-point order of a batch. An imported
+    network (``bctool import``) goes through the cache with its whole backbone."""
     import os
 
     import numpy as np
 
     count = int(checkpoint.extra.get("frozen", {}).get("frozen_stages", 0))
     model = checkpoint.model
-    if not count:
+    if "imported" in checkpoint.extra and isinstance(model, EmbeddingModel):
+        # An imported network's backbone is fixed pretrained weights: all of it goes through the cache.
+        from bctool.models.stages import backbone_stages
+
+        count = len(backbone_stages(model.backbone))
+    if not count or not isinstance(model, EmbeddingModel):  # a model file runs whole
         from bctool.extract import extract
 
         return extract(images, checkpoint, workers=workers, progress=progress)
