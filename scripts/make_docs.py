@@ -55,6 +55,8 @@ REQUIRED = {
                               "docs/paper/pretrained-fashion/table-seeds-0-1-2-3-4.md",
                               "docs/paper/pretrained-fashion/tests.md"],
     "guides/without-labels.md": ["docs/label-free/table.md"],
+    "guides/foreign-models.md": ["docs/imported/table.md"],
+    "results/imported.md": ["docs/imported/table.md", "docs/imported/tests.md"],
     "results/seed-tests.md": ["docs/paper/seeds5/tests.md", "docs/backfill/seeds5/tests.md", "docs/adapters/seeds5/tests.md"],
 }
 

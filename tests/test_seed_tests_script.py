@@ -70,7 +70,7 @@ ROOT = SCRIPT.parents[1]
 @pytest.mark.parametrize(("folder", "mode"), [("docs/paper/seeds5", "paper"), ("docs/backfill/seeds5", "backfill"),
                                               ("docs/adapters/seeds5", "adapters"), ("docs/paper/pretrained", "paper"),
                                               ("docs/paper/pretrained-fashion", "paper"),
-                                              ("docs/adapters/pretrained", "adapters")])
+                                              ("docs/adapters/pretrained", "adapters"), ("docs/imported", "paper")])
 def test_the_stored_verdicts_are_what_the_run_files_give(seed_tests, folder: str, mode: str) -> None:  # noqa: ANN001
     """The tables the results pages show are made again from the committed run files, here."""
     judged = seed_tests.judge_folder(ROOT / folder / "runs", mode)
