@@ -5,6 +5,7 @@ resizing and batching included) and as the bare forward pass on ready tensors.
 
     python benchmarks/model_files.py                          # 2 threads, 256 emoji images, 64 and 128 px
     python benchmarks/model_files.py --out docs/benchmarks/model-files.json
+    python benchmarks/model_files.py --quick                  # seconds: 32 images, 64 px
 
 The network is ``examples/foreign``'s plain-torch ResNet-18 with a 64-d projection (random
 weights, BatchNorm statistics of the images): what matters for speed is the graph, not the
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a run of seconds: 32 images, 64 px, one pass")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the figures here (JSON), and their table beside it (.md)")
     parser.add_argument("--table-from", type=Path, default=None, help="no measuring: the table of a stored --out file")
@@ -130,6 +132,8 @@ def main() -> None:
     if args.table_from:
         args.table_from.with_suffix(".md").write_text(table(json.loads(args.table_from.read_text())["result"]))
         return
+    if args.quick:
+        args.images, args.sizes, args.repeats = 32, [64], 1
     torch.set_num_threads(args.threads)
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
