@@ -63,7 +63,7 @@ def old_system(tmp_path_factory: pytest.TempPathFactory) -> dict:
     net = fm.make_net(fm.inputs(paths, pre))
     ids = [str(p.relative_to(root / "images").with_suffix("")) for p in paths]
     embeddings = fm.embed(net, paths, pre)
-    fm.write_stored(embeddings, ids, root / "stored.npy")
+    fm.write_stored(embeddings, ids, root / "stored.npy", [i.split("/")[0] for i in ids])
     fm.save_state_dict(net, root / "weights.pth")
     fm.export_torchscript(net, root / "net.pt", SIZE)
     fm.export_onnx(net, root / "net.onnx", SIZE)
@@ -102,20 +102,22 @@ def test_a_state_dict_with_its_projection_reproduces_the_users_gallery(old_syste
 
 
 @pytest.mark.parametrize(("wrong", "named"), [
-    (["--interpolation", "bilinear"], "--interpolation bicubic"),
-    (["--mean", "imagenet", "--std", "imagenet"], "--mean clip --std clip"),
-    (["--resize", "shorter-side"], "--resize torchvision"),
+    ({"--interpolation": "bilinear"}, "--interpolation bicubic"),
+    ({"--mean": "imagenet", "--std": "imagenet"}, "--mean clip --std clip"),
+    ({"--resize": "shorter-side"}, "--resize torchvision"),
+    ({"--crop": "1"}, "--crop 0.875"),
+    ({"--background": "black"}, "--background white"),
 ])
-def test_a_wrong_preprocessing_step_is_caught_and_named(old_system: dict, tmp_path: Path, wrong: list[str],
+def test_a_wrong_preprocessing_step_is_caught_and_named(old_system: dict, tmp_path: Path, wrong: dict[str, str],
                                                         named: str) -> None:
+    """verify (and import --check) exit 1 and name the one change that reproduces the rows."""
     root, out = old_system["root"], tmp_path / "old.safetensors"
-    args = RIGHT.copy()
-    flag = args.index(wrong[0])
-    args[flag + 1] = wrong[1]
-    if len(wrong) > 2:
-        args[args.index(wrong[2]) + 1] = wrong[3]
-    _json(["import", "resnet18", "--pretrained", str(root / "weights.pth"), "--projection", "fc",
-           "--projection-norm", "fc_norm", *args, "--out", str(out)])
+    steps = dict(zip(RIGHT[::2], RIGHT[1::2])) | wrong
+    args = [part for item in steps.items() for part in item]
+    imported = _json(["import", "resnet18", "--pretrained", str(root / "weights.pth"), "--projection", "fc",
+                      "--projection-norm", "fc_norm", *args, "--out", str(out), "--check", str(root / "stored.npy"),
+                      "--data", str(old_system["images"]), "--workers", "0"], code=1)
+    assert out.exists() and not imported["check"]["passed"]
     report = _json(["verify", str(root / "stored.npy"), "-m", str(out), "--data", str(old_system["images"]),
                     "--workers", "0"], code=1)
     assert not report["passed"] and report["min"] < 0.99
@@ -215,6 +217,13 @@ def test_an_imported_old_model_trains_a_compatible_model(old_system: dict, tmp_p
 
     record = json.loads(read_checkpoint_metadata(tmp_path / "warm.safetensors")["train"])
     assert record["init_from"]["path"] == str(old) and record["init_from"]["head"] == "no head to copy"
+    # ... and the new model is evaluated against the old system's stored gallery.
+    new_rows = tmp_path / "new.safetensors"
+    _json(["extract", str(images), "-m", str(tmp_path / "warm.safetensors"), "--out", str(new_rows), "--workers", "0"])
+    stored = tmp_path / "stored.safetensors"
+    _json(["convert", str(root / "stored.npy"), "--out", str(stored)])
+    cross = _json(["evaluate", "--query", str(new_rows), "--gallery", str(stored)])
+    assert 0 <= cross["map"] <= 1
     black_box = _json(["train", str(images), "--out", str(tmp_path / "box.safetensors"), "--old-model", str(stamped),
                        "--arch", "small", "--embedding-dim", "64", *tiny])
     record = json.loads(read_checkpoint_metadata(tmp_path / "box.safetensors")["train"])
@@ -286,3 +295,24 @@ def test_an_imported_network_embeds_through_the_frozen_output_cache(old_system: 
     cached = embed_through_frozen(load_checkpoint(model), images).embeddings
     assert any((tmp_path / "cache" / "frozen").iterdir())
     np.testing.assert_allclose(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_file_bctool_exported_runs_as_a_model_with_no_import(old_system: dict, tmp_path: Path,
+                                                              normalize: bool) -> None:
+    """`bctool export` records the preprocessing (normalisation in the graph or not): extract
+    takes the file directly and gives the checkpoint's rows."""
+    from bctool.checkpoint import load_checkpoint
+    from bctool.export import export_model
+
+    model = tmp_path / "m.safetensors"
+    import_pretrained("resnet18", str(old_system["root"] / "weights.pth"), model, projection=Projection("fc", "fc_norm"),
+                      image_size=SIZE, interpolation="bicubic", mean=parse_channels("clip", "mean"))
+    export_model(load_checkpoint(model), tmp_path / "m.pt", "torchscript", normalize=normalize)
+    rows = {}
+    for name in ("m.safetensors", "m.pt"):
+        rows[name] = tmp_path / f"{name}.emb.safetensors"
+        _json(["extract", str(old_system["images"]), "-m", str(tmp_path / name), "--out", str(rows[name]),
+               "--workers", "0"])
+    a, b = (np.asarray(load_embeddings(p).embeddings) for p in rows.values())
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()

@@ -137,7 +137,10 @@ def export_torchscript(net: ForeignNet, path: Path, size: int) -> None:
         torch.jit.save(torch.jit.trace(net, torch.zeros(2, 3, size, size)), str(path))
 
 
-def write_stored(embeddings: np.ndarray, ids: list[str], path: Path) -> None:
-    """The gallery as many vector stores export it: an ``.npy`` of rows and ``STEM.ids.txt``."""
+def write_stored(embeddings: np.ndarray, ids: list[str], path: Path, labels: list[str] | None = None) -> None:
+    """The gallery as many vector stores export it: an ``.npy`` of rows, ``STEM.ids.txt`` and,
+    when known, ``STEM.labels.txt`` (one class name a line)."""
     np.save(path, embeddings.astype(np.float32))
     path.with_suffix(".ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    if labels is not None:
+        path.with_suffix(".labels.txt").write_text("".join(f"{name}\n" for name in labels))
