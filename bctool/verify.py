@@ -175,7 +175,7 @@ def verify_file(stored: str | os.PathLike[str], model: str | os.PathLike[str], o
     from bctool.data.sources import load_image_set
 
     rows = read_embeddings_any(stored)
-    images = load_image_set(data, require_labels=False) if data is not None else None
+    images = load_image_set(data, require_labels=False, labels_used=False) if data is not None else None
     if images is None and not rows.root:
         raise DataError(f"{os.fspath(stored)!r} records no dataset root (only bctool's own files do); pass --data LIST "
                         "naming the images behind its rows, by the same ids")

@@ -142,8 +142,9 @@ def read_list_file(path: Path, require_labels: bool = True) -> ImageSet:
     return _make_set(entries, root, str(path))
 
 
-def read_image_folder(root: Path) -> ImageSet:
-    """Read an ImageFolder tree: one subfolder per class holding that class's images."""
+def read_image_folder(root: Path, labels_used: bool = True) -> ImageSet:
+    """Read an ImageFolder tree: one subfolder per class holding that class's images (a single
+    subfolder is warned of when the caller uses the labels: every image gets one label)."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(
@@ -156,7 +157,7 @@ def read_image_folder(root: Path) -> ImageSet:
             for fname in sorted(filenames):
                 if Path(fname).suffix.lower() in IMAGE_EXTENSIONS:
                     entries.append((Path(dirpath) / fname, name))
-    if len(classes) == 1:
+    if len(classes) == 1 and labels_used:
         logger.warning(
             "folder %r has one subfolder, %r: each of its %d images is labelled %r (a folder's "
             "subfolders are its classes); for other labels pass a list file (`PATH LABEL` lines) "
@@ -215,11 +216,12 @@ def image_set_from_names(
     return ImageSet(root=base, records=tuple(records), label_names=(), source=source or str(base))
 
 
-def load_image_set(path: str | os.PathLike[str], require_labels: bool = True) -> ImageSet:
-    """Open DATA: a list file or an ImageFolder tree."""
+def load_image_set(path: str | os.PathLike[str], require_labels: bool = True, labels_used: bool = True) -> ImageSet:
+    """Open DATA: a list file or an ImageFolder tree (``labels_used`` False: the caller reads the
+    images alone, so a folder's labels are not warned about)."""
     p = Path(path)
     if p.is_dir():
-        return read_image_folder(p)
+        return read_image_folder(p, labels_used)
     if p.is_file():
         return read_list_file(p, require_labels=require_labels)
     raise DataError(f"data {str(p)!r} {_what_is_there(p)}; pass a list file (`PATH LABEL` lines) or a folder "
