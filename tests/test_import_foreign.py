@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +317,40 @@ def test_a_file_bctool_exported_runs_as_a_model_with_no_import(old_system: dict,
                "--workers", "0"])
     a, b = (np.asarray(load_embeddings(p).embeddings) for p in rows.values())
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+
+def test_awkward_files_from_the_wild_still_come_in(old_system: dict, tmp_path: Path) -> None:
+    """A state dict whose backbone sits under ``backbone.`` beside its projection; a TorchScript
+    model returning a dict of one tensor; an ONNX file with a fixed batch size of 1; a
+    re-import of a file whose graph normalises its input keeps that fact."""
+    from bctool.checkpoint import load_checkpoint, load_model
+    from bctool.export import export_model
+    from bctool.models.model import build_backbone
+
+    class Nested(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.proj, self.bn = build_backbone("small"), torch.nn.Linear(256, 16), torch.nn.BatchNorm1d(16)
+
+    torch.save(Nested().state_dict(), tmp_path / "nested.pth")
+    _json(["import", "small", "--pretrained", str(tmp_path / "nested.pth"), "--projection", "proj",
+           "--projection-norm", "bn", "--image-size", "16", "--out", str(tmp_path / "n.safetensors")])
+
+    class Pooled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"embedding": x.mean(dim=(2, 3))}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation notices
+        torch.jit.save(torch.jit.trace(Pooled(), torch.zeros(2, 3, 8, 8), strict=False), tmp_path / "dict.pt")
+        torch.onnx.export(torch.nn.Flatten(), (torch.zeros(1, 3, 8, 8),), str(tmp_path / "fixed.onnx"), dynamo=False)
+    for name in ("dict.pt", "fixed.onnx"):
+        stamped = tmp_path / f"stamped-{name}"
+        _json(["import", str(tmp_path / name), "--image-size", "8", "--out", str(stamped)])
+        assert load_model(stamped).model.embed(torch.ones(5, 3, 8, 8)).shape[0] == 5
+
+    export_model(load_checkpoint(tmp_path / "n.safetensors"), tmp_path / "inside.pt", "torchscript", normalize=True)
+    twice = runner.invoke(app, ["import", str(tmp_path / "inside.pt"), "--mean", "clip", "--out", str(tmp_path / "x.pt")])
+    assert twice.exit_code == 2 and "normalise twice" in twice.stderr
+    _json(["import", str(tmp_path / "inside.pt"), "--interpolation", "bicubic", "--out", str(tmp_path / "again.pt")])
+    assert load_model(tmp_path / "again.pt").preprocess.std == (1.0, 1.0, 1.0)  # the graph still normalises

@@ -30,7 +30,7 @@ from bctool.cli.output import RichProgress, emit_json, setup_logging
 from bctool.utils.files import FilePlan
 from bctool.utils.io import output_lock
 
-PRE = "Preprocessing (default: the named weights', or bctool's at 224 px)"
+PRE = "Preprocessing (default: the named weights', bctool's at 224 px for a weights file, or a model file's recorded steps; a model file without any needs --image-size)"
 PROJ = "Projection head (default: none, an exact identity neck)"
 CHECK = "Check against stored embeddings"
 
@@ -41,6 +41,8 @@ def _source(value: str) -> str:
 
     if value == "auto":
         raise typer.BadParameter("'auto' chooses a backbone by the training image size; name the backbone to import")
+    if Path(value).suffix.lower() in (".onnx", ".pt", ".pth", ".ts", ".torchscript", ".jit") and not Path(value).exists():
+        raise typer.BadParameter(f"the model file {value!r} does not exist")
     if Path(value).suffix and Path(value).is_file():
         try:
             if model_file_kind(value) is not None:
@@ -84,7 +86,7 @@ def import_model(
     out: Annotated[Path, typer.Option("--out", "-o", parser=output_file, help="Where to write the model: a checkpoint (.safetensors) for a backbone, a file of the same kind for an ONNX or TorchScript FILE.")],
     pretrained: Annotated[Optional[str], typer.Option(help="With ARCH: the weights, a name (imagenet; `bctool list weights`) or a file (.safetensors, or a .pth state dict read weights-only) in the torchvision, timm or EfficientNet-PyTorch layout; wrapper prefixes (module., model.) and the ImageNet classifier are dropped.", show_default=False)] = None,
     image_size: Annotated[Optional[int], typer.Option(callback=at_least(8), rich_help_panel=PRE, help="Side of the square the model takes.", show_default=False)] = None,
-    resize: Annotated[Optional[str], typer.Option(callback=one_of("bctool.data.transforms", "RESIZE_RULES"), rich_help_panel=PRE, help="shorter-side: keep the aspect ratio and cut the centred square (torchvision's Resize + CenterCrop, timm's eval); squash: resize the whole image to the square.", show_default=False)] = None,
+    resize: Annotated[Optional[str], typer.Option(callback=one_of("bctool.data.transforms", "RESIZE_RULES"), rich_help_panel=PRE, help="shorter-side: the centred square (--crop of the shorter side) resized in one resampling, bctool's rule; torchvision: resize the shorter side to floor(size / crop), then cut the centred square, in two steps as torchvision's Resize + CenterCrop and timm's eval transform do; squash: resize the whole image to the square.", show_default=False)] = None,
     crop: Annotated[Optional[float], typer.Option("--crop", "--crop-fraction", callback=_fraction, rich_help_panel=PRE, help="The centred share of the image kept before the resize: 1 the whole, 0.875 timm's and TensorFlow's 224/256, 0.95 some timm models.", show_default=False)] = None,
     interpolation: Annotated[Optional[str], typer.Option(callback=one_of("bctool.data.transforms", "INTERPOLATIONS"), rich_help_panel=PRE, help="The resampling filter: bilinear, bicubic (most timm models), nearest or lanczos.", show_default=False)] = None,
     mean: Annotated[Optional[str], typer.Option(callback=_channels("mean"), rich_help_panel=PRE, help="Per-channel mean subtracted from RGB in [0, 1]: R,G,B or imagenet, clip, inception.", show_default=False)] = None,
@@ -130,7 +132,10 @@ def import_model(
     plan.check()
     with output_lock(out):
         if file_source:
-            result = _import_model_file(source, out, steps, pretrained, projection or classifier or drop)
+            given = {"--projection": projection, "--projection-norm": projection_norm,
+                     "--projection-file": projection_file, "--projection-eps": projection_eps != 1e-5,
+                     "--classifier": classifier, "--classes": classes, "--drop": drop}
+            result = _import_model_file(source, out, steps, pretrained, [k for k, v in given.items() if v])
         else:
             head = _classifier(classifier, classes, projection_file)
             result = _import_weights(source, out, steps, pretrained, projection, projection_norm, projection_file,
@@ -171,16 +176,17 @@ def _import_weights(arch: str, out: Path, steps: dict[str, Any], pretrained: str
 
 
 def _import_model_file(source: str, out: Path, steps: dict[str, Any], pretrained: str | None,
-                       projection: str | None) -> dict[str, Any]:
+                       weights_options: list[str]) -> dict[str, Any]:
     import dataclasses
 
     from bctool.checkpoint import file_sha256
     from bctool.data.transforms import Preprocess
     from bctool.models.external import model_file_kind, read_model_file_metadata, write_model_file_with_metadata
 
-    if pretrained is not None or projection is not None:
-        raise typer.BadParameter(f"{source} is a whole model: --pretrained, --projection and --classifier describe "
-                                 "weights to build one from; leave them out")
+    if pretrained is not None or weights_options:
+        raise typer.BadParameter(f"{source} is a whole model: --pretrained and the projection and classifier "
+                                 f"options ({', '.join(weights_options) or '--pretrained'}) describe weights to build "
+                                 "one from; leave them out")
     record = read_model_file_metadata(source)
     if "preprocess" in record:
         base = Preprocess.from_dict(record["preprocess"])
@@ -189,9 +195,13 @@ def _import_model_file(source: str, out: Path, steps: dict[str, Any], pretrained
                                  "makers used: --resize, --crop, --interpolation, --mean, --std)")
     else:
         base = Preprocess(image_size=steps["image_size"])
+    inside = bool(record.get("export", {}).get("normalize_included"))
+    if inside and (steps["mean"] is not None or steps["std"] is not None):
+        raise typer.BadParameter(f"{source} normalises its input inside its graph (`bctool export --normalize`): "
+                                 "--mean and --std would normalise twice; leave them out")
     preprocess = dataclasses.replace(base, **{k: v for k, v in steps.items() if v is not None})
     record = {**record, "preprocess": dataclasses.asdict(preprocess),
-              "export": {**record.get("export", {}), "normalize_included": False},
+              "export": {**record.get("export", {}), "normalize_included": inside},
               "imported": {"from": str(Path(source).resolve()), "sha256": file_sha256(source)}}
     write_model_file_with_metadata(source, out, record)
     return {"out": str(out), "format": model_file_kind(source), "preprocess": record["preprocess"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import warnings
 import zipfile
@@ -32,6 +33,8 @@ from torch import nn
 
 from bctool.data.transforms import Preprocess
 from bctool.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
 
 ONNX_METADATA_KEY = "bctool"  # the ONNX metadata property holding bctool's JSON
 TORCHSCRIPT_METADATA_FILE = "bctool.json"  # the TorchScript extra file holding it
@@ -48,8 +51,14 @@ def model_file_kind(path: str | os.PathLike[str]) -> str | None:
     suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
         return "onnx"
-    if suffix not in TORCHSCRIPT_SUFFIXES or not path.is_file():
+    if not path.is_file():
         return None
+    if suffix not in TORCHSCRIPT_SUFFIXES:
+        # Another name: a TorchScript archive is still told by its contents (a zip holding code).
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            return "torchscript" if any("/code/" in name for name in archive.namelist()) else None
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -101,26 +110,43 @@ class ExternalModel(nn.Module):
         return self.embed(images)
 
 
-def _onnx_session(path: Path) -> Any:
+def _onnx_session(path: Path, device: torch.device) -> Any:
     try:
         import onnxruntime
     except ImportError:
         raise ConfigError(f"running the ONNX file {str(path)!r} needs onnxruntime, which is not installed: "
                           f"{RUNTIME_EXTRA}") from None
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            logger.warning("%s runs on the CPU: this onnxruntime has no CUDA provider (pip install "
+                           "onnxruntime-gpu)", path)
     try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
         raise ModelError(f"{str(path)!r} is not an ONNX model onnxruntime can load ({exc}); pass the .onnx file "
                          "that torch.onnx.export or `bctool export` wrote") from exc
 
 
 def _onnx_runner(path: Path, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, str]]:
-    session = _onnx_session(path)
+    session = _onnx_session(path, device)
     name = session.get_inputs()[0].name
+    batch = session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) and batch > 0 else None  # a file exported with a fixed batch size
 
     def run(images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(np.asarray(session.run(None, {name: array})[0]))
+        if step is None:
+            return torch.from_numpy(np.asarray(session.run(None, {name: array})[0]))
+        parts = []
+        for start in range(0, len(array), step):
+            chunk = array[start : start + step]
+            pad = step - len(chunk)  # the last chunk filled up to the fixed size, its extra rows dropped
+            filled = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
+            parts.append(np.asarray(session.run(None, {name: filled})[0])[: len(chunk)])
+        return torch.from_numpy(np.concatenate(parts))
 
     return run, dict(session.get_modelmeta().custom_metadata_map)
 
@@ -138,6 +164,12 @@ def _torchscript_runner(path: Path, device: torch.device) -> tuple[Callable[[tor
 
     def run(images: torch.Tensor) -> torch.Tensor:
         out = module(images)
+        if isinstance(out, dict):
+            tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+            if len(tensors) != 1:
+                raise ModelError(f"{str(path)!r} returns a dict with keys {sorted(out)}; bctool needs one tensor of "
+                                 "embeddings: export a wrapper that returns it")
+            return next(iter(tensors.values()))
         return out[0] if isinstance(out, (tuple, list)) else out
 
     metadata = {ONNX_METADATA_KEY: extra[TORCHSCRIPT_METADATA_FILE]} if extra[TORCHSCRIPT_METADATA_FILE] else {}
@@ -195,9 +227,11 @@ def load_model_file(path: str | os.PathLike[str], device: torch.device | str = "
                 f"--interpolation, --mean, --std] --out MODEL{path.suffix}`"
             )
         preprocess = input_preprocess(record)
-    probe = torch.zeros(1, 3, preprocess.image_size, preprocess.image_size, device=device)
+    probe = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size, device=device)
     try:
         width = int(run(probe).shape[-1])
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a runtime's own error on a wrong input shape
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{str(path)!r} does not take ({preprocess.image_size} x {preprocess.image_size}) images "
@@ -228,7 +262,9 @@ def write_model_file_with_metadata(source: str | os.PathLike[str], out: str | os
         run, metadata = RUNNERS[kind](tmp, torch.device("cpu"))
         size = int(record["preprocess"]["image_size"])
         try:
-            run(torch.zeros(1, 3, size, size))
+            ExternalModel(kind, run, 0).embed(torch.zeros(2, 3, size, size))  # two images: a batch axis that varies
+        except ModelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the runtime's own error on a wrong input shape
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{os.fspath(source)!r} does not take ({size} x {size}) images ({first}); give the "

@@ -181,10 +181,12 @@ def read_projection(projection: Projection, pretrained: str, option: str = "--pr
         raise ConfigError(f"--pretrained {pretrained} is named weights with no {option} in them; give the "
                           "file that holds it with --projection-file")
     name = projection.file or pretrained
-    state = strip_wrapper_prefixes(read_weights_file(name))
+    raw = read_weights_file(name)
     wanted = {"weight": f"{projection.linear}.weight"}
     if projection.norm:
         wanted.update({f"bn_{k}": f"{projection.norm}.{k}" for k in BATCHNORM_KEYS})
+    # The keys as the file names them, or without a wrapper prefix every key shares.
+    state = raw if all(key in raw for key in wanted.values()) else strip_wrapper_prefixes(raw)
     missing = [key for key in wanted.values() if key not in state]
     if missing:
         prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight") and state[k].ndim == 2})

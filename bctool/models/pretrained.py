@@ -56,9 +56,14 @@ def load_backbone_weights(
     mis-shaped key raises ``ModelError``. Returns ``{"loaded": int, "dropped": [keys],
     "source": the key layout}`` (``"timm/torchvision"`` for the ResNets).
     """
-    state = strip_wrapper_prefixes(read_weights_file(path))
-    prefixes = tuple(k for k in leave_out if k.endswith("."))
-    state = {k: v for k, v in state.items() if k not in set(leave_out) and not k.startswith(prefixes)}
+    keys, prefixes = set(leave_out), tuple(k for k in leave_out if k.endswith("."))
+
+    def kept(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if k not in keys and not k.startswith(prefixes)}
+
+    # Left out by their names in the file, and again once a shared wrapper prefix is stripped (a
+    # ``backbone.`` that only the backbone's keys carry is a wrapper prefix once the rest is out).
+    state = kept(strip_wrapper_prefixes(kept(read_weights_file(path))))
     expected = backbone.state_dict()
     classifier = tuple(getattr(backbone, "classifier_keys", CLASSIFIER_KEYS))
     dropped = [k for k in classifier if k in state and k not in expected]
