@@ -172,7 +172,11 @@ def test_sigterm_stops_extraction_which_resumes(emoji_dir: Path, tmp_path: Path)
     # A model slow enough (about 0.1 s an image on 2 cores) that the signal lands mid-run.
     save_checkpoint(model, create_model(ModelConfig(arch="resnet50", embedding_dim=8, num_classes=2)),
                     Preprocess(128), ["a", "b"])
-    args = ["extract", str(emoji_dir / "new_train.txt"), "-m", str(model), "--batch-size", "1", "--workers", "0"]
+    # The first 24 images (of 56): the signal lands after the first few.
+    lines = (emoji_dir / "new_train.txt").read_text().splitlines()[:24]
+    subset = tmp_path / "subset.txt"
+    subset.write_text("".join(f"{emoji_dir / line}\n" for line in lines))
+    args = ["extract", str(subset), "-m", str(model), "--batch-size", "1", "--workers", "0"]
     straight = tmp_path / "straight.safetensors"
     assert _bctool(*args, "-o", str(straight)).wait(timeout=300) == 0
     out = tmp_path / "e.safetensors"
