@@ -38,7 +38,7 @@ from bctool.data.dataset import load_record
 from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform, Preprocess
 from bctool.errors import BctoolError, ConfigError
-from bctool.models.external import ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE
+from bctool.models.external import ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE, read_model_file_metadata
 from bctool.utils.io import atomic_path
 from bctool.registry import Registry
 
@@ -246,19 +246,10 @@ def _run_torchscript(path: Path, images: torch.Tensor) -> np.ndarray:
         return torch.jit.load(str(path), map_location="cpu")(images).numpy()
 
 
-def _onnx_metadata(path: Path) -> dict[str, Any]:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(props[METADATA_KEY])
-
-
-def _torchscript_metadata(path: Path) -> dict[str, Any]:
-    extra = {TORCHSCRIPT_METADATA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[TORCHSCRIPT_METADATA_FILE])
+def _file_metadata(path: Path) -> dict[str, Any]:
+    """The bctool metadata an exported ONNX or TorchScript file carries
+    (:func:`bctool.models.external.read_model_file_metadata`)."""
+    return read_model_file_metadata(path)
 
 
 @dataclass(frozen=True)
@@ -290,9 +281,9 @@ FORMATS: Registry[ExportFormat] = Registry(
     "export format", "export-formats", admit=_admit_format,
     derive=lambda name, fmt: {"suffix": fmt.suffix, "runtime": fmt.runtime},
 )
-FORMATS.register("onnx", ExportFormat(_export_onnx, _run_onnx, _onnx_metadata, ".onnx", "onnxruntime", _require_onnx),
+FORMATS.register("onnx", ExportFormat(_export_onnx, _run_onnx, _file_metadata, ".onnx", "onnxruntime", _require_onnx),
                  description=f"ONNX with a dynamic batch axis, run by onnxruntime; needs {_ONNX_EXTRA}")
-FORMATS.register("torchscript", ExportFormat(_export_torchscript, _run_torchscript, _torchscript_metadata, ".pt",
+FORMATS.register("torchscript", ExportFormat(_export_torchscript, _run_torchscript, _file_metadata, ".pt",
                                              "torch.jit.load"),
                  description="TorchScript (traced), loaded with torch.jit.load")
 

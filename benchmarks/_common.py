@@ -97,3 +97,15 @@ def save_result(out: str | Path | None, benchmark: str, result: dict[str, Any]) 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def emoji_subset(folder: Path, count: int) -> Any:
+    """The first ``count`` images of the embedded emoji set's training list, written under
+    ``folder`` (an ImageSet)."""
+    from bctool.data.emoji import EmojiSplit, write_emoji_dataset
+    from bctool.data.sources import load_image_set
+
+    write_emoji_dataset(folder / "emoji", EmojiSplit(seed=0))
+    lines = (folder / "emoji" / "new_train.txt").read_text().splitlines()[:count]
+    (folder / "emoji" / "subset.txt").write_text("\n".join(lines) + "\n")  # paths relative to the set
+    return load_image_set(folder / "emoji" / "subset.txt")

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import save_result  # this folder is on sys.path when run
+from _common import emoji_subset, save_result  # this folder is on sys.path when run
 
-from bctool.data.emoji import EmojiSplit, write_emoji_dataset
-from bctool.data.sources import ImageSet, load_image_set
+from bctool.data.sources import ImageSet
 from bctool.train import TrainConfig, train
 
 
@@ -84,10 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         os.environ["BCTOOL_CACHE"] = str(folder / "cache")  # a cold cache: the fill is timed in the first epoch
-        write_emoji_dataset(folder / "emoji", EmojiSplit(seed=0))
-        lines = (folder / "emoji" / "new_train.txt").read_text().splitlines()[: args.images]
-        (folder / "emoji" / "subset.txt").write_text("\n".join(lines) + "\n")  # paths relative to the set
-        images = load_image_set(folder / "emoji" / "subset.txt")
+        images = emoji_subset(folder, args.images)
         cache = {}
         for trainable in ("neck", "2"):
             seconds = {mode: _epoch_seconds(images, folder / f"{trainable}-{mode}.safetensors", args.cache_size,

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import save_result  # this folder is on sys.path when run
+from _common import emoji_subset, save_result  # this folder is on sys.path when run
 
 from bctool.checkpoint import load_model
-from bctool.data.emoji import EmojiSplit, write_emoji_dataset
-from bctool.data.sources import ImageSet, load_image_set
+from bctool.data.sources import ImageSet
 from bctool.data.transforms import EvalTransform
 from bctool.data.dataset import load_record
 from bctool.extract import extract
@@ -138,10 +137,7 @@ def main() -> None:
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_emoji_dataset(folder / "emoji", EmojiSplit(seed=0))
-        lines = (folder / "emoji" / "new_train.txt").read_text().splitlines()[: args.images]
-        (folder / "emoji" / "subset.txt").write_text("\n".join(lines) + "\n")
-        images = load_image_set(folder / "emoji" / "subset.txt")
+        images = emoji_subset(folder, args.images)
         for size in args.sizes:
             by_kind, differences = rates(model_files(folder, images, size), images, args.repeats)
             sizes[size] = {"rates": by_kind, "differences": differences}

@@ -53,8 +53,9 @@ SETTING = "pretrained-class"
 VARIANTS = ("native", "imported", "imported-no-classifier", "onnx")
 
 
-def foreign_state_dict(old: Path, folder: Path) -> tuple[Path, Path]:
-    """The old checkpoint's weights as another training script saves them, and its class names."""
+def foreign_state_dict(old: Path, folder: Path) -> tuple[Path, tuple[str, ...]]:
+    """The old checkpoint's weights as another training script saves them (its class names also
+    in ``classes.txt`` beside them), and the class names."""
     checkpoint = load_checkpoint(old)
     renamed = {}
     for key, tensor in checkpoint.model.state_dict().items():
@@ -66,18 +67,17 @@ def foreign_state_dict(old: Path, folder: Path) -> tuple[Path, Path]:
             renamed["proj_bn." + key.removeprefix("neck.1.")] = tensor
         elif key.startswith("head.fc."):
             renamed["classifier." + key.removeprefix("head.fc.")] = tensor
-    weights, classes = folder / "foreign.pth", folder / "classes.txt"
+    weights = folder / "foreign.pth"
     torch.save(renamed, weights)
-    classes.write_text("".join(f"{name}\n" for name in checkpoint.class_names))
-    return weights, classes
+    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in checkpoint.class_names))
+    return weights, tuple(checkpoint.class_names)
 
 
 def old_variants(old: dict[str, Path], folder: Path) -> dict[str, tuple[Path, dict]]:
     """Each variant's old model file and how it was made (import's record)."""
     native = load_checkpoint(old["model"])
     steps = dataclasses.asdict(native.preprocess)
-    weights, classes = foreign_state_dict(old["model"], folder)
-    names = tuple(classes.read_text().split("\n")[:-1])
+    weights, names = foreign_state_dict(old["model"], folder)
     arch = native.config.arch
     made: dict[str, tuple[Path, dict]] = {"native": (old["model"], {})}
     for name, head in (("imported", Classifier("classifier", names)), ("imported-no-classifier", None)):

@@ -37,11 +37,11 @@ CHECK = "Check against stored embeddings"
 
 def _source(value: str) -> str:
     """A registered backbone's name, or an ONNX/TorchScript file."""
-    from bctool.models.external import model_file_kind
+    from bctool.models.external import model_file_kind, named_like_model_file
 
     if value == "auto":
         raise typer.BadParameter("'auto' chooses a backbone by the training image size; name the backbone to import")
-    if Path(value).suffix.lower() in (".onnx", ".pt", ".pth", ".ts", ".torchscript", ".jit") and not Path(value).exists():
+    if named_like_model_file(value) and not Path(value).exists():
         raise typer.BadParameter(f"the model file {value!r} does not exist")
     if Path(value).suffix and Path(value).is_file():
         try:

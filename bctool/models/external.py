@@ -43,6 +43,11 @@ ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".jit")
 
 
+def named_like_model_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path``'s suffix is an ONNX or TorchScript one (the file need not exist)."""
+    return Path(path).suffix.lower() in (*ONNX_SUFFIXES, *TORCHSCRIPT_SUFFIXES)
+
+
 def model_file_kind(path: str | os.PathLike[str]) -> str | None:
     """``"onnx"`` or ``"torchscript"`` for such a file, None for anything else (a safetensors
     checkpoint). A TorchScript archive is a zip holding compiled code; a state dict saved by
@@ -53,20 +58,19 @@ def model_file_kind(path: str | os.PathLike[str]) -> str | None:
         return "onnx"
     if not path.is_file():
         return None
-    if suffix not in TORCHSCRIPT_SUFFIXES:
-        # Another name: a TorchScript archive is still told by its contents (a zip holding code).
-        if not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as archive:
-            return "torchscript" if any("/code/" in name for name in archive.namelist()) else None
+    named = suffix in TORCHSCRIPT_SUFFIXES
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            code = any("/code/" in name for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
+        if not named:
+            return None  # another name and not a zip: a checkpoint, for load_checkpoint to judge
         raise ModelError(f"{str(path)!r} is neither a TorchScript archive nor a torch state dict; pass a file "
                          "written by torch.jit.save, an ONNX file or a bctool checkpoint") from None
-    if any("/code/" in name for name in names):
-        return "torchscript"
+    if code:
+        return "torchscript"  # told by its contents, whatever its name
+    if not named:
+        return None
     raise ModelError(f"{str(path)!r} is a torch state dict (weights without the network), not a model bctool can "
                      "run; make a checkpoint of it with `bctool import ARCH --pretrained "
                      f"{path} --out model.safetensors` (ARCH: its backbone, e.g. resnet18)")

@@ -129,13 +129,14 @@ def imported_model(arch: str, pretrained: str, projection: Projection | None = N
     The keys under the prefixes in ``drop`` are left out of the weights file (a classifier or
     any other part not imported)."""
     width = int(build_backbone(arch).num_features)
-    tensors = read_projection(projection, pretrained) if projection else None
+    files: dict[str, dict[str, torch.Tensor]] = {}  # each file read once for the projection and classifier
+    tensors = read_projection(projection, pretrained, files=files) if projection else None
     dim = int(tensors["weight"].shape[0]) if tensors else width
     if tensors and tensors["weight"].shape[1] != width:
         raise ModelError(f"projection {projection.linear!r} maps {tensors['weight'].shape[1]} features to {dim}, "
                          f"but the {arch} backbone gives {width}: pass the Linear that follows this backbone's "
                          "pooled features")
-    head = _read_classifier(classifier, pretrained, dim) if classifier else None
+    head = _read_classifier(classifier, pretrained, dim, files) if classifier else None
     model = create_model(ModelConfig(arch=arch, embedding_dim=dim, num_classes=len(classifier.classes) if head else 0,
                                      head="linear", head_bias=bool(head and "bias" in head)))
     leave_out = [*(projection.keys() if projection and projection.file is None else []),
@@ -158,8 +159,9 @@ def imported_model(arch: str, pretrained: str, projection: Projection | None = N
     return model.eval(), record, neck
 
 
-def _read_classifier(classifier: Classifier, pretrained: str, dim: int) -> dict[str, torch.Tensor]:
-    head = read_projection(Projection(classifier.linear, file=classifier.file), pretrained, "--classifier")
+def _read_classifier(classifier: Classifier, pretrained: str, dim: int,
+                     files: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    head = read_projection(Projection(classifier.linear, file=classifier.file), pretrained, "--classifier", files)
     rows, width = head["weight"].shape
     if width != dim:
         raise ModelError(f"classifier {classifier.linear!r} takes {width}-d inputs, but the embedding is {dim}-d: "
@@ -171,17 +173,19 @@ def _read_classifier(classifier: Classifier, pretrained: str, dim: int) -> dict[
     return head
 
 
-def read_projection(projection: Projection, pretrained: str, option: str = "--projection") -> dict[str, torch.Tensor]:
+def read_projection(projection: Projection, pretrained: str, option: str = "--projection",
+                    files: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """The projection's tensors by role (``weight``, ``bias``; ``bn_weight``, ``bn_bias``,
-    ``bn_running_mean``, ``bn_running_var``), from its file; a missing or misshapen key names
-    the keys the file holds under that prefix."""
+    ``bn_running_mean``, ``bn_running_var``), from its file (kept in ``files``, by name, for the
+    next read); a missing or misshapen key names the keys the file holds under that prefix."""
     from bctool.models.pretrained import read_weights_file, strip_wrapper_prefixes
 
     if projection.file is None and is_weights_name(pretrained):
         raise ConfigError(f"--pretrained {pretrained} is named weights with no {option} in them; give the "
                           "file that holds it with --projection-file")
     name = projection.file or pretrained
-    raw = read_weights_file(name)
+    files = {} if files is None else files
+    raw = files[str(name)] = files.get(str(name)) or read_weights_file(name)
     wanted = {"weight": f"{projection.linear}.weight"}
     if projection.norm:
         wanted.update({f"bn_{k}": f"{projection.norm}.{k}" for k in BATCHNORM_KEYS})

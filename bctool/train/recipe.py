@@ -17,7 +17,7 @@ import logging
 
 from bctool.checkpoint import read_checkpoint_metadata
 from bctool.errors import BctoolError
-from bctool.models.external import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
+from bctool.models.external import named_like_model_file
 from bctool.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def warm_start_source(config: TrainConfig) -> str | None:
     if path is None:
         logger.info("no warm start: the old checkpoint is not known (pass --old-model or --init-from OLD)")
         return None
-    if path.lower().endswith((*ONNX_SUFFIXES, *TORCHSCRIPT_SUFFIXES)):
+    if named_like_model_file(path):
         logger.warning("no warm start: the old model %s is a model file, a graph without weights to copy (a fresh "
                        "start; `bctool adapt` maps between the spaces instead)", path)
         return None

@@ -18,7 +18,7 @@ import torch
 from bctool.checkpoint import load_checkpoint
 from bctool.errors import ModelError
 from bctool.models import EmbeddingModel
-from bctool.models.external import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES
+from bctool.models.external import named_like_model_file
 from bctool.models.heads import Head
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def copy_head_rows(new_head: Head, new_names: Sequence[str], old_head: Head, old
 def refuse_model_file(path: str | os.PathLike[str]) -> None:
     """A :class:`ModelError` when ``--init-from`` names an ONNX or TorchScript file: a graph with
     no weights to copy, so no warm start (the adapters, or importing the weights, instead)."""
-    if os.fspath(path).lower().endswith((*ONNX_SUFFIXES, *TORCHSCRIPT_SUFFIXES)):
+    if named_like_model_file(path):
         raise ModelError(
             f"--init-from {os.fspath(path)!r} is a model file (ONNX or TorchScript): a graph with no weights bctool "
             "can copy, so nothing can start from it. Train with --init-from none (it can still be --old-model), "
